@@ -1,0 +1,29 @@
+"""keras_pvera: PVeRA (Probabilistic Vector-Based Random Matrix Adaptation)
+for Keras 3, on every backend.
+
+Example:
+
+>>> import keras, keras_pvera
+>>> base = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16),
+...                          keras.layers.Dense(3)])
+>>> model = keras_pvera.apply(base, rank=4)
+>>> model.compile(optimizer="adam", loss="mse")
+"""
+
+from keras_pvera.projection_registry import ProjectionRegistry
+from keras_pvera.projection_registry import generate_projections
+from keras_pvera.pvera_dense import PVeRADense
+from keras_pvera.pvera_dense import kl_divergence
+from keras_pvera.pvera_model import PVeRAModel
+from keras_pvera.pvera_model import apply
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PVeRADense",
+    "PVeRAModel",
+    "ProjectionRegistry",
+    "apply",
+    "generate_projections",
+    "kl_divergence",
+]

@@ -1,0 +1,152 @@
+"""The frozen random projections `A` and `B` that PVeRA shares between layers.
+
+Every adapted layer of a model reads the same two matrices: `A` of shape
+`(2 * rank, in_max)` and `B` of shape `(out_max, rank)`, where `in_max` and
+`out_max` are the largest input and output sizes among the adapted layers. A
+layer of size `in -> out` uses the slices `A[:, :in]` and `B[:out, :]`.
+
+The matrices are generated with NumPy's seeded PCG64 generator, in float64 and
+then rounded to float32, so that one seed gives bit-identical matrices on
+every backend, device and platform.
+"""
+
+import math
+
+import keras
+import numpy as np
+
+
+def generate_projections(seed, rank, in_max, out_max):
+    """Generates PVeRA's shared projections from a seed, in NumPy.
+
+    Both matrices are Kaiming-uniform: uniform in `[-bound, bound]` with
+    `bound = sqrt(6 / fan_in)`, the second axis being the fan-in (`in_max` for
+    `A`, `rank` for `B`). `A` is drawn first, then `B`, from one generator.
+
+    Args:
+        seed: Non-negative integer seed.
+        rank: The latent size `r`.
+        in_max: Largest input size among the adapted layers.
+        out_max: Largest output size among the adapted layers.
+
+    Returns:
+        A tuple `(A, B)` of float32 NumPy arrays, shapes `(2 * rank, in_max)`
+        and `(out_max, rank)`.
+
+    Example:
+
+    >>> a, b = generate_projections(seed=0, rank=4, in_max=8, out_max=3)
+    >>> a.shape, b.shape
+    ((8, 8), (3, 4))
+    """
+    rng = np.random.Generator(np.random.PCG64(seed))
+    bound_a = math.sqrt(6.0 / in_max)
+    bound_b = math.sqrt(6.0 / rank)
+    a = rng.uniform(-bound_a, bound_a, size=(2 * rank, in_max))
+    b = rng.uniform(-bound_b, bound_b, size=(out_max, rank))
+    return a.astype("float32"), b.astype("float32")
+
+
+@keras.saving.register_keras_serializable(package="keras_pvera")
+class ProjectionRegistry(keras.layers.Layer):
+    """Holds one copy of PVeRA's frozen projections for a whole model.
+
+    All `PVeRADense` layers of an adapted model reference the same registry,
+    so `A` and `B` exist once in memory and once in a saved file. With
+    `save_projection=False` nothing is written when saving: the matrices are
+    regenerated from `seed` when the model is loaded.
+
+    Args:
+        rank: The latent size `r` (positive integer).
+        in_max: Largest input size among the adapted layers.
+        out_max: Largest output size among the adapted layers.
+        seed: Seed of the projections (non-negative integer).
+        save_projection: Whether saving writes `A` and `B`.
+        **kwargs: Base layer keyword arguments, such as `name`.
+
+    Example:
+
+    >>> registry = ProjectionRegistry(rank=4, in_max=16, out_max=8, seed=0)
+    >>> a, b = registry.projections(in_dim=10, out_dim=8)
+    >>> tuple(a.shape), tuple(b.shape)
+    ((8, 10), (8, 4))
+    """
+
+    def __init__(
+        self, rank, in_max, out_max, seed=0, save_projection=True, **kwargs
+    ):
+        kwargs.setdefault("trainable", False)
+        super().__init__(**kwargs)
+        self.rank = int(rank)
+        self.in_max = int(in_max)
+        self.out_max = int(out_max)
+        self.seed = int(seed)
+        self.save_projection = bool(save_projection)
+        a, b = generate_projections(
+            self.seed, self.rank, self.in_max, self.out_max
+        )
+        self.projection_a = self.add_weight(
+            name="pvera_A",
+            shape=a.shape,
+            initializer=lambda shape, dtype=None: a,
+            dtype="float32",
+            trainable=False,
+        )
+        self.projection_b = self.add_weight(
+            name="pvera_B",
+            shape=b.shape,
+            initializer=lambda shape, dtype=None: b,
+            dtype="float32",
+            trainable=False,
+        )
+        self.built = True
+
+    def projections(self, in_dim, out_dim):
+        """Returns the slices `A[:, :in_dim]` and `B[:out_dim, :]`.
+
+        Args:
+            in_dim: Input size of the adapted layer (at most `in_max`).
+            out_dim: Output size of the adapted layer (at most `out_max`).
+
+        Returns:
+            A tuple of tensors of shapes `(2 * rank, in_dim)` and
+            `(out_dim, rank)`.
+        """
+        if in_dim > self.in_max or out_dim > self.out_max:
+            raise ValueError(
+                f"A layer of size {in_dim} -> {out_dim} does not fit this "
+                f"registry's projections ({self.in_max} -> {self.out_max}); "
+                "build the registry with in_max >= in_dim and "
+                "out_max >= out_dim."
+            )
+        a = self.projection_a
+        b = self.projection_b
+        if in_dim < self.in_max:
+            a = a[:, :in_dim]
+        if out_dim < self.out_max:
+            b = b[:out_dim, :]
+        return a, b
+
+    def save_own_variables(self, store):
+        if self.save_projection:
+            super().save_own_variables(store)
+
+    def load_own_variables(self, store):
+        # A file written with save_projection=False holds nothing here: the
+        # projections regenerated from the seed in `__init__` are kept.
+        if len(store.keys()) == 0:
+            return
+        super().load_own_variables(store)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "rank": self.rank,
+                "in_max": self.in_max,
+                "out_max": self.out_max,
+                "seed": self.seed,
+                "save_projection": self.save_projection,
+            }
+        )
+        return config

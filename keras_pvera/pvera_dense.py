@@ -1,0 +1,433 @@
+"""`PVeRADense`: the PVeRA adapter on a frozen `Dense` or `EinsumDense` layer.
+
+This module holds all of PVeRA's math (see `shared/PVERA.md`):
+
+    h      = lambda_d * (dropout(x) @ A[:, :in].T)          # (..., 2r)
+    mu     = h[..., :r]
+    logvar = h[..., r:]
+    z      = mu + eps * exp(0.5 * logvar)                    # when sampling
+    z      = mu                                              # otherwise
+    y      = act(x @ W + b + alpha * lambda_b * (z @ B[:out, :].T))
+
+    KL     = mean(-0.5 * (1 + logvar - mu**2 - exp(logvar)))
+
+An `EinsumDense` is the same linear map with `in` the product of its
+contracted input dims and `out` the product of its kernel's output dims, in
+the kernel's own (row-major) order.
+
+When the adapter's input equals the base layer's input (no dropout active)
+and no per-token KL is needed, the mean path is linear in `x` and is folded
+into the kernel once per call:
+
+    delta_W = A[:r, :in].T @ diag(lambda_d[:r]) @ B[:out, :].T
+              @ diag(alpha * lambda_b)
+
+so the mean adapter costs one small `in x r x out` product per call instead
+of two per-token products. While sampling, only the noise branch
+`eps * exp(0.5 * logvar)` then runs per token.
+"""
+
+import math
+import string
+
+import keras
+from keras import ops
+
+from keras_pvera.projection_registry import ProjectionRegistry
+
+
+def validate_settings(rank, alpha, d_initial, dropout, kl_weight):
+    """Checks PVeRA's settings; raises `ValueError` naming a bad value.
+
+    Args:
+        rank: Positive integer latent size.
+        alpha: Finite positive output scale.
+        d_initial: Finite positive initial value of `lambda_d`.
+        dropout: Dropout rate on the adapter input, in `[0, 1)`.
+        kl_weight: Finite non-negative weight of the KL term.
+
+    Example:
+
+    >>> validate_settings(rank=8, alpha=1.0, d_initial=0.1, dropout=0.0,
+    ...                   kl_weight=0.0)
+    """
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(
+            f"`rank` must be a positive integer, for example 256. "
+            f"Received: rank={rank!r}"
+        )
+    for name, value in (("alpha", alpha), ("d_initial", d_initial)):
+        if not _is_real(value) or not math.isfinite(value) or value <= 0:
+            raise ValueError(
+                f"`{name}` must be a finite number > 0. "
+                f"Received: {name}={value!r}"
+            )
+    if not _is_real(dropout) or not 0.0 <= dropout < 1.0:
+        raise ValueError(
+            f"`dropout` must be a number in [0, 1). Received: dropout={dropout!r}"
+        )
+    if not _is_real(kl_weight) or not math.isfinite(kl_weight) or kl_weight < 0:
+        raise ValueError(
+            "`kl_weight` must be a finite number >= 0 (the paper used 1e-16 "
+            f"to 1e-6). Received: kl_weight={kl_weight!r}"
+        )
+
+
+def _is_real(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def kl_divergence(mu, logvar):
+    """PVeRA's KL term of one layer: the mean over all positions and units.
+
+    `mean(-0.5 * (1 + logvar - mu**2 - exp(logvar)))`, the KL divergence of
+    `N(mu, exp(logvar))` from `N(0, 1)` per latent unit, averaged.
+
+    Args:
+        mu: Latent means, any shape.
+        logvar: Latent log-variances, same shape as `mu`.
+
+    Returns:
+        A scalar tensor.
+
+    Example:
+
+    >>> import numpy as np
+    >>> float(kl_divergence(np.zeros((2, 3)), np.zeros((2, 3))))
+    0.0
+    """
+    mu = ops.convert_to_tensor(mu)
+    logvar = ops.convert_to_tensor(logvar)
+    return ops.mean(-0.5 * (1.0 + logvar - ops.square(mu) - ops.exp(logvar)))
+
+
+class LinearEquation:
+    """The linear map of a `Dense` or single-kernel `EinsumDense` layer.
+
+    Describes where the `in` and `out` axes of the kernel are, and derives the
+    einsum equations PVeRA needs to go from the layer's input to the latent
+    space and from the latent space to the layer's output.
+
+    Args:
+        equation: The layer's einsum equation (`"...a,ab->...b"` for `Dense`).
+        kernel_shape: The kernel's shape.
+    """
+
+    def __init__(self, equation, kernel_shape):
+        try:
+            lhs, output_spec = equation.replace(" ", "").split("->")
+            input_spec, kernel_spec = lhs.split(",")
+        except ValueError:
+            raise ValueError(
+                f"PVeRA needs a single-kernel einsum equation such as "
+                f"'abc,cd->abd'. Received: equation={equation!r}"
+            )
+        shared = [c for c in kernel_spec if c in input_spec and c in output_spec]
+        if shared or len(kernel_spec) != len(kernel_shape):
+            raise ValueError(
+                f"PVeRA supports einsum equations whose kernel axes are either "
+                f"contracted with the input or copied to the output, not "
+                f"both. Received: equation={equation!r}"
+            )
+        self.equation = equation
+        self.kernel_shape = tuple(int(d) for d in kernel_shape)
+        contracted = [c for c in kernel_spec if c in input_spec]
+        produced = [c for c in kernel_spec if c not in input_spec]
+        dims = dict(zip(kernel_spec, self.kernel_shape))
+        self.in_dims = [dims[c] for c in contracted]
+        self.out_dims = [dims[c] for c in produced]
+        self.in_dim = math.prod(self.in_dims)
+        self.out_dim = math.prod(self.out_dims)
+        latent = next(
+            c for c in string.ascii_letters if c not in equation
+        )
+        kept = "".join(c for c in input_spec if c not in contracted)
+        contracted = "".join(contracted)
+        produced = "".join(produced)
+        # x (..., in dims) -> latent (..., r)
+        self.to_latent = f"{input_spec},{contracted}{latent}->{kept}{latent}"
+        # latent (..., r) -> y (..., out dims)
+        self.from_latent = f"{kept}{latent},{latent}{produced}->{output_spec}"
+        # (in dims..., out dims...) -> kernel order
+        order = contracted + produced
+        self.to_kernel_order = [order.index(c) for c in kernel_spec]
+
+    def latent_kernel(self, matrix):
+        """Turns an `(in, k)` matrix into a kernel for `to_latent`."""
+        return ops.reshape(matrix, (*self.in_dims, -1))
+
+    def output_kernel(self, matrix):
+        """Turns a `(k, out)` matrix into a kernel for `from_latent`."""
+        return ops.reshape(matrix, (-1, *self.out_dims))
+
+    def kernel(self, matrix):
+        """Turns an `(in, out)` matrix into the layer's kernel layout."""
+        matrix = ops.reshape(matrix, (*self.in_dims, *self.out_dims))
+        if self.to_kernel_order != sorted(self.to_kernel_order):
+            matrix = ops.transpose(matrix, self.to_kernel_order)
+        return matrix
+
+
+def linear_equation_of(layer):
+    """The `LinearEquation` of a built `Dense` or `EinsumDense` layer."""
+    equation = (
+        layer.equation
+        if isinstance(layer, keras.layers.EinsumDense)
+        else "...a,ab->...b"
+    )
+    return LinearEquation(equation, layer._kernel.shape)
+
+
+@keras.saving.register_keras_serializable(package="keras_pvera")
+class PVeRADense(keras.layers.Layer):
+    """PVeRA adapter around a frozen `Dense` or `EinsumDense` layer.
+
+    The wrapped layer is frozen. Two vectors train: `lambda_d` (size
+    `2 * rank`) and `lambda_b` (size `out`). The frozen projections come from
+    a `ProjectionRegistry`, shared by every adapted layer of a model when
+    `keras_pvera.apply` builds them; a standalone `PVeRADense` makes its own.
+
+    While training, the latent code is sampled; at inference the mean is used
+    unless `sample_at_inference` is on. `lambda_b` starts at zero, so the
+    adapted layer starts equal to the base layer. The base layer's activation
+    moves to this layer, so the adapter is added before it.
+
+    Args:
+        base_layer: A `keras.layers.Dense` or `keras.layers.EinsumDense`.
+        rank: Latent size `r` (positive integer).
+        alpha: Output scale of the adapter (PEFT: 1, the paper: 16).
+        d_initial: Initial value of every entry of `lambda_d`.
+        dropout: Dropout rate on the adapter's input, in `[0, 1)`.
+        kl_weight: Weight of this layer's KL term, added with `add_loss` while
+            training. 0 disables it.
+        sample_at_inference: Whether inference samples the latent code.
+        seed: Seed of the projections (when this layer makes its own) and of
+            the sampling noise.
+        save_projection: Whether a saved file holds this layer's own
+            projections (ignored when a shared registry is passed).
+        projection_registry: A shared `ProjectionRegistry`, or `None` to make
+            one sized for this layer.
+        **kwargs: Base layer keyword arguments, such as `name`.
+
+    Example:
+
+    >>> import numpy as np
+    >>> layer = PVeRADense(keras.layers.Dense(4), rank=8)
+    >>> layer(np.ones((2, 3))).shape
+    (2, 4)
+    >>> [w.name for w in layer.trainable_weights]
+    ['pvera_lambda_d', 'pvera_lambda_b']
+    """
+
+    def __init__(
+        self,
+        base_layer,
+        rank,
+        alpha=1.0,
+        d_initial=0.1,
+        dropout=0.0,
+        kl_weight=0.0,
+        sample_at_inference=False,
+        seed=0,
+        save_projection=True,
+        projection_registry=None,
+        activation=None,
+        **kwargs,
+    ):
+        if not isinstance(
+            base_layer, (keras.layers.Dense, keras.layers.EinsumDense)
+        ):
+            raise TypeError(
+                "PVeRADense wraps a keras.layers.Dense or "
+                "keras.layers.EinsumDense. Received: base_layer="
+                f"{base_layer!r} of type {type(base_layer).__name__}"
+            )
+        validate_settings(rank, alpha, d_initial, dropout, kl_weight)
+        kwargs.setdefault("name", base_layer.name)
+        kwargs.setdefault("dtype", base_layer.dtype_policy)
+        super().__init__(**kwargs)
+        self.base_layer = base_layer
+        self.rank = rank
+        self.alpha = float(alpha)
+        self.d_initial = float(d_initial)
+        self.dropout = float(dropout)
+        self.kl_weight = float(kl_weight)
+        self.sample_at_inference = bool(sample_at_inference)
+        self.seed = int(seed)
+        self.save_projection = bool(save_projection)
+        self.projection_registry = projection_registry
+        # The adapter is added before the activation: take it from the base.
+        if activation is None:
+            activation = base_layer.activation
+            base_layer.activation = keras.activations.linear
+        activation = keras.activations.get(activation)
+        if activation is keras.activations.linear:
+            activation = None
+        self.activation = activation
+        self.dropout_layer = keras.layers.Dropout(self.dropout, seed=self.seed)
+        self.seed_generator = keras.random.SeedGenerator(self.seed)
+        self.base_layer.trainable = False
+        if base_layer.built:
+            self.build(None)
+
+    def build(self, input_shape):
+        if not self.base_layer.built:
+            self.base_layer.build(input_shape)
+        self._check_quantization_mode()
+        self.linear = linear_equation_of(self.base_layer)
+        if self.projection_registry is None:
+            self.projection_registry = ProjectionRegistry(
+                rank=self.rank,
+                in_max=self.linear.in_dim,
+                out_max=self.linear.out_dim,
+                seed=self.seed,
+                save_projection=self.save_projection,
+                name="projection_registry",
+            )
+        self.lambda_d = self.add_weight(
+            name="pvera_lambda_d",
+            shape=(2 * self.rank,),
+            initializer=keras.initializers.Constant(self.d_initial),
+            trainable=True,
+        )
+        self.lambda_b = self.add_weight(
+            name="pvera_lambda_b",
+            shape=(self.linear.out_dim,),
+            initializer="zeros",
+            trainable=True,
+        )
+        self.built = True
+
+    def _check_quantization_mode(self):
+        base = self.base_layer
+        if base.quantization_mode not in (None, "int8", "float8"):
+            raise ValueError(
+                "PVeRA adapts float, int8 and float8 layers. Layer "
+                f"{base.name!r} is quantized with "
+                f"mode={base.quantization_mode!r}."
+            )
+
+    @property
+    def in_dim(self):
+        """Size of the adapted layer's input (product of contracted dims)."""
+        return self.linear.in_dim
+
+    @property
+    def out_dim(self):
+        """Size of the adapted layer's output (product of kernel out dims)."""
+        return self.linear.out_dim
+
+    def _projections(self):
+        return self.projection_registry.projections(self.in_dim, self.out_dim)
+
+    def _scaled_b(self, b):
+        # (out, r) * (alpha * lambda_b) per row -> (r, out)
+        scale = ops.multiply(self.alpha, self.lambda_b)
+        return ops.transpose(ops.multiply(b, ops.expand_dims(scale, 1)))
+
+    def delta_kernel(self):
+        """The mean adapter as a kernel: what `merge` adds to the base kernel.
+
+        Returns:
+            A tensor of the base layer's kernel shape.
+        """
+        a, b = self._projections()
+        r = self.rank
+        a_mean = ops.multiply(a[:r], ops.expand_dims(self.lambda_d[:r], 1))
+        delta = ops.matmul(ops.transpose(a_mean), self._scaled_b(b))
+        return self.linear.kernel(delta)
+
+    def latent(self, inputs, training=False):
+        """The latent mean and log-variance for `inputs`.
+
+        Args:
+            inputs: The adapted layer's input.
+            training: Whether dropout is active.
+
+        Returns:
+            A tuple `(mu, logvar)`, each of shape `(..., rank)`.
+        """
+        a, _ = self._projections()
+        x = self.dropout_layer(inputs, training=training)
+        scaled_a = ops.multiply(a, ops.expand_dims(self.lambda_d, 1))
+        kernel = self.linear.latent_kernel(ops.transpose(scaled_a))
+        h = ops.einsum(self.linear.to_latent, x, kernel)
+        return h[..., : self.rank], h[..., self.rank :]
+
+    def _noise(self, logvar):
+        std = ops.exp(ops.multiply(0.5, logvar))
+        eps = keras.random.normal(
+            ops.shape(std), dtype=std.dtype, seed=self.seed_generator
+        )
+        return ops.multiply(eps, std)
+
+    def call(self, inputs, training=None):
+        sampling = bool(training) or self.sample_at_inference
+        dropout_active = bool(training) and self.dropout > 0
+        kl_active = bool(training) and self.kl_weight > 0
+        base = self.base_layer
+        if base.quantization_mode is None and not (dropout_active or kl_active):
+            # Mean path folded into the kernel; only the noise runs per token.
+            kernel = ops.add(base.kernel, self.delta_kernel())
+            y = ops.einsum(self.linear.equation, inputs, kernel)
+            if base.bias is not None:
+                y = ops.add(y, base.bias)
+            if sampling:
+                a, b = self._projections()
+                r = self.rank
+                a_logvar = ops.multiply(
+                    a[r:], ops.expand_dims(self.lambda_d[r:], 1)
+                )
+                logvar = ops.einsum(
+                    self.linear.to_latent,
+                    inputs,
+                    self.linear.latent_kernel(ops.transpose(a_logvar)),
+                )
+                y = ops.add(y, self._from_latent(self._noise(logvar), b))
+        else:
+            y = base(inputs)
+            mu, logvar = self.latent(inputs, training=training)
+            if kl_active:
+                self.add_loss(self.kl_weight * kl_divergence(mu, logvar))
+            z = ops.add(mu, self._noise(logvar)) if sampling else mu
+            y = ops.add(y, self._from_latent(z, self._projections()[1]))
+        if self.activation is not None:
+            y = self.activation(y)
+        return y
+
+    def _from_latent(self, z, b):
+        kernel = self.linear.output_kernel(self._scaled_b(b))
+        return ops.einsum(self.linear.from_latent, z, kernel)
+
+    def compute_output_shape(self, input_shape):
+        return self.base_layer.compute_output_shape(input_shape)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "base_layer": keras.saving.serialize_keras_object(
+                    self.base_layer
+                ),
+                "rank": self.rank,
+                "alpha": self.alpha,
+                "d_initial": self.d_initial,
+                "dropout": self.dropout,
+                "kl_weight": self.kl_weight,
+                "sample_at_inference": self.sample_at_inference,
+                "seed": self.seed,
+                "save_projection": self.save_projection,
+                "activation": keras.activations.serialize(
+                    self.activation or keras.activations.linear
+                ),
+            }
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["base_layer"] = keras.saving.deserialize_keras_object(
+            config["base_layer"]
+        )
+        return cls(**config)
