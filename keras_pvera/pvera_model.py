@@ -381,6 +381,27 @@ class PVeRAModel(keras.Model):
         return dict(self._adapters)
 
     @property
+    def base_model_config(self):
+        """The base model serialized as it was before adaptation."""
+        return self._base_model_config
+
+    @property
+    def pvera_config(self):
+        """The settings `apply` was given, with the adapted layers' paths."""
+        return {
+            "rank": self.rank,
+            "seed": self.seed,
+            "alpha": self.alpha,
+            "d_initial": self.d_initial,
+            "dropout": self.dropout,
+            "kl_weight": self.kl_weight,
+            "save_projection": self.save_projection,
+            "sample_at_inference": self.sample_at_inference,
+            "adapted_paths": list(self._adapters),
+            "trainable_paths": list(self.trainable_paths),
+        }
+
+    @property
     def sample_at_inference(self):
         """Whether inference samples the latent code (Monte Carlo passes).
 
@@ -512,16 +533,7 @@ class PVeRAModel(keras.Model):
             "name": self.name,
             "trainable": self.trainable,
             "base_model_config": self._base_model_config,
-            "rank": self.rank,
-            "seed": self.seed,
-            "alpha": self.alpha,
-            "d_initial": self.d_initial,
-            "dropout": self.dropout,
-            "kl_weight": self.kl_weight,
-            "save_projection": self.save_projection,
-            "sample_at_inference": self.sample_at_inference,
-            "adapted_paths": list(self.adapted_layers),
-            "trainable_paths": self.trainable_paths,
+            **self.pvera_config,
         }
 
     @classmethod
