@@ -246,6 +246,9 @@ class PVeRADense(keras.layers.Layer):
         kwargs.setdefault("name", base_layer.name)
         kwargs.setdefault("dtype", base_layer.dtype_policy)
         super().__init__(**kwargs)
+        # Variables are named beside the base layer's own, e.g.
+        # "encoder/query/pvera_lambda_d" next to "encoder/query/kernel".
+        self._parent_path = getattr(base_layer, "_parent_path", None)
         self.base_layer = base_layer
         self.rank = rank
         self.alpha = float(alpha)

@@ -1,0 +1,34 @@
+"""Test set-up: one Keras backend per run, chosen with KERAS_BACKEND."""
+
+import os
+
+os.environ.setdefault("KERAS_BACKEND", "torch")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _reset_keras():
+    keras.config.set_dtype_policy("float32")
+    keras.utils.set_random_seed(1234)
+    yield
+    keras.config.set_dtype_policy("float32")
+
+
+def numpy_pvera(x, kernel, bias, a, b, lambda_d, lambda_b, alpha, eps=None):
+    """PVeRA's formula of shared/PVERA.md in NumPy, for a Dense-like map.
+
+    `x` is (..., in), `kernel` is (in, out); `eps` (..., r) turns sampling on.
+    Returns the pre-activation output and `(mu, logvar)`.
+    """
+    in_dim, out_dim = kernel.shape
+    r = a.shape[0] // 2
+    h = lambda_d * (x @ a[:, :in_dim].T)
+    mu, logvar = h[..., :r], h[..., r:]
+    z = mu if eps is None else mu + eps * np.exp(0.5 * logvar)
+    y = x @ kernel + (0.0 if bias is None else bias)
+    y = y + alpha * lambda_b * (z @ b[:out_dim, :].T)
+    return y, (mu, logvar)

@@ -1,0 +1,258 @@
+import keras
+import numpy as np
+import pytest
+from conftest import numpy_pvera
+from keras import ops
+
+from keras_pvera import PVeRADense
+from keras_pvera import kl_divergence
+
+
+def to_numpy(x):
+    return ops.convert_to_numpy(x)
+
+
+def randomize_lambdas(layer, seed=0):
+    """Gives the adapter non-zero, non-constant vectors, as after training."""
+    rng = np.random.default_rng(seed)
+    layer.lambda_d.assign(rng.normal(0.0, 0.5, layer.lambda_d.shape))
+    layer.lambda_b.assign(rng.normal(0.0, 0.5, layer.lambda_b.shape))
+
+
+def adapter_arrays(layer):
+    a, b = layer.projection_registry.projections(layer.in_dim, layer.out_dim)
+    return (to_numpy(a), to_numpy(b), to_numpy(layer.lambda_d),
+            to_numpy(layer.lambda_b))
+
+
+def test_a_new_adapter_equals_its_base_layer():
+    base = keras.layers.Dense(6, activation="relu")
+    x = np.random.default_rng(0).normal(size=(4, 5)).astype("float32")
+    expected = to_numpy(base(x))
+    layer = PVeRADense(base, rank=8)
+    np.testing.assert_array_equal(to_numpy(layer(x)), expected)
+
+
+def test_trainable_weights_are_the_two_vectors():
+    layer = PVeRADense(keras.layers.Dense(6), rank=8)
+    layer.build((None, 5))
+    assert [w.name for w in layer.trainable_weights] == [
+        "pvera_lambda_d", "pvera_lambda_b"]
+    assert layer.lambda_d.shape == (16,) and layer.lambda_b.shape == (6,)
+    np.testing.assert_allclose(to_numpy(layer.lambda_d), 0.1)
+    np.testing.assert_array_equal(to_numpy(layer.lambda_b), 0.0)
+
+
+@pytest.mark.parametrize("alpha", [1.0, 16.0])
+def test_dense_mean_mode_equals_the_formula(alpha):
+    base = keras.layers.Dense(6, activation="tanh")
+    layer = PVeRADense(base, rank=4, alpha=alpha)
+    x = np.random.default_rng(1).normal(size=(3, 7, 5)).astype("float32")
+    layer.build(x.shape)
+    randomize_lambdas(layer)
+    a, b, ld, lb = adapter_arrays(layer)
+    expected, _ = numpy_pvera(x, to_numpy(base.kernel), to_numpy(base.bias),
+                              a, b, ld, lb, alpha)
+    np.testing.assert_allclose(to_numpy(layer(x)), np.tanh(expected),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_mean_mode_equals_a_plain_dense_layer_with_the_merged_kernel():
+    base = keras.layers.Dense(6)
+    layer = PVeRADense(base, rank=4)
+    x = np.random.default_rng(2).normal(size=(8, 5)).astype("float32")
+    layer.build(x.shape)
+    randomize_lambdas(layer)
+    plain = keras.layers.Dense(6)
+    plain.build(x.shape)
+    plain.kernel.assign(to_numpy(base.kernel) + to_numpy(layer.delta_kernel()))
+    plain.bias.assign(to_numpy(base.bias))
+    np.testing.assert_allclose(to_numpy(layer(x)), to_numpy(plain(x)),
+                               rtol=1e-5, atol=1e-5)
+
+
+# Each case: equation, input shape, output_shape, and how to see the layer
+# as a Dense map: x -> (..., in), (..., out) -> y, kernel -> (in, out).
+EINSUM_CASES = {
+    "query": ("abc,cde->abde", (2, 3, 6), (None, 2, 4),
+              lambda x: x, lambda y: y.reshape(y.shape[:-1] + (2, 4)),
+              lambda k: k.reshape(6, 8)),
+    "attention_output": ("abcd,cde->abe", (2, 3, 2, 4), (None, 5),
+                         lambda x: x.reshape(x.shape[:2] + (8,)), lambda y: y,
+                         lambda k: k.reshape(8, 5)),
+    "plain": ("ab,bc->ac", (4, 6), (5,), lambda x: x, lambda y: y,
+              lambda k: k),
+    "ellipsis": ("...b,bc->...c", (2, 3, 6), (5,), lambda x: x, lambda y: y,
+                 lambda k: k),
+    "transposed_kernel": ("abc,dc->abd", (2, 3, 6), (None, 5), lambda x: x,
+                          lambda y: y, lambda k: k.T),
+}
+
+
+@pytest.mark.parametrize("case", sorted(EINSUM_CASES))
+def test_einsum_dense_mean_mode_equals_the_formula(case):
+    equation, x_shape, output_shape, flat_x, unflat_y, flat_kernel = (
+        EINSUM_CASES[case])
+    base = keras.layers.EinsumDense(equation, output_shape=output_shape,
+                                    bias_axes=equation[-1])
+    x = np.random.default_rng(3).normal(size=x_shape).astype("float32")
+    base.build(x_shape)
+    layer = PVeRADense(base, rank=3, alpha=2.0)
+    randomize_lambdas(layer)
+    a, b, ld, lb = adapter_arrays(layer)
+    kernel = flat_kernel(to_numpy(base.kernel))
+    assert (layer.in_dim, layer.out_dim) == kernel.shape
+    expected, _ = numpy_pvera(flat_x(x), kernel, None, a, b, ld, lb, 2.0)
+    expected = unflat_y(expected) + to_numpy(base.bias)
+    np.testing.assert_allclose(to_numpy(layer(x)), expected, rtol=1e-5,
+                               atol=1e-5)
+    # The folded kernel in the layer's own layout gives the same map.
+    merged = to_numpy(base.kernel) + to_numpy(layer.delta_kernel())
+    plain = np.einsum(equation, x, merged) + to_numpy(base.bias)
+    np.testing.assert_allclose(plain, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_einsum_dense_latent_and_folded_paths_agree_with_the_same_noise():
+    """With KL on, the layer runs the latent path; else it folds the mean."""
+    base = keras.layers.EinsumDense("abc,cde->abde", output_shape=(None, 2, 4),
+                                    bias_axes="de")
+    x = np.random.default_rng(9).normal(size=(2, 3, 6)).astype("float32")
+    base.build(x.shape)
+    layer = PVeRADense(base, rank=3, kl_weight=1.0)
+    randomize_lambdas(layer)
+    seed_state = to_numpy(layer.seed_generator.state)
+    latent = to_numpy(layer(x, training=True))
+    assert len(layer.losses) == 1
+    layer.kl_weight = 0.0
+    layer.seed_generator.state.assign(seed_state)
+    folded = to_numpy(layer(x, training=True))
+    np.testing.assert_allclose(latent, folded, rtol=1e-4, atol=1e-4)
+
+
+def test_sampled_outputs_have_the_predicted_mean_and_variance():
+    base = keras.layers.Dense(3)
+    layer = PVeRADense(base, rank=4, alpha=1.5, seed=11)
+    x = np.random.default_rng(4).normal(size=(1, 5)).astype("float32")
+    layer.build(x.shape)
+    randomize_lambdas(layer, seed=5)
+    a, b, ld, lb = adapter_arrays(layer)
+    mean, (mu, logvar) = numpy_pvera(x, to_numpy(base.kernel),
+                                     to_numpy(base.bias), a, b, ld, lb, 1.5)
+    # y = mean + sum_k eps_k * sigma_k * alpha * lambda_b_o * B[o, k]
+    weights = 1.5 * lb[:, None] * b[:3] * np.exp(0.5 * logvar)[0]
+    variance = (weights**2).sum(axis=1)
+    draws = 4000
+    samples = to_numpy(layer(np.repeat(x, draws, axis=0), training=True))
+    np.testing.assert_allclose(samples.mean(0), mean[0],
+                               atol=4 * np.sqrt(variance / draws).max())
+    np.testing.assert_allclose(samples.var(0), variance, rtol=0.1)
+    # Every row drew its own noise.
+    assert len(np.unique(samples[:, 0])) == draws
+
+
+def test_sampled_outputs_match_the_formula_with_the_same_noise():
+    """Per-token noise: both paths (kernel fold and latent) use N(0, 1)."""
+    base = keras.layers.Dense(3)
+    layer = PVeRADense(base, rank=4, seed=2)
+    x = np.random.default_rng(6).normal(size=(2, 5)).astype("float32")
+    layer.build(x.shape)
+    randomize_lambdas(layer)
+    a, b, ld, lb = adapter_arrays(layer)
+    seed_state = to_numpy(layer.seed_generator.state)
+    sampled = to_numpy(layer(x, training=True))
+    layer.seed_generator.state.assign(seed_state)
+    eps = to_numpy(keras.random.normal((2, 4), seed=layer.seed_generator))
+    expected, _ = numpy_pvera(x, to_numpy(base.kernel), to_numpy(base.bias),
+                              a, b, ld, lb, 1.0, eps=eps)
+    np.testing.assert_allclose(sampled, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_inference_uses_the_mean_unless_sampling_is_on():
+    layer = PVeRADense(keras.layers.Dense(3), rank=4)
+    x = np.ones((2, 5), "float32")
+    layer.build(x.shape)
+    randomize_lambdas(layer)
+    np.testing.assert_array_equal(to_numpy(layer(x)), to_numpy(layer(x)))
+    layer.sample_at_inference = True
+    assert not np.allclose(to_numpy(layer(x)), to_numpy(layer(x)))
+
+
+def test_kl_term_equals_the_formula_and_is_added_while_training():
+    layer = PVeRADense(keras.layers.Dense(3), rank=4, kl_weight=0.5)
+    x = np.random.default_rng(7).normal(size=(2, 3, 5)).astype("float32")
+    layer.build(x.shape)
+    randomize_lambdas(layer)
+    a, b, ld, lb = adapter_arrays(layer)
+    _, (mu, logvar) = numpy_pvera(x, to_numpy(layer.base_layer.kernel), None,
+                                  a, b, ld, lb, 1.0)
+    expected = np.mean(-0.5 * (1 + logvar - mu**2 - np.exp(logvar)))
+    np.testing.assert_allclose(float(kl_divergence(mu, logvar)), expected,
+                               rtol=1e-5)
+    layer(x)
+    assert layer.losses == []
+    layer(x, training=True)
+    assert len(layer.losses) == 1
+    np.testing.assert_allclose(to_numpy(layer.losses[0]), 0.5 * expected,
+                               rtol=1e-4)
+
+
+def test_dropout_applies_to_the_adapter_input_only():
+    base = keras.layers.Dense(3)
+    layer = PVeRADense(base, rank=4, dropout=0.5)
+    x = np.random.default_rng(8).normal(size=(64, 5)).astype("float32")
+    layer.build(x.shape)
+    # lambda_b = 0: whatever dropout does to the adapter, y is the base's.
+    np.testing.assert_allclose(to_numpy(layer(x, training=True)),
+                               to_numpy(base(x)), rtol=1e-6, atol=1e-6)
+    randomize_lambdas(layer)
+    layer.lambda_d.assign(np.concatenate([np.ones(4), -30 * np.ones(4)]))
+    # Almost no noise (logvar << 0): the training output is the mean of a
+    # dropped-out input, which differs from the mean-mode output.
+    assert not np.allclose(to_numpy(layer(x, training=True)), to_numpy(layer(x)),
+                           atol=1e-3)
+
+
+def test_the_seed_makes_sampling_reproducible():
+    def sample(seed):
+        layer = PVeRADense(keras.layers.Dense(3, kernel_initializer="ones"),
+                           rank=4, seed=seed)
+        layer.build((None, 5))
+        randomize_lambdas(layer)
+        return to_numpy(layer(np.ones((2, 5), "float32"), training=True))
+
+    np.testing.assert_array_equal(sample(1), sample(1))
+    assert not np.allclose(sample(1), sample(2))
+
+
+def test_config_round_trip_keeps_activation_and_settings():
+    base = keras.layers.Dense(3, activation="relu", name="head")
+    layer = PVeRADense(base, rank=4, alpha=2.0, d_initial=0.3, dropout=0.1,
+                       kl_weight=1e-3, sample_at_inference=True, seed=5)
+    config = layer.get_config()
+    clone = PVeRADense.from_config(config)
+    assert clone.get_config() == config
+    assert clone.activation is keras.activations.relu
+    assert clone.name == "head"
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"rank": 0}, "rank"),
+        ({"rank": 2.5}, "rank"),
+        ({"rank": True}, "rank"),
+        ({"rank": 4, "alpha": 0.0}, "alpha"),
+        ({"rank": 4, "alpha": float("nan")}, "alpha"),
+        ({"rank": 4, "d_initial": -1.0}, "d_initial"),
+        ({"rank": 4, "dropout": 1.0}, "dropout"),
+        ({"rank": 4, "kl_weight": -1e-9}, "kl_weight"),
+    ],
+)
+def test_bad_settings_raise_value_error_naming_them(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        PVeRADense(keras.layers.Dense(3), **kwargs)
+
+
+def test_only_dense_and_einsum_dense_can_be_wrapped():
+    with pytest.raises(TypeError, match="Conv1D"):
+        PVeRADense(keras.layers.Conv1D(3, 2), rank=4)
