@@ -15,16 +15,18 @@ An `EinsumDense` is the same linear map with `in` the product of its
 contracted input dims and `out` the product of its kernel's output dims, in
 the kernel's own (row-major) order.
 
-When the adapter's input equals the base layer's input (no dropout active)
-and no per-token KL is needed, the mean path is linear in `x` and is folded
-into the kernel once per call:
+At inference the mean adapter is linear in `x`, so it is folded into the
+kernel once per call (as Keras' own LoRA does):
 
     delta_W = A[:r, :in].T @ diag(lambda_d[:r]) @ B[:out, :].T
               @ diag(alpha * lambda_b)
 
-so the mean adapter costs one small `in x r x out` product per call instead
-of two per-token products. While sampling, only the noise branch
-`eps * exp(0.5 * logvar)` then runs per token.
+which costs one `in x r x out` product per call instead of two per-token
+products; with sampling at inference, only the noise branch
+`eps * exp(0.5 * logvar)` then runs per token. In training the adapter runs
+token by token with `lambda_d` and `lambda_b` scaling activations, not
+kernels, so their gradients are elementwise products, never weight-gradient
+matrix products.
 """
 
 import math
@@ -151,6 +153,14 @@ class LinearEquation:
         # (in dims..., out dims...) -> kernel order
         order = contracted + produced
         self.to_kernel_order = [order.index(c) for c in kernel_spec]
+        # A per-output vector broadcasts over y when the output dims come
+        # last in y (true of Dense and of KerasHub's EinsumDense layers).
+        in_output = "".join(c for c in output_spec if c in produced)
+        self.output_scale_order = (
+            [produced.index(c) for c in in_output]
+            if output_spec.endswith(in_output)
+            else None
+        )
 
     def latent_kernel(self, matrix):
         """Turns an `(in, k)` matrix into a kernel for `to_latent`."""
@@ -159,6 +169,18 @@ class LinearEquation:
     def output_kernel(self, matrix):
         """Turns a `(k, out)` matrix into a kernel for `from_latent`."""
         return ops.reshape(matrix, (-1, *self.out_dims))
+
+    def output_scale(self, vector):
+        """Lays out an `(out,)` vector to broadcast over the output `y`.
+
+        Returns `None` when the output dims do not come last in `y`.
+        """
+        if self.output_scale_order is None:
+            return None
+        vector = ops.reshape(vector, self.out_dims)
+        if self.output_scale_order != sorted(self.output_scale_order):
+            vector = ops.transpose(vector, self.output_scale_order)
+        return vector
 
     def kernel(self, matrix):
         """Turns an `(in, out)` matrix into the layer's kernel layout."""
@@ -343,6 +365,9 @@ class PVeRADense(keras.layers.Layer):
     def latent(self, inputs, training=False):
         """The latent mean and log-variance for `inputs`.
 
+        `lambda_d` scales the latent activations rather than `A`, so that
+        its gradient is an elementwise product, not a weight gradient.
+
         Args:
             inputs: The adapted layer's input.
             training: Whether dropout is active.
@@ -352,9 +377,8 @@ class PVeRADense(keras.layers.Layer):
         """
         a, _ = self._projections()
         x = self.dropout_layer(inputs, training=training)
-        scaled_a = ops.multiply(a, ops.expand_dims(self.lambda_d, 1))
-        kernel = self.linear.latent_kernel(ops.transpose(scaled_a))
-        h = ops.einsum(self.linear.to_latent, x, kernel)
+        kernel = self.linear.latent_kernel(ops.transpose(a))
+        h = ops.multiply(ops.einsum(self.linear.to_latent, x, kernel), self.lambda_d)
         return h[..., : self.rank], h[..., self.rank :]
 
     def _noise(self, logvar):
@@ -365,41 +389,51 @@ class PVeRADense(keras.layers.Layer):
         return ops.multiply(eps, std)
 
     def call(self, inputs, training=None):
-        sampling = bool(training) or self.sample_at_inference
-        dropout_active = bool(training) and self.dropout > 0
-        kl_active = bool(training) and self.kl_weight > 0
         base = self.base_layer
-        if base.quantization_mode is None and not (dropout_active or kl_active):
-            # Mean path folded into the kernel; only the noise runs per token.
-            kernel = ops.add(base.kernel, self.delta_kernel())
-            y = ops.einsum(self.linear.equation, inputs, kernel)
-            if base.bias is not None:
-                y = ops.add(y, base.bias)
-            if sampling:
-                a, b = self._projections()
-                r = self.rank
-                a_logvar = ops.multiply(
-                    a[r:], ops.expand_dims(self.lambda_d[r:], 1)
-                )
-                logvar = ops.einsum(
-                    self.linear.to_latent,
-                    inputs,
-                    self.linear.latent_kernel(ops.transpose(a_logvar)),
-                )
-                y = ops.add(y, self._from_latent(self._noise(logvar), b))
+        if training or base.quantization_mode is not None:
+            y = self._latent_path(base(inputs), inputs, training)
         else:
-            y = base(inputs)
-            mu, logvar = self.latent(inputs, training=training)
-            if kl_active:
-                self.add_loss(self.kl_weight * kl_divergence(mu, logvar))
-            z = ops.add(mu, self._noise(logvar)) if sampling else mu
-            y = ops.add(y, self._from_latent(z, self._projections()[1]))
+            y = self._folded_path(inputs)
         if self.activation is not None:
             y = self.activation(y)
         return y
 
-    def _from_latent(self, z, b):
-        kernel = self.linear.output_kernel(self._scaled_b(b))
+    def _latent_path(self, y, inputs, training):
+        """Adds the adapter token by token (training, quantized bases)."""
+        mu, logvar = self.latent(inputs, training=training)
+        if training and self.kl_weight > 0:
+            self.add_loss(self.kl_weight * kl_divergence(mu, logvar))
+        sampling = bool(training) or self.sample_at_inference
+        z = ops.add(mu, self._noise(logvar)) if sampling else mu
+        _, b = self._projections()
+        scale = self.linear.output_scale(ops.multiply(self.alpha, self.lambda_b))
+        if scale is None:
+            return ops.add(y, self._from_latent(z, self._scaled_b(b)))
+        adapter = self._from_latent(z, ops.transpose(b))
+        return ops.add(y, ops.multiply(adapter, scale))
+
+    def _folded_path(self, inputs):
+        """Inference: the mean adapter folded into the kernel, once a call."""
+        base = self.base_layer
+        kernel = ops.add(base.kernel, self.delta_kernel())
+        y = ops.einsum(self.linear.equation, inputs, kernel)
+        if base.bias is not None:
+            y = ops.add(y, base.bias)
+        if self.sample_at_inference:
+            # Only the noise runs per token, with lambda_d folded into A.
+            a, b = self._projections()
+            r = self.rank
+            a_logvar = ops.multiply(a[r:], ops.expand_dims(self.lambda_d[r:], 1))
+            logvar = ops.einsum(
+                self.linear.to_latent,
+                inputs,
+                self.linear.latent_kernel(ops.transpose(a_logvar)),
+            )
+            y = ops.add(y, self._from_latent(self._noise(logvar), self._scaled_b(b)))
+        return y
+
+    def _from_latent(self, z, b_kernel):
+        kernel = self.linear.output_kernel(b_kernel)
         return ops.einsum(self.linear.from_latent, z, kernel)
 
     def compute_output_shape(self, input_shape):

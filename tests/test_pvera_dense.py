@@ -112,21 +112,28 @@ def test_einsum_dense_mean_mode_equals_the_formula(case):
     np.testing.assert_allclose(plain, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_einsum_dense_latent_and_folded_paths_agree_with_the_same_noise():
-    """With KL on, the layer runs the latent path; else it folds the mean."""
-    base = keras.layers.EinsumDense("abc,cde->abde", output_shape=(None, 2, 4),
-                                    bias_axes="de")
+@pytest.mark.parametrize(
+    "equation, output_shape",
+    [("abc,cde->abde", (None, 2, 4)),
+     # Output dims before a batch dim: lambda_b scales B, not activations.
+     ("abc,cd->adb", (5, None))],
+)
+def test_training_and_inference_paths_agree_with_the_same_noise(
+        equation, output_shape):
+    """Training runs the adapter per token; inference folds its mean."""
+    base = keras.layers.EinsumDense(equation, output_shape=output_shape,
+                                    bias_axes="d")
     x = np.random.default_rng(9).normal(size=(2, 3, 6)).astype("float32")
     base.build(x.shape)
     layer = PVeRADense(base, rank=3, kl_weight=1.0)
     randomize_lambdas(layer)
     seed_state = to_numpy(layer.seed_generator.state)
-    latent = to_numpy(layer(x, training=True))
+    per_token = to_numpy(layer(x, training=True))
     assert len(layer.losses) == 1
-    layer.kl_weight = 0.0
+    layer.sample_at_inference = True
     layer.seed_generator.state.assign(seed_state)
-    folded = to_numpy(layer(x, training=True))
-    np.testing.assert_allclose(latent, folded, rtol=1e-4, atol=1e-4)
+    folded = to_numpy(layer(x))
+    np.testing.assert_allclose(per_token, folded, rtol=1e-4, atol=1e-4)
 
 
 def test_sampled_outputs_have_the_predicted_mean_and_variance():
