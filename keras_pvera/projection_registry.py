@@ -10,10 +10,12 @@ then rounded to float32, so that one seed gives bit-identical matrices on
 every backend, device and platform.
 """
 
+import contextlib
 import math
 
 import keras
 import numpy as np
+from keras import ops
 
 
 def generate_projections(seed, rank, in_max, out_max):
@@ -45,6 +47,13 @@ def generate_projections(seed, rank, in_max, out_max):
     a = rng.uniform(-bound_a, bound_a, size=(2 * rank, in_max))
     b = rng.uniform(-bound_b, bound_b, size=(out_max, rank))
     return a.astype("float32"), b.astype("float32")
+
+
+class _SharedProducts:
+    """Products `x @ A.T` of the current forward pass (`None`: not sharing)."""
+
+    def __init__(self):
+        self.entries = None
 
 
 @keras.saving.register_keras_serializable(package="keras_pvera")
@@ -99,7 +108,53 @@ class ProjectionRegistry(keras.layers.Layer):
             dtype="float32",
             trainable=False,
         )
+        self._shared = _SharedProducts()
         self.built = True
+
+    @contextlib.contextmanager
+    def sharing_products(self):
+        """Within this context, layers that read the same input share `x @ A.T`.
+
+        Attention's query, key and value layers read the same tensor and, by
+        PVeRA's design, the same `A`: the product is computed once per
+        forward pass (and its gradient once per backward pass). The products
+        are forgotten when the context exits. `PVeRAModel.call` opens it.
+        """
+        outer = self._shared.entries
+        self._shared.entries = []
+        try:
+            yield
+        finally:
+            self._shared.entries = outer
+
+    def project(self, x, linear, logvar_only=False):
+        """Projects a layer's input onto `A`: `x @ A[:, :in].T` per token.
+
+        Args:
+            x: The adapted layer's input.
+            linear: The layer's `LinearEquation` (which axes of `x` are
+                contracted, and how).
+            logvar_only: Project on the log-variance half `A[r:]` only.
+
+        Returns:
+            A tensor of shape `(..., 2 * rank)` (`(..., rank)` with
+            `logvar_only`).
+        """
+        key = (linear.to_latent, tuple(linear.in_dims), logvar_only)
+        entries = self._shared.entries
+        if entries is not None:
+            for seen_x, seen_key, product in entries:
+                if seen_x is x and seen_key == key:
+                    return product
+        a, _ = self.projections(linear.in_dim, 1)
+        if logvar_only:
+            a = a[self.rank :]
+        kernel = linear.latent_kernel(ops.transpose(a))
+        product = ops.einsum(linear.to_latent, x, kernel)
+        if entries is not None:
+            # Holding `x` keeps its identity from being reused while cached.
+            entries.append((x, key, product))
+        return product
 
     def projections(self, in_dim, out_dim):
         """Returns the slices `A[:, :in_dim]` and `B[:out_dim, :]`.

@@ -375,10 +375,9 @@ class PVeRADense(keras.layers.Layer):
         Returns:
             A tuple `(mu, logvar)`, each of shape `(..., rank)`.
         """
-        a, _ = self._projections()
         x = self.dropout_layer(inputs, training=training)
-        kernel = self.linear.latent_kernel(ops.transpose(a))
-        h = ops.multiply(ops.einsum(self.linear.to_latent, x, kernel), self.lambda_d)
+        h = self.projection_registry.project(x, self.linear)
+        h = ops.multiply(h, self.lambda_d)
         return h[..., : self.rank], h[..., self.rank :]
 
     def _noise(self, logvar):
@@ -420,15 +419,12 @@ class PVeRADense(keras.layers.Layer):
         if base.bias is not None:
             y = ops.add(y, base.bias)
         if self.sample_at_inference:
-            # Only the noise runs per token, with lambda_d folded into A.
-            a, b = self._projections()
-            r = self.rank
-            a_logvar = ops.multiply(a[r:], ops.expand_dims(self.lambda_d[r:], 1))
-            logvar = ops.einsum(
-                self.linear.to_latent,
-                inputs,
-                self.linear.latent_kernel(ops.transpose(a_logvar)),
+            # Only the noise runs per token.
+            _, b = self._projections()
+            logvar = self.projection_registry.project(
+                inputs, self.linear, logvar_only=True
             )
+            logvar = ops.multiply(logvar, self.lambda_d[self.rank :])
             y = ops.add(y, self._from_latent(self._noise(logvar), self._scaled_b(b)))
         return y
 

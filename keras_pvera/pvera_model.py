@@ -420,7 +420,9 @@ class PVeRAModel(keras.Model):
         self.test_function = None
 
     def call(self, inputs, training=None):
-        return self.base_model(inputs, training=training)
+        # Layers reading one input (attention's query and value) share x @ A.
+        with self.projection_registry.sharing_products():
+            return self.base_model(inputs, training=training)
 
     def compute_loss(
         self, x=None, y=None, y_pred=None, sample_weight=None, training=True

@@ -412,3 +412,37 @@ def test_a_failure_during_surgery_is_rolled_back(monkeypatch):
     assert base.layers[0].activation is keras.activations.relu
     assert len(base.trainable_weights) == 6
     np.testing.assert_array_equal(base.predict(x, verbose=0), expected)
+
+
+def test_query_and_value_share_one_projection_per_attention_layer():
+    keras_hub = pytest.importorskip("keras_hub")
+    base = keras_hub.models.BertBackbone(
+        vocabulary_size=50, num_layers=2, num_heads=2, hidden_dim=8,
+        intermediate_dim=16, max_sequence_length=10, dropout=0.0)
+    x = bert_inputs(4)
+    model = keras_pvera.apply(base, rank=4)
+    randomize_lambdas(model)
+    registry = model.projection_registry
+    products = []
+    project = registry.project
+
+    def recording_project(*args, **kwargs):
+        products.append(project(*args, **kwargs))
+        return products[-1]
+
+    registry.project = recording_project
+    states = {p: to_numpy(layer.seed_generator.state).copy()
+              for p, layer in model.adapted_layers.items()}
+    shared = to_numpy(model(x, training=True)["sequence_output"])
+    # Four adapted layers asked; one product per attention layer computed.
+    assert len(products) == 4
+    assert len({id(product) for product in products}) == 2
+
+    # Without the model's context (calling the base model), nothing is
+    # shared, and the same noise gives the same outputs.
+    for path, layer in model.adapted_layers.items():
+        layer.seed_generator.state.assign(states[path])
+    products.clear()
+    unshared = to_numpy(model.base_model(x, training=True)["sequence_output"])
+    assert len({id(product) for product in products}) == 4
+    np.testing.assert_allclose(shared, unshared, rtol=1e-5, atol=1e-5)
