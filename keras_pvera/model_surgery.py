@@ -78,8 +78,14 @@ def child_layers(layer):
     for _, value in _attribute_items(layer):
         candidates.extend(_layers_in(value))
     candidates.extend(getattr(layer, "_layers", []))
+    # A Sequential model runs an internal Functional of the same layers.
+    internal = getattr(layer, "_functional", None)
     for child in candidates:
-        if child is layer or isinstance(child, keras.layers.InputLayer):
+        if (
+            child is layer
+            or child is internal
+            or isinstance(child, keras.layers.InputLayer)
+        ):
             continue
         found.setdefault(id(child), child)
     return list(found.values())
