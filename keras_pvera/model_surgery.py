@@ -11,6 +11,8 @@ training and saving all see the new layers. It returns a function that undoes
 the swap.
 """
 
+import contextlib
+
 import keras
 
 # Attributes that hold bookkeeping, not the structure of a layer.
@@ -39,7 +41,12 @@ def _attribute_items(layer):
     # On the torch backend, sublayers live in torch's module registry.
     items.update(getattr(layer, "_modules", None) or {})
     for name, value in items.items():
-        if name in _SKIPPED_ATTRIBUTES or name.startswith("__"):
+        # `_self_*`: TensorFlow's checkpoint bookkeeping, kept by `setattr`.
+        if (
+            name in _SKIPPED_ATTRIBUTES
+            or name.startswith("__")
+            or name.startswith("_self_")
+        ):
             continue
         yield name, value
 
@@ -151,16 +158,23 @@ def output_layers(model):
     return found
 
 
-def _set_attribute(layer, name, value):
+@contextlib.contextmanager
+def _unlocked(layer):
+    """Lets a built layer's tracker accept the new sublayers."""
     tracker = getattr(layer, "_tracker", None)
     locked = bool(tracker and tracker.locked)
     if locked:
         tracker.unlock()
     try:
-        setattr(layer, name, value)
+        yield
     finally:
         if locked:
             tracker.lock()
+
+
+def _set_attribute(layer, name, value):
+    with _unlocked(layer):
+        setattr(layer, name, value)
 
 
 def _replace_in_list(items, replacements):
@@ -192,6 +206,14 @@ def _replace_in_graph(graph, replacements, undo):
 
 
 def _replace_in_layer(layer, replacements, undo):
+    with _unlocked(layer):
+        _replace_in_attributes(layer, replacements, undo)
+    graph = _graph_of(layer)
+    if graph is not None:
+        _replace_in_graph(graph, replacements, undo)
+
+
+def _replace_in_attributes(layer, replacements, undo):
     tracked = getattr(layer, "_layers", None)
     if tracked is not None:
         # Restored last, after the attributes, so that it wins.
@@ -231,9 +253,6 @@ def _replace_in_layer(layer, replacements, undo):
                 seen.add(id(item))
                 rebuilt.append(item)
         tracked[:] = rebuilt
-    graph = _graph_of(layer)
-    if graph is not None:
-        _replace_in_graph(graph, replacements, undo)
 
 
 def replace_layers(model, replacements):

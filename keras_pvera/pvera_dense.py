@@ -103,6 +103,9 @@ def kl_divergence(mu, logvar):
     return ops.mean(-0.5 * (1.0 + logvar - ops.square(mu) - ops.exp(logvar)))
 
 
+DENSE_EQUATION = "...a,ab->...b"
+
+
 class LinearEquation:
     """The linear map of a `Dense` or single-kernel `EinsumDense` layer.
 
@@ -170,6 +173,16 @@ class LinearEquation:
         """Turns a `(k, out)` matrix into a kernel for `from_latent`."""
         return ops.reshape(matrix, (-1, *self.out_dims))
 
+    def __call__(self, inputs, kernel):
+        """Computes the map with a kernel of the layer's layout.
+
+        `Dense`'s equation runs as `matmul`, as `Dense` itself does, so an
+        adapter with `lambda_b = 0` reproduces the base layer bit for bit.
+        """
+        if self.equation == DENSE_EQUATION:
+            return ops.matmul(inputs, kernel)
+        return ops.einsum(self.equation, inputs, kernel)
+
     def output_scale(self, vector):
         """Lays out an `(out,)` vector to broadcast over the output `y`.
 
@@ -195,7 +208,7 @@ def linear_equation_of(layer):
     equation = (
         layer.equation
         if isinstance(layer, keras.layers.EinsumDense)
-        else "...a,ab->...b"
+        else DENSE_EQUATION
     )
     return LinearEquation(equation, layer._kernel.shape)
 
@@ -414,8 +427,7 @@ class PVeRADense(keras.layers.Layer):
     def _folded_path(self, inputs):
         """Inference: the mean adapter folded into the kernel, once a call."""
         base = self.base_layer
-        kernel = ops.add(base.kernel, self.delta_kernel())
-        y = ops.einsum(self.linear.equation, inputs, kernel)
+        y = self.linear(inputs, ops.add(base.kernel, self.delta_kernel()))
         if base.bias is not None:
             y = ops.add(y, base.bias)
         if self.sample_at_inference:
