@@ -386,17 +386,20 @@ class PVeRADense(keras.layers.Layer):
             training: Whether dropout is active.
 
         Returns:
-            A tuple `(mu, logvar)`, each of shape `(..., rank)`.
+            A tuple `(mu, logvar)`, each of shape `(..., rank)`, in float32
+            whatever the compute dtype, so that `exp(logvar)` cannot
+            overflow under a float16 policy.
         """
         x = self.dropout_layer(inputs, training=training)
         h = self.projection_registry.project(x, self.linear)
-        h = ops.multiply(h, self.lambda_d)
+        h = ops.cast(ops.multiply(h, self.lambda_d), "float32")
         return h[..., : self.rank], h[..., self.rank :]
 
     def _noise(self, logvar):
-        std = ops.exp(ops.multiply(0.5, logvar))
+        """`eps * exp(0.5 * logvar)`, drawn and computed in float32."""
+        std = ops.exp(ops.multiply(0.5, ops.cast(logvar, "float32")))
         eps = keras.random.normal(
-            ops.shape(std), dtype=std.dtype, seed=self.seed_generator
+            ops.shape(std), dtype="float32", seed=self.seed_generator
         )
         return ops.multiply(eps, std)
 
@@ -417,6 +420,7 @@ class PVeRADense(keras.layers.Layer):
             self.add_loss(self.kl_weight * kl_divergence(mu, logvar))
         sampling = bool(training) or self.sample_at_inference
         z = ops.add(mu, self._noise(logvar)) if sampling else mu
+        z = ops.cast(z, self.compute_dtype)
         _, b = self._projections()
         scale = self.linear.output_scale(ops.multiply(self.alpha, self.lambda_b))
         if scale is None:
@@ -437,7 +441,8 @@ class PVeRADense(keras.layers.Layer):
                 inputs, self.linear, logvar_only=True
             )
             logvar = ops.multiply(logvar, self.lambda_d[self.rank :])
-            y = ops.add(y, self._from_latent(self._noise(logvar), self._scaled_b(b)))
+            noise = ops.cast(self._noise(logvar), self.compute_dtype)
+            y = ops.add(y, self._from_latent(noise, self._scaled_b(b)))
         return y
 
     def _from_latent(self, z, b_kernel):

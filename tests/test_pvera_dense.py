@@ -263,3 +263,23 @@ def test_bad_settings_raise_value_error_naming_them(kwargs, message):
 def test_only_dense_and_einsum_dense_can_be_wrapped():
     with pytest.raises(TypeError, match="Conv1D"):
         PVeRADense(keras.layers.Conv1D(3, 2), rank=4)
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_latent_math_runs_in_float32_under_mixed_precision(policy):
+    keras.config.set_dtype_policy(policy)
+    layer = PVeRADense(keras.layers.Dense(3), rank=2, kl_weight=1.0)
+    x = np.ones((4, 5), "float32")
+    layer.build(x.shape)
+    layer.lambda_b.assign(np.full((3,), 1e-3))
+    a, _, _, _ = adapter_arrays(layer)
+    projected = (x[:1] @ a.T)[0]
+    # logvar = 15 for every unit: exp(15) = 3.3e6 overflows float16.
+    layer.lambda_d.assign(np.concatenate([np.zeros(2), 15.0 / projected[2:]]))
+    y = layer(x, training=True)
+    assert ops.convert_to_numpy(y).dtype == np.dtype(layer.compute_dtype)
+    assert np.all(np.isfinite(to_numpy(ops.cast(y, "float32"))))
+    kl = to_numpy(layer.losses[0])
+    # The projection itself runs in the compute dtype (bfloat16: 3 digits).
+    np.testing.assert_allclose(kl, np.mean(-0.5 * (1 + 15.0 - np.exp(15.0))),
+                               rtol=0.05)
