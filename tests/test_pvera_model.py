@@ -9,7 +9,6 @@ from keras import ops
 
 import keras_pvera
 from keras_pvera import PVeRADense
-from keras_pvera import PVeRAModel
 
 
 def to_numpy(x):
