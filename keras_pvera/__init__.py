@@ -10,6 +10,8 @@ Example:
 >>> model.compile(optimizer="adam", loss="mse")
 """
 
+from keras_pvera.adapter_files import load_adapter
+from keras_pvera.adapter_files import save_adapter
 from keras_pvera.projection_registry import ProjectionRegistry
 from keras_pvera.projection_registry import generate_projections
 from keras_pvera.pvera_dense import PVeRADense
@@ -26,4 +28,6 @@ __all__ = [
     "apply",
     "generate_projections",
     "kl_divergence",
+    "load_adapter",
+    "save_adapter",
 ]
