@@ -12,6 +12,7 @@ Example:
 
 from keras_pvera.adapter_files import load_adapter
 from keras_pvera.adapter_files import save_adapter
+from keras_pvera.merging import merge
 from keras_pvera.projection_registry import ProjectionRegistry
 from keras_pvera.projection_registry import generate_projections
 from keras_pvera.pvera_dense import PVeRADense
@@ -29,5 +30,6 @@ __all__ = [
     "generate_projections",
     "kl_divergence",
     "load_adapter",
+    "merge",
     "save_adapter",
 ]
