@@ -13,6 +13,8 @@ Example:
 from keras_pvera.adapter_files import load_adapter
 from keras_pvera.adapter_files import save_adapter
 from keras_pvera.merging import merge
+from keras_pvera.peft_interop import load_peft_adapter
+from keras_pvera.peft_interop import save_peft_adapter
 from keras_pvera.projection_registry import ProjectionRegistry
 from keras_pvera.projection_registry import generate_projections
 from keras_pvera.pvera_dense import PVeRADense
@@ -30,6 +32,8 @@ __all__ = [
     "generate_projections",
     "kl_divergence",
     "load_adapter",
+    "load_peft_adapter",
     "merge",
     "save_adapter",
+    "save_peft_adapter",
 ]
