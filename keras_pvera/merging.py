@@ -169,5 +169,7 @@ def _copy_own_weights(path, source, target, assigned):
                 f"Weight {t.path!r} has shape {tuple(t.shape)} in the rebuilt "
                 f"model but {tuple(s.shape)} in the adapted one."
             )
-        t.assign(s)
+        # A copy: on JAX, sharing one buffer between two models lets a
+        # compiled call of one (which donates its buffers) delete the other's.
+        t.assign(ops.convert_to_numpy(s))
         assigned.add(id(t))
