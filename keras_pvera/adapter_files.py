@@ -298,5 +298,7 @@ def _decode_trainable(rows, source):
 
 def _is_size(value, minimum=1):
     return (
-        isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+        isinstance(value, int)
+        and not isinstance(value, bool)
+        and value >= minimum
     )

@@ -120,7 +120,7 @@ def check_adapter_state(state):
             )
     if not state.layers:
         raise ValueError("The adapter adapts no layer.")
-    for path, (in_dim, out_dim) in state.layers.items():
+    for path, (_, out_dim) in state.layers.items():
         for name, vectors, shape in (
             ("lambda_d", state.lambda_d, (2 * state.rank,)),
             ("lambda_b", state.lambda_b, (out_dim,)),
@@ -256,7 +256,9 @@ def _check_adapted_model(model, state):
         if state.layers[path] != (layer.in_dim, layer.out_dim):
             raise ValueError(_size_mismatch(path, state.layers[path], layer))
     _check_same_paths(
-        "layer trained in full", list(state.trainable), config["trainable_paths"]
+        "layer trained in full",
+        list(state.trainable),
+        config["trainable_paths"],
     )
     layers = dict(model_surgery.iter_layers(model.base_model))
     for path, weights in state.trainable.items():
@@ -384,7 +386,9 @@ def _size_mismatch(path, sizes, linear):
 
 
 def _linear_paths(layers):
-    return [p for p, layer in layers.items() if isinstance(layer, LINEAR_LAYERS)]
+    return [
+        p for p, layer in layers.items() if isinstance(layer, LINEAR_LAYERS)
+    ]
 
 
 def _assign(model, state):

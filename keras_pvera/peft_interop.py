@@ -43,7 +43,9 @@ from keras_pvera.pvera_model import PVeRAModel
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
-_LAMBDA_KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.pvera_lambda_(?P<kind>[db])")
+_LAMBDA_KEY = re.compile(
+    r"base_model\.model\.(?P<module>.+)\.pvera_lambda_(?P<kind>[db])"
+)
 _PROJECTION_KEYS = ("base_model.pvera_A", "base_model.pvera_B")
 
 
@@ -92,7 +94,9 @@ def load_peft_adapter(model, path):
         )
     table, keras_prefix = find_table(model)
     config = read_peft_config(path)
-    tensors, _ = safetensors_io.read_safetensors(os.path.join(path, WEIGHTS_FILE))
+    tensors, _ = safetensors_io.read_safetensors(
+        os.path.join(path, WEIGHTS_FILE)
+    )
     rank = config["r"]
     modules = _lambda_vectors(tensors, path)
     layers = dict(model_surgery.iter_layers(model))
@@ -221,8 +225,12 @@ def save_peft_adapter(
             alpha * state.lambda_b[keras_path], "float32"
         )
     if save_projection:
-        tensors["base_model.pvera_A"] = np.asarray(state.projections[0], "float32")
-        tensors["base_model.pvera_B"] = np.asarray(state.projections[1], "float32")
+        tensors["base_model.pvera_A"] = np.asarray(
+            state.projections[0], "float32"
+        )
+        tensors["base_model.pvera_B"] = np.asarray(
+            state.projections[1], "float32"
+        )
     else:
         (_, in_max), (out_max, _) = state.projection_shapes()
         torch_made = torch_projections(
@@ -303,7 +311,9 @@ def read_peft_config(path):
     except ValueError as e:
         raise ValueError(f"{config_path!r} is not valid JSON: {e}") from None
     if not isinstance(config, dict) or config.get("peft_type") != "PVERA":
-        peft_type = config.get("peft_type") if isinstance(config, dict) else None
+        peft_type = (
+            config.get("peft_type") if isinstance(config, dict) else None
+        )
         raise ValueError(
             f"{config_path!r} is not a PVeRA adapter config: "
             f"peft_type={peft_type!r}, expected 'PVERA'."
@@ -410,7 +420,9 @@ def _projections(config, tensors, state, path):
     (rows_a, in_max), (out_max, rank) = state.projection_shapes()
     if not config["save_projection"]:
         # PEFT regenerates them even when the file has some.
-        return torch_projections(config["projection_prng_key"], rank, in_max, out_max)
+        return torch_projections(
+            config["projection_prng_key"], rank, in_max, out_max
+        )
     for key in _PROJECTION_KEYS:
         if key not in tensors:
             raise ValueError(

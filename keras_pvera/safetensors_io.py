@@ -11,7 +11,7 @@ the temporary file.
 
 import contextlib
 import os
-import tempfile
+import uuid
 
 import numpy as np
 import safetensors
@@ -46,12 +46,17 @@ def atomic_path(path):
         raise IsADirectoryError(
             f"Cannot write the file {path!r}: it is an existing folder."
         )
-    handle, tmp = tempfile.mkstemp(
-        dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp"
+    tmp = os.path.join(
+        folder, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp"
     )
-    os.close(handle)
+    open(tmp, "xb").close()
+    # The file keeps the mode of the one it replaces, else gets the usual
+    # mode of a new file (writers may recreate `tmp` private to its owner).
+    source = path if os.path.isfile(path) else tmp
+    mode = os.stat(source).st_mode & 0o777
     try:
         yield tmp
+        os.chmod(tmp, mode)
         _fsync(tmp)
         os.replace(tmp, path)
     except BaseException:

@@ -16,7 +16,6 @@ import pytest
 import safetensors.numpy
 
 import keras_pvera
-from keras_pvera import peft_interop
 from keras_pvera.model_surgery import iter_layers
 from keras_pvera.peft_module_names import BERT
 from keras_pvera.peft_module_names import DINOV2
@@ -45,7 +44,9 @@ def write_peft_folder(folder, tensors, **config):
     full = {"peft_type": "PVERA", "r": 4, "save_projection": True, **config}
     (folder / "adapter_config.json").write_text(json.dumps(full))
     safetensors.numpy.save_file(
-        tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"}
+        tensors,
+        str(folder / "adapter_model.safetensors"),
+        metadata={"format": "pt"},
     )
     return folder
 
@@ -57,11 +58,19 @@ def bert_query_value_tensors(rank=4, projections=True, seed=0):
     for i in range(LAYERS):
         for name in ("query", "value"):
             key = f"base_model.model.encoder.layer.{i}.attention.self.{name}"
-            tensors[key + ".pvera_lambda_d"] = rng.normal(size=2 * rank).astype("float32")
-            tensors[key + ".pvera_lambda_b"] = rng.normal(size=HIDDEN).astype("float32")
+            tensors[key + ".pvera_lambda_d"] = rng.normal(size=2 * rank).astype(
+                "float32"
+            )
+            tensors[key + ".pvera_lambda_b"] = rng.normal(size=HIDDEN).astype(
+                "float32"
+            )
     if projections:
-        tensors["base_model.pvera_A"] = rng.uniform(-1, 1, (2 * rank, HIDDEN)).astype("float32")
-        tensors["base_model.pvera_B"] = rng.uniform(-1, 1, (HIDDEN, rank)).astype("float32")
+        tensors["base_model.pvera_A"] = rng.uniform(
+            -1, 1, (2 * rank, HIDDEN)
+        ).astype("float32")
+        tensors["base_model.pvera_B"] = rng.uniform(
+            -1, 1, (HIDDEN, rank)
+        ).astype("float32")
     return tensors
 
 
@@ -71,7 +80,9 @@ def numpy_weights(model):
 
 def assert_untouched(model, before):
     assert not any(isinstance(l, PVeRADense) for _, l in iter_layers(model))
-    for a, b in zip(numpy_weights(model), before):
+    after = numpy_weights(model)
+    assert len(after) == len(before)
+    for a, b in zip(after, before):
         np.testing.assert_array_equal(a, b)
 
 
@@ -101,8 +112,11 @@ def test_tables_map_both_ways():
         == "encoder/layers_2/attention/attention/query"
     )
     assert (
-        DINOV2.hf_module("encoder/layers_0/attention/attention/attention_output",
-                         "legacy", "dinov2.")
+        DINOV2.hf_module(
+            "encoder/layers_0/attention/attention/attention_output",
+            "legacy",
+            "dinov2.",
+        )
         == "dinov2.encoder.layer.0.attention.output.dense"
     )
 
@@ -124,7 +138,9 @@ def test_query_layout_matches_torch_linear(tmp_path):
     # KerasHub's converter: transpose, then reshape to the kernel's shape.
     expected = delta_out_in.T.reshape(HIDDEN, HEADS, HIDDEN // HEADS)
 
-    layer = model.adapted_layers["transformer_layer_1/self_attention_layer/query"]
+    layer = model.adapted_layers[
+        "transformer_layer_1/self_attention_layer/query"
+    ]
     actual = keras.ops.convert_to_numpy(layer.delta_kernel())
     assert actual.shape == (HIDDEN, HEADS, HIDDEN // HEADS)
     np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-6)
@@ -136,7 +152,11 @@ def test_query_layout_matches_torch_linear(tmp_path):
 @pytest.mark.parametrize(
     "change, error, message",
     [
-        (lambda t, c: c.update(peft_type="LORA"), ValueError, "peft_type='LORA'"),
+        (
+            lambda t, c: c.update(peft_type="LORA"),
+            ValueError,
+            "peft_type='LORA'",
+        ),
         (lambda t, c: c.update(bias="all"), ValueError, "bias='all'"),
         (
             lambda t, c: c.update(modules_to_save=["classifier"]),
@@ -198,7 +218,9 @@ def test_query_layout_matches_torch_linear(tmp_path):
             "no tensor 'base_model.pvera_A'",
         ),
         (
-            lambda t, c: t.update({"base_model.pvera_A": np.ones((8, 16), "float32")}),
+            lambda t, c: t.update(
+                {"base_model.pvera_A": np.ones((8, 16), "float32")}
+            ),
             ValueError,
             r"'base_model.pvera_A' has shape \(8, 16\)",
         ),
@@ -241,7 +263,9 @@ def test_architecture_without_a_table(tmp_path):
     with pytest.raises(ValueError, match="no module-name table.*BertBackbone"):
         keras_pvera.load_peft_adapter(other, folder)
     adapted_other = keras_pvera.apply(
-        keras.Sequential([keras.Input((4,)), keras.layers.Dense(3), keras.layers.Dense(2)]),
+        keras.Sequential(
+            [keras.Input((4,)), keras.layers.Dense(3), keras.layers.Dense(2)]
+        ),
         rank=2,
     )
     with pytest.raises(ValueError, match="no module-name table"):
@@ -278,9 +302,14 @@ def test_save_errors(tmp_path):
         keras_pvera.save_peft_adapter(model, tmp_path / "out", naming="v4")
     with pytest.raises(ValueError, match="PEFT regenerates the projections"):
         # keras_pvera's seed-made projections are not torch's.
-        keras_pvera.save_peft_adapter(model, tmp_path / "out", save_projection=False)
+        keras_pvera.save_peft_adapter(
+            model, tmp_path / "out", save_projection=False
+        )
     with_head = keras_pvera.apply(
-        keras_bert(), rank=4, target=["query"], trainable_layers=["pooled_dense"]
+        keras_bert(),
+        rank=4,
+        target=["query"],
+        trainable_layers=["pooled_dense"],
     )
     with pytest.raises(ValueError, match="trained in full"):
         keras_pvera.save_peft_adapter(with_head, tmp_path / "out")
@@ -289,9 +318,13 @@ def test_save_errors(tmp_path):
 
 def test_save_writes_peft_names_and_folds_alpha(tmp_path):
     model = keras_pvera.apply(keras_bert(), rank=4, alpha=3.0, target=["query"])
-    layer = model.adapted_layers["transformer_layer_0/self_attention_layer/query"]
+    layer = model.adapted_layers[
+        "transformer_layer_0/self_attention_layer/query"
+    ]
     layer.lambda_b.assign(np.full(HIDDEN, 2.0, "float32"))
-    keras_pvera.save_peft_adapter(model, tmp_path / "out", module_prefix="bert.")
+    keras_pvera.save_peft_adapter(
+        model, tmp_path / "out", module_prefix="bert."
+    )
 
     config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert config["peft_type"] == "PVERA" and config["r"] == 4
@@ -299,7 +332,9 @@ def test_save_writes_peft_names_and_folds_alpha(tmp_path):
         "bert.encoder.layer.0.attention.self.query",
         "bert.encoder.layer.1.attention.self.query",
     ]
-    tensors = safetensors.numpy.load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
+    tensors = safetensors.numpy.load_file(
+        str(tmp_path / "out" / "adapter_model.safetensors")
+    )
     key = "base_model.model.bert.encoder.layer.0.attention.self.query.pvera_lambda_b"
     np.testing.assert_array_equal(tensors[key], np.full(HIDDEN, 6.0, "float32"))
     assert tensors["base_model.pvera_A"].shape == (8, HIDDEN)
@@ -366,7 +401,10 @@ def peft_bert_outputs(hf, model):
             token_type_ids=torch.zeros(TOKENS.shape, dtype=torch.long),
         )
     return np.concatenate(
-        [out.last_hidden_state.numpy().ravel(), out.pooler_output.numpy().ravel()]
+        [
+            out.last_hidden_state.numpy().ravel(),
+            out.pooler_output.numpy().ravel(),
+        ]
     )
 
 
@@ -410,7 +448,9 @@ def peft_model(hf, folder, model_class, **config):
 def peft_load(hf, folder, model_class, adapter):
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(model_class.from_pretrained(folder), str(adapter))
+    return PeftModel.from_pretrained(
+        model_class.from_pretrained(folder), str(adapter)
+    )
 
 
 def test_bert_peft_adapter_matches_peft(hf, bert_dir, tmp_path):
@@ -430,7 +470,9 @@ def test_bert_peft_adapter_matches_peft(hf, bert_dir, tmp_path):
     peft.save_pretrained(tmp_path / "adapter")
 
     base = keras_hub.models.BertBackbone.from_preset(str(bert_dir))
-    np.testing.assert_allclose(keras_bert_outputs(base), without, atol=TOLERANCE)
+    np.testing.assert_allclose(
+        keras_bert_outputs(base), without, atol=TOLERANCE
+    )
     model = keras_pvera.load_peft_adapter(base, tmp_path / "adapter")
 
     assert len(model.adapted_layers) == 6 * LAYERS + 1
@@ -444,8 +486,12 @@ def test_bert_keras_adapter_loads_in_peft(hf, bert_dir, tmp_path):
     model = keras_pvera.apply(base, rank=8, alpha=2.0, seed=5, target="all")
     rng = np.random.default_rng(3)
     for layer in model.adapted_layers.values():
-        layer.lambda_d.assign(rng.normal(size=layer.lambda_d.shape).astype("float32"))
-        layer.lambda_b.assign(rng.normal(size=layer.lambda_b.shape).astype("float32"))
+        layer.lambda_d.assign(
+            rng.normal(size=layer.lambda_d.shape).astype("float32")
+        )
+        layer.lambda_b.assign(
+            rng.normal(size=layer.lambda_b.shape).astype("float32")
+        )
     expected = keras_bert_outputs(model)
 
     keras_pvera.save_peft_adapter(model, tmp_path / "adapter")
@@ -475,8 +521,12 @@ def test_dinov2_peft_adapter_matches_peft_both_ways(hf, dinov2_dir, tmp_path):
     assert np.abs(actual - expected).max() <= TOLERANCE
 
     # And back: the Keras model's adapter, written for PEFT.
-    keras_pvera.save_peft_adapter(model, tmp_path / "back", naming="transformers5")
-    back = peft_load(hf, dinov2_dir, transformers.Dinov2Model, tmp_path / "back")
+    keras_pvera.save_peft_adapter(
+        model, tmp_path / "back", naming="transformers5"
+    )
+    back = peft_load(
+        hf, dinov2_dir, transformers.Dinov2Model, tmp_path / "back"
+    )
     assert np.abs(peft_dinov2_outputs(hf, back) - actual).max() <= TOLERANCE
 
 
@@ -485,7 +535,11 @@ def test_dinov2_adapter_with_pre_transformers5_names(hf, dinov2_dir, tmp_path):
     `attention.attention.query/value`."""
     transformers = hf[1]
     peft = peft_model(
-        hf, dinov2_dir, transformers.Dinov2Model, r=8, target_modules=["q_proj", "v_proj"]
+        hf,
+        dinov2_dir,
+        transformers.Dinov2Model,
+        r=8,
+        target_modules=["q_proj", "v_proj"],
     )
     expected = peft_dinov2_outputs(hf, peft)
     peft.save_pretrained(tmp_path / "adapter")
@@ -544,7 +598,9 @@ def test_peft_adapter_saved_without_projections(hf, bert_dir, tmp_path):
     assert np.abs(actual - expected).max() <= TOLERANCE
 
     # Its projections are torch's, so it can be written without them too.
-    keras_pvera.save_peft_adapter(model, tmp_path / "back", save_projection=False)
+    keras_pvera.save_peft_adapter(
+        model, tmp_path / "back", save_projection=False
+    )
     config = json.loads((tmp_path / "back" / "adapter_config.json").read_text())
     assert config["save_projection"] is False
     assert config["projection_prng_key"] == 11
@@ -558,7 +614,11 @@ def test_peft_loaded_adapter_round_trips_through_keras_pvera_files(
     """PEFT's projections are not keras_pvera's: they travel in the file."""
     transformers = hf[1]
     peft = peft_model(
-        hf, bert_dir, transformers.BertModel, r=8, target_modules=["query", "value"]
+        hf,
+        bert_dir,
+        transformers.BertModel,
+        r=8,
+        target_modules=["query", "value"],
     )
     peft.save_pretrained(tmp_path / "adapter")
     base = keras_hub.models.BertBackbone.from_preset(str(bert_dir))
@@ -569,4 +629,7 @@ def test_peft_loaded_adapter_round_trips_through_keras_pvera_files(
         keras_hub.models.BertBackbone.from_preset(str(bert_dir)),
         tmp_path / "task.safetensors",
     )
-    assert np.abs(keras_bert_outputs(again) - peft_bert_outputs(hf, peft)).max() <= TOLERANCE
+    assert (
+        np.abs(keras_bert_outputs(again) - peft_bert_outputs(hf, peft)).max()
+        <= TOLERANCE
+    )
