@@ -11,8 +11,6 @@ training and saving all see the new layers. It returns a function that undoes
 the swap.
 """
 
-import contextlib
-
 import keras
 
 # Attributes that hold bookkeeping, not the structure of a layer.
@@ -246,37 +244,16 @@ def replace_layers(model, replacements):
     by_id = {id(old): new for old, new in replacements.items()}
     containers = [model] + [layer for _, layer in iter_layers(model)]
     undo = []
-    with _unlocked(containers):
-        try:
-            for container in containers:
-                _replace_in_layer(container, by_id, undo)
-        except Exception:
-            for step in reversed(undo):
-                step()
-            raise
+    try:
+        for container in containers:
+            _replace_in_layer(container, by_id, undo)
+    except Exception:
+        for step in reversed(undo):
+            step()
+        raise
 
     def restore():
-        with _unlocked(containers):
-            for step in reversed(undo):
-                step()
+        for step in reversed(undo):
+            step()
 
     return restore
-
-
-@contextlib.contextmanager
-def _unlocked(layers):
-    """Unlocks the state trackers of built layers for the duration.
-
-    A built layer's tracker refuses new sublayers, and its tracked lists and
-    dicts (which attributes become on some backends, such as TensorFlow)
-    report every item set in them to it.
-    """
-    trackers = [getattr(layer, "_tracker", None) for layer in layers]
-    trackers = [t for t in trackers if t is not None and t.locked]
-    for tracker in trackers:
-        tracker.unlock()
-    try:
-        yield
-    finally:
-        for tracker in trackers:
-            tracker.lock()
