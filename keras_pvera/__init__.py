@@ -10,6 +10,11 @@ Example:
 >>> model.compile(optimizer="adam", loss="mse")
 """
 
+from keras_pvera.adapter_files import load_adapter
+from keras_pvera.adapter_files import save_adapter
+from keras_pvera.merging import merge
+from keras_pvera.peft_interop import load_peft_adapter
+from keras_pvera.peft_interop import save_peft_adapter
 from keras_pvera.projection_registry import ProjectionRegistry
 from keras_pvera.projection_registry import generate_projections
 from keras_pvera.pvera_dense import PVeRADense
@@ -26,4 +31,9 @@ __all__ = [
     "apply",
     "generate_projections",
     "kl_divergence",
+    "load_adapter",
+    "load_peft_adapter",
+    "merge",
+    "save_adapter",
+    "save_peft_adapter",
 ]

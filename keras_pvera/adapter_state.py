@@ -1,0 +1,417 @@
+"""A PVeRA adapter apart from any file format: collect, check, restore.
+
+An `AdapterState` is everything PVeRA adds to a model: the `apply` settings,
+the adapted layers with their sizes, their `lambda_d` / `lambda_b` vectors,
+the shared projections `A` / `B` (or none, when they are regenerated from the
+seed), and the weights of layers trained in full beside the adapters
+(`trainable_layers`). Files in keras_pvera's own format and PEFT's are both
+read into and written from this one structure.
+
+`restore_adapter` puts a state onto a model: it adapts a base model with the
+stored settings, or checks that an adapted model matches. Every check runs
+before anything changes, so a mismatch leaves the model as it was.
+"""
+
+import dataclasses
+
+import keras
+import numpy as np
+
+from keras_pvera import model_surgery
+from keras_pvera.projection_registry import generate_projections
+from keras_pvera.pvera_dense import PVeRADense
+from keras_pvera.pvera_dense import linear_equation_of
+from keras_pvera.pvera_dense import validate_settings
+from keras_pvera.pvera_model import LINEAR_LAYERS
+from keras_pvera.pvera_model import PVeRAModel
+
+# The `apply` settings an adapter stores, in `PVeRAModel.pvera_config` names.
+SETTING_NAMES = (
+    "rank",
+    "seed",
+    "alpha",
+    "d_initial",
+    "dropout",
+    "kl_weight",
+    "save_projection",
+    "sample_at_inference",
+)
+
+
+@dataclasses.dataclass
+class AdapterState:
+    """Everything PVeRA adds to a model, as NumPy arrays.
+
+    Args:
+        settings: A dict with every name of `SETTING_NAMES`.
+        layers: A dict from adapted layer path to `(in_dim, out_dim)`, in
+            model order.
+        lambda_d: A dict from adapted layer path to its `lambda_d`,
+            shape `(2 * rank,)`.
+        lambda_b: A dict from adapted layer path to its `lambda_b`,
+            shape `(out_dim,)`.
+        projections: The shared `(A, B)`, or `None` when they are to be
+            regenerated from `settings["seed"]`.
+        trainable: A dict from the path of a layer trained in full to the
+            list of its weights (`layer.weights` order).
+    """
+
+    settings: dict
+    layers: dict
+    lambda_d: dict
+    lambda_b: dict
+    projections: tuple = None
+    trainable: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def rank(self):
+        return self.settings["rank"]
+
+    def projection_shapes(self):
+        """The shapes `A` and `B` have for these layers.
+
+        Returns:
+            A tuple `((2 * rank, in_max), (out_max, rank))`.
+        """
+        in_max = max(in_dim for in_dim, _ in self.layers.values())
+        out_max = max(out_dim for _, out_dim in self.layers.values())
+        return (2 * self.rank, in_max), (out_max, self.rank)
+
+    def seed_projections(self):
+        """The projections that `settings["seed"]` generates for these layers."""
+        (_, in_max), (out_max, _) = self.projection_shapes()
+        return generate_projections(
+            self.settings["seed"], self.rank, in_max, out_max
+        )
+
+
+def check_adapter_state(state):
+    """Checks that a state is complete and consistent in itself.
+
+    Args:
+        state: An `AdapterState`.
+
+    Raises:
+        ValueError: Naming the first bad setting, missing vector or wrong
+            shape.
+    """
+    settings = state.settings
+    missing = [name for name in SETTING_NAMES if name not in settings]
+    if missing:
+        raise ValueError(f"The adapter has no setting {missing[0]!r}.")
+    validate_settings(
+        settings["rank"],
+        settings["alpha"],
+        settings["d_initial"],
+        settings["dropout"],
+        settings["kl_weight"],
+    )
+    seed = settings["seed"]
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(
+            f"The adapter's `seed` must be a non-negative integer. "
+            f"Received: seed={seed!r}"
+        )
+    for name in ("save_projection", "sample_at_inference"):
+        if not isinstance(settings[name], bool):
+            raise ValueError(
+                f"The adapter's `{name}` must be true or false. "
+                f"Received: {name}={settings[name]!r}"
+            )
+    if not state.layers:
+        raise ValueError("The adapter adapts no layer.")
+    for path, (_, out_dim) in state.layers.items():
+        for name, vectors, shape in (
+            ("lambda_d", state.lambda_d, (2 * state.rank,)),
+            ("lambda_b", state.lambda_b, (out_dim,)),
+        ):
+            if path not in vectors:
+                raise ValueError(
+                    f"The adapter has no `{name}` for layer {path!r}."
+                )
+            if tuple(vectors[path].shape) != shape:
+                raise ValueError(
+                    f"The adapter's `{name}` of layer {path!r} has shape "
+                    f"{tuple(vectors[path].shape)}; rank {state.rank} and "
+                    f"{out_dim} outputs need {shape}."
+                )
+    if state.projections is not None:
+        for name, array, shape in zip(
+            ("A", "B"), state.projections, state.projection_shapes()
+        ):
+            if tuple(array.shape) != shape:
+                raise ValueError(
+                    f"The adapter's projection {name} has shape "
+                    f"{tuple(array.shape)}; its layers need {shape}."
+                )
+
+
+def adapter_state_of(model):
+    """Collects the adapter of an adapted model.
+
+    Args:
+        model: A `PVeRAModel` (what `keras_pvera.apply` returns).
+
+    Returns:
+        An `AdapterState` holding copies of the model's vectors and
+        projections (always included here; writers may leave them out).
+
+    Raises:
+        TypeError: If `model` is not a `PVeRAModel`.
+
+    Example:
+
+    >>> state = adapter_state_of(keras_pvera.apply(base, rank=4))  # doctest: +SKIP
+    >>> list(state.layers)  # doctest: +SKIP
+    ['dense']
+    """
+    if not isinstance(model, PVeRAModel):
+        raise TypeError(
+            "Expected a PVeRAModel (what keras_pvera.apply returns). "
+            f"Received: {model!r} of type {type(model).__name__}"
+        )
+    config = model.pvera_config
+    layers = dict(model_surgery.iter_layers(model.base_model))
+    registry = model.projection_registry
+    return AdapterState(
+        settings={name: config[name] for name in SETTING_NAMES},
+        layers={
+            path: (layer.in_dim, layer.out_dim)
+            for path, layer in model.adapted_layers.items()
+        },
+        lambda_d={
+            path: _to_numpy(layer.lambda_d)
+            for path, layer in model.adapted_layers.items()
+        },
+        lambda_b={
+            path: _to_numpy(layer.lambda_b)
+            for path, layer in model.adapted_layers.items()
+        },
+        projections=(
+            _to_numpy(registry.projection_a),
+            _to_numpy(registry.projection_b),
+        ),
+        trainable={
+            path: [_to_numpy(w) for w in layers[path].weights]
+            for path in config["trainable_paths"]
+        },
+    )
+
+
+def restore_adapter(model, state):
+    """Puts an adapter onto a model.
+
+    On a base model, applies PVeRA with the state's settings to the state's
+    layers; on an adapted model, checks that it matches. Then sets every
+    vector, the projections (when the state has them) and the weights of the
+    layers trained in full.
+
+    Args:
+        model: A base Keras model, or a `PVeRAModel`.
+        state: An `AdapterState`.
+
+    Returns:
+        The adapted `PVeRAModel` (`model` itself if it was one).
+
+    Raises:
+        ValueError: Naming the first mismatch between the state and the
+            model; the model is then unchanged.
+    """
+    check_adapter_state(state)
+    if isinstance(model, PVeRAModel):
+        _check_adapted_model(model, state)
+        target = model
+    else:
+        _check_base_model(model, state)
+        settings = state.settings
+        target = PVeRAModel(
+            model,
+            rank=settings["rank"],
+            seed=settings["seed"],
+            alpha=settings["alpha"],
+            d_initial=settings["d_initial"],
+            dropout=settings["dropout"],
+            kl_weight=settings["kl_weight"],
+            save_projection=settings["save_projection"],
+            sample_at_inference=settings["sample_at_inference"],
+            adapted_paths=list(state.layers),
+            trainable_paths=list(state.trainable),
+        )
+    _assign(target, state)
+    return target
+
+
+def _check_adapted_model(model, state):
+    config = model.pvera_config
+    for name in ("rank", "seed", "alpha"):
+        if config[name] != state.settings[name]:
+            raise ValueError(
+                f"The adapter's {name}={state.settings[name]!r} differs from "
+                f"the model's {name}={config[name]!r}."
+            )
+    _check_same_paths(
+        "adapted layer", list(state.layers), list(model.adapted_layers)
+    )
+    for path, layer in model.adapted_layers.items():
+        if state.layers[path] != (layer.in_dim, layer.out_dim):
+            raise ValueError(_size_mismatch(path, state.layers[path], layer))
+    _check_same_paths(
+        "layer trained in full",
+        list(state.trainable),
+        config["trainable_paths"],
+    )
+    layers = dict(model_surgery.iter_layers(model.base_model))
+    for path, weights in state.trainable.items():
+        _check_weights(path, weights, layers[path])
+    registry = model.projection_registry
+    shapes = (
+        tuple(registry.projection_a.shape),
+        tuple(registry.projection_b.shape),
+    )
+    if shapes != state.projection_shapes():
+        raise ValueError(
+            f"The model's projections have shapes {shapes}; the adapter's "
+            f"layers need {state.projection_shapes()}."
+        )
+    if state.projections is None:
+        current = (
+            _to_numpy(registry.projection_a),
+            _to_numpy(registry.projection_b),
+        )
+        if not _same_arrays(current, state.seed_projections()):
+            raise ValueError(
+                "The adapter holds no projections, so it needs the ones "
+                f"seed {state.settings['seed']} generates, but this model's "
+                "projections are others (loaded from a file). Load the "
+                "adapter onto the base model instead."
+            )
+    if state.projections is not None and not model.save_projection:
+        _check_seed_made(state)
+
+
+def _check_base_model(model, state):
+    if not isinstance(model, keras.Model):
+        raise TypeError(
+            "Expected a Keras model. Received: "
+            f"{model!r} of type {type(model).__name__}"
+        )
+    layers = dict(model_surgery.iter_layers(model))
+    if any(isinstance(layer, PVeRADense) for layer in layers.values()):
+        raise ValueError(
+            f"Model {model.name!r} holds PVeRA layers but is not a "
+            "PVeRAModel. Pass the model that keras_pvera.apply returned, or "
+            "the base model before adaptation."
+        )
+    for path, sizes in state.layers.items():
+        if path not in layers:
+            raise ValueError(
+                f"The adapter adapts layer {path!r}, which model "
+                f"{model.name!r} does not have. Its Dense/EinsumDense "
+                f"layers: {_linear_paths(layers)[:20]}"
+            )
+        layer = layers[path]
+        if not isinstance(layer, LINEAR_LAYERS):
+            raise ValueError(
+                f"The adapter adapts layer {path!r}, but in model "
+                f"{model.name!r} that layer is a {type(layer).__name__}, "
+                "not a Dense or EinsumDense."
+            )
+        if not layer.built:
+            raise ValueError(
+                f"Layer {path!r} is not built. Build the model first: call "
+                "it on a batch of data or call `model.build(input_shape)`."
+            )
+        linear = linear_equation_of(layer)
+        if sizes != (linear.in_dim, linear.out_dim):
+            raise ValueError(_size_mismatch(path, sizes, linear))
+    for path, weights in state.trainable.items():
+        if path not in layers:
+            raise ValueError(
+                f"The adapter trains layer {path!r} in full, but model "
+                f"{model.name!r} has no such layer."
+            )
+        _check_weights(path, weights, layers[path])
+    if state.projections is not None and not state.settings["save_projection"]:
+        _check_seed_made(state)
+
+
+def _check_seed_made(state):
+    # A model with save_projection=False regenerates its projections from
+    # the seed when saved and loaded: any others would come back wrong.
+    if not _same_arrays(state.projections, state.seed_projections()):
+        raise ValueError(
+            "The adapter's projections are not the ones seed "
+            f"{state.settings['seed']} generates, but the model saves none "
+            "(save_projection=False): they would be lost on saving. Adapt "
+            "the base model with save_projection=True."
+        )
+
+
+def _check_same_paths(what, expected, actual):
+    for path in expected:
+        if path not in actual:
+            raise ValueError(
+                f"The adapter has {what} {path!r}, which is not one of the "
+                f"model's: {actual[:20]}"
+            )
+    for path in actual:
+        if path not in expected:
+            raise ValueError(
+                f"The model has {what} {path!r}, which the adapter lacks. "
+                f"The adapter's: {expected[:20]}"
+            )
+
+
+def _check_weights(path, arrays, layer):
+    weights = layer.weights
+    if len(arrays) != len(weights):
+        raise ValueError(
+            f"The adapter has {len(arrays)} weights for layer {path!r}, "
+            f"which has {len(weights)}."
+        )
+    for array, weight in zip(arrays, weights):
+        if tuple(array.shape) != tuple(weight.shape):
+            raise ValueError(
+                f"The adapter's weight {weight.name!r} of layer {path!r} has "
+                f"shape {tuple(array.shape)}; the layer's has "
+                f"{tuple(weight.shape)}."
+            )
+
+
+def _size_mismatch(path, sizes, linear):
+    return (
+        f"Layer {path!r} is {sizes[0]} -> {sizes[1]} in the adapter but "
+        f"{linear.in_dim} -> {linear.out_dim} in the model."
+    )
+
+
+def _linear_paths(layers):
+    return [
+        p for p, layer in layers.items() if isinstance(layer, LINEAR_LAYERS)
+    ]
+
+
+def _assign(model, state):
+    for path, layer in model.adapted_layers.items():
+        _set(layer.lambda_d, state.lambda_d[path])
+        _set(layer.lambda_b, state.lambda_b[path])
+    if state.projections is not None:
+        registry = model.projection_registry
+        _set(registry.projection_a, state.projections[0])
+        _set(registry.projection_b, state.projections[1])
+    layers = dict(model_surgery.iter_layers(model.base_model))
+    for path, arrays in state.trainable.items():
+        for weight, array in zip(layers[path].weights, arrays):
+            _set(weight, array)
+
+
+def _set(variable, array):
+    variable.assign(np.asarray(array, dtype=variable.dtype))
+
+
+def _to_numpy(variable):
+    return np.array(keras.ops.convert_to_numpy(variable))
+
+
+def _same_arrays(first, second):
+    return all(np.array_equal(a, b) for a, b in zip(first, second))

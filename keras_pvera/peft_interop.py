@@ -1,0 +1,444 @@
+"""Reading and writing Hugging Face PEFT PVeRA adapters.
+
+A PEFT adapter is a folder with `adapter_config.json` (`peft_type: "PVERA"`,
+`r`, `projection_prng_key`, `save_projection`, `d_initial`, `pvera_dropout`,
+`sample_at_inference`, ...) and `adapter_model.safetensors`, holding per
+adapted module `base_model.model.<module>.pvera_lambda_d` `(2r,)` and
+`...pvera_lambda_b` `(out,)`, and, when `save_projection` is true, the shared
+`base_model.pvera_A` `(2r, in_max)` and `base_model.pvera_B` `(out_max, r)`.
+
+The adapter applies to the KerasHub equivalent of PEFT's base model: module
+names map to KerasHub layer paths through `peft_module_names`. PyTorch's
+`Linear` weight is `(out, in)`; KerasHub's converters reshape it row-major
+into the kernel's output axes (`(hidden, heads, head_dim)` for a query), so
+PEFT's `in` and `out` orderings are keras_pvera's and the vectors and
+projections carry over unchanged. PEFT has no output scale: `alpha` is 1 on
+reading, and is folded into `lambda_b` on writing.
+
+Reading and writing use safetensors with NumPy only. Files written with
+`save_projection=False` hold no projections: PEFT regenerates them with
+torch's random generator, which only torch itself reproduces, so reading such
+a file needs torch and refuses without it.
+"""
+
+import importlib
+import json
+import os
+import re
+
+import numpy as np
+
+from keras_pvera import model_surgery
+from keras_pvera import safetensors_io
+from keras_pvera.adapter_state import AdapterState
+from keras_pvera.adapter_state import adapter_state_of
+from keras_pvera.adapter_state import restore_adapter
+from keras_pvera.peft_module_names import NAMINGS
+from keras_pvera.peft_module_names import default_naming
+from keras_pvera.peft_module_names import find_table
+from keras_pvera.pvera_dense import PVeRADense
+from keras_pvera.pvera_dense import linear_equation_of
+from keras_pvera.pvera_model import LINEAR_LAYERS
+from keras_pvera.pvera_model import PVeRAModel
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+_LAMBDA_KEY = re.compile(
+    r"base_model\.model\.(?P<module>.+)\.pvera_lambda_(?P<kind>[db])"
+)
+_PROJECTION_KEYS = ("base_model.pvera_A", "base_model.pvera_B")
+
+
+def load_peft_adapter(model, path):
+    """Loads a PEFT PVeRA adapter folder onto a KerasHub model.
+
+    Applies PVeRA to the KerasHub layers that match the adapter's modules
+    and sets PEFT's vectors and projections, so the Keras model's mean
+    predictions equal PEFT's eval predictions. The result has `alpha=1`,
+    `seed=projection_prng_key` and `save_projection=True` (the projections
+    come from PEFT, not from keras_pvera's seed).
+
+    Args:
+        model: The KerasHub equivalent of PEFT's base model (for example
+            `keras_hub.models.DINOV2Backbone.from_preset(<hf dir>)`), not
+            adapted yet.
+        path: The adapter folder (`adapter_config.json` and
+            `adapter_model.safetensors`).
+
+    Returns:
+        The adapted `PVeRAModel`.
+
+    Raises:
+        FileNotFoundError: If a file of the folder is missing.
+        ValueError: For a model already adapted or of an architecture without
+            a module-name table, a config that is not PVeRA's or uses
+            features keras_pvera does not map (`bias`, `modules_to_save`), an
+            unknown module, a tensor of the wrong shape, a truncated file.
+            The model is then unchanged.
+        ImportError: For an adapter saved without projections when torch is
+            not importable.
+
+    Example:
+
+    >>> base = keras_hub.models.DINOV2Backbone.from_preset("dinov2_dir")  # doctest: +SKIP
+    >>> model = keras_pvera.load_peft_adapter(base, "peft_adapter_dir")  # doctest: +SKIP
+    """
+    if isinstance(model, PVeRAModel) or any(
+        isinstance(layer, PVeRADense)
+        for _, layer in model_surgery.iter_layers(model)
+    ):
+        raise ValueError(
+            "load_peft_adapter adapts a base model, but this model is already "
+            "adapted. Load the base model again (for example with "
+            "`from_preset`) and pass it."
+        )
+    table, keras_prefix = find_table(model)
+    config = read_peft_config(path)
+    tensors, _ = safetensors_io.read_safetensors(
+        os.path.join(path, WEIGHTS_FILE)
+    )
+    rank = config["r"]
+    modules = _lambda_vectors(tensors, path)
+    layers = dict(model_surgery.iter_layers(model))
+    state_layers, lambda_d, lambda_b = {}, {}, {}
+    for module, vectors in modules.items():
+        keras_path = table.keras_path(module)
+        if keras_path is None:
+            raise ValueError(
+                f"PEFT module {module!r} has no KerasHub equivalent in the "
+                f"{table.backbone} table. Known modules: "
+                f"{table.hf_templates()} (optionally prefixed by "
+                f"{[p for p in table.model_prefixes if p]})."
+            )
+        keras_path = keras_prefix + keras_path
+        layer = layers.get(keras_path)
+        if not isinstance(layer, LINEAR_LAYERS):
+            raise ValueError(
+                f"PEFT module {module!r} maps to KerasHub layer "
+                f"{keras_path!r}, which model {model.name!r} "
+                f"{'does not have' if layer is None else 'has as a ' + type(layer).__name__}."
+            )
+        linear = linear_equation_of(layer)
+        for kind, shape in (("d", (2 * rank,)), ("b", (linear.out_dim,))):
+            if tuple(vectors[kind].shape) != shape:
+                raise ValueError(
+                    f"PEFT tensor 'base_model.model.{module}.pvera_lambda_"
+                    f"{kind}' has shape {tuple(vectors[kind].shape)}; r={rank} "
+                    f"and KerasHub layer {keras_path!r} "
+                    f"({linear.in_dim} -> {linear.out_dim}) need {shape}."
+                )
+        state_layers[keras_path] = (linear.in_dim, linear.out_dim)
+        lambda_d[keras_path] = vectors["d"]
+        lambda_b[keras_path] = vectors["b"]
+    # Model order, whatever the file's order.
+    order = {p: i for i, p in enumerate(layers)}
+    paths = sorted(state_layers, key=order.__getitem__)
+    state = AdapterState(
+        settings={
+            "rank": rank,
+            "seed": config["projection_prng_key"],
+            "alpha": 1.0,
+            "d_initial": config["d_initial"],
+            "dropout": config["pvera_dropout"],
+            "kl_weight": 0.0,
+            "save_projection": True,
+            "sample_at_inference": config["sample_at_inference"],
+        },
+        layers={p: state_layers[p] for p in paths},
+        lambda_d={p: lambda_d[p] for p in paths},
+        lambda_b={p: lambda_b[p] for p in paths},
+    )
+    state.projections = _projections(config, tensors, state, path)
+    return restore_adapter(model, state)
+
+
+def save_peft_adapter(
+    model, path, *, save_projection=True, naming=None, module_prefix=""
+):
+    """Writes an adapted KerasHub model's adapter as a PEFT adapter folder.
+
+    PEFT's `PeftModel.from_pretrained(hf_model, path)` loads the folder onto
+    the Hugging Face equivalent of the KerasHub model, and its eval outputs
+    then equal the Keras model's mean outputs. `alpha` is folded into
+    `lambda_b` (PEFT has no output scale); the KL weight is not written
+    (PEFT has none). Each file is written atomically.
+
+    Args:
+        model: A `PVeRAModel` over a KerasHub backbone with a module-name
+            table (BERT, DINOv2), without layers trained in full.
+        path: The folder to write (created if needed).
+        save_projection: Whether to write `A` and `B`. `False` writes PEFT's
+            `save_projection: false`, which makes PEFT regenerate them with
+            torch's generator: allowed only when the model's projections are
+            exactly those (checked with torch).
+        naming: Module naming of the transformers version that will load the
+            adapter: `"transformers5"` or `"legacy"` (older DINOv2 names);
+            `None` picks the installed transformers' naming.
+        module_prefix: Prefix of the Hugging Face module names, for task
+            models such as `"dinov2."` in a `Dinov2ForImageClassification`;
+            `""` for `BertModel` / `Dinov2Model`.
+
+    Raises:
+        TypeError: If `model` is not a `PVeRAModel`.
+        ValueError: For an architecture without a table, an adapted layer
+            without a Hugging Face equivalent, layers trained in full, a bad
+            `naming`, or `save_projection=False` with projections PEFT would
+            not regenerate.
+        ImportError: For `save_projection=False` without torch.
+
+    Example:
+
+    >>> keras_pvera.save_peft_adapter(model, "peft_adapter_dir")  # doctest: +SKIP
+    >>> PeftModel.from_pretrained(hf_model, "peft_adapter_dir")  # doctest: +SKIP
+    """
+    naming = default_naming() if naming is None else naming
+    if naming not in NAMINGS:
+        raise ValueError(
+            f"`naming` must be one of {list(NAMINGS)} or None. "
+            f"Received: naming={naming!r}"
+        )
+    state = adapter_state_of(model)
+    if state.trainable:
+        raise ValueError(
+            f"Layers {list(state.trainable)} are trained in full beside the "
+            "adapters; PEFT's modules_to_save has no KerasHub mapping here. "
+            "Save them with keras_pvera.save_adapter instead."
+        )
+    table, keras_prefix = find_table(model.base_model)
+    tensors, modules = {}, []
+    alpha = state.settings["alpha"]
+    for keras_path in state.layers:
+        module = None
+        if keras_path.startswith(keras_prefix):
+            module = table.hf_module(
+                keras_path[len(keras_prefix) :], naming, module_prefix
+            )
+        if module is None:
+            raise ValueError(
+                f"Adapted layer {keras_path!r} has no Hugging Face equivalent "
+                f"in the {table.backbone} table."
+            )
+        modules.append(module)
+        key = f"base_model.model.{module}.pvera_lambda_"
+        tensors[key + "d"] = np.asarray(state.lambda_d[keras_path], "float32")
+        tensors[key + "b"] = np.asarray(
+            alpha * state.lambda_b[keras_path], "float32"
+        )
+    if save_projection:
+        tensors["base_model.pvera_A"] = np.asarray(
+            state.projections[0], "float32"
+        )
+        tensors["base_model.pvera_B"] = np.asarray(
+            state.projections[1], "float32"
+        )
+    else:
+        (_, in_max), (out_max, _) = state.projection_shapes()
+        torch_made = torch_projections(
+            state.settings["seed"], state.rank, in_max, out_max
+        )
+        if not all(
+            np.array_equal(a, b) for a, b in zip(state.projections, torch_made)
+        ):
+            raise ValueError(
+                "With save_projection=False PEFT regenerates the projections "
+                "with torch from projection_prng_key="
+                f"{state.settings['seed']}, but this model's projections are "
+                "others. Save with save_projection=True."
+            )
+    config = {
+        "peft_type": "PVERA",
+        "r": state.rank,
+        # Full module names: exactly these modules, whatever else the
+        # Hugging Face model holds.
+        "target_modules": sorted(modules),
+        "projection_prng_key": state.settings["seed"],
+        "save_projection": bool(save_projection),
+        "pvera_dropout": state.settings["dropout"],
+        "d_initial": state.settings["d_initial"],
+        "sample_at_inference": state.settings["sample_at_inference"],
+        "fan_in_fan_out": False,
+        "bias": "none",
+        "modules_to_save": None,
+        "init_weights": True,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "generator_seed": None,
+        "base_model_name_or_path": None,
+        "revision": None,
+        "task_type": None,
+        "inference_mode": True,
+    }
+    os.makedirs(path, exist_ok=True)
+    safetensors_io.write_safetensors(
+        os.path.join(path, WEIGHTS_FILE), tensors, {"format": "pt"}
+    )
+    safetensors_io.write_text(
+        os.path.join(path, CONFIG_FILE), json.dumps(config, indent=2) + "\n"
+    )
+
+
+def read_peft_config(path):
+    """Reads and checks a PEFT PVeRA `adapter_config.json`.
+
+    Args:
+        path: The adapter folder.
+
+    Returns:
+        The config as a dict, with PEFT's defaults for absent fields.
+
+    Raises:
+        FileNotFoundError: If the folder has no `adapter_config.json`.
+        ValueError: If the config is not PVeRA's, is malformed, or uses a
+            feature keras_pvera does not map.
+    """
+    config_path = os.path.join(path, CONFIG_FILE)
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"No PEFT adapter config at {config_path!r}.")
+    if not os.path.isfile(os.path.join(path, WEIGHTS_FILE)):
+        hint = ""
+        if os.path.isfile(os.path.join(path, "adapter_model.bin")):
+            hint = (
+                " It has adapter_model.bin, a pickle file, which keras_pvera "
+                "does not read (loading pickle can run code); convert it to "
+                "safetensors with PEFT."
+            )
+        raise FileNotFoundError(
+            f"No {WEIGHTS_FILE} in PEFT adapter folder {path!r}.{hint}"
+        )
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            config = json.load(f)
+    except ValueError as e:
+        raise ValueError(f"{config_path!r} is not valid JSON: {e}") from None
+    if not isinstance(config, dict) or config.get("peft_type") != "PVERA":
+        peft_type = (
+            config.get("peft_type") if isinstance(config, dict) else None
+        )
+        raise ValueError(
+            f"{config_path!r} is not a PVeRA adapter config: "
+            f"peft_type={peft_type!r}, expected 'PVERA'."
+        )
+    defaults = {
+        "r": 256,
+        "projection_prng_key": 0,
+        "save_projection": True,
+        "pvera_dropout": 0.0,
+        "d_initial": 0.1,
+        "sample_at_inference": False,
+        "bias": "none",
+        "modules_to_save": None,
+    }
+    config = {**defaults, **config}
+    rank = config["r"]
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"{config_path!r} has a bad r={rank!r}.")
+    key = config["projection_prng_key"]
+    if isinstance(key, bool) or not isinstance(key, int) or key < 0:
+        raise ValueError(
+            f"{config_path!r} has a bad projection_prng_key={key!r}; "
+            "expected a non-negative integer."
+        )
+    if config["bias"] != "none":
+        raise ValueError(
+            f"{config_path!r} trains biases (bias={config['bias']!r}); "
+            "keras_pvera reads adapters with bias='none' only."
+        )
+    if config["modules_to_save"]:
+        raise ValueError(
+            f"{config_path!r} saves whole modules "
+            f"(modules_to_save={config['modules_to_save']!r}), which have no "
+            "KerasHub mapping in keras_pvera."
+        )
+    return config
+
+
+def torch_projections(seed, rank, in_max, out_max):
+    """PEFT's projections for a seed, made exactly as PEFT makes them.
+
+    PEFT draws `A` `(2r, in_max)` then `B` `(out_max, r)` with
+    `torch.nn.init.kaiming_uniform_` from one CPU `torch.Generator` seeded
+    with `projection_prng_key`. Only torch reproduces its generator.
+
+    Args:
+        seed: PEFT's `projection_prng_key`.
+        rank: PEFT's `r`.
+        in_max: Largest input size among the adapted modules.
+        out_max: Largest output size among the adapted modules.
+
+    Returns:
+        A tuple `(A, B)` of float32 NumPy arrays.
+
+    Raises:
+        ImportError: If torch is not importable.
+    """
+    try:
+        torch = importlib.import_module("torch")
+    except ImportError as e:
+        raise ImportError(
+            "This PEFT adapter was saved with save_projection=False, so its "
+            "projections must be regenerated with torch's random generator, "
+            "and torch is not importable here. Install torch, or have the "
+            "adapter saved with save_projection=True."
+        ) from e
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    a = torch.nn.init.kaiming_uniform_(
+        torch.empty(2 * rank, in_max), generator=generator
+    )
+    b = torch.nn.init.kaiming_uniform_(
+        torch.empty(out_max, rank), generator=generator
+    )
+    return a.numpy(), b.numpy()
+
+
+def _lambda_vectors(tensors, path):
+    """`{module: {"d": lambda_d, "b": lambda_b}}` from PEFT's tensors."""
+    modules = {}
+    for key, array in tensors.items():
+        if key in _PROJECTION_KEYS:
+            continue
+        match = _LAMBDA_KEY.fullmatch(key)
+        if match is None:
+            raise ValueError(
+                f"PEFT adapter {path!r} has tensor {key!r}, which is not a "
+                "PVeRA vector or projection; keras_pvera reads PVeRA tensors "
+                "only."
+            )
+        modules.setdefault(match["module"], {})[match["kind"]] = array
+    if not modules:
+        raise ValueError(f"PEFT adapter {path!r} holds no PVeRA vectors.")
+    for module, vectors in modules.items():
+        for kind in ("d", "b"):
+            if kind not in vectors:
+                raise ValueError(
+                    f"PEFT adapter {path!r} is missing tensor "
+                    f"'base_model.model.{module}.pvera_lambda_{kind}'."
+                )
+    return modules
+
+
+def _projections(config, tensors, state, path):
+    (rows_a, in_max), (out_max, rank) = state.projection_shapes()
+    if not config["save_projection"]:
+        # PEFT regenerates them even when the file has some.
+        return torch_projections(
+            config["projection_prng_key"], rank, in_max, out_max
+        )
+    for key in _PROJECTION_KEYS:
+        if key not in tensors:
+            raise ValueError(
+                f"PEFT adapter {path!r} has save_projection=true but no "
+                f"tensor {key!r}."
+            )
+    a, b = tensors["base_model.pvera_A"], tensors["base_model.pvera_B"]
+    if a.ndim != 2 or a.shape[0] != rows_a or a.shape[1] < in_max:
+        raise ValueError(
+            f"PEFT tensor 'base_model.pvera_A' has shape {tuple(a.shape)}; "
+            f"r={rank} and the adapted layers need ({rows_a}, >= {in_max})."
+        )
+    if b.ndim != 2 or b.shape[1] != rank or b.shape[0] < out_max:
+        raise ValueError(
+            f"PEFT tensor 'base_model.pvera_B' has shape {tuple(b.shape)}; "
+            f"r={rank} and the adapted layers need (>= {out_max}, {rank})."
+        )
+    # Layers only read the leading slices, so extra columns/rows are unused.
+    return np.array(a[:, :in_max]), np.array(b[:out_max, :])
