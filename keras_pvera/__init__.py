@@ -16,6 +16,8 @@ from keras_pvera.pvera_dense import PVeRADense
 from keras_pvera.pvera_dense import kl_divergence
 from keras_pvera.pvera_model import PVeRAModel
 from keras_pvera.pvera_model import apply
+from keras_pvera.uncertainty import UncertaintyResult
+from keras_pvera.uncertainty import predict_with_uncertainty
 
 __version__ = "0.1.0"
 
@@ -23,7 +25,9 @@ __all__ = [
     "PVeRADense",
     "PVeRAModel",
     "ProjectionRegistry",
+    "UncertaintyResult",
     "apply",
     "generate_projections",
     "kl_divergence",
+    "predict_with_uncertainty",
 ]
