@@ -10,6 +10,10 @@ Example:
 >>> model.compile(optimizer="adam", loss="mse")
 """
 
+from keras_pvera import metrics
+from keras_pvera.metrics import ExpectedCalibrationError
+from keras_pvera.metrics import expected_calibration_error
+from keras_pvera.metrics import reliability_diagram
 from keras_pvera.projection_registry import ProjectionRegistry
 from keras_pvera.projection_registry import generate_projections
 from keras_pvera.pvera_dense import PVeRADense
@@ -22,12 +26,16 @@ from keras_pvera.uncertainty import predict_with_uncertainty
 __version__ = "0.1.0"
 
 __all__ = [
+    "ExpectedCalibrationError",
     "PVeRADense",
     "PVeRAModel",
     "ProjectionRegistry",
     "UncertaintyResult",
     "apply",
+    "expected_calibration_error",
     "generate_projections",
     "kl_divergence",
+    "metrics",
     "predict_with_uncertainty",
+    "reliability_diagram",
 ]
