@@ -25,11 +25,14 @@ from keras_pvera.pvera_dense import PVeRADense
 from keras_pvera.student_t import student_t_quantile
 
 # Most rows (examples times Monte Carlo copies) sent through the model in one
-# call, unless `batch_size` says otherwise. Measured with
-# `examples/benchmark_uncertainty.py` (MiniLM BERT, 128 tokens, 2 CPU cores):
-# 32 rows beat both 8 separate passes and one pass over all 64 rows; larger
-# chunks lose time to memory traffic, smaller ones to per-call overhead.
-DEFAULT_MAX_ROWS = 32
+# call, unless `batch_size` says otherwise. Tuned with
+# `examples/benchmark_uncertainty.py` (MiniLM BERT + PVeRA r=256, 8 examples
+# x 128 tokens, n=8, torch on 2 CPU cores): calls of 8 or 16 rows took
+# 1.5-2x the time of one 64-row call, 32 rows 1.0-1.1x, 64 rows (the whole
+# repeated batch, as one call) 1.0x; n separate passes took 1.8-2.6x. Larger
+# calls gain nothing more there and cost memory in proportion (attention
+# scores grow with rows times tokens squared), so 64 bounds the rows.
+DEFAULT_MAX_ROWS = 64
 
 
 def check_level(level):
@@ -87,9 +90,9 @@ def _check_verbose(verbose):
 def _entropy_of_probabilities(probabilities):
     """`-sum(p * log(p))` over the last axis; `0 log 0 = 0`, NaN if `p < 0`."""
     p = np.asarray(probabilities)
-    positive = p > 0
-    terms = -p * np.log(np.where(positive, p, 1))
-    terms = np.where(positive, terms, np.where(p == 0, 0, np.nan))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = -p * np.log(p)
+    terms[p == 0] = 0
     return np.sum(terms, axis=-1)
 
 
@@ -116,8 +119,9 @@ class _SampleSummary:
         self.mean = np.mean(samples, axis=0)
         self.std = np.std(samples, axis=0)
         tail = (1.0 - level) / 2.0
-        self.lower = np.quantile(samples, tail, axis=0)
-        self.upper = np.quantile(samples, 1.0 - tail, axis=0)
+        self.lower, self.upper = np.quantile(
+            samples, [tail, 1.0 - tail], axis=0
+        ).astype(self.mean.dtype, copy=False)
         # Samples of shape (n, batch, ..., classes) have a class axis.
         self.has_classes = samples.ndim >= 3
         if self.has_classes:
@@ -518,7 +522,7 @@ def predict_with_uncertainty(
         n: Number of Monte Carlo passes, a positive integer (1 gives
             `std == 0`).
         batch_size: Most rows sent through the model in one call. Defaults
-            to `DEFAULT_MAX_ROWS` (32). Arrays are read `batch_size // n`
+            to `DEFAULT_MAX_ROWS` (64). Arrays are read `batch_size // n`
             examples at a time (at least 1); dataset batches are cut to fit.
         level: Level of the intervals, strictly between 0 and 1.
         seed: `None` to continue each layer's own noise stream (every call
