@@ -135,7 +135,8 @@ class InputBatches:
             for start in range(0, self.size, self.array_batch_size):
                 stop = start + self.array_batch_size
                 yield keras.tree.map_structure(
-                    lambda a: a[start:stop], self.arrays
+                    lambda a, start=start, stop=stop: a[start:stop],
+                    self.arrays,
                 )
         elif self.kind == "py_dataset":
             for index in range(self.x.num_batches):

@@ -25,14 +25,14 @@ from keras_pvera.pvera_dense import PVeRADense
 from keras_pvera.student_t import student_t_quantile
 
 # Most rows (examples times Monte Carlo copies) sent through the model in one
-# call, unless `batch_size` says otherwise. Tuned with
-# `examples/benchmark_uncertainty.py` (MiniLM BERT + PVeRA r=256, 8 examples
-# x 128 tokens, n=8, torch on 2 CPU cores): calls of 8 or 16 rows took
-# 1.5-2x the time of one 64-row call, 32 rows 1.0-1.1x, 64 rows (the whole
-# repeated batch, as one call) 1.0x; n separate passes took 1.8-2.6x. Larger
-# calls gain nothing more there and cost memory in proportion (attention
-# scores grow with rows times tokens squared), so 64 bounds the rows.
-DEFAULT_MAX_ROWS = 64
+# call, unless `batch_size` says otherwise; Keras' own default predict batch.
+# Measured with `examples/benchmark_uncertainty.py` (MiniLM BERT + PVeRA
+# r=256, 8 examples x 128 tokens, n=8, torch, 2 CPU cores, four runs on a
+# lightly loaded machine): n separate passes beat one call over the n-times repeated
+# batch (64 rows) by 8-18%, and calls of 16 or 32 rows took 0.89-1.08x the
+# time of the faster of those two (runs vary by about 10%). 32 rather than
+# 16 halves the calls, which is what small models spend their time on.
+DEFAULT_MAX_ROWS = 32
 
 
 def check_level(level):
@@ -402,7 +402,7 @@ def _set_sampling(model, adapters, flags):
     if isinstance(getattr(type(model), "sample_at_inference", None), property):
         # A PVeRAModel switches its layers and drops its compiled functions.
         model.sample_at_inference = any(flags)
-    for layer, flag in zip(adapters, flags):
+    for layer, flag in zip(adapters, flags, strict=True):
         layer.sample_at_inference = flag
     _forget_compiled_functions(model)
 
@@ -429,18 +429,19 @@ def _sampling_at_inference(model, adapters, seed=None):
         _set_sampling(model, adapters, [True] * len(adapters))
         if seed is not None:
             states = _seed_states(seed, len(generators), saved_states[0].dtype)
-            for generator, state in zip(generators, states):
+            for generator, state in zip(generators, states, strict=True):
                 generator.state.assign(state)
         yield
     finally:
         # Unseeded runs leave the streams advanced: the next call differs.
-        for generator, state in zip(generators, saved_states):
-            generator.state.assign(state)
+        if seed is not None:
+            for generator, state in zip(generators, saved_states, strict=True):
+                generator.state.assign(state)
         if isinstance(model_flag, bool) and isinstance(
             getattr(type(model), "sample_at_inference", None), property
         ):
             model.sample_at_inference = model_flag
-        for layer, flag in zip(adapters, layer_flags):
+        for layer, flag in zip(adapters, layer_flags, strict=True):
             layer.sample_at_inference = flag
         _forget_compiled_functions(model)
 
@@ -470,14 +471,14 @@ def _draw_samples(model, batch, n, max_rows):
     pieces, outputs = [], None
     for start in range(0, rows, piece_rows):
         piece = keras.tree.map_structure(
-            lambda a: a[start : start + piece_rows], batch
+            lambda a, start=start: a[start : start + piece_rows], batch
         )
         size = num_rows(piece)
         draws, remaining = [], n
         while remaining:
             k = min(copies, remaining)
             outputs = model.predict_on_batch(
-                keras.tree.map_structure(lambda a: _repeat(a, k), piece)
+                keras.tree.map_structure(lambda a, k=k: _repeat(a, k), piece)
             )
             draws.append(
                 [
@@ -486,8 +487,12 @@ def _draw_samples(model, batch, n, max_rows):
                 ]
             )
             remaining -= k
-        pieces.append([np.concatenate(d, axis=0) for d in zip(*draws)])
-    return outputs, [np.concatenate(p, axis=1) for p in zip(*pieces)]
+        pieces.append(
+            [np.concatenate(d, axis=0) for d in zip(*draws, strict=True)]
+        )
+    return outputs, [
+        np.concatenate(p, axis=1) for p in zip(*pieces, strict=True)
+    ]
 
 
 def predict_with_uncertainty(
@@ -522,7 +527,7 @@ def predict_with_uncertainty(
         n: Number of Monte Carlo passes, a positive integer (1 gives
             `std == 0`).
         batch_size: Most rows sent through the model in one call. Defaults
-            to `DEFAULT_MAX_ROWS` (64). Arrays are read `batch_size // n`
+            to `DEFAULT_MAX_ROWS` (32). Arrays are read `batch_size // n`
             examples at a time (at least 1); dataset batches are cut to fit.
         level: Level of the intervals, strictly between 0 and 1.
         seed: `None` to continue each layer's own noise stream (every call
@@ -575,10 +580,9 @@ def predict_with_uncertainty(
     outputs, drawn = None, []
     with _sampling_at_inference(model, adapters, seed):
         for step, batch in enumerate(batches):
-            if num_rows(batch) == 0:
-                continue
-            outputs, leaves = _draw_samples(model, batch, n, max_rows)
-            drawn.append(leaves)
+            if num_rows(batch) > 0:
+                outputs, leaves = _draw_samples(model, batch, n, max_rows)
+                drawn.append(leaves)
             if progbar is not None:
                 progbar.update(step + 1)
     if not drawn:
@@ -586,6 +590,7 @@ def predict_with_uncertainty(
     if progbar is not None and batches.num_batches is None:
         progbar.update(step + 1, finalize=True)
     samples = keras.tree.pack_sequence_as(
-        outputs, [np.concatenate(parts, axis=1) for parts in zip(*drawn)]
+        outputs,
+        [np.concatenate(parts, axis=1) for parts in zip(*drawn, strict=True)],
     )
     return UncertaintyResult(samples, level=level, keep_samples=return_samples)

@@ -334,7 +334,9 @@ def test_no_leak_into_later_predict():
     mean_prediction = model.predict(x, verbose=0)  # compiles the mean path
     predict_with_uncertainty(model, x, n=4, verbose=0)
     assert model.sample_at_inference is False
-    assert not any(l.sample_at_inference for l in model.adapted_layers.values())
+    assert not any(
+        layer.sample_at_inference for layer in model.adapted_layers.values()
+    )
     np.testing.assert_array_equal(model.predict(x, verbose=0), mean_prediction)
     np.testing.assert_array_equal(model.predict(x, verbose=0), mean_prediction)
 
@@ -344,17 +346,17 @@ def test_no_leak_after_an_exception_inside_the_run():
     x = inputs()
     mean_prediction = model.predict(x, verbose=0)
     states = [
-        keras.ops.convert_to_numpy(l.seed_generator.state.value).tolist()
-        for l in model.adapted_layers.values()
+        keras.ops.convert_to_numpy(layer.seed_generator.state.value).tolist()
+        for layer in model.adapted_layers.values()
     ]
     wrong_width = np.ones((5, N_FEATURES + 1), "float32")
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError):
         predict_with_uncertainty(model, wrong_width, n=4, seed=0, verbose=0)
     assert model.sample_at_inference is False
     np.testing.assert_array_equal(model.predict(x, verbose=0), mean_prediction)
     assert states == [
-        keras.ops.convert_to_numpy(l.seed_generator.state.value).tolist()
-        for l in model.adapted_layers.values()
+        keras.ops.convert_to_numpy(layer.seed_generator.state.value).tolist()
+        for layer in model.adapted_layers.values()
     ]
 
 
