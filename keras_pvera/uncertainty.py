@@ -13,6 +13,7 @@ predictive entropy, expected entropy and mutual information.
 import contextlib
 import math
 import numbers
+import random
 
 import keras
 import numpy as np
@@ -408,35 +409,30 @@ def _set_sampling(model, adapters, flags):
 
 
 @contextlib.contextmanager
-def _sampling_at_inference(model, adapters, seed=None):
+def _sampling_at_inference(model, adapters, seed):
     """Switches sampling at inference on, and restores everything after.
 
     Compiled predict functions are dropped on entry and exit (JAX and
-    TensorFlow bake the switch into them). With a seed, each layer's noise
-    generator starts from a state derived from it, and gets its own state
-    back afterwards, so a seeded run leaves the model's own stream as it
-    was.
+    TensorFlow bake the switch into them). Each layer's noise generator
+    starts from its own state derived from `seed` (independent between
+    layers) and gets its previous state back afterwards, so the run leaves
+    the model's own noise streams as they were.
     """
     model_flag = getattr(model, "sample_at_inference", None)
     layer_flags = [layer.sample_at_inference for layer in adapters]
     generators = [layer.seed_generator for layer in adapters]
-    saved_states = []
-    if seed is not None:
-        saved_states = [
-            np.array(ops.convert_to_numpy(g.state.value)) for g in generators
-        ]
+    saved_states = [
+        np.array(ops.convert_to_numpy(g.state.value)) for g in generators
+    ]
     try:
         _set_sampling(model, adapters, [True] * len(adapters))
-        if seed is not None:
-            states = _seed_states(seed, len(generators), saved_states[0].dtype)
-            for generator, state in zip(generators, states, strict=True):
-                generator.state.assign(state)
+        states = _seed_states(seed, len(generators), saved_states[0].dtype)
+        for generator, state in zip(generators, states, strict=True):
+            generator.state.assign(state)
         yield
     finally:
-        # Unseeded runs leave the streams advanced: the next call differs.
-        if seed is not None:
-            for generator, state in zip(generators, saved_states, strict=True):
-                generator.state.assign(state)
+        for generator, state in zip(generators, saved_states, strict=True):
+            generator.state.assign(state)
         if isinstance(model_flag, bool) and isinstance(
             getattr(type(model), "sample_at_inference", None), property
         ):
@@ -530,10 +526,11 @@ def predict_with_uncertainty(
             to `DEFAULT_MAX_ROWS` (32). Arrays are read `batch_size // n`
             examples at a time (at least 1); dataset batches are cut to fit.
         level: Level of the intervals, strictly between 0 and 1.
-        seed: `None` to continue each layer's own noise stream (every call
-            differs), or a non-negative integer: the same seed, inputs,
-            `batch_size` and backend give identical samples. A seeded run
-            leaves the layers' own streams untouched.
+        seed: A non-negative integer: the same seed, inputs, `batch_size`
+            and backend give identical samples. `None` draws a seed from
+            Python's `random` module, so calls differ, and
+            `keras.utils.set_random_seed` makes them repeatable. Either way
+            the layers' own noise streams are left as they were.
         return_samples: Whether the result keeps the samples (leading axis
             `n`). All samples are held in memory during the run either way;
             without this, only the statistics are kept afterwards.
@@ -567,6 +564,8 @@ def predict_with_uncertainty(
         else _check_positive_int(batch_size, "batch_size")
     )
     seed = _check_seed(seed)
+    if seed is None:
+        seed = random.randint(0, 2**31 - 1)
     verbose = _check_verbose(verbose)
     adapters = adapted_layers_of(model)
     if callable(getattr(model, "check_finite", None)):

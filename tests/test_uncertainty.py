@@ -204,7 +204,7 @@ def test_same_seed_gives_identical_results_and_another_seed_does_not():
     np.testing.assert_array_equal(first.samples, again.samples)
     np.testing.assert_array_equal(first.mean, again.mean)
     assert not np.allclose(first.samples, other.samples)
-    # Without a seed, every call continues the noise streams: calls differ.
+    # Without a seed, every call draws a new one: calls differ.
     unseeded = [
         predict_with_uncertainty(model, x, n=5, return_samples=True, verbose=0)
         for _ in range(2)
@@ -212,17 +212,36 @@ def test_same_seed_gives_identical_results_and_another_seed_does_not():
     assert not np.allclose(unseeded[0].samples, unseeded[1].samples)
 
 
-def test_seeded_run_leaves_the_layers_noise_streams_untouched():
+def test_runs_leave_the_layers_noise_streams_untouched():
     model = make_model()
-    states = lambda: [  # noqa: E731
-        keras.ops.convert_to_numpy(layer.seed_generator.state.value).tolist()
-        for layer in model.adapted_layers.values()
-    ]
+
+    def states():
+        return [
+            keras.ops.convert_to_numpy(layer.seed_generator.state.value).tolist()
+            for layer in model.adapted_layers.values()
+        ]
+
     before = states()
     predict_with_uncertainty(model, inputs(), n=4, seed=5, verbose=0)
-    assert states() == before
     predict_with_uncertainty(model, inputs(), n=4, verbose=0)
+    assert states() == before
+    # The model's own stream still advances under predict.
+    model.sample_at_inference = True
+    model.predict(inputs(), verbose=0)
     assert states() != before
+
+
+def test_unseeded_runs_are_repeatable_with_set_random_seed():
+    model = make_model()
+    runs = []
+    for _ in range(2):
+        keras.utils.set_random_seed(7)
+        runs.append(
+            predict_with_uncertainty(
+                model, inputs(), n=4, return_samples=True, verbose=0
+            ).samples
+        )
+    np.testing.assert_array_equal(runs[0], runs[1])
 
 
 def test_n_of_one_gives_zero_std():
