@@ -15,20 +15,29 @@ from keras_pvera.adapter_files import save_adapter
 from keras_pvera.merging import merge
 from keras_pvera.peft_interop import load_peft_adapter
 from keras_pvera.peft_interop import save_peft_adapter
+from keras_pvera import metrics
+from keras_pvera.metrics import ExpectedCalibrationError
+from keras_pvera.metrics import expected_calibration_error
+from keras_pvera.metrics import reliability_diagram
 from keras_pvera.projection_registry import ProjectionRegistry
 from keras_pvera.projection_registry import generate_projections
 from keras_pvera.pvera_dense import PVeRADense
 from keras_pvera.pvera_dense import kl_divergence
 from keras_pvera.pvera_model import PVeRAModel
 from keras_pvera.pvera_model import apply
+from keras_pvera.uncertainty import UncertaintyResult
+from keras_pvera.uncertainty import predict_with_uncertainty
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ExpectedCalibrationError",
     "PVeRADense",
     "PVeRAModel",
     "ProjectionRegistry",
+    "UncertaintyResult",
     "apply",
+    "expected_calibration_error",
     "generate_projections",
     "kl_divergence",
     "load_adapter",
@@ -36,4 +45,7 @@ __all__ = [
     "merge",
     "save_adapter",
     "save_peft_adapter",
+    "metrics",
+    "predict_with_uncertainty",
+    "reliability_diagram",
 ]

@@ -546,6 +546,21 @@ class PVeRAModel(keras.Model):
         )
         return cls(base_model, **config)
 
+    def predict_with_uncertainty(self, x, n=30, **kwargs):
+        """Monte Carlo prediction: `n` sampled passes and their statistics.
+
+        The same as `keras_pvera.predict_with_uncertainty(self, x, n, ...)`;
+        see there for the keyword arguments (`batch_size`, `level`, `seed`,
+        `return_samples`, `verbose`).
+
+        Returns:
+            An `UncertaintyResult`.
+        """
+        # Imported when used: the uncertainty tools are optional to the core.
+        from keras_pvera.uncertainty import predict_with_uncertainty
+
+        return predict_with_uncertainty(self, x, n=n, **kwargs)
+
 
 def _layer_at(layers, path):
     if path not in layers:
