@@ -149,8 +149,7 @@ class ProjectionRegistry(keras.layers.Layer):
         a, _ = self.projections(linear.in_dim, 1)
         if logvar_only:
             a = a[self.rank :]
-        kernel = linear.latent_kernel(ops.transpose(a))
-        product = ops.einsum(linear.to_latent, x, kernel)
+        product = linear.project(x, ops.transpose(a))
         if entries is not None:
             # Holding `x` keeps its identity from being reused while cached.
             entries.append((x, key, product))

@@ -149,10 +149,14 @@ class LinearEquation:
         kept = "".join(c for c in input_spec if c not in contracted)
         contracted = "".join(contracted)
         produced = "".join(produced)
-        # x (..., in dims) -> latent (..., r)
+        # x (..., in dims) -> latent (..., k), and back to y (..., out dims).
         self.to_latent = f"{input_spec},{contracted}{latent}->{kept}{latent}"
-        # latent (..., r) -> y (..., out dims)
         self.from_latent = f"{kept}{latent},{latent}{produced}->{output_spec}"
+        # When x ends with the contracted dims and y with the produced ones
+        # (Dense, KerasHub's attention layers), plain matmuls do it faster.
+        self.trailing = (
+            input_spec == kept + contracted and output_spec == kept + produced
+        )
         # (in dims..., out dims...) -> kernel order
         order = contracted + produced
         self.to_kernel_order = [order.index(c) for c in kernel_spec]
@@ -165,13 +169,25 @@ class LinearEquation:
             else None
         )
 
-    def latent_kernel(self, matrix):
-        """Turns an `(in, k)` matrix into a kernel for `to_latent`."""
-        return ops.reshape(matrix, (*self.in_dims, -1))
+    def project(self, inputs, matrix):
+        """`inputs` (..., in dims) times an `(in, k)` matrix: (..., k)."""
+        if not self.trailing:
+            kernel = ops.reshape(matrix, (*self.in_dims, -1))
+            return ops.einsum(self.to_latent, inputs, kernel)
+        if len(self.in_dims) > 1:
+            leading = ops.shape(inputs)[: -len(self.in_dims)]
+            inputs = ops.reshape(inputs, (*leading, self.in_dim))
+        return ops.matmul(inputs, matrix)
 
-    def output_kernel(self, matrix):
-        """Turns a `(k, out)` matrix into a kernel for `from_latent`."""
-        return ops.reshape(matrix, (-1, *self.out_dims))
+    def expand(self, latent, matrix):
+        """`latent` (..., k) times a `(k, out)` matrix, laid out as `y`."""
+        if not self.trailing:
+            kernel = ops.reshape(matrix, (-1, *self.out_dims))
+            return ops.einsum(self.from_latent, latent, kernel)
+        y = ops.matmul(latent, matrix)
+        if len(self.out_dims) > 1:
+            y = ops.reshape(y, (*ops.shape(y)[:-1], *self.out_dims))
+        return y
 
     def __call__(self, inputs, kernel):
         """Computes the map with a kernel of the layer's layout.
@@ -424,8 +440,8 @@ class PVeRADense(keras.layers.Layer):
         _, b = self._projections()
         scale = self.linear.output_scale(ops.multiply(self.alpha, self.lambda_b))
         if scale is None:
-            return ops.add(y, self._from_latent(z, self._scaled_b(b)))
-        adapter = self._from_latent(z, ops.transpose(b))
+            return ops.add(y, self.linear.expand(z, self._scaled_b(b)))
+        adapter = self.linear.expand(z, ops.transpose(b))
         return ops.add(y, ops.multiply(adapter, scale))
 
     def _folded_path(self, inputs):
@@ -442,12 +458,8 @@ class PVeRADense(keras.layers.Layer):
             )
             logvar = ops.multiply(logvar, self.lambda_d[self.rank :])
             noise = ops.cast(self._noise(logvar), self.compute_dtype)
-            y = ops.add(y, self._from_latent(noise, self._scaled_b(b)))
+            y = ops.add(y, self.linear.expand(noise, self._scaled_b(b)))
         return y
-
-    def _from_latent(self, z, b_kernel):
-        kernel = self.linear.output_kernel(b_kernel)
-        return ops.einsum(self.linear.from_latent, z, kernel)
 
     def compute_output_shape(self, input_shape):
         return self.base_layer.compute_output_shape(input_shape)
