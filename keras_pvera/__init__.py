@@ -10,15 +10,15 @@ Example:
 >>> model.compile(optimizer="adam", loss="mse")
 """
 
+from keras_pvera import metrics
 from keras_pvera.adapter_files import load_adapter
 from keras_pvera.adapter_files import save_adapter
 from keras_pvera.merging import merge
-from keras_pvera.peft_interop import load_peft_adapter
-from keras_pvera.peft_interop import save_peft_adapter
-from keras_pvera import metrics
 from keras_pvera.metrics import ExpectedCalibrationError
 from keras_pvera.metrics import expected_calibration_error
 from keras_pvera.metrics import reliability_diagram
+from keras_pvera.peft_interop import load_peft_adapter
+from keras_pvera.peft_interop import save_peft_adapter
 from keras_pvera.projection_registry import ProjectionRegistry
 from keras_pvera.projection_registry import generate_projections
 from keras_pvera.pvera_dense import PVeRADense

@@ -65,9 +65,7 @@ def save_adapter(model, path):
     state = adapter_state_of(model)
     if not state.settings["save_projection"]:
         seed_made = state.seed_projections()
-        if not all(
-            np.array_equal(a, b) for a, b in zip(state.projections, seed_made)
-        ):
+        if not all(np.array_equal(a, b) for a, b in zip(state.projections, seed_made)):
             raise ValueError(
                 "This model was adapted with save_projection=False, but its "
                 "projections are not the ones its seed "
@@ -187,8 +185,7 @@ def decode_adapter(tensors, metadata, source="the file"):
         trainable_rows = header["trainable_layers"]
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(
-            f"{source} has malformed keras_pvera metadata "
-            f"({type(e).__name__}: {e})."
+            f"{source} has malformed keras_pvera metadata ({type(e).__name__}: {e})."
         ) from None
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise ValueError(
@@ -284,8 +281,7 @@ def _decode_trainable(rows, source):
             or not isinstance(row[0], str)
             or not isinstance(row[1], list)
             or not all(
-                isinstance(s, list) and all(_is_size(v, 0) for v in s)
-                for s in row[1]
+                isinstance(s, list) and all(_is_size(v, 0) for v in s) for s in row[1]
             )
         ):
             raise ValueError(
@@ -297,8 +293,4 @@ def _decode_trainable(rows, source):
 
 
 def _is_size(value, minimum=1):
-    return (
-        isinstance(value, int)
-        and not isinstance(value, bool)
-        and value >= minimum
-    )
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum

@@ -80,9 +80,7 @@ class AdapterState:
     def seed_projections(self):
         """The projections that `settings["seed"]` generates for these layers."""
         (_, in_max), (out_max, _) = self.projection_shapes()
-        return generate_projections(
-            self.settings["seed"], self.rank, in_max, out_max
-        )
+        return generate_projections(self.settings["seed"], self.rank, in_max, out_max)
 
 
 def check_adapter_state(state):
@@ -126,9 +124,7 @@ def check_adapter_state(state):
             ("lambda_b", state.lambda_b, (out_dim,)),
         ):
             if path not in vectors:
-                raise ValueError(
-                    f"The adapter has no `{name}` for layer {path!r}."
-                )
+                raise ValueError(f"The adapter has no `{name}` for layer {path!r}.")
             if tuple(vectors[path].shape) != shape:
                 raise ValueError(
                     f"The adapter's `{name}` of layer {path!r} has shape "
@@ -249,9 +245,7 @@ def _check_adapted_model(model, state):
                 f"The adapter's {name}={state.settings[name]!r} differs from "
                 f"the model's {name}={config[name]!r}."
             )
-    _check_same_paths(
-        "adapted layer", list(state.layers), list(model.adapted_layers)
-    )
+    _check_same_paths("adapted layer", list(state.layers), list(model.adapted_layers))
     for path, layer in model.adapted_layers.items():
         if state.layers[path] != (layer.in_dim, layer.out_dim):
             raise ValueError(_size_mismatch(path, state.layers[path], layer))
@@ -386,9 +380,7 @@ def _size_mismatch(path, sizes, linear):
 
 
 def _linear_paths(layers):
-    return [
-        p for p, layer in layers.items() if isinstance(layer, LINEAR_LAYERS)
-    ]
+    return [p for p, layer in layers.items() if isinstance(layer, LINEAR_LAYERS)]
 
 
 def _assign(model, state):

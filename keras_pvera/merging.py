@@ -147,9 +147,7 @@ def _paired_layers(adapted_root, plain_root):
 
 def _own_weights(layer):
     inner = {
-        id(w)
-        for child in model_surgery.child_layers(layer)
-        for w in child.weights
+        id(w) for child in model_surgery.child_layers(layer) for w in child.weights
     }
     return [w for w in layer.weights if id(w) not in inner]
 

@@ -29,8 +29,7 @@ def _check_num_bins(num_bins):
         or num_bins < 1
     ):
         raise ValueError(
-            "`num_bins` must be a positive integer. "
-            f"Received: num_bins={num_bins!r}"
+            f"`num_bins` must be a positive integer. Received: num_bins={num_bins!r}"
         )
     return int(num_bins)
 
@@ -166,9 +165,7 @@ class ExpectedCalibrationError(keras.metrics.Metric):
     0.4
     """
 
-    def __init__(
-        self, num_bins=15, name="expected_calibration_error", dtype=None
-    ):
+    def __init__(self, num_bins=15, name="expected_calibration_error", dtype=None):
         super().__init__(name=name, dtype=dtype)
         self.num_bins = _check_num_bins(num_bins)
         self.bin_weights = self.add_variable(
@@ -239,9 +236,7 @@ def reliability_diagram(y_true, y_prob, path, num_bins=15):
         for t in calibration_bins(y_true, y_prob, num_bins=num_bins)
     )
     ece = float(
-        ops.convert_to_numpy(
-            calibration_error_from_bins(weights, confidences, correct)
-        )
+        ops.convert_to_numpy(calibration_error_from_bins(weights, confidences, correct))
     )
     filled = weights > 0
     accuracy = np.divide(correct, weights, out=np.zeros_like(correct), where=filled)
@@ -254,15 +249,26 @@ def reliability_diagram(y_true, y_prob, path, num_bins=15):
     figure = Figure(figsize=(4.5, 4.5))
     axes = figure.add_subplot()
     axes.bar(
-        left_edges[filled], accuracy[filled], width=width, align="edge",
-        color="tab:blue", edgecolor="black", label="accuracy",
+        left_edges[filled],
+        accuracy[filled],
+        width=width,
+        align="edge",
+        color="tab:blue",
+        edgecolor="black",
+        label="accuracy",
     )
     gap_bottom = np.minimum(accuracy, mean_confidence)[filled]
     axes.bar(
         left_edges[filled],
         np.abs(mean_confidence - accuracy)[filled],
-        bottom=gap_bottom, width=width, align="edge", color="tab:red",
-        alpha=0.3, edgecolor="tab:red", hatch="//", label="gap",
+        bottom=gap_bottom,
+        width=width,
+        align="edge",
+        color="tab:red",
+        alpha=0.3,
+        edgecolor="tab:red",
+        hatch="//",
+        label="gap",
     )
     axes.plot([0, 1], [0, 1], linestyle="--", color="gray", label="calibrated")
     axes.set_xlim(0, 1)

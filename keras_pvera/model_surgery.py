@@ -17,9 +17,20 @@ import keras
 
 # Attributes that hold bookkeeping, not the structure of a layer.
 _SKIPPED_ATTRIBUTES = frozenset(
-    ["_layers", "_tracker", "_inbound_nodes", "_outbound_nodes", "_operations",
-     "_functional", "_operations_by_depth", "_nodes_by_depth", "_nodes",
-     "_losses_override", "_nnx_op_mapping", "nnx_operations"]
+    [
+        "_layers",
+        "_tracker",
+        "_inbound_nodes",
+        "_outbound_nodes",
+        "_operations",
+        "_functional",
+        "_operations_by_depth",
+        "_nodes_by_depth",
+        "_nodes",
+        "_losses_override",
+        "_nnx_op_mapping",
+        "nnx_operations",
+    ]
 )
 
 
@@ -191,9 +202,7 @@ def _replace_in_graph(graph, replacements, undo):
         undo.append(lambda g=graph, i=i, old=old: g._operations.__setitem__(i, old))
     for ops_at_depth in getattr(graph, "_operations_by_depth", {}).values():
         for i, old in _replace_in_list(ops_at_depth, replacements):
-            undo.append(
-                lambda lst=ops_at_depth, i=i, old=old: lst.__setitem__(i, old)
-            )
+            undo.append(lambda lst=ops_at_depth, i=i, old=old: lst.__setitem__(i, old))
     for nodes in graph._nodes_by_depth.values():
         for node in nodes:
             old = node.operation

@@ -84,8 +84,7 @@ def load_peft_adapter(model, path):
     >>> model = keras_pvera.load_peft_adapter(base, "peft_adapter_dir")  # doctest: +SKIP
     """
     if isinstance(model, PVeRAModel) or any(
-        isinstance(layer, PVeRADense)
-        for _, layer in model_surgery.iter_layers(model)
+        isinstance(layer, PVeRADense) for _, layer in model_surgery.iter_layers(model)
     ):
         raise ValueError(
             "load_peft_adapter adapts a base model, but this model is already "
@@ -94,9 +93,7 @@ def load_peft_adapter(model, path):
         )
     table, keras_prefix = find_table(model)
     config = read_peft_config(path)
-    tensors, _ = safetensors_io.read_safetensors(
-        os.path.join(path, WEIGHTS_FILE)
-    )
+    tensors, _ = safetensors_io.read_safetensors(os.path.join(path, WEIGHTS_FILE))
     rank = config["r"]
     modules = _lambda_vectors(tensors, path)
     layers = dict(model_surgery.iter_layers(model))
@@ -221,24 +218,16 @@ def save_peft_adapter(
         modules.append(module)
         key = f"base_model.model.{module}.pvera_lambda_"
         tensors[key + "d"] = np.asarray(state.lambda_d[keras_path], "float32")
-        tensors[key + "b"] = np.asarray(
-            alpha * state.lambda_b[keras_path], "float32"
-        )
+        tensors[key + "b"] = np.asarray(alpha * state.lambda_b[keras_path], "float32")
     if save_projection:
-        tensors["base_model.pvera_A"] = np.asarray(
-            state.projections[0], "float32"
-        )
-        tensors["base_model.pvera_B"] = np.asarray(
-            state.projections[1], "float32"
-        )
+        tensors["base_model.pvera_A"] = np.asarray(state.projections[0], "float32")
+        tensors["base_model.pvera_B"] = np.asarray(state.projections[1], "float32")
     else:
         (_, in_max), (out_max, _) = state.projection_shapes()
         torch_made = torch_projections(
             state.settings["seed"], state.rank, in_max, out_max
         )
-        if not all(
-            np.array_equal(a, b) for a, b in zip(state.projections, torch_made)
-        ):
+        if not all(np.array_equal(a, b) for a, b in zip(state.projections, torch_made)):
             raise ValueError(
                 "With save_projection=False PEFT regenerates the projections "
                 "with torch from projection_prng_key="
@@ -311,9 +300,7 @@ def read_peft_config(path):
     except ValueError as e:
         raise ValueError(f"{config_path!r} is not valid JSON: {e}") from None
     if not isinstance(config, dict) or config.get("peft_type") != "PVERA":
-        peft_type = (
-            config.get("peft_type") if isinstance(config, dict) else None
-        )
+        peft_type = config.get("peft_type") if isinstance(config, dict) else None
         raise ValueError(
             f"{config_path!r} is not a PVeRA adapter config: "
             f"peft_type={peft_type!r}, expected 'PVERA'."
@@ -384,9 +371,7 @@ def torch_projections(seed, rank, in_max, out_max):
     a = torch.nn.init.kaiming_uniform_(
         torch.empty(2 * rank, in_max), generator=generator
     )
-    b = torch.nn.init.kaiming_uniform_(
-        torch.empty(out_max, rank), generator=generator
-    )
+    b = torch.nn.init.kaiming_uniform_(torch.empty(out_max, rank), generator=generator)
     return a.numpy(), b.numpy()
 
 
@@ -420,14 +405,11 @@ def _projections(config, tensors, state, path):
     (rows_a, in_max), (out_max, rank) = state.projection_shapes()
     if not config["save_projection"]:
         # PEFT regenerates them even when the file has some.
-        return torch_projections(
-            config["projection_prng_key"], rank, in_max, out_max
-        )
+        return torch_projections(config["projection_prng_key"], rank, in_max, out_max)
     for key in _PROJECTION_KEYS:
         if key not in tensors:
             raise ValueError(
-                f"PEFT adapter {path!r} has save_projection=true but no "
-                f"tensor {key!r}."
+                f"PEFT adapter {path!r} has save_projection=true but no tensor {key!r}."
             )
     a, b = tensors["base_model.pvera_A"], tensors["base_model.pvera_B"]
     if a.ndim != 2 or a.shape[0] != rows_a or a.shape[1] < in_max:

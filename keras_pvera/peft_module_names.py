@@ -190,9 +190,7 @@ def find_table(model):
     candidates = [("", model)] + list(model_surgery.iter_layers(model))
     for path, layer in candidates:
         for cls in type(layer).__mro__:
-            if cls.__name__ in TABLES and cls.__module__.startswith(
-                "keras_hub"
-            ):
+            if cls.__name__ in TABLES and cls.__module__.startswith("keras_hub"):
                 return TABLES[cls.__name__], f"{path}/" if path else ""
     raise ValueError(
         f"PEFT interoperability has no module-name table for model "

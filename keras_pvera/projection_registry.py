@@ -81,9 +81,7 @@ class ProjectionRegistry(keras.layers.Layer):
     ((8, 10), (8, 4))
     """
 
-    def __init__(
-        self, rank, in_max, out_max, seed=0, save_projection=True, **kwargs
-    ):
+    def __init__(self, rank, in_max, out_max, seed=0, save_projection=True, **kwargs):
         kwargs.setdefault("trainable", False)
         super().__init__(**kwargs)
         self.rank = int(rank)
@@ -91,9 +89,7 @@ class ProjectionRegistry(keras.layers.Layer):
         self.out_max = int(out_max)
         self.seed = int(seed)
         self.save_projection = bool(save_projection)
-        a, b = generate_projections(
-            self.seed, self.rank, self.in_max, self.out_max
-        )
+        a, b = generate_projections(self.seed, self.rank, self.in_max, self.out_max)
         self.projection_a = self.add_weight(
             name="pvera_A",
             shape=a.shape,

@@ -61,8 +61,7 @@ def validate_settings(rank, alpha, d_initial, dropout, kl_weight):
     for name, value in (("alpha", alpha), ("d_initial", d_initial)):
         if not _is_real(value) or not math.isfinite(value) or value <= 0:
             raise ValueError(
-                f"`{name}` must be a finite number > 0. "
-                f"Received: {name}={value!r}"
+                f"`{name}` must be a finite number > 0. Received: {name}={value!r}"
             )
     if not _is_real(dropout) or not 0.0 <= dropout < 1.0:
         raise ValueError(
@@ -143,9 +142,7 @@ class LinearEquation:
         self.out_dims = [dims[c] for c in produced]
         self.in_dim = math.prod(self.in_dims)
         self.out_dim = math.prod(self.out_dims)
-        latent = next(
-            c for c in string.ascii_letters if c not in equation
-        )
+        latent = next(c for c in string.ascii_letters if c not in equation)
         kept = "".join(c for c in input_spec if c not in contracted)
         contracted = "".join(contracted)
         produced = "".join(produced)
@@ -264,7 +261,7 @@ class PVeRADense(keras.layers.Layer):
 
     >>> import numpy as np
     >>> layer = PVeRADense(keras.layers.Dense(4), rank=8)
-    >>> layer(np.ones((2, 3))).shape
+    >>> tuple(layer(np.ones((2, 3))).shape)
     (2, 4)
     >>> [w.name for w in layer.trainable_weights]
     ['pvera_lambda_d', 'pvera_lambda_b']
@@ -285,9 +282,7 @@ class PVeRADense(keras.layers.Layer):
         activation=None,
         **kwargs,
     ):
-        if not isinstance(
-            base_layer, (keras.layers.Dense, keras.layers.EinsumDense)
-        ):
+        if not isinstance(base_layer, (keras.layers.Dense, keras.layers.EinsumDense)):
             raise TypeError(
                 "PVeRADense wraps a keras.layers.Dense or "
                 "keras.layers.EinsumDense. Received: base_layer="
@@ -468,9 +463,7 @@ class PVeRADense(keras.layers.Layer):
         config = super().get_config()
         config.update(
             {
-                "base_layer": keras.saving.serialize_keras_object(
-                    self.base_layer
-                ),
+                "base_layer": keras.saving.serialize_keras_object(self.base_layer),
                 "rank": self.rank,
                 "alpha": self.alpha,
                 "d_initial": self.d_initial,

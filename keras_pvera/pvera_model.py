@@ -71,9 +71,7 @@ def select_layers(model, selector, what="target"):
         names = list(selector)
         bad = [n for n in names if not isinstance(n, str)]
         if bad:
-            raise TypeError(
-                f"`{what}` names must be strings. Received: {bad[0]!r}"
-            )
+            raise TypeError(f"`{what}` names must be strings. Received: {bad[0]!r}")
         missing = [n for n in names if not any(lyr.name == n for _, lyr in layers)]
         if missing:
             raise ValueError(
@@ -241,11 +239,12 @@ class PVeRAModel(keras.Model):
 
     Example:
 
-    >>> base = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16),
-    ...                          keras.layers.Dense(3)])
+    >>> base = keras.Sequential([keras.Input((8,)),
+    ...                          keras.layers.Dense(16, name="hidden"),
+    ...                          keras.layers.Dense(3, name="head")])
     >>> model = PVeRAModel(base, rank=4)
     >>> list(model.adapted_layers)
-    ['dense']
+    ['hidden']
     """
 
     def __init__(
@@ -330,7 +329,9 @@ class PVeRAModel(keras.Model):
         self.trainable_paths = list(trainable)
 
         linears = [linear_equation_of(layer) for layer in targets.values()]
-        originals = [(layer, layer.activation, layer.trainable) for layer in targets.values()]
+        originals = [
+            (layer, layer.activation, layer.trainable) for layer in targets.values()
+        ]
         wrappers, undo = {}, None
         try:
             registry = ProjectionRegistry(
@@ -350,7 +351,7 @@ class PVeRAModel(keras.Model):
                     dropout=dropout,
                     kl_weight=kl_weight,
                     sample_at_inference=sample_at_inference,
-                    seed=seed + 1 + i,
+                    seed=_layer_seed(seed, i),
                     save_projection=save_projection,
                     projection_registry=registry,
                     name=layer.name,
@@ -541,9 +542,7 @@ class PVeRAModel(keras.Model):
     @classmethod
     def from_config(cls, config):
         config = dict(config)
-        base_model = keras.saving.deserialize_keras_object(
-            config["base_model_config"]
-        )
+        base_model = keras.saving.deserialize_keras_object(config["base_model_config"])
         return cls(base_model, **config)
 
     def predict_with_uncertainty(self, x, n=30, **kwargs):
@@ -562,11 +561,20 @@ class PVeRAModel(keras.Model):
         return predict_with_uncertainty(self, x, n=n, **kwargs)
 
 
+def _layer_seed(seed, index):
+    """An independent noise seed for the `index`-th adapted layer.
+
+    Consecutive seeds would give overlapping noise streams on some backends
+    (torch seeds each draw from the sum of the generator's state), so each
+    layer's seed is derived from `(seed, index)` by NumPy's SeedSequence.
+    """
+    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0] >> 1)
+
+
 def _layer_at(layers, path):
     if path not in layers:
         raise ValueError(
-            f"The model has no layer at path {path!r}. Available: "
-            f"{sorted(layers)[:20]}"
+            f"The model has no layer at path {path!r}. Available: {sorted(layers)[:20]}"
         )
     return layers[path]
 

@@ -46,9 +46,7 @@ def atomic_path(path):
         raise IsADirectoryError(
             f"Cannot write the file {path!r}: it is an existing folder."
         )
-    tmp = os.path.join(
-        folder, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp"
-    )
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
     open(tmp, "xb").close()
     # The file keeps the mode of the one it replaces, else gets the usual
     # mode of a new file (writers may recreate `tmp` private to its owner).

@@ -49,13 +49,16 @@ def _beta_continued_fraction(x, a, b):
 
 def _beta_front(x, a, b):
     """`x**a (1 - x)**b / (a B(a, b))`, from `x` and `1 - x` given apart."""
-    return math.exp(
-        math.lgamma(a + b)
-        - math.lgamma(a)
-        - math.lgamma(b)
-        + a * math.log(x)
-        + b * math.log(1.0 - x)
-    ) / a
+    return (
+        math.exp(
+            math.lgamma(a + b)
+            - math.lgamma(a)
+            - math.lgamma(b)
+            + a * math.log(x)
+            + b * math.log(1.0 - x)
+        )
+        / a
+    )
 
 
 def regularized_incomplete_beta(x, a, b):
@@ -156,9 +159,7 @@ def student_t_quantile(probability, df):
             f"Received: probability={probability!r}"
         )
     if not df > 0:
-        raise ValueError(
-            f"`df` must be a positive number. Received: df={df!r}"
-        )
+        raise ValueError(f"`df` must be a positive number. Received: df={df!r}")
     if probability == 0.5:
         return 0.0
     if probability < 0.5:

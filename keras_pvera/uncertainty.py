@@ -51,11 +51,7 @@ def check_level(level):
 
 
 def _check_positive_int(value, name):
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, numbers.Integral)
-        or value < 1
-    ):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(
             f"`{name}` must be a positive integer. Received: {name}={value!r}"
         )
@@ -65,14 +61,9 @@ def _check_positive_int(value, name):
 def _check_seed(seed):
     if seed is None:
         return None
-    if (
-        isinstance(seed, bool)
-        or not isinstance(seed, numbers.Integral)
-        or seed < 0
-    ):
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
         raise ValueError(
-            "`seed` must be None or a non-negative integer. "
-            f"Received: seed={seed!r}"
+            f"`seed` must be None or a non-negative integer. Received: seed={seed!r}"
         )
     return int(seed)
 
@@ -82,8 +73,7 @@ def _check_verbose(verbose):
         return 1
     if isinstance(verbose, bool) or verbose not in (0, 1, 2):
         raise ValueError(
-            '`verbose` must be "auto", 0, 1 or 2. '
-            f"Received: verbose={verbose!r}"
+            f'`verbose` must be "auto", 0, 1 or 2. Received: verbose={verbose!r}'
         )
     return int(verbose)
 
@@ -237,10 +227,7 @@ class UncertaintyResult:
 
     def __repr__(self):
         shapes = self._map(lambda s: s.mean.shape)
-        return (
-            f"UncertaintyResult(n={self.n}, level={self.level:g}, "
-            f"shapes={shapes})"
-        )
+        return f"UncertaintyResult(n={self.n}, level={self.level:g}, shapes={shapes})"
 
     def mean_interval(self, level=None):
         """A t-distribution confidence interval of the mean, per value.
@@ -292,9 +279,7 @@ class UncertaintyResult:
             ValueError: If an output has no class axis.
         """
         return self._map_classes(
-            lambda s: _entropy_of_probabilities(
-                s.mean_probabilities(from_logits)
-            ),
+            lambda s: _entropy_of_probabilities(s.mean_probabilities(from_logits)),
             "predictive_entropy",
         )
 
@@ -334,10 +319,10 @@ class UncertaintyResult:
             ValueError: If an output has no class axis.
         """
         return self._map_classes(
-            lambda s: _entropy_of_probabilities(
-                s.mean_probabilities(from_logits)
-            )
-            - s.expected_entropy(from_logits),
+            lambda s: (
+                _entropy_of_probabilities(s.mean_probabilities(from_logits))
+                - s.expected_entropy(from_logits)
+            ),
             "mutual_information",
         )
 
@@ -421,9 +406,7 @@ def _sampling_at_inference(model, adapters, seed):
     model_flag = getattr(model, "sample_at_inference", None)
     layer_flags = [layer.sample_at_inference for layer in adapters]
     generators = [layer.seed_generator for layer in adapters]
-    saved_states = [
-        np.array(ops.convert_to_numpy(g.state.value)) for g in generators
-    ]
+    saved_states = [np.array(ops.convert_to_numpy(g.state.value)) for g in generators]
     try:
         _set_sampling(model, adapters, [True] * len(adapters))
         states = _seed_states(seed, len(generators), saved_states[0].dtype)
@@ -483,12 +466,8 @@ def _draw_samples(model, batch, n, max_rows):
                 ]
             )
             remaining -= k
-        pieces.append(
-            [np.concatenate(d, axis=0) for d in zip(*draws, strict=True)]
-        )
-    return outputs, [
-        np.concatenate(p, axis=1) for p in zip(*pieces, strict=True)
-    ]
+        pieces.append([np.concatenate(d, axis=0) for d in zip(*draws, strict=True)])
+    return outputs, [np.concatenate(p, axis=1) for p in zip(*pieces, strict=True)]
 
 
 def predict_with_uncertainty(

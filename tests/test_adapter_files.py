@@ -39,12 +39,8 @@ def train_a_little(model, seed=0):
     """Gives every adapter non-zero, distinct vectors (as training would)."""
     rng = np.random.default_rng(seed)
     for layer in model.adapted_layers.values():
-        layer.lambda_d.assign(
-            rng.normal(size=layer.lambda_d.shape).astype("float32")
-        )
-        layer.lambda_b.assign(
-            rng.normal(size=layer.lambda_b.shape).astype("float32")
-        )
+        layer.lambda_d.assign(rng.normal(size=layer.lambda_d.shape).astype("float32"))
+        layer.lambda_b.assign(rng.normal(size=layer.lambda_b.shape).astype("float32"))
     return model
 
 
@@ -86,9 +82,7 @@ def test_load_onto_base_model_reproduces_the_adapted_model(trained):
 
     assert isinstance(loaded, keras_pvera.PVeRAModel)
     assert loaded.pvera_config == model.pvera_config
-    np.testing.assert_allclose(
-        loaded.predict(X, verbose=0), expected, atol=1e-6
-    )
+    np.testing.assert_allclose(loaded.predict(X, verbose=0), expected, atol=1e-6)
     np.testing.assert_array_equal(
         keras.ops.convert_to_numpy(loaded.projection_registry.projection_a),
         keras.ops.convert_to_numpy(model.projection_registry.projection_a),
@@ -116,8 +110,7 @@ def test_load_onto_adapted_model_sets_the_vectors(trained):
     model, path = trained
     other = keras_pvera.apply(make_base(), rank=4, seed=7)
     assert (
-        np.abs(other.predict(X, verbose=0) - model.predict(X, verbose=0)).max()
-        > 1e-3
+        np.abs(other.predict(X, verbose=0) - model.predict(X, verbose=0)).max() > 1e-3
     )
 
     result = keras_pvera.load_adapter(other, path)
@@ -163,8 +156,7 @@ def test_without_projections_the_file_is_the_vectors_plus_16_kib(tmp_path):
     keras_pvera.save_adapter(model, with_projections)
     registry = model.projection_registry
     projection_bytes = 4 * (
-        np.prod(registry.projection_a.shape)
-        + np.prod(registry.projection_b.shape)
+        np.prod(registry.projection_a.shape) + np.prod(registry.projection_b.shape)
     )
     assert os.path.getsize(with_projections) >= vector_bytes + projection_bytes
 
@@ -255,9 +247,7 @@ def test_adapted_model_with_other_layer_set(trained):
     _, path = trained
     model = keras_pvera.apply(make_base(), rank=4, seed=7, target=["hidden"])
     before = numpy_weights(model)
-    with pytest.raises(
-        ValueError, match="adapted layer 'middle', which is not"
-    ):
+    with pytest.raises(ValueError, match="adapted layer 'middle', which is not"):
         keras_pvera.load_adapter(model, path)
     assert_unchanged(model, before)
 
@@ -284,9 +274,7 @@ def rewrite(path, drop=None, metadata_update=None, replace=None):
     safetensors.numpy.save_file(tensors, str(path), metadata=metadata)
 
 
-@pytest.mark.parametrize(
-    "name", ["pvera_lambda_b", "pvera_lambda_d", "pvera_A"]
-)
+@pytest.mark.parametrize("name", ["pvera_lambda_b", "pvera_lambda_d", "pvera_A"])
 def test_missing_tensor(trained, name):
     _, path = trained
     rewrite(path, drop=name)
@@ -349,9 +337,7 @@ def test_foreign_files(tmp_path):
 def test_model_holding_pvera_layers_but_not_the_pvera_model(trained):
     _, path = trained
     model = keras_pvera.apply(make_base(), rank=4, seed=7)
-    with pytest.raises(
-        ValueError, match="Pass the model that keras_pvera.apply"
-    ):
+    with pytest.raises(ValueError, match="Pass the model that keras_pvera.apply"):
         keras_pvera.load_adapter(model.base_model, path)
 
 
@@ -363,9 +349,7 @@ def test_projections_must_match_when_the_file_has_none(tmp_path):
     keras_pvera.save_adapter(model, path)
     target = keras_pvera.apply(make_base(), rank=4, seed=7)
     registry = target.projection_registry
-    registry.projection_a.assign(
-        np.ones(registry.projection_a.shape, "float32")
-    )
+    registry.projection_a.assign(np.ones(registry.projection_a.shape, "float32"))
     before = numpy_weights(target)
     with pytest.raises(ValueError, match="holds no projections"):
         keras_pvera.load_adapter(target, path)
@@ -375,9 +359,7 @@ def test_projections_must_match_when_the_file_has_none(tmp_path):
 def test_saving_without_projections_that_the_seed_does_not_make(tmp_path):
     model = keras_pvera.apply(make_base(), rank=4, save_projection=False)
     registry = model.projection_registry
-    registry.projection_b.assign(
-        np.ones(registry.projection_b.shape, "float32")
-    )
+    registry.projection_b.assign(np.ones(registry.projection_b.shape, "float32"))
     path = tmp_path / "a.safetensors"
     with pytest.raises(ValueError, match="save_projection=True"):
         keras_pvera.save_adapter(model, path)

@@ -27,12 +27,8 @@ def make_base():
 def train_a_little(model, seed=0):
     rng = np.random.default_rng(seed)
     for layer in model.adapted_layers.values():
-        layer.lambda_d.assign(
-            rng.normal(size=layer.lambda_d.shape).astype("float32")
-        )
-        layer.lambda_b.assign(
-            rng.normal(size=layer.lambda_b.shape).astype("float32")
-        )
+        layer.lambda_d.assign(rng.normal(size=layer.lambda_d.shape).astype("float32"))
+        layer.lambda_b.assign(rng.normal(size=layer.lambda_b.shape).astype("float32"))
     return model
 
 
@@ -54,9 +50,7 @@ X = np.random.default_rng(1).normal(size=(6, 8)).astype("float32")
 def test_merged_model_predicts_the_adapted_mean():
     base = make_base()
     base_predictions = base.predict(X, verbose=0)
-    adapted = train_a_little(
-        keras_pvera.apply(base, rank=4, target="all", alpha=2.0)
-    )
+    adapted = train_a_little(keras_pvera.apply(base, rank=4, target="all", alpha=2.0))
     expected = adapted.predict(X, verbose=0)
     assert relative_error(expected, base_predictions) > 1e-2
 
@@ -69,9 +63,7 @@ def test_merged_model_predicts_the_adapted_mean():
 
 
 def test_merged_model_has_the_base_architecture():
-    adapted = train_a_little(
-        keras_pvera.apply(make_base(), rank=4, target="all")
-    )
+    adapted = train_a_little(keras_pvera.apply(make_base(), rank=4, target="all"))
     merged = keras_pvera.merge(adapted)
     fresh = make_base()
     assert [type(layer) for layer in merged.layers] == [
@@ -99,9 +91,7 @@ def test_merge_folds_the_mean_even_while_sampling():
 
 
 def test_adapted_model_is_left_intact():
-    adapted = train_a_little(
-        keras_pvera.apply(make_base(), rank=4, target="all")
-    )
+    adapted = train_a_little(keras_pvera.apply(make_base(), rank=4, target="all"))
     before = adapted.predict(X, verbose=0)
     vectors = {
         path: keras.ops.convert_to_numpy(layer.lambda_b).copy()
@@ -206,9 +196,7 @@ def test_merge_needs_a_serializable_base_model():
 
 
 def test_merged_model_loads_without_keras_pvera(tmp_path):
-    adapted = train_a_little(
-        keras_pvera.apply(make_base(), rank=4, target="all")
-    )
+    adapted = train_a_little(keras_pvera.apply(make_base(), rank=4, target="all"))
     merged = keras_pvera.merge(adapted)
     path = tmp_path / "merged.keras"
     merged.save(path)

@@ -96,9 +96,7 @@ def test_metric_in_compile_matches_the_function():
         metrics=[ExpectedCalibrationError(num_bins=10)],
     )
     logs = model.evaluate(x, y, batch_size=16, verbose=0, return_dict=True)
-    expected = expected_calibration_error(
-        y, model.predict(x, verbose=0), num_bins=10
-    )
+    expected = expected_calibration_error(y, model.predict(x, verbose=0), num_bins=10)
     assert logs["expected_calibration_error"] == pytest.approx(
         as_float(expected), abs=1e-5
     )

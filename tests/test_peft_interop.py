@@ -61,16 +61,14 @@ def bert_query_value_tensors(rank=4, projections=True, seed=0):
             tensors[key + ".pvera_lambda_d"] = rng.normal(size=2 * rank).astype(
                 "float32"
             )
-            tensors[key + ".pvera_lambda_b"] = rng.normal(size=HIDDEN).astype(
-                "float32"
-            )
+            tensors[key + ".pvera_lambda_b"] = rng.normal(size=HIDDEN).astype("float32")
     if projections:
-        tensors["base_model.pvera_A"] = rng.uniform(
-            -1, 1, (2 * rank, HIDDEN)
-        ).astype("float32")
-        tensors["base_model.pvera_B"] = rng.uniform(
-            -1, 1, (HIDDEN, rank)
-        ).astype("float32")
+        tensors["base_model.pvera_A"] = rng.uniform(-1, 1, (2 * rank, HIDDEN)).astype(
+            "float32"
+        )
+        tensors["base_model.pvera_B"] = rng.uniform(-1, 1, (HIDDEN, rank)).astype(
+            "float32"
+        )
     return tensors
 
 
@@ -138,9 +136,7 @@ def test_query_layout_matches_torch_linear(tmp_path):
     # KerasHub's converter: transpose, then reshape to the kernel's shape.
     expected = delta_out_in.T.reshape(HIDDEN, HEADS, HIDDEN // HEADS)
 
-    layer = model.adapted_layers[
-        "transformer_layer_1/self_attention_layer/query"
-    ]
+    layer = model.adapted_layers["transformer_layer_1/self_attention_layer/query"]
     actual = keras.ops.convert_to_numpy(layer.delta_kernel())
     assert actual.shape == (HIDDEN, HEADS, HIDDEN // HEADS)
     np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-6)
@@ -218,9 +214,7 @@ def test_query_layout_matches_torch_linear(tmp_path):
             "no tensor 'base_model.pvera_A'",
         ),
         (
-            lambda t, c: t.update(
-                {"base_model.pvera_A": np.ones((8, 16), "float32")}
-            ),
+            lambda t, c: t.update({"base_model.pvera_A": np.ones((8, 16), "float32")}),
             ValueError,
             r"'base_model.pvera_A' has shape \(8, 16\)",
         ),
@@ -302,9 +296,7 @@ def test_save_errors(tmp_path):
         keras_pvera.save_peft_adapter(model, tmp_path / "out", naming="v4")
     with pytest.raises(ValueError, match="PEFT regenerates the projections"):
         # keras_pvera's seed-made projections are not torch's.
-        keras_pvera.save_peft_adapter(
-            model, tmp_path / "out", save_projection=False
-        )
+        keras_pvera.save_peft_adapter(model, tmp_path / "out", save_projection=False)
     with_head = keras_pvera.apply(
         keras_bert(),
         rank=4,
@@ -318,13 +310,9 @@ def test_save_errors(tmp_path):
 
 def test_save_writes_peft_names_and_folds_alpha(tmp_path):
     model = keras_pvera.apply(keras_bert(), rank=4, alpha=3.0, target=["query"])
-    layer = model.adapted_layers[
-        "transformer_layer_0/self_attention_layer/query"
-    ]
+    layer = model.adapted_layers["transformer_layer_0/self_attention_layer/query"]
     layer.lambda_b.assign(np.full(HIDDEN, 2.0, "float32"))
-    keras_pvera.save_peft_adapter(
-        model, tmp_path / "out", module_prefix="bert."
-    )
+    keras_pvera.save_peft_adapter(model, tmp_path / "out", module_prefix="bert.")
 
     config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert config["peft_type"] == "PVERA" and config["r"] == 4
@@ -448,9 +436,7 @@ def peft_model(hf, folder, model_class, **config):
 def peft_load(hf, folder, model_class, adapter):
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(
-        model_class.from_pretrained(folder), str(adapter)
-    )
+    return PeftModel.from_pretrained(model_class.from_pretrained(folder), str(adapter))
 
 
 def test_bert_peft_adapter_matches_peft(hf, bert_dir, tmp_path):
@@ -470,9 +456,7 @@ def test_bert_peft_adapter_matches_peft(hf, bert_dir, tmp_path):
     peft.save_pretrained(tmp_path / "adapter")
 
     base = keras_hub.models.BertBackbone.from_preset(str(bert_dir))
-    np.testing.assert_allclose(
-        keras_bert_outputs(base), without, atol=TOLERANCE
-    )
+    np.testing.assert_allclose(keras_bert_outputs(base), without, atol=TOLERANCE)
     model = keras_pvera.load_peft_adapter(base, tmp_path / "adapter")
 
     assert len(model.adapted_layers) == 6 * LAYERS + 1
@@ -486,12 +470,8 @@ def test_bert_keras_adapter_loads_in_peft(hf, bert_dir, tmp_path):
     model = keras_pvera.apply(base, rank=8, alpha=2.0, seed=5, target="all")
     rng = np.random.default_rng(3)
     for layer in model.adapted_layers.values():
-        layer.lambda_d.assign(
-            rng.normal(size=layer.lambda_d.shape).astype("float32")
-        )
-        layer.lambda_b.assign(
-            rng.normal(size=layer.lambda_b.shape).astype("float32")
-        )
+        layer.lambda_d.assign(rng.normal(size=layer.lambda_d.shape).astype("float32"))
+        layer.lambda_b.assign(rng.normal(size=layer.lambda_b.shape).astype("float32"))
     expected = keras_bert_outputs(model)
 
     keras_pvera.save_peft_adapter(model, tmp_path / "adapter")
@@ -521,12 +501,8 @@ def test_dinov2_peft_adapter_matches_peft_both_ways(hf, dinov2_dir, tmp_path):
     assert np.abs(actual - expected).max() <= TOLERANCE
 
     # And back: the Keras model's adapter, written for PEFT.
-    keras_pvera.save_peft_adapter(
-        model, tmp_path / "back", naming="transformers5"
-    )
-    back = peft_load(
-        hf, dinov2_dir, transformers.Dinov2Model, tmp_path / "back"
-    )
+    keras_pvera.save_peft_adapter(model, tmp_path / "back", naming="transformers5")
+    back = peft_load(hf, dinov2_dir, transformers.Dinov2Model, tmp_path / "back")
     assert np.abs(peft_dinov2_outputs(hf, back) - actual).max() <= TOLERANCE
 
 
@@ -598,9 +574,7 @@ def test_peft_adapter_saved_without_projections(hf, bert_dir, tmp_path):
     assert np.abs(actual - expected).max() <= TOLERANCE
 
     # Its projections are torch's, so it can be written without them too.
-    keras_pvera.save_peft_adapter(
-        model, tmp_path / "back", save_projection=False
-    )
+    keras_pvera.save_peft_adapter(model, tmp_path / "back", save_projection=False)
     config = json.loads((tmp_path / "back" / "adapter_config.json").read_text())
     assert config["save_projection"] is False
     assert config["projection_prng_key"] == 11

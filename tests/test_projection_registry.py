@@ -52,8 +52,9 @@ def test_registry_refuses_a_layer_larger_than_its_projections():
 
 
 def test_registry_config_round_trip():
-    registry = ProjectionRegistry(rank=4, in_max=10, out_max=6, seed=5,
-                                  save_projection=False)
+    registry = ProjectionRegistry(
+        rank=4, in_max=10, out_max=6, seed=5, save_projection=False
+    )
     clone = ProjectionRegistry.from_config(registry.get_config())
     assert clone.get_config() == registry.get_config()
     np.testing.assert_array_equal(

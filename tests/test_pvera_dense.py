@@ -21,8 +21,12 @@ def randomize_lambdas(layer, seed=0):
 
 def adapter_arrays(layer):
     a, b = layer.projection_registry.projections(layer.in_dim, layer.out_dim)
-    return (to_numpy(a), to_numpy(b), to_numpy(layer.lambda_d),
-            to_numpy(layer.lambda_b))
+    return (
+        to_numpy(a),
+        to_numpy(b),
+        to_numpy(layer.lambda_d),
+        to_numpy(layer.lambda_b),
+    )
 
 
 def test_a_new_adapter_equals_its_base_layer():
@@ -37,7 +41,9 @@ def test_trainable_weights_are_the_two_vectors():
     layer = PVeRADense(keras.layers.Dense(6), rank=8)
     layer.build((None, 5))
     assert [w.name for w in layer.trainable_weights] == [
-        "pvera_lambda_d", "pvera_lambda_b"]
+        "pvera_lambda_d",
+        "pvera_lambda_b",
+    ]
     assert layer.lambda_d.shape == (16,) and layer.lambda_b.shape == (6,)
     np.testing.assert_allclose(to_numpy(layer.lambda_d), 0.1)
     np.testing.assert_array_equal(to_numpy(layer.lambda_b), 0.0)
@@ -51,10 +57,12 @@ def test_dense_mean_mode_equals_the_formula(alpha):
     layer.build(x.shape)
     randomize_lambdas(layer)
     a, b, ld, lb = adapter_arrays(layer)
-    expected, _ = numpy_pvera(x, to_numpy(base.kernel), to_numpy(base.bias),
-                              a, b, ld, lb, alpha)
-    np.testing.assert_allclose(to_numpy(layer(x)), np.tanh(expected),
-                               rtol=1e-5, atol=1e-5)
+    expected, _ = numpy_pvera(
+        x, to_numpy(base.kernel), to_numpy(base.bias), a, b, ld, lb, alpha
+    )
+    np.testing.assert_allclose(
+        to_numpy(layer(x)), np.tanh(expected), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_mean_mode_equals_a_plain_dense_layer_with_the_merged_kernel():
@@ -67,34 +75,56 @@ def test_mean_mode_equals_a_plain_dense_layer_with_the_merged_kernel():
     plain.build(x.shape)
     plain.kernel.assign(to_numpy(base.kernel) + to_numpy(layer.delta_kernel()))
     plain.bias.assign(to_numpy(base.bias))
-    np.testing.assert_allclose(to_numpy(layer(x)), to_numpy(plain(x)),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        to_numpy(layer(x)), to_numpy(plain(x)), rtol=1e-5, atol=1e-5
+    )
 
 
 # Each case: equation, input shape, output_shape, and how to see the layer
 # as a Dense map: x -> (..., in), (..., out) -> y, kernel -> (in, out).
 EINSUM_CASES = {
-    "query": ("abc,cde->abde", (2, 3, 6), (None, 2, 4),
-              lambda x: x, lambda y: y.reshape(y.shape[:-1] + (2, 4)),
-              lambda k: k.reshape(6, 8)),
-    "attention_output": ("abcd,cde->abe", (2, 3, 2, 4), (None, 5),
-                         lambda x: x.reshape(x.shape[:2] + (8,)), lambda y: y,
-                         lambda k: k.reshape(8, 5)),
-    "plain": ("ab,bc->ac", (4, 6), (5,), lambda x: x, lambda y: y,
-              lambda k: k),
-    "ellipsis": ("...b,bc->...c", (2, 3, 6), (5,), lambda x: x, lambda y: y,
-                 lambda k: k),
-    "transposed_kernel": ("abc,dc->abd", (2, 3, 6), (None, 5), lambda x: x,
-                          lambda y: y, lambda k: k.T),
+    "query": (
+        "abc,cde->abde",
+        (2, 3, 6),
+        (None, 2, 4),
+        lambda x: x,
+        lambda y: y.reshape(y.shape[:-1] + (2, 4)),
+        lambda k: k.reshape(6, 8),
+    ),
+    "attention_output": (
+        "abcd,cde->abe",
+        (2, 3, 2, 4),
+        (None, 5),
+        lambda x: x.reshape(x.shape[:2] + (8,)),
+        lambda y: y,
+        lambda k: k.reshape(8, 5),
+    ),
+    "plain": ("ab,bc->ac", (4, 6), (5,), lambda x: x, lambda y: y, lambda k: k),
+    "ellipsis": (
+        "...b,bc->...c",
+        (2, 3, 6),
+        (5,),
+        lambda x: x,
+        lambda y: y,
+        lambda k: k,
+    ),
+    "transposed_kernel": (
+        "abc,dc->abd",
+        (2, 3, 6),
+        (None, 5),
+        lambda x: x,
+        lambda y: y,
+        lambda k: k.T,
+    ),
 }
 
 
 @pytest.mark.parametrize("case", sorted(EINSUM_CASES))
 def test_einsum_dense_mean_mode_equals_the_formula(case):
-    equation, x_shape, output_shape, flat_x, unflat_y, flat_kernel = (
-        EINSUM_CASES[case])
-    base = keras.layers.EinsumDense(equation, output_shape=output_shape,
-                                    bias_axes=equation[-1])
+    equation, x_shape, output_shape, flat_x, unflat_y, flat_kernel = EINSUM_CASES[case]
+    base = keras.layers.EinsumDense(
+        equation, output_shape=output_shape, bias_axes=equation[-1]
+    )
     x = np.random.default_rng(3).normal(size=x_shape).astype("float32")
     base.build(x_shape)
     layer = PVeRADense(base, rank=3, alpha=2.0)
@@ -104,8 +134,7 @@ def test_einsum_dense_mean_mode_equals_the_formula(case):
     assert (layer.in_dim, layer.out_dim) == kernel.shape
     expected, _ = numpy_pvera(flat_x(x), kernel, None, a, b, ld, lb, 2.0)
     expected = unflat_y(expected) + to_numpy(base.bias)
-    np.testing.assert_allclose(to_numpy(layer(x)), expected, rtol=1e-5,
-                               atol=1e-5)
+    np.testing.assert_allclose(to_numpy(layer(x)), expected, rtol=1e-5, atol=1e-5)
     # The folded kernel in the layer's own layout gives the same map.
     merged = to_numpy(base.kernel) + to_numpy(layer.delta_kernel())
     plain = np.einsum(equation, x, merged) + to_numpy(base.bias)
@@ -114,15 +143,15 @@ def test_einsum_dense_mean_mode_equals_the_formula(case):
 
 @pytest.mark.parametrize(
     "equation, output_shape",
-    [("abc,cde->abde", (None, 2, 4)),
-     # Output dims before a batch dim: lambda_b scales B, not activations.
-     ("abc,cd->adb", (5, None))],
+    [
+        ("abc,cde->abde", (None, 2, 4)),
+        # Output dims before a batch dim: lambda_b scales B, not activations.
+        ("abc,cd->adb", (5, None)),
+    ],
 )
-def test_training_and_inference_paths_agree_with_the_same_noise(
-        equation, output_shape):
+def test_training_and_inference_paths_agree_with_the_same_noise(equation, output_shape):
     """Training runs the adapter per token; inference folds its mean."""
-    base = keras.layers.EinsumDense(equation, output_shape=output_shape,
-                                    bias_axes="d")
+    base = keras.layers.EinsumDense(equation, output_shape=output_shape, bias_axes="d")
     x = np.random.default_rng(9).normal(size=(2, 3, 6)).astype("float32")
     base.build(x.shape)
     layer = PVeRADense(base, rank=3, kl_weight=1.0)
@@ -143,15 +172,17 @@ def test_sampled_outputs_have_the_predicted_mean_and_variance():
     layer.build(x.shape)
     randomize_lambdas(layer, seed=5)
     a, b, ld, lb = adapter_arrays(layer)
-    mean, (mu, logvar) = numpy_pvera(x, to_numpy(base.kernel),
-                                     to_numpy(base.bias), a, b, ld, lb, 1.5)
+    mean, (mu, logvar) = numpy_pvera(
+        x, to_numpy(base.kernel), to_numpy(base.bias), a, b, ld, lb, 1.5
+    )
     # y = mean + sum_k eps_k * sigma_k * alpha * lambda_b_o * B[o, k]
     weights = 1.5 * lb[:, None] * b[:3] * np.exp(0.5 * logvar)[0]
     variance = (weights**2).sum(axis=1)
     draws = 4000
     samples = to_numpy(layer(np.repeat(x, draws, axis=0), training=True))
-    np.testing.assert_allclose(samples.mean(0), mean[0],
-                               atol=4 * np.sqrt(variance / draws).max())
+    np.testing.assert_allclose(
+        samples.mean(0), mean[0], atol=4 * np.sqrt(variance / draws).max()
+    )
     np.testing.assert_allclose(samples.var(0), variance, rtol=0.1)
     # Every row drew its own noise.
     assert len(np.unique(samples[:, 0])) > 0.99 * draws
@@ -169,8 +200,9 @@ def test_sampled_outputs_match_the_formula_with_the_same_noise():
     sampled = to_numpy(layer(x, training=True))
     layer.seed_generator.state.assign(seed_state)
     eps = to_numpy(keras.random.normal((2, 4), seed=layer.seed_generator))
-    expected, _ = numpy_pvera(x, to_numpy(base.kernel), to_numpy(base.bias),
-                              a, b, ld, lb, 1.0, eps=eps)
+    expected, _ = numpy_pvera(
+        x, to_numpy(base.kernel), to_numpy(base.bias), a, b, ld, lb, 1.0, eps=eps
+    )
     np.testing.assert_allclose(sampled, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -190,17 +222,16 @@ def test_kl_term_equals_the_formula_and_is_added_while_training():
     layer.build(x.shape)
     randomize_lambdas(layer)
     a, b, ld, lb = adapter_arrays(layer)
-    _, (mu, logvar) = numpy_pvera(x, to_numpy(layer.base_layer.kernel), None,
-                                  a, b, ld, lb, 1.0)
+    _, (mu, logvar) = numpy_pvera(
+        x, to_numpy(layer.base_layer.kernel), None, a, b, ld, lb, 1.0
+    )
     expected = np.mean(-0.5 * (1 + logvar - mu**2 - np.exp(logvar)))
-    np.testing.assert_allclose(float(kl_divergence(mu, logvar)), expected,
-                               rtol=1e-5)
+    np.testing.assert_allclose(float(kl_divergence(mu, logvar)), expected, rtol=1e-5)
     layer(x)
     assert layer.losses == []
     layer(x, training=True)
     assert len(layer.losses) == 1
-    np.testing.assert_allclose(to_numpy(layer.losses[0]), 0.5 * expected,
-                               rtol=1e-4)
+    np.testing.assert_allclose(to_numpy(layer.losses[0]), 0.5 * expected, rtol=1e-4)
 
 
 def test_dropout_applies_to_the_adapter_input_only():
@@ -209,20 +240,23 @@ def test_dropout_applies_to_the_adapter_input_only():
     x = np.random.default_rng(8).normal(size=(64, 5)).astype("float32")
     layer.build(x.shape)
     # lambda_b = 0: whatever dropout does to the adapter, y is the base's.
-    np.testing.assert_allclose(to_numpy(layer(x, training=True)),
-                               to_numpy(base(x)), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        to_numpy(layer(x, training=True)), to_numpy(base(x)), rtol=1e-6, atol=1e-6
+    )
     randomize_lambdas(layer)
     layer.lambda_d.assign(np.concatenate([np.ones(4), -30 * np.ones(4)]))
     # Almost no noise (logvar << 0): the training output is the mean of a
     # dropped-out input, which differs from the mean-mode output.
-    assert not np.allclose(to_numpy(layer(x, training=True)), to_numpy(layer(x)),
-                           atol=1e-3)
+    assert not np.allclose(
+        to_numpy(layer(x, training=True)), to_numpy(layer(x)), atol=1e-3
+    )
 
 
 def test_the_seed_makes_sampling_reproducible():
     def sample(seed):
-        layer = PVeRADense(keras.layers.Dense(3, kernel_initializer="ones"),
-                           rank=4, seed=seed)
+        layer = PVeRADense(
+            keras.layers.Dense(3, kernel_initializer="ones"), rank=4, seed=seed
+        )
         layer.build((None, 5))
         randomize_lambdas(layer)
         return to_numpy(layer(np.ones((2, 5), "float32"), training=True))
@@ -233,8 +267,16 @@ def test_the_seed_makes_sampling_reproducible():
 
 def test_config_round_trip_keeps_activation_and_settings():
     base = keras.layers.Dense(3, activation="relu", name="head")
-    layer = PVeRADense(base, rank=4, alpha=2.0, d_initial=0.3, dropout=0.1,
-                       kl_weight=1e-3, sample_at_inference=True, seed=5)
+    layer = PVeRADense(
+        base,
+        rank=4,
+        alpha=2.0,
+        d_initial=0.3,
+        dropout=0.1,
+        kl_weight=1e-3,
+        sample_at_inference=True,
+        seed=5,
+    )
     config = layer.get_config()
     clone = PVeRADense.from_config(config)
     assert clone.get_config() == config
@@ -281,5 +323,4 @@ def test_latent_math_runs_in_float32_under_mixed_precision(policy):
     assert np.all(np.isfinite(to_numpy(ops.cast(y, "float32"))))
     kl = to_numpy(layer.losses[0])
     # The projection itself runs in the compute dtype (bfloat16: 3 digits).
-    np.testing.assert_allclose(kl, np.mean(-0.5 * (1 + 15.0 - np.exp(15.0))),
-                               rtol=0.05)
+    np.testing.assert_allclose(kl, np.mean(-0.5 * (1 + 15.0 - np.exp(15.0))), rtol=0.05)

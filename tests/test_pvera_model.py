@@ -40,8 +40,9 @@ def mlp():
 
 def data(n=32, seed=0):
     rng = np.random.default_rng(seed)
-    return rng.normal(size=(n, 8)).astype("float32"), rng.normal(
-        size=(n, 3)).astype("float32")
+    return rng.normal(size=(n, 8)).astype("float32"), rng.normal(size=(n, 3)).astype(
+        "float32"
+    )
 
 
 def test_sequential_starts_equal_to_its_base_and_trains_only_the_vectors():
@@ -53,8 +54,11 @@ def test_sequential_starts_equal_to_its_base_and_trains_only_the_vectors():
     assert list(model.adapted_layers) == ["hidden_1", "hidden_2"]  # not head
     np.testing.assert_array_equal(model.predict(x, verbose=0), expected)
     assert sorted(w.path for w in model.trainable_weights) == [
-        "mlp/hidden_1/pvera_lambda_b", "mlp/hidden_1/pvera_lambda_d",
-        "mlp/hidden_2/pvera_lambda_b", "mlp/hidden_2/pvera_lambda_d"]
+        "mlp/hidden_1/pvera_lambda_b",
+        "mlp/hidden_1/pvera_lambda_d",
+        "mlp/hidden_2/pvera_lambda_b",
+        "mlp/hidden_2/pvera_lambda_d",
+    ]
 
     model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse")
     model.fit(x, y, epochs=2, batch_size=8, verbose=0)
@@ -69,14 +73,20 @@ def test_functional_model_with_dict_inputs():
     left = keras.Input((4,), name="left")
     right = keras.Input((6,), name="right")
     joined = keras.layers.Concatenate()(
-        [keras.layers.Dense(8, name="left_dense")(left),
-         keras.layers.Dense(8, name="right_dense")(right)])
+        [
+            keras.layers.Dense(8, name="left_dense")(left),
+            keras.layers.Dense(8, name="right_dense")(right),
+        ]
+    )
     outputs = keras.layers.Dense(2, name="out")(
-        keras.layers.Dense(8, activation="gelu", name="mix")(joined))
+        keras.layers.Dense(8, activation="gelu", name="mix")(joined)
+    )
     base = keras.Model({"left": left, "right": right}, outputs)
     rng = np.random.default_rng(1)
-    x = {"left": rng.normal(size=(16, 4)).astype("float32"),
-         "right": rng.normal(size=(16, 6)).astype("float32")}
+    x = {
+        "left": rng.normal(size=(16, 4)).astype("float32"),
+        "right": rng.normal(size=(16, 6)).astype("float32"),
+    }
     y = rng.normal(size=(16, 2)).astype("float32")
     expected = base.predict(x, verbose=0)
 
@@ -97,8 +107,7 @@ class Block(keras.layers.Layer):
         super().__init__(**kwargs)
         self.units = units
         self.proj = keras.layers.Dense(units, name="proj")
-        self.experts = [keras.layers.Dense(units, name=f"expert_{i}")
-                        for i in range(2)]
+        self.experts = [keras.layers.Dense(units, name=f"expert_{i}") for i in range(2)]
 
     def build(self, input_shape):
         self.proj.build(input_shape)
@@ -130,8 +139,9 @@ def test_subclassed_model_with_nested_layers_trains_and_saves(tmp_path):
     x, y = data()
     base(x[:1])
     expected = base.predict(x, verbose=0)
-    model = keras_pvera.apply(base, rank=4, target=["proj", "expert_1"],
-                              trainable_layers=["head"])
+    model = keras_pvera.apply(
+        base, rank=4, target=["proj", "expert_1"], trainable_layers=["head"]
+    )
     assert list(model.adapted_layers) == ["block/proj", "block/expert_1"]
     assert isinstance(base.block.proj, PVeRADense)
     assert isinstance(base.block.experts[1], PVeRADense)
@@ -140,7 +150,8 @@ def test_subclassed_model_with_nested_layers_trains_and_saves(tmp_path):
     for adapter in model.adapted_layers.values():
         expected_trainable += [adapter.lambda_d, adapter.lambda_b]
     assert {id(w) for w in model.trainable_weights} == {
-        id(w) for w in expected_trainable}
+        id(w) for w in expected_trainable
+    }
     assert len(model.trainable_weights) == 6
 
     norm_before = [to_numpy(w).copy() for w in base.norm.weights]
@@ -153,13 +164,15 @@ def test_subclassed_model_with_nested_layers_trains_and_saves(tmp_path):
     path = str(tmp_path / "subclassed.keras")
     model.save(path)
     loaded = keras.models.load_model(path)
-    np.testing.assert_allclose(loaded.predict(x, verbose=0),
-                               model.predict(x, verbose=0), atol=1e-6)
+    np.testing.assert_allclose(
+        loaded.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-6
+    )
     loaded_trainable = [loaded.base_model.head.kernel, loaded.base_model.head.bias]
     for adapter in loaded.adapted_layers.values():
         loaded_trainable += [adapter.lambda_d, adapter.lambda_b]
     assert {id(w) for w in loaded.trainable_weights} == {
-        id(w) for w in loaded_trainable}
+        id(w) for w in loaded_trainable
+    }
     assert list(loaded.adapted_layers) == list(model.adapted_layers)
 
 
@@ -171,29 +184,37 @@ def test_default_target_and_the_all_target_skip_output_layers():
     model = keras_pvera.apply(base, rank=2, target=r"hidden_\d")
     assert list(model.adapted_layers) == ["hidden_1", "hidden_2"]
     base = mlp()
-    model = keras_pvera.apply(
-        base, rank=2, target=lambda layer: layer.name == "head")
+    model = keras_pvera.apply(base, rank=2, target=lambda layer: layer.name == "head")
     assert list(model.adapted_layers) == ["head"]
 
 
 def small_bert():
     keras_hub = pytest.importorskip("keras_hub")
     return keras_hub.models.BertBackbone(
-        vocabulary_size=50, num_layers=2, num_heads=2, hidden_dim=8,
-        intermediate_dim=16, max_sequence_length=10)
+        vocabulary_size=50,
+        num_layers=2,
+        num_heads=2,
+        hidden_dim=8,
+        intermediate_dim=16,
+        max_sequence_length=10,
+    )
 
 
 def bert_inputs(n=8, seed=0):
     rng = np.random.default_rng(seed)
-    return {"token_ids": rng.integers(0, 50, (n, 10)).astype("int32"),
-            "segment_ids": np.zeros((n, 10), "int32"),
-            "padding_mask": np.ones((n, 10), "int32")}
+    return {
+        "token_ids": rng.integers(0, 50, (n, 10)).astype("int32"),
+        "segment_ids": np.zeros((n, 10), "int32"),
+        "padding_mask": np.ones((n, 10), "int32"),
+    }
 
 
 def bert_classifier():
     backbone = small_bert()
-    inputs = {name: keras.Input((None,), dtype="int32", name=name)
-              for name in ("token_ids", "segment_ids", "padding_mask")}
+    inputs = {
+        name: keras.Input((None,), dtype="int32", name=name)
+        for name in ("token_ids", "segment_ids", "padding_mask")
+    }
     pooled = backbone(inputs)["pooled_output"]
     logits = keras.layers.Dense(2, name="classifier")(pooled)
     return keras.Model(inputs, logits, name="bert_classifier")
@@ -206,26 +227,33 @@ def test_keras_hub_backbone_adapts_query_and_value_einsum_dense():
     model = keras_pvera.apply(base, rank=4)
     assert sorted(model.adapted_layers) == [
         f"transformer_layer_{i}/self_attention_layer/{name}"
-        for i in range(2) for name in ("query", "value")]
-    assert all(isinstance(layer.base_layer, keras.layers.EinsumDense)
-               for layer in model.adapted_layers.values())
+        for i in range(2)
+        for name in ("query", "value")
+    ]
+    assert all(
+        isinstance(layer.base_layer, keras.layers.EinsumDense)
+        for layer in model.adapted_layers.values()
+    )
     outputs = model.predict(x, verbose=0)
     for key in expected:
         np.testing.assert_array_equal(outputs[key], expected[key])
     randomize_lambdas(model)
-    assert not np.allclose(model.predict(x, verbose=0)["sequence_output"],
-                           expected["sequence_output"])
+    assert not np.allclose(
+        model.predict(x, verbose=0)["sequence_output"], expected["sequence_output"]
+    )
 
 
 def test_keras_hub_classifier_with_kl_trains_saves_and_resumes(tmp_path):
     base = bert_classifier()
     x = bert_inputs(16)
     y = np.arange(16) % 2
-    model = keras_pvera.apply(base, rank=4, kl_weight=1e-3,
-                              trainable_layers=["classifier"])
-    model.compile(optimizer=keras.optimizers.AdamW(1e-2),
-                  loss=keras.losses.SparseCategoricalCrossentropy(
-                      from_logits=True))
+    model = keras_pvera.apply(
+        base, rank=4, kl_weight=1e-3, trainable_layers=["classifier"]
+    )
+    model.compile(
+        optimizer=keras.optimizers.AdamW(1e-2),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
     history = model.fit(x, y, epochs=2, batch_size=8, verbose=0)
     assert "kl_loss" in history.history
     assert all(np.isfinite(v) and v > 0 for v in history.history["kl_loss"])
@@ -249,13 +277,18 @@ model.fit(x, np.arange(len(ids)) % 2, epochs=1, verbose=0)
 print("resumed", model.optimizer.iterations.numpy() if hasattr(model.optimizer.iterations, "numpy") else int(model.optimizer.iterations))
 """
     result = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True,
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
-        timeout=300)
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
-    lines = dict(line.split(" ", 1) for line in result.stdout.splitlines()
-                 if line.split(" ", 1)[0] in ("max_abs_diff", "trainable",
-                                              "resumed"))
+    lines = dict(
+        line.split(" ", 1)
+        for line in result.stdout.splitlines()
+        if line.split(" ", 1)[0] in ("max_abs_diff", "trainable", "resumed")
+    )
     assert float(lines["max_abs_diff"]) <= 1e-6
     assert lines["trainable"] == str(sorted(w.path for w in model.trainable_weights))
     # 2 epochs x 2 steps before saving, 1 more (one batch) after loading.
@@ -272,8 +305,7 @@ def test_kl_loss_is_the_summed_layer_kl_and_is_added_to_the_loss():
     features = x
     for layer in (base.layers[0], base.layers[1]):
         adapter = model.adapted_layers[layer.name]
-        a, _ = model.projection_registry.projections(adapter.in_dim,
-                                                     adapter.out_dim)
+        a, _ = model.projection_registry.projections(adapter.in_dim, adapter.out_dim)
         h = to_numpy(adapter.lambda_d) * (features @ to_numpy(a).T)
         mu, logvar = h[:, :4], h[:, 4:]
         expected_kl += np.mean(-0.5 * (1 + logvar - mu**2 - np.exp(logvar)))
@@ -281,29 +313,30 @@ def test_kl_loss_is_the_summed_layer_kl_and_is_added_to_the_loss():
     mse = np.mean((base.predict(x, verbose=0) - y) ** 2)
     model.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse")
     history = model.fit(x, y, epochs=1, batch_size=8, verbose=0)
-    np.testing.assert_allclose(history.history["kl_loss"][0], expected_kl,
-                               rtol=1e-4)
-    np.testing.assert_allclose(history.history["loss"][0],
-                               mse + kl_weight * expected_kl, rtol=1e-4)
+    np.testing.assert_allclose(history.history["kl_loss"][0], expected_kl, rtol=1e-4)
+    np.testing.assert_allclose(
+        history.history["loss"][0], mse + kl_weight * expected_kl, rtol=1e-4
+    )
 
 
-def test_save_projection_false_writes_a_smaller_file_with_equal_predictions(
-        tmp_path):
+def test_save_projection_false_writes_a_smaller_file_with_equal_predictions(tmp_path):
     x, _ = data()
     base_weights = mlp().get_weights()
     sizes, predictions = {}, {}
     for save_projection in (True, False):
         base = mlp()
         base.set_weights(base_weights)
-        model = keras_pvera.apply(base, rank=64, seed=3,
-                                  save_projection=save_projection)
+        model = keras_pvera.apply(
+            base, rank=64, seed=3, save_projection=save_projection
+        )
         randomize_lambdas(model)
         path = str(tmp_path / f"{save_projection}.keras")
         model.save(path)
         sizes[save_projection] = os.path.getsize(path)
         loaded = keras.models.load_model(path)
-        np.testing.assert_allclose(loaded.predict(x, verbose=0),
-                                   model.predict(x, verbose=0), atol=1e-6)
+        np.testing.assert_allclose(
+            loaded.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-6
+        )
         predictions[save_projection] = loaded.predict(x, verbose=0)
     projection_bytes = 4 * (2 * 64 * 16 + 16 * 64)
     saved = sizes[True] - sizes[False]
@@ -418,8 +451,14 @@ def test_a_failure_during_surgery_is_rolled_back(monkeypatch):
 def test_query_and_value_share_one_projection_per_attention_layer():
     keras_hub = pytest.importorskip("keras_hub")
     base = keras_hub.models.BertBackbone(
-        vocabulary_size=50, num_layers=2, num_heads=2, hidden_dim=8,
-        intermediate_dim=16, max_sequence_length=10, dropout=0.0)
+        vocabulary_size=50,
+        num_layers=2,
+        num_heads=2,
+        hidden_dim=8,
+        intermediate_dim=16,
+        max_sequence_length=10,
+        dropout=0.0,
+    )
     x = bert_inputs(4)
     model = keras_pvera.apply(base, rank=4)
     randomize_lambdas(model)
@@ -432,8 +471,10 @@ def test_query_and_value_share_one_projection_per_attention_layer():
         return products[-1]
 
     registry.project = recording_project
-    states = {p: to_numpy(layer.seed_generator.state).copy()
-              for p, layer in model.adapted_layers.items()}
+    states = {
+        p: to_numpy(layer.seed_generator.state).copy()
+        for p, layer in model.adapted_layers.items()
+    }
     shared = to_numpy(model(x, training=True)["sequence_output"])
     # Four adapted layers asked; one product per attention layer computed.
     assert len(products) == 4

@@ -14,9 +14,7 @@ from keras_pvera.student_t import student_t_quantile
 def test_quantile_equals_scipy(df, probability):
     expected = scipy.stats.t.ppf(probability, df)
     assert student_t_quantile(probability, df) == pytest.approx(expected, rel=1e-9)
-    assert student_t_quantile(1 - probability, df) == pytest.approx(
-        -expected, rel=1e-9
-    )
+    assert student_t_quantile(1 - probability, df) == pytest.approx(-expected, rel=1e-9)
 
 
 @pytest.mark.parametrize("probability", [0.5000001, 0.7, 0.975, 1 - 1e-9])

@@ -3,9 +3,9 @@
 Run: PYTHONPATH=. KERAS_BACKEND=torch python -m pytest tests/test_uncertainty.py
 """
 
+import keras
 import numpy as np
 import pytest
-import keras
 import scipy.stats
 
 import keras_pvera
@@ -30,9 +30,7 @@ def make_model(outputs="single", softmax=True, sample_at_inference=False):
         base_inputs = {"features": features, "extra": extra}
         value = keras.layers.Add()([value, keras.layers.Dense(1)(extra)])
         base_outputs = (
-            {"probs": probs, "value": value}
-            if outputs == "dict"
-            else [probs, value]
+            {"probs": probs, "value": value} if outputs == "dict" else [probs, value]
         )
         base = keras.Model(base_inputs, base_outputs)
     model = keras_pvera.apply(
@@ -49,11 +47,7 @@ def make_model(outputs="single", softmax=True, sample_at_inference=False):
 
 
 def inputs(size=5, seed=0):
-    return (
-        np.random.default_rng(seed)
-        .normal(size=(size, N_FEATURES))
-        .astype("float32")
-    )
+    return np.random.default_rng(seed).normal(size=(size, N_FEATURES)).astype("float32")
 
 
 def softmax(logits):
@@ -198,9 +192,15 @@ def test_passes_really_differ_within_and_across_model_calls():
 def test_same_seed_gives_identical_results_and_another_seed_does_not():
     model = make_model()
     x = inputs()
-    first = predict_with_uncertainty(model, x, n=5, seed=11, return_samples=True, verbose=0)
-    again = predict_with_uncertainty(model, x, n=5, seed=11, return_samples=True, verbose=0)
-    other = predict_with_uncertainty(model, x, n=5, seed=12, return_samples=True, verbose=0)
+    first = predict_with_uncertainty(
+        model, x, n=5, seed=11, return_samples=True, verbose=0
+    )
+    again = predict_with_uncertainty(
+        model, x, n=5, seed=11, return_samples=True, verbose=0
+    )
+    other = predict_with_uncertainty(
+        model, x, n=5, seed=12, return_samples=True, verbose=0
+    )
     np.testing.assert_array_equal(first.samples, again.samples)
     np.testing.assert_array_equal(first.mean, again.mean)
     assert not np.allclose(first.samples, other.samples)
@@ -299,7 +299,12 @@ def test_tf_data_and_py_dataset_inputs_equal_array_inputs():
 
     dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(4)
     from_dataset = predict_with_uncertainty(
-        model, dataset, n=n, batch_size=4 * n, seed=2, return_samples=True,
+        model,
+        dataset,
+        n=n,
+        batch_size=4 * n,
+        seed=2,
+        return_samples=True,
         verbose=0,
     )
     np.testing.assert_array_equal(from_dataset.samples, expected)
@@ -312,14 +317,24 @@ def test_tf_data_and_py_dataset_inputs_equal_array_inputs():
             return x[4 * index : 4 * index + 4], y[4 * index : 4 * index + 4]
 
     from_py_dataset = predict_with_uncertainty(
-        model, Batches(), n=n, batch_size=4 * n, seed=2, return_samples=True,
+        model,
+        Batches(),
+        n=n,
+        batch_size=4 * n,
+        seed=2,
+        return_samples=True,
         verbose=0,
     )
     np.testing.assert_array_equal(from_py_dataset.samples, expected)
 
     generator = (x[i : i + 4] for i in range(0, 10, 4))
     from_generator = predict_with_uncertainty(
-        model, generator, n=n, batch_size=4 * n, seed=2, return_samples=True,
+        model,
+        generator,
+        n=n,
+        batch_size=4 * n,
+        seed=2,
+        return_samples=True,
         verbose=0,
     )
     np.testing.assert_array_equal(from_generator.samples, expected)
@@ -353,9 +368,7 @@ def test_no_leak_into_later_predict():
     mean_prediction = model.predict(x, verbose=0)  # compiles the mean path
     predict_with_uncertainty(model, x, n=4, verbose=0)
     assert model.sample_at_inference is False
-    assert not any(
-        layer.sample_at_inference for layer in model.adapted_layers.values()
-    )
+    assert not any(layer.sample_at_inference for layer in model.adapted_layers.values())
     np.testing.assert_array_equal(model.predict(x, verbose=0), mean_prediction)
     np.testing.assert_array_equal(model.predict(x, verbose=0), mean_prediction)
 
