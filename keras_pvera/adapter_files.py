@@ -65,7 +65,10 @@ def save_adapter(model, path):
     state = adapter_state_of(model)
     if not state.settings["save_projection"]:
         seed_made = state.seed_projections()
-        if not all(np.array_equal(a, b) for a, b in zip(state.projections, seed_made)):
+        if not all(
+            np.array_equal(a, b)
+            for a, b in zip(state.projections, seed_made, strict=False)
+        ):
             raise ValueError(
                 "This model was adapted with save_projection=False, but its "
                 "projections are not the ones its seed "

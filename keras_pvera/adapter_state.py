@@ -133,7 +133,7 @@ def check_adapter_state(state):
                 )
     if state.projections is not None:
         for name, array, shape in zip(
-            ("A", "B"), state.projections, state.projection_shapes()
+            ("A", "B"), state.projections, state.projection_shapes(), strict=False
         ):
             if tuple(array.shape) != shape:
                 raise ValueError(
@@ -363,7 +363,7 @@ def _check_weights(path, arrays, layer):
             f"The adapter has {len(arrays)} weights for layer {path!r}, "
             f"which has {len(weights)}."
         )
-    for array, weight in zip(arrays, weights):
+    for array, weight in zip(arrays, weights, strict=False):
         if tuple(array.shape) != tuple(weight.shape):
             raise ValueError(
                 f"The adapter's weight {weight.name!r} of layer {path!r} has "
@@ -393,7 +393,7 @@ def _assign(model, state):
         _set(registry.projection_b, state.projections[1])
     layers = dict(model_surgery.iter_layers(model.base_model))
     for path, arrays in state.trainable.items():
-        for weight, array in zip(layers[path].weights, arrays):
+        for weight, array in zip(layers[path].weights, arrays, strict=False):
             _set(weight, array)
 
 
@@ -406,4 +406,4 @@ def _to_numpy(variable):
 
 
 def _same_arrays(first, second):
-    return all(np.array_equal(a, b) for a, b in zip(first, second))
+    return all(np.array_equal(a, b) for a, b in zip(first, second, strict=False))

@@ -129,7 +129,7 @@ def _paired_layers(adapted_root, plain_root):
                 f"sublayers in the adapted model but {len(plain_children)} "
                 "in the model rebuilt from its configuration."
             )
-        for a, p in zip(adapted_children, plain_children):
+        for a, p in zip(adapted_children, plain_children, strict=False):
             seen.update((id(a), id(p)))
             expected = a.base_layer if isinstance(a, PVeRADense) else a
             if type(expected) is not type(p):
@@ -161,7 +161,7 @@ def _copy_own_weights(path, source, target, assigned):
             f"in the adapted model but {len(target_weights)} in the rebuilt "
             "one."
         )
-    for s, t in zip(source_weights, target_weights):
+    for s, t in zip(source_weights, target_weights, strict=False):
         if tuple(s.shape) != tuple(t.shape):
             raise ValueError(
                 f"Weight {t.path!r} has shape {tuple(t.shape)} in the rebuilt "

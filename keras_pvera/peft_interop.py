@@ -113,7 +113,8 @@ def load_peft_adapter(model, path):
             raise ValueError(
                 f"PEFT module {module!r} maps to KerasHub layer "
                 f"{keras_path!r}, which model {model.name!r} "
-                f"{'does not have' if layer is None else 'has as a ' + type(layer).__name__}."
+                f"{'does not have' if layer is None else 'has as a '}"
+                f"{'' if layer is None else type(layer).__name__}."
             )
         linear = linear_equation_of(layer)
         for kind, shape in (("d", (2 * rank,)), ("b", (linear.out_dim,))):
@@ -227,7 +228,10 @@ def save_peft_adapter(
         torch_made = torch_projections(
             state.settings["seed"], state.rank, in_max, out_max
         )
-        if not all(np.array_equal(a, b) for a, b in zip(state.projections, torch_made)):
+        if not all(
+            np.array_equal(a, b)
+            for a, b in zip(state.projections, torch_made, strict=False)
+        ):
             raise ValueError(
                 "With save_projection=False PEFT regenerates the projections "
                 "with torch from projection_prng_key="

@@ -125,7 +125,7 @@ class LinearEquation:
             raise ValueError(
                 f"PVeRA needs a single-kernel einsum equation such as "
                 f"'abc,cd->abd'. Received: equation={equation!r}"
-            )
+            ) from None
         shared = [c for c in kernel_spec if c in input_spec and c in output_spec]
         if shared or len(kernel_spec) != len(kernel_shape):
             raise ValueError(
@@ -137,7 +137,7 @@ class LinearEquation:
         self.kernel_shape = tuple(int(d) for d in kernel_shape)
         contracted = [c for c in kernel_spec if c in input_spec]
         produced = [c for c in kernel_spec if c not in input_spec]
-        dims = dict(zip(kernel_spec, self.kernel_shape))
+        dims = dict(zip(kernel_spec, self.kernel_shape, strict=False))
         self.in_dims = [dims[c] for c in contracted]
         self.out_dims = [dims[c] for c in produced]
         self.in_dim = math.prod(self.in_dims)

@@ -496,7 +496,8 @@ class PVeRAModel(keras.Model):
             f"d_initial={self.d_initial:g}, dropout={self.dropout:g}, "
             f"kl_weight={self.kl_weight:g}, "
             f"sample_at_inference={self.sample_at_inference}",
-            f"Shared projections: A {tuple(self.projection_registry.projection_a.shape)}"
+            f"Shared projections: A "
+            f"{tuple(self.projection_registry.projection_a.shape)}"
             f", B {tuple(self.projection_registry.projection_b.shape)}"
             f"{'' if self.save_projection else ' (not saved; regenerated from seed)'}",
             f"{len(self.adapted_layers)} adapted layers:",

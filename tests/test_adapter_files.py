@@ -51,7 +51,7 @@ def numpy_weights(model):
 def assert_unchanged(model, before):
     after = numpy_weights(model)
     assert len(after) == len(before)
-    for a, b in zip(after, before):
+    for a, b in zip(after, before, strict=True):
         np.testing.assert_array_equal(a, b)
 
 

@@ -106,7 +106,7 @@ def test_adapted_model_is_left_intact():
         np.testing.assert_array_equal(
             keras.ops.convert_to_numpy(layer.lambda_b), vectors[path]
         )
-    assert [type(l).__name__ for l in adapted.base_model.layers[1:3]] == [
+    assert [type(layer).__name__ for layer in adapted.base_model.layers[1:3]] == [
         "PVeRADense",
         "PVeRADense",
     ]

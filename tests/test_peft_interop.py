@@ -77,10 +77,10 @@ def numpy_weights(model):
 
 
 def assert_untouched(model, before):
-    assert not any(isinstance(l, PVeRADense) for _, l in iter_layers(model))
+    assert not any(isinstance(layer, PVeRADense) for _, layer in iter_layers(model))
     after = numpy_weights(model)
     assert len(after) == len(before)
-    for a, b in zip(after, before):
+    for a, b in zip(after, before, strict=True):
         np.testing.assert_array_equal(a, b)
 
 

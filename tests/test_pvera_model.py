@@ -158,7 +158,7 @@ def test_subclassed_model_with_nested_layers_trains_and_saves(tmp_path):
     model.compile(optimizer="adam", loss="mse")
     model.fit(x, y, epochs=1, batch_size=8, verbose=0)
     # Frozen BatchNormalization: its moving statistics did not move either.
-    for before, after in zip(norm_before, base.norm.weights):
+    for before, after in zip(norm_before, base.norm.weights, strict=True):
         np.testing.assert_array_equal(to_numpy(after), before)
 
     path = str(tmp_path / "subclassed.keras")
@@ -270,11 +270,12 @@ model = keras.models.load_model({path!r})
 ids = np.load({str(tmp_path / "x.npy")!r})
 x = {{"token_ids": ids, "segment_ids": np.zeros_like(ids),
      "padding_mask": np.ones_like(ids)}}
-diff = np.abs(model.predict(x, verbose=0) - np.load({str(tmp_path / "expected.npy")!r})).max()
+expected = np.load({str(tmp_path / "expected.npy")!r})
+diff = np.abs(model.predict(x, verbose=0) - expected).max()
 print("max_abs_diff", diff)
 print("trainable", sorted(w.path for w in model.trainable_weights))
 model.fit(x, np.arange(len(ids)) % 2, epochs=1, verbose=0)
-print("resumed", model.optimizer.iterations.numpy() if hasattr(model.optimizer.iterations, "numpy") else int(model.optimizer.iterations))
+print("resumed", int(keras.ops.convert_to_numpy(model.optimizer.iterations)))
 """
     result = subprocess.run(
         [sys.executable, "-c", script],
