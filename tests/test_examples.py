@@ -11,12 +11,30 @@ def load_example(name):
     return module
 
 
-def test_quickstart_adapts_the_pretrained_model_to_all_ten_digits(capsys):
+def test_quickstart_prints_the_table_and_writes_the_pngs(capsys, tmp_path):
     quickstart = load_example("quickstart")
-    before, after = quickstart.main(pretrain_epochs=5, adapt_epochs=8)
+    before, rows, paths = quickstart.main(
+        pretrain_epochs=5,
+        adapt_epochs=10,
+        output_dir=str(tmp_path),
+        verbose=0,
+        mc_samples=5,
+    )
     printed = capsys.readouterr().out
     assert "2 adapted layers" in printed
-    assert "test accuracy after PVeRA" in printed
-    # Pretrained on five of ten digits: about half right; adapted: far more.
-    assert before < 0.6
-    assert after > before + 0.2
+    assert "| method | trained params | accuracy | ECE | NLL |" in printed
+    for method in ("PVeRA, Monte Carlo", "PVeRA, sampling off", "Keras LoRA"):
+        assert f"| {method}" in printed
+    assert len(paths) == 4
+    for path in paths.values():
+        assert path in printed or str(pathlib.Path(path).resolve()) in printed
+        with open(path, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    # Pretrained on four of seven digits: about half right; adapted: far more.
+    assert before < 0.65
+    mc = rows["PVeRA, Monte Carlo"]
+    assert mc["accuracy"] > before + 0.2
+    assert 0.0 <= mc["ECE"] <= 1.0 and mc["NLL"] > 0
+    # Sampling gives the mutual information a deterministic model lacks.
+    assert mc["AUROC noise MI"] is not None
+    assert rows["PVeRA, sampling off"]["AUROC noise MI"] is None
