@@ -80,8 +80,11 @@ def load_peft_adapter(model, path):
 
     Example:
 
-    >>> base = keras_hub.models.DINOV2Backbone.from_preset("dinov2_dir")  # doctest: +SKIP
-    >>> model = keras_pvera.load_peft_adapter(base, "peft_adapter_dir")  # doctest: +SKIP
+    >>> import keras_hub  # doctest: +SKIP
+    >>> base = keras_hub.models.DINOV2Backbone.from_preset(
+    ...     "dinov2_dir")  # doctest: +SKIP
+    >>> model = keras_pvera.load_peft_adapter(
+    ...     base, "peft_adapter_dir")  # doctest: +SKIP
     """
     if isinstance(model, PVeRAModel) or any(
         isinstance(layer, PVeRADense) for _, layer in model_surgery.iter_layers(model)

