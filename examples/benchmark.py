@@ -17,12 +17,27 @@ only its embedding LayerNorm and a head, so that its backward pass crosses
 every layer as PVeRA's does. A step minus its baseline is the adapter's own
 cost, which separates keras_pvera from KerasHub-versus-transformers
 differences in the base model.
+
+It also times Keras' own LoRA (`enable_lora` on the same query/value
+layers, rank 1, the smallest: Keras' `EinsumDense` LoRA factors the
+`(384, 12, 32)` kernel per head, `(384, 12, r)` times `(r, 32)`, so rank 1
+trains 4,640 values per layer against PVeRA r=256's 896), reports
+memory (trainable parameters and their AdamW state in bytes, and the
+process's peak resident memory), the sizes of adapter files (keras_pvera
+with and without the shared projections, PEFT's), and the Monte Carlo
+figures of `examples/benchmark_uncertainty.py` (a loop of `n` passes, one
+pass over the repeated batch, `predict_with_uncertainty`). Everything ends
+in one table.
 """
 
 import argparse
+import datetime
+import importlib.util
 import os
 import platform
+import resource
 import statistics
+import tempfile
 import time
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
@@ -64,6 +79,22 @@ def keras_classifier(backbone):
     return keras.Model(inputs, keras.layers.Dense(2, name="classifier")(pooled))
 
 
+def keras_lora_classifier(backbone, rank):
+    """Keras' own LoRA (`enable_lora`) on the query/value layers, frozen base."""
+    from keras_pvera.model_surgery import iter_layers
+
+    for weight in backbone.weights:
+        weight.trainable = False
+    for path, layer in iter_layers(backbone):
+        if path.rsplit("/", 1)[-1] in ("query", "value"):
+            layer.enable_lora(rank)
+    return keras_classifier(backbone)
+
+
+def trainable_count(model):
+    return sum(int(np.prod(w.shape)) for w in model.trainable_weights)
+
+
 def compile_for_training(model):
     model.compile(
         optimizer=keras.optimizers.AdamW(1e-3),
@@ -71,7 +102,7 @@ def compile_for_training(model):
     )
 
 
-def keras_contenders(ids, labels, rank):
+def keras_contenders(ids, labels, rank, lora_rank):
     """Steps of the frozen KerasHub model and of its keras_pvera version.
 
     The "full backward" baseline trains the frozen model's embedding
@@ -103,13 +134,18 @@ def keras_contenders(ids, labels, rank):
     )
     assert np.allclose(adapted, reference, atol=1e-5), "apply changed outputs"
 
+    lora_backbone = keras_hub.models.BertBackbone.from_preset(minilm_dir())
+    lora = keras_lora_classifier(lora_backbone, lora_rank)
+    compile_for_training(lora)
+
     steps = {
         "frozen forward": lambda: frozen.predict_on_batch(x),
         "keras_pvera forward (mean)": lambda: backbone.predict_on_batch(x),
         "frozen full-backward step": lambda: baseline.train_on_batch(x, labels),
         "keras_pvera train step": lambda: model.train_on_batch(x, labels),
+        "Keras LoRA train step": lambda: lora.train_on_batch(x, labels),
     }
-    return steps, model
+    return steps, model, lora
 
 
 def peft_contenders(ids, labels, rank):
@@ -155,7 +191,68 @@ def peft_contenders(ids, labels, rank):
         "PEFT PVeRA train step": training_step(model, torch.nn.Linear(hidden, 2)),
     }
     versions = f"peft {peft.__version__}, transformers {transformers.__version__}"
-    return steps, versions
+    return steps, (versions, model)
+
+
+def adapter_sizes(model, rank, peft_model):
+    """Bytes of adapter files: keras_pvera's with/without projections, PEFT's."""
+    import keras_hub
+
+    sizes = {}
+    with tempfile.TemporaryDirectory() as directory:
+        path = os.path.join(directory, "with.safetensors")
+        keras_pvera.save_adapter(model, path)
+        sizes["keras_pvera adapter file, with projections"] = os.path.getsize(path)
+        without = keras_pvera.apply(
+            keras_classifier(keras_hub.models.BertBackbone.from_preset(minilm_dir())),
+            rank=rank,
+            target=["query", "value"],
+            trainable_layers=["classifier"],
+            save_projection=False,
+        )
+        path = os.path.join(directory, "without.safetensors")
+        keras_pvera.save_adapter(without, path)
+        sizes["keras_pvera adapter file, without projections"] = os.path.getsize(path)
+        if peft_model is not None:
+            peft_model.save_pretrained(os.path.join(directory, "peft"))
+            sizes["PEFT adapter_model.safetensors (with projections)"] = (
+                os.path.getsize(
+                    os.path.join(directory, "peft", "adapter_model.safetensors")
+                )
+            )
+    return sizes
+
+
+def uncertainty_figures(model, ids, n, repeats):
+    """The timings of examples/benchmark_uncertainty.py, on `model`."""
+    path = os.path.join(os.path.dirname(__file__), "benchmark_uncertainty.py")
+    spec = importlib.util.spec_from_file_location("benchmark_uncertainty", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    x = keras_inputs(ids)
+    model.sample_at_inference = True
+    try:
+        functions = {
+            f"MC loop: {n} sampled passes": lambda: [
+                model.predict_on_batch(x) for _ in range(n)
+            ],
+            f"MC one pass over the batch x {n}": lambda: model.predict_on_batch(
+                module.repeated(x, n)
+            ),
+            f"predict_with_uncertainty, n={n}": lambda: (
+                keras_pvera.predict_with_uncertainty(model, x, n=n, verbose=0)
+            ),
+        }
+        times = module.time_round_robin(functions, repeats)
+    finally:
+        model.sample_at_inference = False
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def peak_rss_mib():
+    """Peak resident memory of this process (Linux: KiB; macOS: bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024 if platform.system() == "Darwin" else 1024)
 
 
 def time_rounds(contenders, rounds, warmup):
@@ -183,11 +280,17 @@ def main():
         help="training rounds (forward passes get 3x as many)",
     )
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--lora-rank", type=int, default=1)
+    parser.add_argument(
+        "--mc-batch", type=int, default=8, help="examples in the Monte Carlo run"
+    )
+    parser.add_argument("--mc-n", type=int, default=8, help="Monte Carlo passes")
     args = parser.parse_args()
 
     ids, labels = make_inputs(args.batch, args.seq, vocab=30522)
-    keras_steps, model = keras_contenders(ids, labels, args.rank)
-    peft_steps, peft_versions = peft_contenders(ids, labels, args.rank)
+    keras_steps, model, lora = keras_contenders(ids, labels, args.rank, args.lora_rank)
+    peft_steps, peft = peft_contenders(ids, labels, args.rank)
+    peft_versions, peft_model = peft if peft else (None, None)
 
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} CPUs, "
@@ -232,6 +335,76 @@ def main():
             f"PEFT adapter cost per step: {peft_cost:.4f} s; "
             f"keras_pvera's / PEFT's: {keras_cost / peft_cost:.3f}"
         )
+
+    mc = uncertainty_figures(model, ids[: args.mc_batch], args.mc_n, args.rounds)
+    sizes = adapter_sizes(model, args.rank, peft_model)
+    lora_trainable = trainable_count(lora)
+    lora_cost = times["Keras LoRA train step"] - times["frozen full-backward step"]
+
+    step = times["keras_pvera train step"]
+    rows = [(name, f"{seconds:.3f} s") for name, seconds in times.items()]
+    rows.append(
+        (
+            "keras_pvera forward (mean) / frozen forward",
+            f"{times['keras_pvera forward (mean)'] / times['frozen forward']:.3f}",
+        )
+    )
+    if peft_steps:
+        rows.append(
+            (
+                "keras_pvera train step / PEFT's",
+                f"{step / times['PEFT PVeRA train step']:.3f}",
+            )
+        )
+        rows.append(
+            ("keras_pvera adapter cost / PEFT's", f"{keras_cost / peft_cost:.3f}")
+        )
+    rows.append(
+        (
+            "keras_pvera train step / Keras LoRA's",
+            f"{step / times['Keras LoRA train step']:.3f}",
+        )
+    )
+    rows.append(
+        ("keras_pvera adapter cost / Keras LoRA's", f"{keras_cost / lora_cost:.3f}")
+    )
+    rows.append(("keras_pvera trainable params (incl. head)", f"{trainable:,}"))
+    rows.append(
+        (f"Keras LoRA rank {args.lora_rank} trainable params", f"{lora_trainable:,}")
+    )
+    for name, count in (("keras_pvera", trainable), ("Keras LoRA", lora_trainable)):
+        rows.append(
+            (f"{name} trainable weights + AdamW moments", f"{12 * count:,} bytes")
+        )
+    registry = model.projection_registry
+    projection_bytes = 4 * sum(
+        int(np.prod(w.shape)) for w in (registry.projection_a, registry.projection_b)
+    )
+    rows.append(("keras_pvera shared projections A, B", f"{projection_bytes:,} bytes"))
+    rows.append(("peak resident memory of this process", f"{peak_rss_mib():,.0f} MiB"))
+    for name, size in sizes.items():
+        rows.append((name, f"{size / 1024:,.1f} KiB"))
+    fastest = min(list(mc.values())[:2])
+    for name, seconds in mc.items():
+        rows.append(
+            (
+                f"{name} ({args.mc_batch} x {args.seq} tokens)",
+                f"{seconds:.3f} s ({seconds / fastest:.2f}x)",
+            )
+        )
+
+    print(
+        f"\nAll figures, {datetime.date.today()}, {platform.machine()}, "
+        f"{os.cpu_count()} CPUs, keras {keras.__version__} "
+        f"({keras.backend.backend()})"
+        + (f", {peft_versions}" if peft_versions else "")
+        + ":\n"
+    )
+    width = max(len(name) for name, _ in rows)
+    print(f"| {'figure':<{width}} | value |")
+    print(f"|{'-' * (width + 2)}|---|")
+    for name, value in rows:
+        print(f"| {name:<{width}} | {value} |")
 
 
 if __name__ == "__main__":

@@ -56,11 +56,24 @@ def save_adapter(model, path):
             are not the ones its seed generates (they were loaded from a
             file), so a file without them would load wrong.
 
+    Returns:
+        None. The file is at `path`.
+
     Example:
 
-    >>> model = keras_pvera.apply(base, rank=4)  # doctest: +SKIP
-    >>> model.fit(x, y)  # doctest: +SKIP
-    >>> keras_pvera.save_adapter(model, "task.safetensors")  # doctest: +SKIP
+    >>> import os, tempfile
+    >>> import keras, keras_pvera
+    >>> import numpy as np
+    >>> def base():
+    ...     return keras.Sequential([keras.Input((8,)),
+    ...                              keras.layers.Dense(16, name="hidden"),
+    ...                              keras.layers.Dense(3, name="head")])
+    >>> model = keras_pvera.apply(base(), rank=4, target=["hidden"])
+    >>> _ = model.adapted_layers["hidden"].lambda_b.assign(np.ones(16))
+    >>> path = os.path.join(tempfile.mkdtemp(), "task.safetensors")
+    >>> keras_pvera.save_adapter(model, path)
+    >>> os.path.getsize(path) < 2000  # vectors and the 8x8 and 16x4 projections
+    True
     """
     state = adapter_state_of(model)
     if not state.settings["save_projection"]:
@@ -105,8 +118,26 @@ def load_adapter(model, path):
 
     Example:
 
-    >>> base = keras_hub.models.BertBackbone.from_preset(...)  # doctest: +SKIP
-    >>> model = keras_pvera.load_adapter(base, "task.safetensors")  # doctest: +SKIP
+    A file written by `save_adapter` (see its example), on a fresh copy of
+    the base model (the same architecture and base weights):
+
+    >>> import os, tempfile
+    >>> import keras, keras_pvera
+    >>> import numpy as np
+    >>> def base():
+    ...     keras.utils.set_random_seed(0)
+    ...     return keras.Sequential([keras.Input((8,)),
+    ...                              keras.layers.Dense(16, name="hidden"),
+    ...                              keras.layers.Dense(3, name="head")])
+    >>> model = keras_pvera.apply(base(), rank=4, target=["hidden"])
+    >>> _ = model.adapted_layers["hidden"].lambda_b.assign(np.ones(16))
+    >>> path = os.path.join(tempfile.mkdtemp(), "task.safetensors")
+    >>> keras_pvera.save_adapter(model, path)
+    >>> loaded = keras_pvera.load_adapter(base(), path)
+    >>> x = np.ones((2, 8), "float32")
+    >>> bool(np.allclose(loaded.predict(x, verbose=0),
+    ...                  model.predict(x, verbose=0)))
+    True
     """
     tensors, metadata = safetensors_io.read_safetensors(path)
     state = decode_adapter(tensors, metadata, source=repr(str(path)))

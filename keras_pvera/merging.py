@@ -46,9 +46,15 @@ def merge(model):
     >>> import numpy as np
     >>> base = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16),
     ...                          keras.layers.Dense(3)])
-    >>> adapted = keras_pvera.apply(base, rank=4)  # doctest: +SKIP
-    >>> merged = merge(adapted)  # doctest: +SKIP
-    >>> merged.save("merged.keras")  # doctest: +SKIP
+    >>> import keras_pvera
+    >>> adapted = keras_pvera.apply(base, rank=4)
+    >>> for layer in adapted.adapted_layers.values():
+    ...     _ = layer.lambda_b.assign(np.ones(layer.out_dim))
+    >>> merged = merge(adapted)
+    >>> x = np.ones((2, 8), "float32")
+    >>> bool(np.allclose(merged.predict(x, verbose=0),
+    ...                  adapted.predict(x, verbose=0), atol=1e-5))
+    True
     """
     if not isinstance(model, PVeRAModel):
         raise TypeError(

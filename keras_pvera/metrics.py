@@ -153,6 +153,11 @@ class ExpectedCalibrationError(keras.metrics.Metric):
         name: Name of the metric.
         dtype: Dtype of the result.
 
+    Returns:
+        A `keras.metrics.Metric`; its `result()` is a scalar tensor, the
+        ECE of every batch given to `update_state` since the last
+        `reset_state`.
+
     Raises:
         ValueError: If `num_bins` is not a positive integer.
 
@@ -179,7 +184,13 @@ class ExpectedCalibrationError(keras.metrics.Metric):
         )
 
     def update_state(self, y_true, y_pred, sample_weight=None):
-        """Adds a batch of labels and predicted probabilities."""
+        """Adds a batch of labels and predicted probabilities.
+
+        Args:
+            y_true: Class indices or one-hot labels.
+            y_pred: Class probabilities.
+            sample_weight: Optional weights, as for `calibration_bins`.
+        """
         weights, confidences, correct = calibration_bins(
             y_true, y_pred, num_bins=self.num_bins, sample_weight=sample_weight
         )
@@ -190,6 +201,7 @@ class ExpectedCalibrationError(keras.metrics.Metric):
         self.bin_correct.assign_add(ops.cast(correct, self.bin_correct.dtype))
 
     def result(self):
+        """The expected calibration error so far, a scalar tensor."""
         return ops.cast(
             calibration_error_from_bins(
                 self.bin_weights, self.bin_confidences, self.bin_correct
@@ -221,6 +233,16 @@ def reliability_diagram(y_true, y_prob, path, num_bins=15):
     Raises:
         ImportError: If matplotlib is not installed.
         ValueError: If `num_bins` is not a positive integer.
+
+    Example:
+
+    >>> import os, tempfile
+    >>> path = os.path.join(tempfile.mkdtemp(), "reliability.png")
+    >>> reliability_diagram([0, 1, 1], [[0.8, 0.2], [0.3, 0.7], [0.6, 0.4]],
+    ...                     path) == path
+    True
+    >>> open(path, "rb").read(4)[1:] == b"PNG"
+    True
     """
     num_bins = _check_num_bins(num_bins)
     try:

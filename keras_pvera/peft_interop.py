@@ -80,11 +80,22 @@ def load_peft_adapter(model, path):
 
     Example:
 
-    >>> import keras_hub  # doctest: +SKIP
-    >>> base = keras_hub.models.DINOV2Backbone.from_preset(
-    ...     "dinov2_dir")  # doctest: +SKIP
-    >>> model = keras_pvera.load_peft_adapter(
-    ...     base, "peft_adapter_dir")  # doctest: +SKIP
+    A folder written by `save_peft_adapter` (or by PEFT from the Hugging
+    Face `BertModel` of the same checkpoint), loaded on a fresh KerasHub
+    BERT:
+
+    >>> import os, tempfile
+    >>> import keras, keras_hub, keras_pvera
+    >>> def bert():
+    ...     keras.utils.set_random_seed(0)
+    ...     return keras_hub.models.BertBackbone(
+    ...         vocabulary_size=50, num_layers=1, num_heads=2, hidden_dim=8,
+    ...         intermediate_dim=16, max_sequence_length=8)
+    >>> folder = tempfile.mkdtemp()
+    >>> keras_pvera.save_peft_adapter(keras_pvera.apply(bert(), rank=4), folder)
+    >>> model = keras_pvera.load_peft_adapter(bert(), folder)
+    >>> model.rank, len(model.adapted_layers)  # query and value
+    (4, 2)
     """
     if isinstance(model, PVeRAModel) or any(
         isinstance(layer, PVeRADense) for _, layer in model_surgery.iter_layers(model)
@@ -187,10 +198,24 @@ def save_peft_adapter(
             not regenerate.
         ImportError: For `save_projection=False` without torch.
 
+    Returns:
+        None. The folder holds `adapter_config.json` and
+        `adapter_model.safetensors`.
+
     Example:
 
-    >>> keras_pvera.save_peft_adapter(model, "peft_adapter_dir")  # doctest: +SKIP
-    >>> PeftModel.from_pretrained(hf_model, "peft_adapter_dir")  # doctest: +SKIP
+    >>> import os, tempfile
+    >>> import keras_hub, keras_pvera
+    >>> bert = keras_hub.models.BertBackbone(
+    ...     vocabulary_size=50, num_layers=1, num_heads=2, hidden_dim=8,
+    ...     intermediate_dim=16, max_sequence_length=8)
+    >>> folder = tempfile.mkdtemp()
+    >>> keras_pvera.save_peft_adapter(keras_pvera.apply(bert, rank=4), folder)
+    >>> sorted(os.listdir(folder))
+    ['adapter_config.json', 'adapter_model.safetensors']
+
+    PEFT then loads it onto the Hugging Face model of the same checkpoint:
+    `peft.PeftModel.from_pretrained(hf_bert_model, folder)`.
     """
     naming = default_naming() if naming is None else naming
     if naming not in NAMINGS:

@@ -35,6 +35,10 @@ def generate_projections(seed, rank, in_max, out_max):
         A tuple `(A, B)` of float32 NumPy arrays, shapes `(2 * rank, in_max)`
         and `(out_max, rank)`.
 
+    Raises:
+        ValueError: If `seed` is negative or a size is not positive (from
+            NumPy's generator).
+
     Example:
 
     >>> a, b = generate_projections(seed=0, rank=4, in_max=8, out_max=3)
@@ -72,6 +76,15 @@ class ProjectionRegistry(keras.layers.Layer):
         seed: Seed of the projections (non-negative integer).
         save_projection: Whether saving writes `A` and `B`.
         **kwargs: Base layer keyword arguments, such as `name`.
+
+    Returns:
+        A Keras layer holding `A` `(2 * rank, in_max)` and `B`
+        `(out_max, rank)` as non-trainable weights; `projections(in_dim,
+        out_dim)` returns the slices a layer uses.
+
+    Raises:
+        ValueError: From `projections`, for a layer larger than
+            `in_max -> out_max`.
 
     Example:
 

@@ -91,6 +91,9 @@ def kl_divergence(mu, logvar):
     Returns:
         A scalar tensor.
 
+    Raises:
+        ValueError: If `mu` and `logvar` do not broadcast together.
+
     Example:
 
     >>> import numpy as np
@@ -256,6 +259,17 @@ class PVeRADense(keras.layers.Layer):
         projection_registry: A shared `ProjectionRegistry`, or `None` to make
             one sized for this layer.
         **kwargs: Base layer keyword arguments, such as `name`.
+
+    Returns:
+        A Keras layer; calling it returns the base layer's output plus the
+        adapter's, shaped as the base layer's.
+
+    Raises:
+        TypeError: If `base_layer` is not a `Dense` or `EinsumDense`.
+        ValueError: For a bad `rank`, `dropout` or other setting, an einsum
+            equation whose kernel axes are not a plain linear map, a layer
+            that does not fit `projection_registry`, or a quantization mode
+            other than int8/float8.
 
     Example:
 

@@ -237,6 +237,13 @@ class PVeRAModel(keras.Model):
             (used when loading).
         **kwargs: `name` and other `keras.Model` keyword arguments.
 
+    Returns:
+        A `keras.Model` whose calls run the adapted base model.
+
+    Raises:
+        ValueError: As `keras_pvera.apply` (bad settings, no layer matched,
+            a model already adapted).
+
     Example:
 
     >>> base = keras.Sequential([keras.Input((8,)),
@@ -479,7 +486,20 @@ class PVeRAModel(keras.Model):
         return super().evaluate(*args, **kwargs)
 
     def parameter_counts(self):
-        """Returns `(trainable, total)` parameter counts, each weight once."""
+        """Counts the parameters, each weight once.
+
+        Returns:
+            A tuple `(trainable, total)` of integers.
+
+        Example:
+
+        >>> import keras_pvera
+        >>> base = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16),
+        ...                          keras.layers.Dense(3)])
+        >>> keras_pvera.apply(base, rank=4, target=[base.layers[0].name]
+        ...                   ).parameter_counts()  # lambdas 2 * 4 + 16
+        (24, 347)
+        """
         trainable = sum(int(np.prod(w.shape)) for w in self.trainable_weights)
         total = sum(int(np.prod(w.shape)) for w in self.weights)
         return trainable, total
@@ -489,6 +509,20 @@ class PVeRAModel(keras.Model):
 
         Returns:
             A string; `summary()` prints it after Keras' own summary.
+
+        Example:
+
+        >>> import keras_pvera
+        >>> base = keras.Sequential([keras.Input((8,)),
+        ...                          keras.layers.Dense(16, name="hidden"),
+        ...                          keras.layers.Dense(3, name="head")])
+        >>> print(keras_pvera.apply(base, rank=4, target=["hidden"]
+        ...                         ).pvera_summary())  # doctest: +ELLIPSIS
+        PVeRA: rank=4, seed=0, alpha=1, ...
+        Shared projections: A (8, 8), B (16, 4)
+        1 adapted layers:
+          hidden  Dense            8 -> 16     trainable 24
+        trainable params: 24 || all params: 347 || trainable%: 6.9164
         """
         trainable, total = self.parameter_counts()
         lines = [
@@ -553,8 +587,29 @@ class PVeRAModel(keras.Model):
         see there for the keyword arguments (`batch_size`, `level`, `seed`,
         `return_samples`, `verbose`).
 
+        Args:
+            x: Inputs, as for `model.predict`.
+            n: Number of Monte Carlo passes.
+            **kwargs: `batch_size`, `level`, `seed`, `return_samples`,
+                `verbose`.
+
         Returns:
             An `UncertaintyResult`.
+
+        Raises:
+            ValueError: As `keras_pvera.predict_with_uncertainty`.
+
+        Example:
+
+        >>> import keras_pvera
+        >>> import numpy as np
+        >>> base = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8),
+        ...                          keras.layers.Dense(2, activation="softmax")])
+        >>> model = keras_pvera.apply(base, rank=4)
+        >>> result = model.predict_with_uncertainty(np.ones((3, 4)), n=4,
+        ...                                         seed=0, verbose=0)
+        >>> result.n, result.mean.shape, result.lower.shape
+        (4, (3, 2), (3, 2))
         """
         # Imported when used: the uncertainty tools are optional to the core.
         from keras_pvera.uncertainty import predict_with_uncertainty

@@ -159,6 +159,12 @@ class UncertaintyResult:
         keep_samples: Whether to keep the samples as `samples` (`n` times the
             memory of one prediction). The statistics do not need them.
 
+    Returns:
+        The statistics below as attributes; `mean_interval`,
+        `predictive_entropy`, `expected_entropy` and `mutual_information`
+        return arrays shaped like `mean` (without its class axis for the
+        entropies).
+
     Attributes:
         n: The number of samples.
         level: The level given.
