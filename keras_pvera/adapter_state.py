@@ -157,8 +157,13 @@ def adapter_state_of(model):
 
     Example:
 
-    >>> state = adapter_state_of(keras_pvera.apply(base, rank=4))  # doctest: +SKIP
-    >>> list(state.layers)  # doctest: +SKIP
+    >>> import keras, keras_pvera
+    >>> base = keras.Sequential([keras.Input((8,)),
+    ...                          keras.layers.Dense(16, name="dense"),
+    ...                          keras.layers.Dense(3, name="head")])
+    >>> state = adapter_state_of(
+    ...     keras_pvera.apply(base, rank=4, target=["dense"]))
+    >>> list(state.layers)
     ['dense']
     """
     if not isinstance(model, PVeRAModel):

@@ -13,6 +13,13 @@ Labels may be integer class indices (shape `(batch, ...)` or
 `(batch, ..., 1)`) or one-hot (shape of `y_prob`). Probabilities of shape
 `(batch, ..., classes)`; a single unit (`(batch, ..., 1)` or `(batch,)`) is
 read as the probability of class 1 of a binary problem.
+
+Example:
+
+>>> from keras_pvera import metrics
+>>> round(float(metrics.expected_calibration_error(
+...     [0, 1], [[0.9, 0.1], [0.4, 0.6]], num_bins=10)), 6)
+0.25
 """
 
 import numbers

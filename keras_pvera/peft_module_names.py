@@ -183,8 +183,12 @@ def find_table(model):
 
     Example:
 
-    >>> table, prefix = find_table(keras_hub.models.BertBackbone(...))  # doctest: +SKIP
-    >>> table.backbone, prefix  # doctest: +SKIP
+    >>> import keras_hub
+    >>> bert = keras_hub.models.BertBackbone(
+    ...     vocabulary_size=50, num_layers=1, num_heads=2, hidden_dim=8,
+    ...     intermediate_dim=16, max_sequence_length=8)
+    >>> table, prefix = find_table(bert)
+    >>> table.backbone, prefix
     ('BertBackbone', '')
     """
     candidates = [("", model)] + list(model_surgery.iter_layers(model))

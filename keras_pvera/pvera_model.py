@@ -454,6 +454,24 @@ class PVeRAModel(keras.Model):
 
         `predict` and `evaluate` call it first, so a diverged fine-tune gives
         a clear error instead of silent NaN predictions.
+
+        Raises:
+            ValueError: Naming the first broken vectors.
+
+        Example:
+
+        >>> import numpy as np
+        >>> import keras_pvera
+        >>> base = keras.Sequential([keras.Input((4,)),
+        ...                          keras.layers.Dense(8, name="hidden"),
+        ...                          keras.layers.Dense(2, name="head")])
+        >>> model = keras_pvera.apply(base, rank=2, target=["hidden"])
+        >>> model.check_finite()  # fine: returns None
+        >>> _ = model.adapted_layers["hidden"].lambda_b.assign(np.full(8, np.nan))
+        >>> model.check_finite()  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: PVeRA weights hold NaN or infinity: ['hidden/pvera_lambda_b']...
         """
         bad = []
         for path, layer in self.adapted_layers.items():
@@ -552,7 +570,18 @@ class PVeRAModel(keras.Model):
         return "\n".join(lines)
 
     def print_trainable_parameters(self):
-        """Prints trainable and total parameter counts, as PEFT does."""
+        """Prints trainable and total parameter counts, as PEFT does.
+
+        Example:
+
+        >>> import keras_pvera
+        >>> base = keras.Sequential([keras.Input((8,)),
+        ...                          keras.layers.Dense(16, name="hidden"),
+        ...                          keras.layers.Dense(3, name="head")])
+        >>> keras_pvera.apply(base, rank=4, target=["hidden"]
+        ...                   ).print_trainable_parameters()
+        trainable params: 24 || all params: 347 || trainable%: 6.9164
+        """
         print(self.pvera_summary().splitlines()[-1])
 
     def summary(self, *args, print_fn=None, **kwargs):
