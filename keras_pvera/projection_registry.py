@@ -36,8 +36,8 @@ def generate_projections(seed, rank, in_max, out_max):
         and `(out_max, rank)`.
 
     Raises:
-        ValueError: If `seed` is negative or a size is not positive (from
-            NumPy's generator).
+        ValueError: If `seed` or a size is negative (from NumPy's
+            generator).
 
     Example:
 

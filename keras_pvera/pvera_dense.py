@@ -92,7 +92,8 @@ def kl_divergence(mu, logvar):
         A scalar tensor.
 
     Raises:
-        ValueError: If `mu` and `logvar` do not broadcast together.
+        Nothing of its own; the backend raises its own error if `mu` and
+        `logvar` do not broadcast together.
 
     Example:
 
