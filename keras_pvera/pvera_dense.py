@@ -220,6 +220,19 @@ class LinearEquation:
         return matrix
 
 
+def _float_policy(dtype):
+    """The float policy of `dtype`: `"int8_from_float32"` gives `"float32"`.
+
+    The wrapper computes in the base layer's float policy; a quantized policy
+    would make Keras dispatch the wrapper's own call to quantized kernels it
+    does not have (the wrapped layer runs its quantized call itself).
+    """
+    policy = keras.dtype_policies.get(dtype)
+    if getattr(policy, "quantization_mode", None) is None:
+        return policy
+    return keras.dtype_policies.get(policy._source_name)
+
+
 def linear_equation_of(layer):
     """The `LinearEquation` of a built `Dense` or `EinsumDense` layer."""
     equation = (
@@ -305,7 +318,7 @@ class PVeRADense(keras.layers.Layer):
             )
         validate_settings(rank, alpha, d_initial, dropout, kl_weight)
         kwargs.setdefault("name", base_layer.name)
-        kwargs.setdefault("dtype", base_layer.dtype_policy)
+        kwargs["dtype"] = _float_policy(kwargs.get("dtype", base_layer.dtype_policy))
         super().__init__(**kwargs)
         # Variables are named beside the base layer's own, e.g.
         # "encoder/query/pvera_lambda_d" next to "encoder/query/kernel".

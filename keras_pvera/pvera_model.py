@@ -609,6 +609,25 @@ class PVeRAModel(keras.Model):
         base_model = keras.saving.deserialize_keras_object(config["base_model_config"])
         return cls(base_model, **config)
 
+    def quantize(self, mode=None, config=None, filters=None, **kwargs):
+        """Refuses: quantize the base model before `keras_pvera.apply`.
+
+        The saved file rebuilds the base model from its configuration as it
+        was when PVeRA was applied, so weights quantized afterwards would not
+        load back; and the adapters are set up for the base layers' mode.
+
+        Raises:
+            ValueError: Always, naming the order that works.
+        """
+        raise ValueError(
+            "Quantize the base model before keras_pvera.apply, not the "
+            "adapted model: `base.quantize("
+            f"{mode!r}); model = keras_pvera.apply(base, ...)`. The "
+            "adapted model saves the base model's configuration as it was "
+            "when PVeRA was applied, so quantizing afterwards would not "
+            "round-trip."
+        )
+
     def predict_with_uncertainty(self, x, n=30, **kwargs):
         """Monte Carlo prediction: `n` sampled passes and their statistics.
 
