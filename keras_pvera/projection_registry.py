@@ -136,28 +136,24 @@ class ProjectionRegistry(keras.layers.Layer):
         finally:
             self._shared.entries = outer
 
-    def project(self, x, linear, logvar_only=False):
+    def project(self, x, linear):
         """Projects a layer's input onto `A`: `x @ A[:, :in].T` per token.
 
         Args:
             x: The adapted layer's input.
             linear: The layer's `LinearEquation` (which axes of `x` are
                 contracted, and how).
-            logvar_only: Project on the log-variance half `A[r:]` only.
 
         Returns:
-            A tensor of shape `(..., 2 * rank)` (`(..., rank)` with
-            `logvar_only`).
+            A tensor of shape `(..., 2 * rank)`.
         """
-        key = (linear.to_latent, tuple(linear.in_dims), logvar_only)
+        key = (linear.to_latent, tuple(linear.in_dims))
         entries = self._shared.entries
         if entries is not None:
             for seen_x, seen_key, product in entries:
                 if seen_x is x and seen_key == key:
                     return product
         a, _ = self.projections(linear.in_dim, 1)
-        if logvar_only:
-            a = a[self.rank :]
         product = linear.project(x, ops.transpose(a))
         if entries is not None:
             # Holding `x` keeps its identity from being reused while cached.

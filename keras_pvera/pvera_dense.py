@@ -15,16 +15,17 @@ An `EinsumDense` is the same linear map with `in` the product of its
 contracted input dims and `out` the product of its kernel's output dims, in
 the kernel's own (row-major) order.
 
-At inference the mean adapter is linear in `x`, so it is folded into the
-kernel once per call (as Keras' own LoRA does):
+At inference with sampling off, on a float32 kernel, the mean adapter is
+linear in `x`, so it is folded into the kernel once per call (as Keras' own
+LoRA does):
 
     delta_W = A[:r, :in].T @ diag(lambda_d[:r]) @ B[:out, :].T
               @ diag(alpha * lambda_b)
 
 which costs one `in x r x out` product per call instead of two per-token
-products; with sampling at inference, only the noise branch
-`eps * exp(0.5 * logvar)` then runs per token. In training the adapter runs
-token by token with `lambda_d` and `lambda_b` scaling activations, not
+products. Otherwise (training, sampling at inference, quantized or
+float16/bfloat16 bases, where a folded delta could round away) the adapter
+runs token by token, with `lambda_d` and `lambda_b` scaling activations, not
 kernels, so their gradients are elementwise products, never weight-gradient
 matrix products.
 """
@@ -33,6 +34,7 @@ import math
 import string
 
 import keras
+import numpy as np
 from keras import ops
 
 from keras_pvera.projection_registry import ProjectionRegistry
@@ -72,6 +74,20 @@ def validate_settings(rank, alpha, d_initial, dropout, kl_weight):
             "`kl_weight` must be a finite number >= 0 (the paper used 1e-16 "
             f"to 1e-6). Received: kl_weight={kl_weight!r}"
         )
+
+
+def derive_seed(seed, index):
+    """An independent seed derived from `(seed, index)` (NumPy SeedSequence).
+
+    Consecutive seeds give overlapping random streams on some backends
+    (torch seeds each draw from the sum of the generator's state).
+
+    Example:
+
+    >>> derive_seed(0, 1) != derive_seed(0, 2)
+    True
+    """
+    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0] >> 1)
 
 
 def _is_real(value):
@@ -341,7 +357,10 @@ class PVeRADense(keras.layers.Layer):
         if activation is keras.activations.linear:
             activation = None
         self.activation = activation
-        self.dropout_layer = keras.layers.Dropout(self.dropout, seed=self.seed)
+        # Dropout and noise draw from distinct streams, in this layer's dtype.
+        self.dropout_layer = keras.layers.Dropout(
+            self.dropout, seed=derive_seed(self.seed, 1), dtype=self.dtype_policy
+        )
         self.seed_generator = keras.random.SeedGenerator(self.seed)
         self.base_layer.trainable = False
         if base_layer.built:
@@ -444,16 +463,32 @@ class PVeRADense(keras.layers.Layer):
 
     def call(self, inputs, training=None):
         base = self.base_layer
-        if training or base.quantization_mode is not None:
-            y = self._latent_path(base(inputs), inputs, training)
-        else:
+        if self._folds(training):
             y = self._folded_path(inputs)
+        else:
+            y = self._latent_path(base(inputs), inputs, training)
         if self.activation is not None:
             y = self.activation(y)
         return y
 
+    def _folds(self, training):
+        """Whether this call folds the mean adapter into the kernel.
+
+        Only for mean-mode inference on a float32 (or float64) kernel: while
+        training, sampling, or on a quantized base, the adapter runs token by
+        token; in float16/bfloat16 a folded delta smaller than the kernel's
+        rounding step would be lost.
+        """
+        return not (
+            training
+            or self.sample_at_inference
+            or self.base_layer.quantization_mode is not None
+            or self.compute_dtype not in ("float32", "float64")
+        )
+
     def _latent_path(self, y, inputs, training):
-        """Adds the adapter token by token (training, quantized bases)."""
+        """Adds the adapter token by token (training, sampling, quantized or
+        low-precision bases)."""
         mu, logvar = self.latent(inputs, training=training)
         if training and self.kl_weight > 0:
             self.add_loss(self.kl_weight * kl_divergence(mu, logvar))
@@ -468,20 +503,11 @@ class PVeRADense(keras.layers.Layer):
         return ops.add(y, ops.multiply(adapter, scale))
 
     def _folded_path(self, inputs):
-        """Inference: the mean adapter folded into the kernel, once a call."""
+        """Mean-mode inference: the adapter folded into the kernel, once a call."""
         base = self.base_layer
         y = self.linear(inputs, ops.add(base.kernel, self.delta_kernel()))
         if base.bias is not None:
             y = ops.add(y, base.bias)
-        if self.sample_at_inference:
-            # Only the noise runs per token.
-            _, b = self._projections()
-            logvar = self.projection_registry.project(
-                inputs, self.linear, logvar_only=True
-            )
-            logvar = ops.multiply(logvar, self.lambda_d[self.rank :])
-            noise = ops.cast(self._noise(logvar), self.compute_dtype)
-            y = ops.add(y, self.linear.expand(noise, self._scaled_b(b)))
         return y
 
     def compute_output_shape(self, input_shape):
@@ -500,6 +526,13 @@ class PVeRADense(keras.layers.Layer):
                 "sample_at_inference": self.sample_at_inference,
                 "seed": self.seed,
                 "save_projection": self.save_projection,
+                # The (possibly shared) registry's settings, so that a layer
+                # rebuilt from its config reads the same projections.
+                "projection_registry": (
+                    None
+                    if self.projection_registry is None
+                    else keras.saving.serialize_keras_object(self.projection_registry)
+                ),
                 "activation": keras.activations.serialize(
                     self.activation or keras.activations.linear
                 ),
@@ -513,4 +546,8 @@ class PVeRADense(keras.layers.Layer):
         config["base_layer"] = keras.saving.deserialize_keras_object(
             config["base_layer"]
         )
+        if config.get("projection_registry") is not None:
+            config["projection_registry"] = keras.saving.deserialize_keras_object(
+                config["projection_registry"]
+            )
         return cls(**config)

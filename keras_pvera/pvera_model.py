@@ -20,6 +20,7 @@ from keras import ops
 from keras_pvera import model_surgery
 from keras_pvera.projection_registry import ProjectionRegistry
 from keras_pvera.pvera_dense import PVeRADense
+from keras_pvera.pvera_dense import derive_seed
 from keras_pvera.pvera_dense import linear_equation_of
 from keras_pvera.pvera_dense import validate_settings
 
@@ -358,7 +359,7 @@ class PVeRAModel(keras.Model):
                     dropout=dropout,
                     kl_weight=kl_weight,
                     sample_at_inference=sample_at_inference,
-                    seed=_layer_seed(seed, i),
+                    seed=derive_seed(seed, i),
                     save_projection=save_projection,
                     projection_registry=registry,
                     name=layer.name,
@@ -501,7 +502,12 @@ class PVeRAModel(keras.Model):
 
     def evaluate(self, *args, **kwargs):
         self.check_finite()
-        return super().evaluate(*args, **kwargs)
+        logs = super().evaluate(*args, **kwargs)
+        if isinstance(logs, dict):
+            # KL is a training term (evaluation runs the mean path): drop the
+            # tracker's empty reading, which fit would log as val_kl_loss 0.
+            logs.pop("kl_loss", None)
+        return logs
 
     def parameter_counts(self):
         """Counts the parameters, each weight once.
@@ -663,16 +669,6 @@ class PVeRAModel(keras.Model):
         from keras_pvera.uncertainty import predict_with_uncertainty
 
         return predict_with_uncertainty(self, x, n=n, **kwargs)
-
-
-def _layer_seed(seed, index):
-    """An independent noise seed for the `index`-th adapted layer.
-
-    Consecutive seeds would give overlapping noise streams on some backends
-    (torch seeds each draw from the sum of the generator's state), so each
-    layer's seed is derived from `(seed, index)` by NumPy's SeedSequence.
-    """
-    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0] >> 1)
 
 
 def _layer_at(layers, path):

@@ -324,3 +324,44 @@ def test_latent_math_runs_in_float32_under_mixed_precision(policy):
     kl = to_numpy(layer.losses[0])
     # The projection itself runs in the compute dtype (bfloat16: 3 digits).
     np.testing.assert_allclose(kl, np.mean(-0.5 * (1 + 15.0 - np.exp(15.0))), rtol=0.05)
+
+
+def test_low_precision_layers_keep_the_adapter_unfolded():
+    """A bfloat16 kernel would round a small folded delta away."""
+    rng = np.random.default_rng(12)
+    base = keras.layers.Dense(64, dtype="bfloat16", use_bias=False)
+    base.build((None, 64))
+    base.kernel.assign(rng.uniform(-0.1, 0.1, (64, 64)))
+    layer = PVeRADense(base, rank=8)
+    assert layer.compute_dtype == "bfloat16"
+    assert layer.dropout_layer.compute_dtype == "bfloat16"
+    layer.lambda_d.assign(rng.normal(0.0, 1.0, 16))
+    layer.lambda_b.assign(np.full(64, 1e-3))
+    x = rng.normal(size=(32, 64)).astype("float32")
+    a, b, ld, lb = adapter_arrays(layer)
+    expected, _ = numpy_pvera(x, np.zeros((64, 64)), None, a, b, ld, lb, 1.0)
+    effect = to_numpy(ops.cast(layer(x), "float32")) - to_numpy(
+        ops.cast(base(x), "float32")
+    )
+    assert np.corrcoef(effect.ravel(), expected.ravel())[0, 1] > 0.95
+
+
+def test_a_layer_sharing_a_registry_survives_its_config():
+    from keras_pvera import ProjectionRegistry
+
+    registry = ProjectionRegistry(rank=2, in_max=16, out_max=16, seed=3)
+    layer = PVeRADense(keras.layers.Dense(6), rank=2, projection_registry=registry)
+    x = np.random.default_rng(13).normal(size=(4, 5)).astype("float32")
+    layer.build(x.shape)
+    randomize_lambdas(layer)
+    clone = PVeRADense.from_config(layer.get_config())  # built from config
+    clone.set_weights(layer.get_weights())
+    np.testing.assert_allclose(to_numpy(clone(x)), to_numpy(layer(x)), atol=1e-6)
+
+
+def test_dropout_and_noise_draw_from_distinct_streams():
+    layer = PVeRADense(keras.layers.Dense(3), rank=2, dropout=0.5, seed=7)
+    assert not np.array_equal(
+        to_numpy(layer.dropout_layer.seed_generator.state),
+        to_numpy(layer.seed_generator.state),
+    )

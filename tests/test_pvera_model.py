@@ -489,3 +489,13 @@ def test_query_and_value_share_one_projection_per_attention_layer():
     unshared = to_numpy(model.base_model(x, training=True)["sequence_output"])
     assert len({id(product) for product in products}) == 4
     np.testing.assert_allclose(shared, unshared, rtol=1e-5, atol=1e-5)
+
+
+def test_kl_loss_is_logged_for_training_not_as_a_zero_validation_figure():
+    model = keras_pvera.apply(mlp(), rank=4, kl_weight=1e-3)
+    x, y = data(16)
+    model.compile(optimizer="adam", loss="mse")
+    history = model.fit(x, y, validation_data=(x, y), epochs=1, verbose=0)
+    assert history.history["kl_loss"][0] > 0
+    assert "val_kl_loss" not in history.history
+    assert "val_loss" in history.history
