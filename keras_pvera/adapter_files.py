@@ -32,6 +32,7 @@ from keras_pvera.adapter_state import SETTING_NAMES
 from keras_pvera.adapter_state import AdapterState
 from keras_pvera.adapter_state import adapter_state_of
 from keras_pvera.adapter_state import restore_adapter
+from keras_pvera.adapter_state import same_arrays
 
 FORMAT = "keras_pvera.adapter"
 FORMAT_VERSION = 1
@@ -78,10 +79,7 @@ def save_adapter(model, path):
     state = adapter_state_of(model)
     if not state.settings["save_projection"]:
         seed_made = state.seed_projections()
-        if not all(
-            np.array_equal(a, b)
-            for a, b in zip(state.projections, seed_made, strict=False)
-        ):
+        if not same_arrays(state.projections, seed_made):
             raise ValueError(
                 "This model was adapted with save_projection=False, but its "
                 "projections are not the ones its seed "

@@ -277,7 +277,7 @@ def _check_adapted_model(model, state):
             _to_numpy(registry.projection_a),
             _to_numpy(registry.projection_b),
         )
-        if not _same_arrays(current, state.seed_projections()):
+        if not same_arrays(current, state.seed_projections()):
             raise ValueError(
                 "The adapter holds no projections, so it needs the ones "
                 f"seed {state.settings['seed']} generates, but this model's "
@@ -337,7 +337,7 @@ def _check_base_model(model, state):
 def _check_seed_made(state):
     # A model with save_projection=False regenerates its projections from
     # the seed when saved and loaded: any others would come back wrong.
-    if not _same_arrays(state.projections, state.seed_projections()):
+    if not same_arrays(state.projections, state.seed_projections()):
         raise ValueError(
             "The adapter's projections are not the ones seed "
             f"{state.settings['seed']} generates, but the model saves none "
@@ -410,5 +410,6 @@ def _to_numpy(variable):
     return np.array(keras.ops.convert_to_numpy(variable))
 
 
-def _same_arrays(first, second):
+def same_arrays(first, second):
+    """Whether two sequences of arrays are equal element by element."""
     return all(np.array_equal(a, b) for a, b in zip(first, second, strict=False))

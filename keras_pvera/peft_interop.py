@@ -33,6 +33,7 @@ from keras_pvera import safetensors_io
 from keras_pvera.adapter_state import AdapterState
 from keras_pvera.adapter_state import adapter_state_of
 from keras_pvera.adapter_state import restore_adapter
+from keras_pvera.adapter_state import same_arrays
 from keras_pvera.peft_module_names import NAMINGS
 from keras_pvera.peft_module_names import default_naming
 from keras_pvera.peft_module_names import find_table
@@ -256,10 +257,7 @@ def save_peft_adapter(
         torch_made = torch_projections(
             state.settings["seed"], state.rank, in_max, out_max
         )
-        if not all(
-            np.array_equal(a, b)
-            for a, b in zip(state.projections, torch_made, strict=False)
-        ):
+        if not same_arrays(state.projections, torch_made):
             raise ValueError(
                 "With save_projection=False PEFT regenerates the projections "
                 "with torch from projection_prng_key="
