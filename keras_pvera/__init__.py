@@ -21,6 +21,7 @@ from keras_pvera.peft_interop import load_peft_adapter
 from keras_pvera.peft_interop import save_peft_adapter
 from keras_pvera.projection_registry import ProjectionRegistry
 from keras_pvera.projection_registry import generate_projections
+from keras_pvera.pvera_config import PVeRAConfig
 from keras_pvera.pvera_dense import PVeRADense
 from keras_pvera.pvera_dense import kl_divergence
 from keras_pvera.pvera_model import PVeRAModel
@@ -33,6 +34,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ExpectedCalibrationError",
     "PVeRADense",
+    "PVeRAConfig",
     "PVeRAModel",
     "ProjectionRegistry",
     "UncertaintyResult",

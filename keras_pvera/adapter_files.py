@@ -28,18 +28,19 @@ import json
 import numpy as np
 
 from keras_pvera import safetensors_io
-from keras_pvera.adapter_state import SETTING_NAMES
 from keras_pvera.adapter_state import AdapterState
 from keras_pvera.adapter_state import adapter_state_of
 from keras_pvera.adapter_state import restore_adapter
 from keras_pvera.adapter_state import same_arrays
+from keras_pvera.pvera_config import ADAPTER_SETTING_NAMES
+from keras_pvera.pvera_config import PVeRAConfig
 
 FORMAT = "keras_pvera.adapter"
 FORMAT_VERSION = 1
 
 
-def save_adapter(model, path):
-    """Saves the adapter of an adapted model to a safetensors file.
+def save_adapter(model, path, adapter=None):
+    """Saves one adapter of an adapted model to a safetensors file.
 
     The file holds the vectors of every adapted layer, the `apply` settings,
     the adapted layers' paths and sizes, the shared projections unless the
@@ -50,12 +51,14 @@ def save_adapter(model, path):
     Args:
         model: A `PVeRAModel` (what `keras_pvera.apply` returns).
         path: The file to write, by convention ending in `.safetensors`.
+        adapter: The adapter's name; `None` for the active one.
 
     Raises:
         TypeError: If `model` is not a `PVeRAModel`.
         ValueError: If the model saves no projections but its projections
             are not the ones its seed generates (they were loaded from a
-            file), so a file without them would load wrong.
+            file), so a file without them would load wrong; or if the model
+            has no adapter named `adapter`.
 
     Returns:
         None. The file is at `path`.
@@ -76,14 +79,14 @@ def save_adapter(model, path):
     >>> os.path.getsize(path) < 2000  # vectors and the 8x8 and 16x4 projections
     True
     """
-    state = adapter_state_of(model)
-    if not state.settings["save_projection"]:
+    state = adapter_state_of(model, adapter)
+    if not state.config.save_projection:
         seed_made = state.seed_projections()
         if not same_arrays(state.projections, seed_made):
             raise ValueError(
                 "This model was adapted with save_projection=False, but its "
                 "projections are not the ones its seed "
-                f"{state.settings['seed']} generates (they were loaded from a "
+                f"{state.config.seed} generates (they were loaded from a "
                 "file), so a file without them would load wrong. Adapt the "
                 "base model with save_projection=True."
             )
@@ -92,18 +95,22 @@ def save_adapter(model, path):
     safetensors_io.write_safetensors(path, tensors, metadata)
 
 
-def load_adapter(model, path):
+def load_adapter(model, path, adapter=None):
     """Loads an adapter file onto a model.
 
     On a base model (not adapted yet), applies PVeRA with the file's settings
-    to the file's layers, then sets the stored values. On a `PVeRAModel`,
-    checks that it matches the file (same adapted layers and sizes, rank,
-    seed and alpha; same layers trained in full) and sets the stored values;
-    the model keeps its own dropout, KL weight and sampling switch.
+    to the file's layers, then sets the stored values. On a `PVeRAModel`
+    that has an adapter of that name, checks that it matches the file (same
+    adapted layers and sizes, rank, seed and alpha; same layers trained in
+    full) and sets the stored values; the adapter keeps its own dropout, KL
+    weight and sampling switch. On a `PVeRAModel` without one, adds the file
+    as a new adapter of that name (not made active).
 
     Args:
         model: A base Keras model, or a `PVeRAModel`.
         path: A file written by `save_adapter`.
+        adapter: The adapter's name; `None`: `"default"` on a base model,
+            the active adapter on an adapted one.
 
     Returns:
         The adapted `PVeRAModel` (`model` itself if it was one).
@@ -139,7 +146,7 @@ def load_adapter(model, path):
     """
     tensors, metadata = safetensors_io.read_safetensors(path)
     state = decode_adapter(tensors, metadata, source=repr(str(path)))
-    return restore_adapter(model, state)
+    return restore_adapter(model, state, adapter)
 
 
 def encode_adapter(state):
@@ -154,7 +161,9 @@ def encode_adapter(state):
     paths = list(state.layers)
     header = {
         "format_version": FORMAT_VERSION,
-        "settings": {name: state.settings[name] for name in SETTING_NAMES},
+        "settings": {
+            name: getattr(state.config, name) for name in ADAPTER_SETTING_NAMES
+        },
         "layers": [[p, *state.layers[p]] for p in paths],
         "trainable_layers": [
             [p, [list(w.shape) for w in weights]]
@@ -226,20 +235,24 @@ def decode_adapter(tensors, metadata, source="the file"):
         )
     if not isinstance(settings, dict):
         raise ValueError(f"{source} has malformed settings: {settings!r}")
-    for name in SETTING_NAMES:
+    for name in ADAPTER_SETTING_NAMES:
         if name not in settings:
             raise ValueError(f"{source} has no setting {name!r}.")
+    try:
+        config = PVeRAConfig.from_dict(
+            {name: settings[name] for name in ADAPTER_SETTING_NAMES}
+        )
+    except ValueError as e:
+        raise ValueError(f"{source} has a bad setting: {e}") from None
     layers = _decode_layers(layer_rows, source)
     trainable_shapes = _decode_trainable(trainable_rows, source)
-    rank = settings["rank"]
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"{source} has a bad rank: {rank!r}")
+    rank = config.rank
 
     expected = {
         "pvera_lambda_d": (len(layers), 2 * rank),
         "pvera_lambda_b": (sum(out_dim for _, out_dim in layers.values()),),
     }
-    if settings["save_projection"]:
+    if config.save_projection:
         in_max = max(in_dim for in_dim, _ in layers.values())
         out_max = max(out_dim for _, out_dim in layers.values())
         expected["pvera_A"] = (2 * rank, in_max)
@@ -265,14 +278,14 @@ def decode_adapter(tensors, metadata, source="the file"):
         lambda_b[path] = tensors["pvera_lambda_b"][offset : offset + out_dim]
         offset += out_dim
     projections = None
-    if settings["save_projection"]:
+    if config.save_projection:
         projections = (tensors["pvera_A"], tensors["pvera_B"])
     trainable = {
         path: [tensors[f"trainable/{k}/{j}"] for j in range(len(shapes))]
         for k, (path, shapes) in enumerate(trainable_shapes.items())
     }
     return AdapterState(
-        settings={name: settings[name] for name in SETTING_NAMES},
+        config=config,
         layers=layers,
         lambda_d=lambda_d,
         lambda_b=lambda_b,

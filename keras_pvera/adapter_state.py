@@ -18,24 +18,13 @@ import keras
 import numpy as np
 
 from keras_pvera import model_surgery
+from keras_pvera.injection import LINEAR_LAYERS
+from keras_pvera.injection import adaptable_layers
 from keras_pvera.projection_registry import generate_projections
+from keras_pvera.pvera_config import PVeRAConfig
 from keras_pvera.pvera_dense import PVeRADense
 from keras_pvera.pvera_dense import linear_equation_of
-from keras_pvera.pvera_dense import validate_settings
-from keras_pvera.pvera_model import LINEAR_LAYERS
 from keras_pvera.pvera_model import PVeRAModel
-
-# The `apply` settings an adapter stores, in `PVeRAModel.pvera_config` names.
-SETTING_NAMES = (
-    "rank",
-    "seed",
-    "alpha",
-    "d_initial",
-    "dropout",
-    "kl_weight",
-    "save_projection",
-    "sample_at_inference",
-)
 
 
 @dataclasses.dataclass
@@ -43,7 +32,8 @@ class AdapterState:
     """Everything PVeRA adds to a model, as NumPy arrays.
 
     Args:
-        settings: A dict with every name of `SETTING_NAMES`.
+        config: The adapter's `PVeRAConfig` (no `target` or
+            `trainable_layers`: `layers` and `trainable` say which).
         layers: A dict from adapted layer path to `(in_dim, out_dim)`, in
             model order.
         lambda_d: A dict from adapted layer path to its `lambda_d`,
@@ -51,12 +41,12 @@ class AdapterState:
         lambda_b: A dict from adapted layer path to its `lambda_b`,
             shape `(out_dim,)`.
         projections: The shared `(A, B)`, or `None` when they are to be
-            regenerated from `settings["seed"]`.
+            regenerated from `config.seed`.
         trainable: A dict from the path of a layer trained in full to the
             list of its weights (`layer.weights` order).
     """
 
-    settings: dict
+    config: PVeRAConfig
     layers: dict
     lambda_d: dict
     lambda_b: dict
@@ -65,7 +55,7 @@ class AdapterState:
 
     @property
     def rank(self):
-        return self.settings["rank"]
+        return self.config.rank
 
     def projection_shapes(self):
         """The shapes `A` and `B` have for these layers.
@@ -78,9 +68,9 @@ class AdapterState:
         return (2 * self.rank, in_max), (out_max, self.rank)
 
     def seed_projections(self):
-        """The projections that `settings["seed"]` generates for these layers."""
+        """The projections that `config.seed` generates for these layers."""
         (_, in_max), (out_max, _) = self.projection_shapes()
-        return generate_projections(self.settings["seed"], self.rank, in_max, out_max)
+        return generate_projections(self.config.seed, self.rank, in_max, out_max)
 
 
 def check_adapter_state(state):
@@ -93,29 +83,10 @@ def check_adapter_state(state):
         ValueError: Naming the first bad setting, missing vector or wrong
             shape.
     """
-    settings = state.settings
-    missing = [name for name in SETTING_NAMES if name not in settings]
-    if missing:
-        raise ValueError(f"The adapter has no setting {missing[0]!r}.")
-    validate_settings(
-        settings["rank"],
-        settings["alpha"],
-        settings["d_initial"],
-        settings["dropout"],
-        settings["kl_weight"],
-    )
-    seed = settings["seed"]
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+    if not isinstance(state.config, PVeRAConfig):
         raise ValueError(
-            f"The adapter's `seed` must be a non-negative integer. "
-            f"Received: seed={seed!r}"
+            f"The adapter's settings are not a PVeRAConfig: {state.config!r}"
         )
-    for name in ("save_projection", "sample_at_inference"):
-        if not isinstance(settings[name], bool):
-            raise ValueError(
-                f"The adapter's `{name}` must be true or false. "
-                f"Received: {name}={settings[name]!r}"
-            )
     if not state.layers:
         raise ValueError("The adapter adapts no layer.")
     for path, (_, out_dim) in state.layers.items():
@@ -142,11 +113,12 @@ def check_adapter_state(state):
                 )
 
 
-def adapter_state_of(model):
-    """Collects the adapter of an adapted model.
+def adapter_state_of(model, adapter=None):
+    """Collects one adapter of an adapted model.
 
     Args:
         model: A `PVeRAModel` (what `keras_pvera.apply` returns).
+        adapter: The adapter's name; `None` for the active one.
 
     Returns:
         An `AdapterState` holding copies of the model's vectors and
@@ -154,6 +126,7 @@ def adapter_state_of(model):
 
     Raises:
         TypeError: If `model` is not a `PVeRAModel`.
+        ValueError: If the model has no such adapter.
 
     Example:
 
@@ -171,22 +144,27 @@ def adapter_state_of(model):
             "Expected a PVeRAModel (what keras_pvera.apply returns). "
             f"Received: {model!r} of type {type(model).__name__}"
         )
-    config = model.pvera_config
-    layers = dict(model_surgery.iter_layers(model.base_model))
+    name = model.active_adapter if adapter is None else adapter
+    if name not in model.adapter_names:
+        raise ValueError(
+            f"The model has no adapter named {name!r}. Adapters: {model.adapter_names}"
+        )
+    config = model.injection.adapters[name].config
+    wrappers = model.injection.layers_of(name)
+    layers = dict(adaptable_layers(model.base_model))
     registry = model.projection_registry
     return AdapterState(
-        settings={name: config[name] for name in SETTING_NAMES},
+        config=config.replace(target=None, trainable_layers=None),
         layers={
-            path: (layer.in_dim, layer.out_dim)
-            for path, layer in model.adapted_layers.items()
+            path: (layer.in_dim, layer.out_dim) for path, layer in wrappers.items()
         },
         lambda_d={
-            path: _to_numpy(layer.lambda_d)
-            for path, layer in model.adapted_layers.items()
+            path: _to_numpy(layer.adapter_vectors[name].lambda_d)
+            for path, layer in wrappers.items()
         },
         lambda_b={
-            path: _to_numpy(layer.lambda_b)
-            for path, layer in model.adapted_layers.items()
+            path: _to_numpy(layer.adapter_vectors[name].lambda_b)
+            for path, layer in wrappers.items()
         },
         projections=(
             _to_numpy(registry.projection_a),
@@ -194,22 +172,25 @@ def adapter_state_of(model):
         ),
         trainable={
             path: [_to_numpy(w) for w in layers[path].weights]
-            for path in config["trainable_paths"]
+            for path in model.trainable_paths
         },
     )
 
 
-def restore_adapter(model, state):
+def restore_adapter(model, state, adapter=None):
     """Puts an adapter onto a model.
 
     On a base model, applies PVeRA with the state's settings to the state's
-    layers; on an adapted model, checks that it matches. Then sets every
-    vector, the projections (when the state has them) and the weights of the
-    layers trained in full.
+    layers. On an adapted model, checks that the named adapter matches, or
+    adds it as a new adapter when the model has none of that name. Then sets
+    every vector, the projections (when the state has them) and the weights
+    of the layers trained in full.
 
     Args:
         model: A base Keras model, or a `PVeRAModel`.
         state: An `AdapterState`.
+        adapter: The adapter's name; `None`: `"default"` on a base model,
+            the active adapter on an adapted one.
 
     Returns:
         The adapted `PVeRAModel` (`model` itself if it was one).
@@ -219,47 +200,62 @@ def restore_adapter(model, state):
             model; the model is then unchanged.
     """
     check_adapter_state(state)
-    if isinstance(model, PVeRAModel):
-        _check_adapted_model(model, state)
-        target = model
-    else:
+    paths, trainable = list(state.layers), list(state.trainable)
+    if not isinstance(model, PVeRAModel):
         _check_base_model(model, state)
-        settings = state.settings
+        name = "default" if adapter is None else adapter
         target = PVeRAModel(
             model,
-            rank=settings["rank"],
-            seed=settings["seed"],
-            alpha=settings["alpha"],
-            d_initial=settings["d_initial"],
-            dropout=settings["dropout"],
-            kl_weight=settings["kl_weight"],
-            save_projection=settings["save_projection"],
-            sample_at_inference=settings["sample_at_inference"],
-            adapted_paths=list(state.layers),
-            trainable_paths=list(state.trainable),
+            state.config,
+            adapter_name=name,
+            adapted_paths=paths,
+            trainable_paths=trainable,
         )
-    _assign(target, state)
-    return target
+        _assign(target, state, name)
+        return target
+    name = model.active_adapter if adapter is None else adapter
+    if name in model.adapter_names:
+        _check_adapted_model(model, state, name)
+        _assign(model, state, name)
+        return model
+    if state.projections is not None and not same_arrays(
+        state.projections, _projections_of(model)
+    ):
+        raise ValueError(
+            f"Adapter {name!r} was saved with other projections than this "
+            "model's, which all its adapters share. Load it onto the base "
+            "model instead, or into an adapter of the same name."
+        )
+    model.add_adapter(
+        name, state.config, adapted_paths=paths, trainable_paths=trainable
+    )
+    _assign(model, state, name)
+    return model
 
 
-def _check_adapted_model(model, state):
-    config = model.pvera_config
-    for name in ("rank", "seed", "alpha"):
-        if config[name] != state.settings[name]:
+def _projections_of(model):
+    registry = model.projection_registry
+    return _to_numpy(registry.projection_a), _to_numpy(registry.projection_b)
+
+
+def _check_adapted_model(model, state, name):
+    config = model.injection.adapters[name].config
+    for setting in ("rank", "seed", "alpha"):
+        if getattr(config, setting) != getattr(state.config, setting):
             raise ValueError(
-                f"The adapter's {name}={state.settings[name]!r} differs from "
-                f"the model's {name}={config[name]!r}."
+                f"The adapter's {setting}={getattr(state.config, setting)!r} "
+                f"differs from the model's {setting}={getattr(config, setting)!r} "
+                f"(adapter {name!r})."
             )
-    _check_same_paths("adapted layer", list(state.layers), list(model.adapted_layers))
-    for path, layer in model.adapted_layers.items():
+    wrappers = model.injection.layers_of(name)
+    _check_same_paths("adapted layer", list(state.layers), list(wrappers))
+    for path, layer in wrappers.items():
         if state.layers[path] != (layer.in_dim, layer.out_dim):
             raise ValueError(_size_mismatch(path, state.layers[path], layer))
     _check_same_paths(
-        "layer trained in full",
-        list(state.trainable),
-        config["trainable_paths"],
+        "layer trained in full", list(state.trainable), model.trainable_paths
     )
-    layers = dict(model_surgery.iter_layers(model.base_model))
+    layers = dict(adaptable_layers(model.base_model))
     for path, weights in state.trainable.items():
         _check_weights(path, weights, layers[path])
     registry = model.projection_registry
@@ -273,18 +269,22 @@ def _check_adapted_model(model, state):
             f"layers need {state.projection_shapes()}."
         )
     if state.projections is None:
-        current = (
-            _to_numpy(registry.projection_a),
-            _to_numpy(registry.projection_b),
-        )
-        if not same_arrays(current, state.seed_projections()):
+        if not same_arrays(_projections_of(model), state.seed_projections()):
             raise ValueError(
                 "The adapter holds no projections, so it needs the ones "
-                f"seed {state.settings['seed']} generates, but this model's "
+                f"seed {state.config.seed} generates, but this model's "
                 "projections are others (loaded from a file). Load the "
                 "adapter onto the base model instead."
             )
-    if state.projections is not None and not model.save_projection:
+    elif len(model.adapter_names) > 1 and not same_arrays(
+        state.projections, _projections_of(model)
+    ):
+        raise ValueError(
+            "The adapter's projections differ from the model's, which its "
+            f"other adapters {model.adapter_names} share. Load it onto the "
+            "base model instead."
+        )
+    if state.projections is not None and not registry.save_projection:
         _check_seed_made(state)
 
 
@@ -330,7 +330,7 @@ def _check_base_model(model, state):
                 f"{model.name!r} has no such layer."
             )
         _check_weights(path, weights, layers[path])
-    if state.projections is not None and not state.settings["save_projection"]:
+    if state.projections is not None and not state.config.save_projection:
         _check_seed_made(state)
 
 
@@ -340,7 +340,7 @@ def _check_seed_made(state):
     if not same_arrays(state.projections, state.seed_projections()):
         raise ValueError(
             "The adapter's projections are not the ones seed "
-            f"{state.settings['seed']} generates, but the model saves none "
+            f"{state.config.seed} generates, but the model saves none "
             "(save_projection=False): they would be lost on saving. Adapt "
             "the base model with save_projection=True."
         )
@@ -388,15 +388,16 @@ def _linear_paths(layers):
     return [p for p, layer in layers.items() if isinstance(layer, LINEAR_LAYERS)]
 
 
-def _assign(model, state):
-    for path, layer in model.adapted_layers.items():
-        _set(layer.lambda_d, state.lambda_d[path])
-        _set(layer.lambda_b, state.lambda_b[path])
+def _assign(model, state, name):
+    for path, layer in model.injection.layers_of(name).items():
+        vectors = layer.adapter_vectors[name]
+        _set(vectors.lambda_d, state.lambda_d[path])
+        _set(vectors.lambda_b, state.lambda_b[path])
     if state.projections is not None:
         registry = model.projection_registry
         _set(registry.projection_a, state.projections[0])
         _set(registry.projection_b, state.projections[1])
-    layers = dict(model_surgery.iter_layers(model.base_model))
+    layers = dict(adaptable_layers(model.base_model))
     for path, arrays in state.trainable.items():
         for weight, array in zip(layers[path].weights, arrays, strict=False):
             _set(weight, array)

@@ -15,21 +15,24 @@ and loads as `.keras` without keras_pvera.
 """
 
 import keras
+import numpy as np
 from keras import ops
 
+from keras_pvera import keras_internals
 from keras_pvera import model_surgery
 from keras_pvera.pvera_dense import PVeRADense
-from keras_pvera.pvera_model import PVeRAModel
 
 
-def merge(model):
-    """Returns a plain Keras model with the mean adapters folded in.
+def merge(model, safe_merge=False):
+    """Returns a plain Keras model with the active mean adapter folded in.
 
     The predictions of the merged model equal the adapted model's mean
     predictions (sampling off). The adapted model is not changed.
 
     Args:
         model: A `PVeRAModel` (what `keras_pvera.apply` returns).
+        safe_merge: Whether to check every folded kernel for NaN and
+            infinity first, and refuse (naming the layers) if any has them.
 
     Returns:
         A new Keras model of the base model's architecture, holding no
@@ -38,8 +41,9 @@ def merge(model):
     Raises:
         TypeError: If `model` is not a `PVeRAModel`.
         ValueError: If the base model could not be serialized, if an adapted
-            layer is quantized, or if the rebuilt model's layers do not line
-            up with the adapted model's.
+            layer is quantized, if the rebuilt model's layers do not line
+            up with the adapted model's, or (with `safe_merge`) if a merged
+            kernel would hold NaN or infinity.
 
     Example:
 
@@ -50,12 +54,14 @@ def merge(model):
     >>> adapted = keras_pvera.apply(base, rank=4)
     >>> for layer in adapted.adapted_layers.values():
     ...     _ = layer.lambda_b.assign(np.ones(layer.out_dim))
-    >>> merged = merge(adapted)
+    >>> merged = merge(adapted, safe_merge=True)
     >>> x = np.ones((2, 8), "float32")
     >>> bool(np.allclose(merged.predict(x, verbose=0),
     ...                  adapted.predict(x, verbose=0), atol=1e-5))
     True
     """
+    from keras_pvera.pvera_model import PVeRAModel
+
     if not isinstance(model, PVeRAModel):
         raise TypeError(
             "merge expects a PVeRAModel (what keras_pvera.apply returns). "
@@ -68,13 +74,7 @@ def merge(model):
             f"it cannot be rebuilt: {config['error']}. Give the base model a "
             "complete `get_config`."
         )
-    for path, layer in model.adapted_layers.items():
-        if layer.base_layer.quantization_mode is not None:
-            raise ValueError(
-                f"Layer {path!r} is quantized "
-                f"(mode={layer.base_layer.quantization_mode!r}); merge folds "
-                "the adapter into float kernels. Merge before quantizing."
-            )
+    deltas = _deltas(model, safe_merge)
     merged = keras.saving.deserialize_keras_object(_plain_copy(config))
     if not merged.built:
         raise ValueError(
@@ -85,9 +85,11 @@ def merge(model):
     for path, adapted, plain in _paired_layers(model.base_model, merged):
         if isinstance(adapted, PVeRADense):
             _copy_own_weights(path, adapted.base_layer, plain, assigned)
-            kernel = plain._kernel
-            delta = ops.cast(adapted.delta_kernel(), kernel.dtype)
-            kernel.assign(ops.add(adapted.base_layer._kernel, delta))
+            if id(adapted) in deltas:
+                kernel = keras_internals.kernel_variable(plain)
+                base_kernel = keras_internals.kernel_variable(adapted.base_layer)
+                delta = ops.cast(deltas[id(adapted)], kernel.dtype)
+                kernel.assign(ops.add(base_kernel, delta))
         else:
             _copy_own_weights(path, adapted, plain, assigned)
     unset = [w.path for w in merged.weights if id(w) not in assigned]
@@ -97,6 +99,93 @@ def merge(model):
             "model to a weight of the adapted model."
         )
     return merged
+
+
+def merge_in_place(model, safe_merge=False):
+    """Adds the active adapter's mean to the base kernels of `model`.
+
+    Afterwards the adapted layers run their base layers alone, so mean
+    predictions are unchanged (within float rounding); training and
+    sampling are refused until `unmerge_in_place`. `PVeRAModel.merge_adapter`
+    calls it.
+
+    Args:
+        model: A `PVeRAModel` with an active adapter.
+        safe_merge: Whether to refuse (naming the layers) when a merged
+            kernel would hold NaN or infinity; nothing changes then.
+
+    Raises:
+        ValueError: With no active adapter, for a quantized base layer, or
+            (with `safe_merge`) non-finite kernels.
+
+    Example:
+
+    >>> import numpy as np, keras_pvera
+    >>> base = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8),
+    ...                          keras.layers.Dense(2)])
+    >>> model = keras_pvera.apply(base, rank=2)
+    >>> x = np.ones((1, 4), "float32")
+    >>> before = model.predict(x, verbose=0)
+    >>> model.merge_adapter(safe_merge=True)
+    >>> bool(np.allclose(model.predict(x, verbose=0), before, atol=1e-6))
+    True
+    >>> model.unmerge_adapter()
+    """
+    if model.active_adapter is None:
+        raise ValueError(
+            "The model has no active adapter to merge. Call "
+            f"`model.set_adapter(name)` with one of {model.adapter_names}."
+        )
+    deltas = _deltas(model, safe_merge)
+    for layer in model.adapted_layers.values():
+        kernel = keras_internals.kernel_variable(layer.base_layer)
+        kernel.assign(ops.add(kernel, ops.cast(deltas[id(layer)], kernel.dtype)))
+        layer.merged_adapter = model.active_adapter
+
+
+def unmerge_in_place(model):
+    """Subtracts a merged adapter from the base kernels again.
+
+    Args:
+        model: A `PVeRAModel` after `merge_in_place`.
+
+    Raises:
+        ValueError: If no adapter is merged.
+    """
+    if model.merged_adapter is None:
+        raise ValueError("No adapter is merged: there is nothing to unmerge.")
+    for layer in model.adapted_layers.values():
+        layer.merged_adapter = None
+        kernel = keras_internals.kernel_variable(layer.base_layer)
+        delta = ops.cast(layer.delta_kernel(), kernel.dtype)
+        kernel.assign(ops.subtract(kernel, delta))
+
+
+def _deltas(model, safe_merge):
+    """`{id(wrapper): delta_kernel}` of the active adapter, checked."""
+    if model.active_adapter is None or model.merged_adapter is not None:
+        return {}
+    deltas, bad = {}, []
+    for path, layer in model.adapted_layers.items():
+        if layer.base_layer.quantization_mode is not None:
+            raise ValueError(
+                f"Layer {path!r} is quantized "
+                f"(mode={layer.base_layer.quantization_mode!r}); merging "
+                "folds the adapter into float kernels. Merge before quantizing."
+            )
+        deltas[id(layer)] = layer.delta_kernel()
+        if safe_merge:
+            kernel = ops.add(layer.base_layer.kernel, deltas[id(layer)])
+            if not np.all(np.isfinite(ops.convert_to_numpy(kernel))):
+                bad.append(path)
+    if bad:
+        raise ValueError(
+            f"Merging would put NaN or infinity into the kernels of {bad[:5]}"
+            f"{' ...' if len(bad) > 5 else ''}: their adapter vectors "
+            "diverged. Nothing was merged; train again with a lower learning "
+            "rate or gradient clipping."
+        )
+    return deltas
 
 
 def _plain_copy(value):

@@ -11,55 +11,9 @@ training and saving all see the new layers. It returns a function that undoes
 the swap.
 """
 
-import contextlib
-
 import keras
 
-# Attributes that hold bookkeeping, not the structure of a layer.
-_SKIPPED_ATTRIBUTES = frozenset(
-    [
-        "_layers",
-        "_tracker",
-        "_inbound_nodes",
-        "_outbound_nodes",
-        "_operations",
-        "_functional",
-        "_operations_by_depth",
-        "_nodes_by_depth",
-        "_nodes",
-        "_losses_override",
-        "_nnx_op_mapping",
-        "nnx_operations",
-    ]
-)
-
-
-def _is_graph(layer):
-    return isinstance(layer, keras.Model) and hasattr(layer, "_nodes_by_depth")
-
-
-def _graph_of(layer):
-    """The Functional graph that runs `layer`, if any."""
-    if isinstance(layer, keras.Sequential):
-        return layer._functional
-    if _is_graph(layer):
-        return layer
-    return None
-
-
-def _attribute_items(layer):
-    items = dict(vars(layer))
-    # On the torch backend, sublayers live in torch's module registry.
-    items.update(getattr(layer, "_modules", None) or {})
-    for name, value in items.items():
-        # `_self_*`: TensorFlow's checkpoint bookkeeping, kept by `setattr`.
-        if (
-            name in _SKIPPED_ATTRIBUTES
-            or name.startswith("__")
-            or name.startswith("_self_")
-        ):
-            continue
-        yield name, value
+from keras_pvera import keras_internals
 
 
 def _layers_in(value):
@@ -87,17 +41,19 @@ def child_layers(layer):
     found = {}
     if isinstance(layer, keras.Sequential):
         candidates = list(layer.layers)
-    elif _is_graph(layer):
+    elif keras_internals.is_graph(layer):
         candidates = [
-            op for op in layer._operations if isinstance(op, keras.layers.Layer)
+            op
+            for op in keras_internals.graph_operations(layer)
+            if isinstance(op, keras.layers.Layer)
         ]
     else:
         candidates = []
-    for _, value in _attribute_items(layer):
+    for _, value in keras_internals.layer_attributes(layer):
         candidates.extend(_layers_in(value))
-    candidates.extend(getattr(layer, "_layers", []))
+    candidates.extend(keras_internals.tracked_layers(layer) or [])
     # A Sequential model runs an internal Functional of the same layers.
-    internal = getattr(layer, "_functional", None)
+    internal = keras_internals.internal_functional(layer)
     for child in candidates:
         if (
             child is layer
@@ -156,12 +112,12 @@ def output_layers(model):
     Returns:
         A list of layers.
     """
-    graph = _graph_of(model)
+    graph = keras_internals.graph_of(model)
     if graph is None:
         return []
     found = []
     for tensor in keras.tree.flatten(graph.outputs):
-        producer = tensor._keras_history[0]
+        producer = keras_internals.producer_of(tensor)
         if isinstance(producer, (keras.layers.Dense, keras.layers.EinsumDense)):
             found.append(producer)
         elif isinstance(producer, keras.Model):
@@ -169,22 +125,8 @@ def output_layers(model):
     return found
 
 
-@contextlib.contextmanager
-def _unlocked(layer):
-    """Lets a built layer's tracker accept the new sublayers."""
-    tracker = getattr(layer, "_tracker", None)
-    locked = bool(tracker and tracker.locked)
-    if locked:
-        tracker.unlock()
-    try:
-        yield
-    finally:
-        if locked:
-            tracker.lock()
-
-
 def _set_attribute(layer, name, value):
-    with _unlocked(layer):
+    with keras_internals.unlocked(layer):
         setattr(layer, name, value)
 
 
@@ -198,37 +140,33 @@ def _replace_in_list(items, replacements):
 
 
 def _replace_in_graph(graph, replacements, undo):
-    for i, old in _replace_in_list(graph._operations, replacements):
-        undo.append(lambda g=graph, i=i, old=old: g._operations.__setitem__(i, old))
-    for ops_at_depth in getattr(graph, "_operations_by_depth", {}).values():
-        for i, old in _replace_in_list(ops_at_depth, replacements):
-            undo.append(lambda lst=ops_at_depth, i=i, old=old: lst.__setitem__(i, old))
-    for nodes in graph._nodes_by_depth.values():
-        for node in nodes:
-            old = node.operation
-            if id(old) in replacements:
-                new = replacements[id(old)]
-                node.operation = new
-                new._inbound_nodes = old._inbound_nodes
-                new._outbound_nodes = old._outbound_nodes
-                undo.append(lambda node=node, old=old: setattr(node, "operation", old))
+    for operations in keras_internals.graph_operation_lists(graph):
+        for i, old in _replace_in_list(operations, replacements):
+            undo.append(lambda lst=operations, i=i, old=old: lst.__setitem__(i, old))
+    for node in keras_internals.graph_nodes(graph):
+        old = node.operation
+        if id(old) in replacements:
+            new = replacements[id(old)]
+            node.operation = new
+            keras_internals.move_nodes(old, new)
+            undo.append(lambda node=node, old=old: setattr(node, "operation", old))
 
 
 def _replace_in_layer(layer, replacements, undo):
-    with _unlocked(layer):
+    with keras_internals.unlocked(layer):
         _replace_in_attributes(layer, replacements, undo)
-    graph = _graph_of(layer)
+    graph = keras_internals.graph_of(layer)
     if graph is not None:
         _replace_in_graph(graph, replacements, undo)
 
 
 def _replace_in_attributes(layer, replacements, undo):
-    tracked = getattr(layer, "_layers", None)
+    tracked = keras_internals.tracked_layers(layer)
     if tracked is not None:
         # Restored last, after the attributes, so that it wins.
         snapshot = list(tracked)
         undo.append(lambda: tracked.__setitem__(slice(None), snapshot))
-    for name, value in list(_attribute_items(layer)):
+    for name, value in list(keras_internals.layer_attributes(layer)):
         if isinstance(value, keras.layers.Layer):
             if id(value) in replacements:
                 _set_attribute(layer, name, replacements[id(value)])

@@ -34,12 +34,14 @@ from keras_pvera.adapter_state import AdapterState
 from keras_pvera.adapter_state import adapter_state_of
 from keras_pvera.adapter_state import restore_adapter
 from keras_pvera.adapter_state import same_arrays
+from keras_pvera.injection import LINEAR_LAYERS
+from keras_pvera.injection import adaptable_layers
 from keras_pvera.peft_module_names import NAMINGS
 from keras_pvera.peft_module_names import default_naming
 from keras_pvera.peft_module_names import find_table
+from keras_pvera.pvera_config import PVeRAConfig
 from keras_pvera.pvera_dense import PVeRADense
 from keras_pvera.pvera_dense import linear_equation_of
-from keras_pvera.pvera_model import LINEAR_LAYERS
 from keras_pvera.pvera_model import PVeRAModel
 
 CONFIG_FILE = "adapter_config.json"
@@ -50,7 +52,7 @@ _LAMBDA_KEY = re.compile(
 _PROJECTION_KEYS = ("base_model.pvera_A", "base_model.pvera_B")
 
 
-def load_peft_adapter(model, path):
+def load_peft_adapter(model, path, adapter=None):
     """Loads a PEFT PVeRA adapter folder onto a KerasHub model.
 
     Applies PVeRA to the KerasHub layers that match the adapter's modules
@@ -65,14 +67,19 @@ def load_peft_adapter(model, path):
             adapted yet.
         path: The adapter folder (`adapter_config.json` and
             `adapter_model.safetensors`).
+        adapter: The adapter's name. PEFT saves a model's non-default
+            adapters in sub-folders named after them: when `path/<adapter>`
+            holds an adapter, it is read from there. On a `PVeRAModel`, the
+            adapter is added under this name (PEFT's
+            `load_adapter(path, adapter_name)`); `None` means `"default"`.
 
     Returns:
         The adapted `PVeRAModel`.
 
     Raises:
         FileNotFoundError: If a file of the folder is missing.
-        ValueError: For a model already adapted or of an architecture without
-            a module-name table, a config that is not PVeRA's or uses
+        ValueError: For a model adapted outside a `PVeRAModel`, of an
+            architecture without a module-name table, a config that is not PVeRA's or uses
             features keras_pvera does not map (`bias`, `modules_to_save`), an
             unknown module, a tensor of the wrong shape, a truncated file.
             The model is then unchanged.
@@ -95,23 +102,30 @@ def load_peft_adapter(model, path):
     >>> folder = tempfile.mkdtemp()
     >>> keras_pvera.save_peft_adapter(keras_pvera.apply(bert(), rank=4), folder)
     >>> model = keras_pvera.load_peft_adapter(bert(), folder)
-    >>> model.rank, len(model.adapted_layers)  # query and value
+    >>> model.pvera_config.rank, len(model.adapted_layers)  # query and value
     (4, 2)
     """
-    if isinstance(model, PVeRAModel) or any(
+    adapter = "default" if adapter is None else adapter
+    if os.path.isfile(os.path.join(path, adapter, CONFIG_FILE)):
+        path = os.path.join(path, adapter)
+    base = model.base_model if isinstance(model, PVeRAModel) else model
+    if not isinstance(model, PVeRAModel) and any(
         isinstance(layer, PVeRADense) for _, layer in model_surgery.iter_layers(model)
     ):
         raise ValueError(
-            "load_peft_adapter adapts a base model, but this model is already "
-            "adapted. Load the base model again (for example with "
-            "`from_preset`) and pass it."
+            "load_peft_adapter adapts a base model or a PVeRAModel, but this "
+            "model holds PVeRA layers outside one. Load the base model again "
+            "(for example with `from_preset`) and pass it."
         )
-    table, keras_prefix = find_table(model)
+    table, keras_prefix = find_table(base)
     config = read_peft_config(path)
     tensors, _ = safetensors_io.read_safetensors(os.path.join(path, WEIGHTS_FILE))
     rank = config["r"]
     modules = _lambda_vectors(tensors, path)
-    layers = dict(model_surgery.iter_layers(model))
+    layers = {
+        path: getattr(layer, "base_layer", layer)
+        for path, layer in adaptable_layers(base)
+    }
     state_layers, lambda_d, lambda_b = {}, {}, {}
     for module, vectors in modules.items():
         keras_path = table.keras_path(module)
@@ -147,26 +161,23 @@ def load_peft_adapter(model, path):
     order = {p: i for i, p in enumerate(layers)}
     paths = sorted(state_layers, key=order.__getitem__)
     state = AdapterState(
-        settings={
-            "rank": rank,
-            "seed": config["projection_prng_key"],
-            "alpha": 1.0,
-            "d_initial": config["d_initial"],
-            "dropout": config["pvera_dropout"],
-            "kl_weight": 0.0,
-            "save_projection": True,
-            "sample_at_inference": config["sample_at_inference"],
-        },
+        config=PVeRAConfig(
+            rank=rank,
+            seed=config["projection_prng_key"],
+            d_initial=config["d_initial"],
+            dropout=config["pvera_dropout"],
+            sample_at_inference=config["sample_at_inference"],
+        ),
         layers={p: state_layers[p] for p in paths},
         lambda_d={p: lambda_d[p] for p in paths},
         lambda_b={p: lambda_b[p] for p in paths},
     )
     state.projections = _projections(config, tensors, state, path)
-    return restore_adapter(model, state)
+    return restore_adapter(model, state, adapter)
 
 
 def save_peft_adapter(
-    model, path, *, save_projection=True, naming=None, module_prefix=""
+    model, path, *, adapter=None, save_projection=True, naming=None, module_prefix=""
 ):
     """Writes an adapted KerasHub model's adapter as a PEFT adapter folder.
 
@@ -180,6 +191,7 @@ def save_peft_adapter(
         model: A `PVeRAModel` over a KerasHub backbone with a module-name
             table (BERT, DINOv2), without layers trained in full.
         path: The folder to write (created if needed).
+        adapter: The adapter's name; `None` for the active one.
         save_projection: Whether to write `A` and `B`. `False` writes PEFT's
             `save_projection: false`, which makes PEFT regenerate them with
             torch's generator: allowed only when the model's projections are
@@ -224,7 +236,7 @@ def save_peft_adapter(
             f"`naming` must be one of {list(NAMINGS)} or None. "
             f"Received: naming={naming!r}"
         )
-    state = adapter_state_of(model)
+    state = adapter_state_of(model, adapter)
     if state.trainable:
         raise ValueError(
             f"Layers {list(state.trainable)} are trained in full beside the "
@@ -233,7 +245,7 @@ def save_peft_adapter(
         )
     table, keras_prefix = find_table(model.base_model)
     tensors, modules = {}, []
-    alpha = state.settings["alpha"]
+    alpha = state.config.alpha
     for keras_path in state.layers:
         module = None
         if keras_path.startswith(keras_prefix):
@@ -254,14 +266,12 @@ def save_peft_adapter(
         tensors["base_model.pvera_B"] = np.asarray(state.projections[1], "float32")
     else:
         (_, in_max), (out_max, _) = state.projection_shapes()
-        torch_made = torch_projections(
-            state.settings["seed"], state.rank, in_max, out_max
-        )
+        torch_made = torch_projections(state.config.seed, state.rank, in_max, out_max)
         if not same_arrays(state.projections, torch_made):
             raise ValueError(
                 "With save_projection=False PEFT regenerates the projections "
                 "with torch from projection_prng_key="
-                f"{state.settings['seed']}, but this model's projections are "
+                f"{state.config.seed}, but this model's projections are "
                 "others. Save with save_projection=True."
             )
     config = {
@@ -270,11 +280,11 @@ def save_peft_adapter(
         # Full module names: exactly these modules, whatever else the
         # Hugging Face model holds.
         "target_modules": sorted(modules),
-        "projection_prng_key": state.settings["seed"],
+        "projection_prng_key": state.config.seed,
         "save_projection": bool(save_projection),
-        "pvera_dropout": state.settings["dropout"],
-        "d_initial": state.settings["d_initial"],
-        "sample_at_inference": state.settings["sample_at_inference"],
+        "pvera_dropout": state.config.dropout,
+        "d_initial": state.config.d_initial,
+        "sample_at_inference": state.config.sample_at_inference,
         "fan_in_fan_out": False,
         "bias": "none",
         "modules_to_save": None,

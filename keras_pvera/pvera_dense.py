@@ -37,43 +37,10 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_pvera import keras_internals
 from keras_pvera.projection_registry import ProjectionRegistry
-
-
-def validate_settings(rank, alpha, d_initial, dropout, kl_weight):
-    """Checks PVeRA's settings; raises `ValueError` naming a bad value.
-
-    Args:
-        rank: Positive integer latent size.
-        alpha: Finite positive output scale.
-        d_initial: Finite positive initial value of `lambda_d`.
-        dropout: Dropout rate on the adapter input, in `[0, 1)`.
-        kl_weight: Finite non-negative weight of the KL term.
-
-    Example:
-
-    >>> validate_settings(rank=8, alpha=1.0, d_initial=0.1, dropout=0.0,
-    ...                   kl_weight=0.0)
-    """
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ValueError(
-            f"`rank` must be a positive integer, for example 256. "
-            f"Received: rank={rank!r}"
-        )
-    for name, value in (("alpha", alpha), ("d_initial", d_initial)):
-        if not _is_real(value) or not math.isfinite(value) or value <= 0:
-            raise ValueError(
-                f"`{name}` must be a finite number > 0. Received: {name}={value!r}"
-            )
-    if not _is_real(dropout) or not 0.0 <= dropout < 1.0:
-        raise ValueError(
-            f"`dropout` must be a number in [0, 1). Received: dropout={dropout!r}"
-        )
-    if not _is_real(kl_weight) or not math.isfinite(kl_weight) or kl_weight < 0:
-        raise ValueError(
-            "`kl_weight` must be a finite number >= 0 (the paper used 1e-16 "
-            f"to 1e-6). Received: kl_weight={kl_weight!r}"
-        )
+from keras_pvera.pvera_config import PVeRAConfig
+from keras_pvera.pvera_config import split_settings
 
 
 def derive_seed(seed, index):
@@ -88,10 +55,6 @@ def derive_seed(seed, index):
     True
     """
     return int(np.random.SeedSequence([seed, index]).generate_state(1)[0] >> 1)
-
-
-def _is_real(value):
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def kl_divergence(mu, logvar):
@@ -246,7 +209,7 @@ def _float_policy(dtype):
     policy = keras.dtype_policies.get(dtype)
     if getattr(policy, "quantization_mode", None) is None:
         return policy
-    return keras.dtype_policies.get(policy._source_name)
+    return keras_internals.float_source_policy(policy)
 
 
 def linear_equation_of(layer):
@@ -256,7 +219,30 @@ def linear_equation_of(layer):
         if isinstance(layer, keras.layers.EinsumDense)
         else DENSE_EQUATION
     )
-    return LinearEquation(equation, layer._kernel.shape)
+    return LinearEquation(equation, keras_internals.kernel_variable(layer).shape)
+
+
+class AdapterVectors:
+    """One named adapter inside a `PVeRADense` layer: its settings and vectors.
+
+    A plain object (not a Keras layer): the layer owns the variables.
+
+    Args:
+        config: The adapter's `PVeRAConfig` (its `seed` is this layer's
+            noise seed).
+        lambda_d: The `(2 * rank,)` variable, or `None` before the layer is
+            built.
+        lambda_b: The `(out,)` variable, or `None` before the layer is built.
+    """
+
+    def __init__(self, config, lambda_d=None, lambda_b=None):
+        self.config = config
+        self.lambda_d = lambda_d
+        self.lambda_b = lambda_b
+
+    @property
+    def weights(self):
+        return [self.lambda_d, self.lambda_b]
 
 
 @keras.saving.register_keras_serializable(package="keras_pvera")
@@ -273,22 +259,26 @@ class PVeRADense(keras.layers.Layer):
     adapted layer starts equal to the base layer. The base layer's activation
     moves to this layer, so the adapter is added before it.
 
+    A layer can hold several named adapters (`add_adapter`); one is active
+    at a time (`set_active_adapter`), and only its vectors train. With no
+    active adapter, with the adapter disabled (`adapter_enabled = False`) or
+    merged into the kernel (`merged_adapter`), the layer computes exactly
+    the base layer's output.
+
     Args:
         base_layer: A `keras.layers.Dense` or `keras.layers.EinsumDense`.
-        rank: Latent size `r` (positive integer).
-        alpha: Output scale of the adapter (PEFT: 1, the paper: 16).
-        d_initial: Initial value of every entry of `lambda_d`.
-        dropout: Dropout rate on the adapter's input, in `[0, 1)`.
-        kl_weight: Weight of this layer's KL term, added with `add_loss` while
-            training. 0 disables it.
-        sample_at_inference: Whether inference samples the latent code.
-        seed: Seed of the projections (when this layer makes its own) and of
-            the sampling noise.
-        save_projection: Whether a saved file holds this layer's own
-            projections (ignored when a shared registry is passed).
+        config: A `PVeRAConfig` for the first adapter (its `seed` seeds the
+            sampling noise, and the projections when this layer makes its
+            own); `None` for the defaults.
         projection_registry: A shared `ProjectionRegistry`, or `None` to make
             one sized for this layer.
-        **kwargs: Base layer keyword arguments, such as `name`.
+        activation: The activation applied after the adapter; `None` takes
+            the base layer's (which is then removed from the base layer).
+        adapter_name: The first adapter's name.
+        **kwargs: PVeRA settings by name (`rank`, `alpha`, `d_initial`,
+            `dropout`, `kl_weight`, `sample_at_inference`, `seed`,
+            `save_projection`; they override `config`'s), and base layer
+            keyword arguments such as `name`.
 
     Returns:
         A Keras layer; calling it returns the base layer's output plus the
@@ -314,16 +304,10 @@ class PVeRADense(keras.layers.Layer):
     def __init__(
         self,
         base_layer,
-        rank,
-        alpha=1.0,
-        d_initial=0.1,
-        dropout=0.0,
-        kl_weight=0.0,
-        sample_at_inference=False,
-        seed=0,
-        save_projection=True,
+        config=None,
         projection_registry=None,
         activation=None,
+        adapter_name="default",
         **kwargs,
     ):
         if not isinstance(base_layer, (keras.layers.Dense, keras.layers.EinsumDense)):
@@ -332,22 +316,16 @@ class PVeRADense(keras.layers.Layer):
                 "keras.layers.EinsumDense. Received: base_layer="
                 f"{base_layer!r} of type {type(base_layer).__name__}"
             )
-        validate_settings(rank, alpha, d_initial, dropout, kl_weight)
+        settings, kwargs = split_settings(kwargs)
+        config = PVeRAConfig.from_settings(config, **settings)
+        _check_adapter_name(adapter_name)
         kwargs.setdefault("name", base_layer.name)
         kwargs["dtype"] = _float_policy(kwargs.get("dtype", base_layer.dtype_policy))
         super().__init__(**kwargs)
         # Variables are named beside the base layer's own, e.g.
         # "encoder/query/pvera_lambda_d" next to "encoder/query/kernel".
-        self._parent_path = getattr(base_layer, "_parent_path", None)
+        keras_internals.set_parent_path(self, keras_internals.parent_path(base_layer))
         self.base_layer = base_layer
-        self.rank = rank
-        self.alpha = float(alpha)
-        self.d_initial = float(d_initial)
-        self.dropout = float(dropout)
-        self.kl_weight = float(kl_weight)
-        self.sample_at_inference = bool(sample_at_inference)
-        self.seed = int(seed)
-        self.save_projection = bool(save_projection)
         self.projection_registry = projection_registry
         # The adapter is added before the activation: take it from the base.
         if activation is None:
@@ -359,9 +337,13 @@ class PVeRADense(keras.layers.Layer):
         self.activation = activation
         # Dropout and noise draw from distinct streams, in this layer's dtype.
         self.dropout_layer = keras.layers.Dropout(
-            self.dropout, seed=derive_seed(self.seed, 1), dtype=self.dtype_policy
+            config.dropout, seed=derive_seed(config.seed, 1), dtype=self.dtype_policy
         )
-        self.seed_generator = keras.random.SeedGenerator(self.seed)
+        self.seed_generator = keras.random.SeedGenerator(config.seed)
+        self.adapter_vectors = {adapter_name: AdapterVectors(config)}
+        self.active_adapter = adapter_name
+        self.adapter_enabled = True
+        self.merged_adapter = None
         self.base_layer.trainable = False
         if base_layer.built:
             self.build(None)
@@ -372,27 +354,184 @@ class PVeRADense(keras.layers.Layer):
         self._check_quantization_mode()
         self.linear = linear_equation_of(self.base_layer)
         if self.projection_registry is None:
+            first = next(iter(self.adapter_vectors.values())).config
             self.projection_registry = ProjectionRegistry(
-                rank=self.rank,
+                rank=first.rank,
                 in_max=self.linear.in_dim,
                 out_max=self.linear.out_dim,
-                seed=self.seed,
-                save_projection=self.save_projection,
+                seed=first.seed,
+                save_projection=first.save_projection,
                 name="projection_registry",
             )
-        self.lambda_d = self.add_weight(
-            name="pvera_lambda_d",
-            shape=(2 * self.rank,),
-            initializer=keras.initializers.Constant(self.d_initial),
+        for name, vectors in self.adapter_vectors.items():
+            self._make_vectors(name, vectors)
+        self.built = True
+
+    def _make_vectors(self, name, vectors):
+        # The first adapter's vectors keep the names (and saved positions)
+        # they had before layers held several adapters.
+        first = next(iter(self.adapter_vectors))
+        suffix = "" if name == first else f"_{name}"
+        vectors.lambda_d = self.add_weight(
+            name=f"pvera_lambda_d{suffix}",
+            shape=(2 * vectors.config.rank,),
+            initializer=keras.initializers.Constant(vectors.config.d_initial),
             trainable=True,
         )
-        self.lambda_b = self.add_weight(
-            name="pvera_lambda_b",
+        vectors.lambda_b = self.add_weight(
+            name=f"pvera_lambda_b{suffix}",
             shape=(self.linear.out_dim,),
             initializer="zeros",
             trainable=True,
         )
-        self.built = True
+        self._apply_trainability()
+
+    def add_adapter(self, adapter_name, config):
+        """Adds a named adapter (not active until `set_active_adapter`).
+
+        Args:
+            adapter_name: A new name (a non-empty string).
+            config: Its `PVeRAConfig` (its `seed` is this layer's noise seed
+                for it).
+
+        Raises:
+            ValueError: If the name exists, or the layer is merged.
+        """
+        _check_adapter_name(adapter_name)
+        if adapter_name in self.adapter_vectors:
+            raise ValueError(
+                f"Layer {self.name!r} already has an adapter named "
+                f"{adapter_name!r}. Adapters: {list(self.adapter_vectors)}"
+            )
+        self._check_not_merged("add an adapter")
+        vectors = AdapterVectors(config)
+        self.adapter_vectors[adapter_name] = vectors
+        if self.built:
+            with keras_internals.unlocked(self):
+                self._make_vectors(adapter_name, vectors)
+
+    def delete_adapter(self, adapter_name):
+        """Removes a named adapter and its variables.
+
+        Args:
+            adapter_name: One of `adapter_names`.
+
+        Raises:
+            ValueError: If there is no such adapter, or it is merged.
+        """
+        vectors = self._vectors_named(adapter_name)
+        if self.merged_adapter == adapter_name:
+            self._check_not_merged("delete the merged adapter")
+        for variable in vectors.weights:
+            if variable is not None:
+                keras_internals.untrack_variable(self, variable)
+        del self.adapter_vectors[adapter_name]
+        if self.active_adapter == adapter_name:
+            self.active_adapter = None
+
+    def set_active_adapter(self, adapter_name):
+        """Makes `adapter_name` the adapter that runs and trains.
+
+        Args:
+            adapter_name: A name, or `None` (or a name this layer does not
+                hold) to run the base layer alone.
+
+        Raises:
+            ValueError: If an adapter is merged into the kernel.
+        """
+        if adapter_name != self.active_adapter:
+            self._check_not_merged("switch adapters")
+        self.active_adapter = (
+            adapter_name if adapter_name in self.adapter_vectors else None
+        )
+        if self.active_adapter is not None:
+            self.dropout_layer.rate = self.config.dropout
+        self._apply_trainability()
+
+    @property
+    def adapter_names(self):
+        """The names of this layer's adapters, in the order they were added."""
+        return list(self.adapter_vectors)
+
+    def _vectors_named(self, adapter_name):
+        if adapter_name not in self.adapter_vectors:
+            raise ValueError(
+                f"Layer {self.name!r} has no adapter named {adapter_name!r}. "
+                f"Adapters: {list(self.adapter_vectors)}"
+            )
+        return self.adapter_vectors[adapter_name]
+
+    def _active_vectors(self):
+        if self.active_adapter is None:
+            raise ValueError(
+                f"Layer {self.name!r} has no active adapter. Adapters: "
+                f"{list(self.adapter_vectors)}"
+            )
+        return self.adapter_vectors[self.active_adapter]
+
+    def _check_not_merged(self, action):
+        if self.merged_adapter is not None:
+            raise ValueError(
+                f"Cannot {action} while adapter {self.merged_adapter!r} is "
+                f"merged into the kernel of layer {self.name!r}. Call "
+                "`model.unmerge_adapter()` first."
+            )
+
+    @property
+    def config(self):
+        """The active adapter's `PVeRAConfig`."""
+        return self._active_vectors().config
+
+    @property
+    def lambda_d(self):
+        """The active adapter's `lambda_d` variable, shape `(2 * rank,)`."""
+        return self._active_vectors().lambda_d
+
+    @property
+    def lambda_b(self):
+        """The active adapter's `lambda_b` variable, shape `(out,)`."""
+        return self._active_vectors().lambda_b
+
+    rank = property(lambda self: self.config.rank, doc="The active rank.")
+    alpha = property(lambda self: self.config.alpha, doc="The active alpha.")
+    d_initial = property(lambda self: self.config.d_initial, doc="Initial lambda_d.")
+    dropout = property(lambda self: self.config.dropout, doc="The dropout rate.")
+    kl_weight = property(lambda self: self.config.kl_weight, doc="The KL weight.")
+    seed = property(lambda self: self.config.seed, doc="The noise seed.")
+    save_projection = property(
+        lambda self: self.config.save_projection, doc="Whether A/B are saved."
+    )
+
+    @property
+    def sample_at_inference(self):
+        """Whether inference samples the active adapter's latent code."""
+        return self.config.sample_at_inference
+
+    @sample_at_inference.setter
+    def sample_at_inference(self, value):
+        vectors = self._active_vectors()
+        vectors.config = vectors.config.replace(sample_at_inference=bool(value))
+
+    @property
+    def trainable(self):
+        """Whether the active adapter's vectors train (the base never does)."""
+        return keras.layers.Layer.trainable.fget(self)
+
+    @trainable.setter
+    def trainable(self, value):
+        # Keras' setter sets every sublayer and variable: set them back, so
+        # that toggling `trainable` never thaws the base layer.
+        keras.layers.Layer.trainable.fset(self, value)
+        self._apply_trainability()
+
+    def _apply_trainability(self):
+        self.base_layer.trainable = False
+        if self.projection_registry is not None:
+            self.projection_registry.trainable = False
+        for name, vectors in self.adapter_vectors.items():
+            for variable in vectors.weights:
+                if variable is not None:
+                    variable.trainable = self.trainable and name == self.active_adapter
 
     def _check_quantization_mode(self):
         base = self.base_layer
@@ -414,7 +553,8 @@ class PVeRADense(keras.layers.Layer):
         return self.linear.out_dim
 
     def _projections(self):
-        return self.projection_registry.projections(self.in_dim, self.out_dim)
+        a, b = self.projection_registry.projections(self.in_dim, self.out_dim)
+        return a, b
 
     def _scaled_b(self, b):
         # (out, r) * (alpha * lambda_b) per row -> (r, out)
@@ -422,7 +562,7 @@ class PVeRADense(keras.layers.Layer):
         return ops.transpose(ops.multiply(b, ops.expand_dims(scale, 1)))
 
     def delta_kernel(self):
-        """The mean adapter as a kernel: what `merge` adds to the base kernel.
+        """The active mean adapter as a kernel: what merging adds to it.
 
         Returns:
             A tensor of the base layer's kernel shape.
@@ -463,7 +603,14 @@ class PVeRADense(keras.layers.Layer):
 
     def call(self, inputs, training=None):
         base = self.base_layer
-        if self._folds(training):
+        runs_adapter = self.adapter_enabled and self.active_adapter is not None
+        if self.merged_adapter is not None:
+            if training or (runs_adapter and self.sample_at_inference):
+                self._check_not_merged("train or sample")
+            runs_adapter = False
+        if not runs_adapter:
+            y = base(inputs)
+        elif self._folds(training):
             y = self._folded_path(inputs)
         else:
             y = self._latent_path(base(inputs), inputs, training)
@@ -518,14 +665,11 @@ class PVeRADense(keras.layers.Layer):
         config.update(
             {
                 "base_layer": keras.saving.serialize_keras_object(self.base_layer),
-                "rank": self.rank,
-                "alpha": self.alpha,
-                "d_initial": self.d_initial,
-                "dropout": self.dropout,
-                "kl_weight": self.kl_weight,
-                "sample_at_inference": self.sample_at_inference,
-                "seed": self.seed,
-                "save_projection": self.save_projection,
+                "adapters": [
+                    [name, vectors.config.to_dict()]
+                    for name, vectors in self.adapter_vectors.items()
+                ],
+                "active_adapter": self.active_adapter,
                 # The (possibly shared) registry's settings, so that a layer
                 # rebuilt from its config reads the same projections.
                 "projection_registry": (
@@ -550,4 +694,25 @@ class PVeRADense(keras.layers.Layer):
             config["projection_registry"] = keras.saving.deserialize_keras_object(
                 config["projection_registry"]
             )
-        return cls(**config)
+        # Files written before layers held several adapters carry the
+        # settings at the top level: they are the one adapter "default".
+        adapters = config.pop("adapters", None)
+        active = config.pop("active_adapter", None)
+        if adapters is None:
+            return cls(**config)
+        (first_name, first), *others = adapters
+        layer = cls(
+            config=PVeRAConfig.from_dict(first), adapter_name=first_name, **config
+        )
+        for name, settings in others:
+            layer.add_adapter(name, PVeRAConfig.from_dict(settings))
+        layer.set_active_adapter(active)
+        return layer
+
+
+def _check_adapter_name(adapter_name):
+    if not isinstance(adapter_name, str) or not adapter_name or "/" in adapter_name:
+        raise ValueError(
+            "An adapter name must be a non-empty string without '/'. "
+            f"Received: adapter_name={adapter_name!r}"
+        )

@@ -367,7 +367,7 @@ def adapted_layers_of(model):
     adapters = [
         layer
         for _, layer in model_surgery.iter_layers(model)
-        if isinstance(layer, PVeRADense)
+        if isinstance(layer, PVeRADense) and layer.active_adapter is not None
     ]
     if not adapters:
         raise ValueError(

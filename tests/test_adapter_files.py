@@ -170,7 +170,7 @@ def test_without_projections_they_are_regenerated_from_the_seed(tmp_path):
 
     loaded = keras_pvera.load_adapter(make_base(), path)
 
-    assert loaded.save_projection is False
+    assert loaded.pvera_config.save_projection is False
     np.testing.assert_allclose(
         loaded.predict(X, verbose=0), model.predict(X, verbose=0), atol=1e-6
     )

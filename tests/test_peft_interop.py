@@ -266,11 +266,44 @@ def test_architecture_without_a_table(tmp_path):
         keras_pvera.save_peft_adapter(adapted_other, tmp_path / "out")
 
 
-def test_already_adapted_model_is_refused(tmp_path):
+def test_other_projections_are_refused_as_a_second_adapter(tmp_path):
     folder = write_peft_folder(tmp_path / "adapter", bert_query_value_tensors())
     adapted = keras_pvera.apply(keras_bert(), rank=4)
-    with pytest.raises(ValueError, match="already adapted"):
-        keras_pvera.load_peft_adapter(adapted, folder)
+    before = numpy_weights(adapted)
+    with pytest.raises(ValueError, match="other projections"):
+        keras_pvera.load_peft_adapter(adapted, folder, adapter="peft")
+    assert adapted.adapter_names == ["default"]
+    for a, b in zip(numpy_weights(adapted), before, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_named_adapters_load_from_peft_sub_folders(tmp_path):
+    # PEFT's save_pretrained writes "default" in the folder and every other
+    # adapter in a sub-folder named after it.
+    keras.utils.set_random_seed(0)
+    model = keras_pvera.apply(keras_bert(), rank=4, seed=3)
+    model.add_adapter("other", rank=4, seed=3, d_initial=0.5)
+    outputs = {}
+    for name in ("default", "other"):
+        model.set_adapter(name)
+        for layer in model.adapted_layers.values():
+            layer.lambda_b.assign(
+                np.random.default_rng(len(name))
+                .normal(size=layer.out_dim)
+                .astype("float32")
+            )
+        outputs[name] = keras_bert_outputs(model)
+        folder = tmp_path / "peft" / ("" if name == "default" else name)
+        keras_pvera.save_peft_adapter(model, folder, adapter=name)
+    assert np.abs(outputs["default"] - outputs["other"]).max() > 1e-2
+
+    keras.utils.set_random_seed(0)
+    loaded = keras_pvera.load_peft_adapter(keras_bert(), tmp_path / "peft")
+    keras_pvera.load_peft_adapter(loaded, tmp_path / "peft", adapter="other")
+    assert loaded.adapter_names == ["default", "other"]
+    for name in ("default", "other"):
+        loaded.set_adapter(name)
+        np.testing.assert_allclose(keras_bert_outputs(loaded), outputs[name], atol=1e-5)
 
 
 def test_projections_without_torch_are_refused(tmp_path, monkeypatch):
@@ -460,7 +493,7 @@ def test_bert_peft_adapter_matches_peft(hf, bert_dir, tmp_path):
     model = keras_pvera.load_peft_adapter(base, tmp_path / "adapter")
 
     assert len(model.adapted_layers) == 6 * LAYERS + 1
-    assert model.alpha == 1.0 and model.save_projection
+    assert model.pvera_config.alpha == 1.0 and model.pvera_config.save_projection
     assert np.abs(keras_bert_outputs(model) - expected).max() <= TOLERANCE
 
 

@@ -390,7 +390,7 @@ def test_non_finite_lambdas_raise_instead_of_predicting_nan():
         ({"target": ["nope"]}, ValueError, "'nope' matches no layer.*hidden_1"),
         ({"target": "nothing.*"}, ValueError, "matches no layer.*hidden_1"),
         ({"target": lambda layer: False}, ValueError, "matches no layer"),
-        ({"target": 3}, TypeError, "target"),
+        ({"target": 3}, ValueError, "target"),
         ({"trainable_layers": ["missing"]}, ValueError, "missing"),
         ({"target": ["head"], "trainable_layers": ["head"]}, ValueError, "head"),
     ],
@@ -430,7 +430,7 @@ def test_unbuilt_and_already_adapted_models_are_refused():
 
 
 def test_a_failure_during_surgery_is_rolled_back(monkeypatch):
-    from keras_pvera import pvera_model
+    from keras_pvera import injection
 
     base = mlp()
     x, _ = data(4)
@@ -439,7 +439,7 @@ def test_a_failure_during_surgery_is_rolled_back(monkeypatch):
     def broken_freeze(*args):
         raise RuntimeError("freeze failed")
 
-    monkeypatch.setattr(pvera_model, "_freeze", broken_freeze)
+    monkeypatch.setattr(injection.Injection, "freeze", broken_freeze)
     with pytest.raises(RuntimeError, match="freeze failed"):
         keras_pvera.apply(base, rank=4)
     assert [layer.name for layer in base.layers] == ["hidden_1", "hidden_2", "head"]

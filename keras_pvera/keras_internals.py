@@ -1,0 +1,160 @@
+"""Every private Keras attribute keras_pvera reads or writes, in one place.
+
+Keras has no public API to swap a layer inside a built model, to add a
+variable to a built layer, or to reach a `Dense` layer's raw kernel when
+Keras' own LoRA is on. These small functions do it, each saying which
+private attribute of Keras 3 (checked against 3.8 to 3.15) it relies on, so
+that a Keras upgrade that moves one breaks here and nowhere else.
+"""
+
+import contextlib
+
+import keras
+
+# Attributes that hold a layer's bookkeeping, not its structure: walking a
+# layer's sublayers skips them (they hold the same layers again, graph nodes,
+# or TensorFlow's checkpoint records).
+BOOKKEEPING_ATTRIBUTES = frozenset(
+    [
+        "_layers",
+        "_tracker",
+        "_inbound_nodes",
+        "_outbound_nodes",
+        "_operations",
+        "_functional",
+        "_operations_by_depth",
+        "_nodes_by_depth",
+        "_nodes",
+        "_losses_override",
+        "_nnx_op_mapping",
+        "nnx_operations",
+    ]
+)
+
+
+def is_graph(layer):
+    """Whether `layer` is a Functional model (it has `_nodes_by_depth`)."""
+    return isinstance(layer, keras.Model) and hasattr(layer, "_nodes_by_depth")
+
+
+def graph_of(layer):
+    """The Functional graph that runs `layer`, if any.
+
+    A Sequential model runs an internal Functional model held in
+    `_functional`; a Functional model is its own graph.
+    """
+    if isinstance(layer, keras.Sequential):
+        return layer._functional
+    if is_graph(layer):
+        return layer
+    return None
+
+
+def graph_operations(graph):
+    """The graph's operations, in order (`Functional._operations`)."""
+    return graph._operations
+
+
+def graph_operation_lists(graph):
+    """Every list of a graph that holds its operations.
+
+    `_operations` and the per-depth lists of `_operations_by_depth` (only in
+    some Keras versions).
+    """
+    lists = [graph._operations]
+    lists.extend(getattr(graph, "_operations_by_depth", {}).values())
+    return lists
+
+
+def graph_nodes(graph):
+    """Every node of a Functional graph (`_nodes_by_depth`)."""
+    return [node for nodes in graph._nodes_by_depth.values() for node in nodes]
+
+
+def move_nodes(old, new):
+    """Gives `new` the graph nodes of `old` (`_inbound_nodes`, `_outbound_nodes`).
+
+    Keras reads a layer's nodes when it serializes a Functional model.
+    """
+    new._inbound_nodes = old._inbound_nodes
+    new._outbound_nodes = old._outbound_nodes
+
+
+def internal_functional(layer):
+    """A Sequential model's internal Functional model (`_functional`), or None."""
+    return getattr(layer, "_functional", None)
+
+
+def tracked_layers(layer):
+    """The list of sublayers Keras tracks for `layer` (`_layers`), or None."""
+    return getattr(layer, "_layers", None)
+
+
+def layer_attributes(layer):
+    """`(name, value)` of a layer's attributes, bookkeeping left out.
+
+    On the torch backend, sublayers also live in torch's module registry
+    (`_modules`). Names starting with `_self_` are TensorFlow's checkpoint
+    records, kept in step by `setattr`.
+    """
+    items = dict(vars(layer))
+    items.update(getattr(layer, "_modules", None) or {})
+    for name, value in items.items():
+        if (
+            name in BOOKKEEPING_ATTRIBUTES
+            or name.startswith("__")
+            or name.startswith("_self_")
+        ):
+            continue
+        yield name, value
+
+
+def producer_of(tensor):
+    """The layer that produced a symbolic tensor (`_keras_history`)."""
+    return tensor._keras_history[0]
+
+
+@contextlib.contextmanager
+def unlocked(layer):
+    """Lets a built layer accept new variables or sublayers (`_tracker`)."""
+    tracker = getattr(layer, "_tracker", None)
+    locked = bool(tracker and tracker.locked)
+    if locked:
+        tracker.unlock()
+    try:
+        yield
+    finally:
+        if locked:
+            tracker.lock()
+
+
+def untrack_variable(layer, variable):
+    """Removes a variable from a layer (`Layer._untrack_variable`)."""
+    layer._untrack_variable(variable)
+
+
+def kernel_variable(layer):
+    """The raw kernel variable of a Dense/EinsumDense layer (`_kernel`).
+
+    `layer.kernel` adds Keras' LoRA update when LoRA is enabled; merging and
+    sizing need the stored variable itself.
+    """
+    return layer._kernel
+
+
+def float_source_policy(policy):
+    """The float policy under a quantized one (`_source_name`).
+
+    `"int8_from_float32"` gives `"float32"`.
+    """
+    return keras.dtype_policies.get(policy._source_name)
+
+
+def parent_path(layer):
+    """The variable-path prefix Keras gave a layer (`_parent_path`)."""
+    return getattr(layer, "_parent_path", None)
+
+
+def set_parent_path(layer, path):
+    """Names a wrapper's variables beside the wrapped layer's (`_parent_path`)."""
+    layer._parent_path = path
