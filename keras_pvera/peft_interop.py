@@ -81,8 +81,8 @@ def load_peft_adapter(model, path, adapter=None):
         ValueError: For a model adapted outside a `PVeRAModel`, of an
             architecture without a module-name table, a config that is not
             PVeRA's or uses features keras_pvera does not map (`bias`,
-            `modules_to_save`), an unknown module, a tensor of the wrong shape, a truncated file.
-            The model is then unchanged.
+            `modules_to_save`), an unknown module, a tensor of the wrong
+            shape, a truncated file. The model is then unchanged.
         ImportError: For an adapter saved without projections when torch is
             not importable.
 
