@@ -368,10 +368,9 @@ class PVeRADense(keras.layers.Layer):
         self.built = True
 
     def _make_vectors(self, name, vectors):
-        # The first adapter's vectors keep the names (and saved positions)
-        # they had before layers held several adapters.
-        first = next(iter(self.adapter_vectors))
-        suffix = "" if name == first else f"_{name}"
+        # The "default" adapter's vectors keep the names they had before
+        # layers held several adapters; others carry their adapter's name.
+        suffix = "" if name == "default" else f"_{name}"
         vectors.lambda_d = self.add_weight(
             name=f"pvera_lambda_d{suffix}",
             shape=(2 * vectors.config.rank,),
