@@ -413,3 +413,21 @@ def test_saved_file_gets_the_usual_permissions(trained, tmp_path):
     reference = tmp_path / "reference"
     reference.write_bytes(b"")
     assert os.stat(path).st_mode & 0o777 == os.stat(reference).st_mode & 0o777
+
+
+def test_an_adapter_file_written_by_version_0_1_0_still_loads():
+    # tests/data/make_v0_1_0_files.py wrote it with keras_pvera 0.1.0.
+    data_dir = os.path.join(os.path.dirname(__file__), "data")
+    expected = np.load(os.path.join(data_dir, "v0_1_0_expected.npz"))
+    # The same base weights on every backend: those of the 0.1.0 .keras file.
+    base = keras.saving.load_model(
+        os.path.join(data_dir, "v0_1_0_model.keras")
+    ).unload()
+    model = keras_pvera.load_adapter(
+        base, os.path.join(data_dir, "v0_1_0_adapter.safetensors")
+    )
+    assert list(model.adapted_layers) == ["hidden", "middle"]
+    assert model.pvera_config.alpha == 2.0
+    np.testing.assert_allclose(
+        model.predict(expected["x"], verbose=0), expected["y"], atol=1e-6
+    )

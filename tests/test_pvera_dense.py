@@ -1,3 +1,6 @@
+import json
+import os
+
 import keras
 import numpy as np
 import pytest
@@ -365,3 +368,19 @@ def test_dropout_and_noise_draw_from_distinct_streams():
         to_numpy(layer.dropout_layer.seed_generator.state),
         to_numpy(layer.seed_generator.state),
     )
+
+
+def test_a_layer_config_written_by_version_0_1_0_still_loads():
+    # Settings at the top level, as 0.1.0 wrote them: one adapter "default".
+    path = os.path.join(os.path.dirname(__file__), "data", "v0_1_0_layer_config.json")
+    with open(path) as f:
+        layer = keras.saving.deserialize_keras_object(json.load(f))
+    assert layer.adapter_names == ["default"]
+    assert (layer.rank, layer.alpha, layer.kl_weight) == (4, 2.0, 1e-3)
+    assert layer.activation is keras.activations.relu
+    if not layer.built:
+        layer.build((None, 6))
+    assert [w.name for w in layer.trainable_weights] == [
+        "pvera_lambda_d",
+        "pvera_lambda_b",
+    ]

@@ -499,3 +499,23 @@ def test_kl_loss_is_logged_for_training_not_as_a_zero_validation_figure():
     assert history.history["kl_loss"][0] > 0
     assert "val_kl_loss" not in history.history
     assert "val_loss" in history.history
+
+
+def test_a_keras_file_written_by_version_0_1_0_still_loads():
+    # tests/data/make_v0_1_0_files.py wrote it with keras_pvera 0.1.0.
+    data_dir = os.path.join(os.path.dirname(__file__), "data")
+    expected = np.load(os.path.join(data_dir, "v0_1_0_expected.npz"))
+    model = keras.saving.load_model(os.path.join(data_dir, "v0_1_0_model.keras"))
+    assert model.adapter_names == ["default"]
+    assert list(model.adapted_layers) == ["hidden", "middle"]
+    assert model.trainable_paths == ["head"]
+    config = model.pvera_config
+    assert (config.rank, config.seed, config.alpha, config.kl_weight) == (
+        4,
+        5,
+        2.0,
+        1e-3,
+    )
+    np.testing.assert_allclose(
+        model.predict(expected["x"], verbose=0), expected["y"], atol=1e-6
+    )
