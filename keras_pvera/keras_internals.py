@@ -158,3 +158,13 @@ def parent_path(layer):
 def set_parent_path(layer, path):
     """Names a wrapper's variables beside the wrapped layer's (`_parent_path`)."""
     layer._parent_path = path
+
+
+def own_loss_ids(layer):
+    """Ids of the losses a layer itself added in the last call.
+
+    `_loss_ids` (losses collected by a stateless scope, as on JAX, where the
+    model's `losses` are then handed to `compute_loss` as a list) and
+    `_losses` (eager losses), without those of its sublayers.
+    """
+    return set(layer._loss_ids) | {id(t) for t in layer._losses}

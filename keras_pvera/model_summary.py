@@ -8,6 +8,8 @@ each as a method of the same name.
 import numpy as np
 from keras import ops
 
+from keras_pvera import keras_internals
+
 
 def check_finite(model):
     """Raises `ValueError` if any adapter vector holds NaN or infinity.
@@ -159,8 +161,8 @@ def kl_terms(model):
     """The KL terms the active adapter's layers added in this forward pass.
 
     Each adapted layer adds `kl_weight * KL` with `add_loss` while training;
-    the wrapped base layer's own losses (an activity regularizer) are left
-    out.
+    they are picked out of the model's losses by identity, so the wrapped
+    base layer's own losses (an activity regularizer) are left out.
 
     Args:
         model: A `PVeRAModel`.
@@ -168,8 +170,7 @@ def kl_terms(model):
     Returns:
         A list of scalar tensors.
     """
-    terms = []
+    ids = set()
     for layer in model.adapted_layers.values():
-        base_ids = {id(t) for t in layer.base_layer.losses}
-        terms.extend(t for t in layer.losses if id(t) not in base_ids)
-    return terms
+        ids.update(keras_internals.own_loss_ids(layer))
+    return [t for t in model.losses if id(t) in ids]

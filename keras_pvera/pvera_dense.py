@@ -491,15 +491,10 @@ class PVeRADense(keras.layers.Layer):
         """The active adapter's `lambda_b` variable, shape `(out,)`."""
         return self._active_vectors().lambda_b
 
-    rank = property(lambda self: self.config.rank, doc="The active rank.")
-    alpha = property(lambda self: self.config.alpha, doc="The active alpha.")
-    d_initial = property(lambda self: self.config.d_initial, doc="Initial lambda_d.")
-    dropout = property(lambda self: self.config.dropout, doc="The dropout rate.")
-    kl_weight = property(lambda self: self.config.kl_weight, doc="The KL weight.")
-    seed = property(lambda self: self.config.seed, doc="The noise seed.")
-    save_projection = property(
-        lambda self: self.config.save_projection, doc="Whether A/B are saved."
-    )
+    @property
+    def rank(self):
+        """The active adapter's rank (its other settings: `config`)."""
+        return self.config.rank
 
     @property
     def sample_at_inference(self):
@@ -557,7 +552,7 @@ class PVeRADense(keras.layers.Layer):
 
     def _scaled_b(self, b):
         # (out, r) * (alpha * lambda_b) per row -> (r, out)
-        scale = ops.multiply(self.alpha, self.lambda_b)
+        scale = ops.multiply(self.config.alpha, self.lambda_b)
         return ops.transpose(ops.multiply(b, ops.expand_dims(scale, 1)))
 
     def delta_kernel(self):
@@ -636,13 +631,14 @@ class PVeRADense(keras.layers.Layer):
         """Adds the adapter token by token (training, sampling, quantized or
         low-precision bases)."""
         mu, logvar = self.latent(inputs, training=training)
-        if training and self.kl_weight > 0:
-            self.add_loss(self.kl_weight * kl_divergence(mu, logvar))
+        kl_weight = self.config.kl_weight
+        if training and kl_weight > 0:
+            self.add_loss(kl_weight * kl_divergence(mu, logvar))
         sampling = bool(training) or self.sample_at_inference
         z = ops.add(mu, self._noise(logvar)) if sampling else mu
         z = ops.cast(z, self.compute_dtype)
         _, b = self._projections()
-        scale = self.linear.output_scale(ops.multiply(self.alpha, self.lambda_b))
+        scale = self.linear.output_scale(ops.multiply(self.config.alpha, self.lambda_b))
         if scale is None:
             return ops.add(y, self.linear.expand(z, self._scaled_b(b)))
         adapter = self.linear.expand(z, ops.transpose(b))

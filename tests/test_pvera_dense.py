@@ -376,7 +376,7 @@ def test_a_layer_config_written_by_version_0_1_0_still_loads():
     with open(path) as f:
         layer = keras.saving.deserialize_keras_object(json.load(f))
     assert layer.adapter_names == ["default"]
-    assert (layer.rank, layer.alpha, layer.kl_weight) == (4, 2.0, 1e-3)
+    assert (layer.rank, layer.config.alpha, layer.config.kl_weight) == (4, 2.0, 1e-3)
     assert layer.activation is keras.activations.relu
     if not layer.built:
         layer.build((None, 6))
