@@ -11,6 +11,7 @@ import contextlib
 
 import keras
 
+from keras_pvera import keras_internals
 from keras_pvera import merging
 from keras_pvera.pvera_config import PVeRAConfig
 
@@ -37,10 +38,17 @@ class AdapterLifecycle:
 
     adapter_names = property(lambda self: list(self.injection.adapters))
     active_adapter = property(lambda self: self.injection.active)
-    pvera_config = property(
-        lambda self: self.injection.adapters[self.active_adapter].config,
-        doc="The active adapter's `PVeRAConfig`.",
-    )
+
+    @property
+    def pvera_config(self):
+        """The active adapter's `PVeRAConfig`."""
+        if self.active_adapter is None:
+            raise ValueError(
+                "The model has no active adapter. Call `model.set_adapter(name)` "
+                f"with one of {self.adapter_names}."
+            )
+        return self.injection.adapters[self.active_adapter].config
+
     trainable_paths = property(lambda self: list(self.injection.trainable_paths))
 
     @property
@@ -75,11 +83,25 @@ class AdapterLifecycle:
         self._changed()
 
     def set_adapter(self, adapter_name):
-        """Makes `adapter_name` the one adapter that runs and trains."""
+        """Makes `adapter_name` the one adapter that runs and trains.
+
+        A compiled model gets a fresh optimizer of the same configuration: a
+        Keras optimizer serves the one set of variables it was built for.
+        """
         self._check_adapter(adapter_name)
         self._check_not_merged("switch adapters")
-        self.injection.set_active(adapter_name)
+        if adapter_name != self.active_adapter:
+            self.injection.set_active(adapter_name)
+            self._renew_optimizer()
         self._changed()
+
+    def _renew_optimizer(self):
+        optimizer = getattr(self, "optimizer", None)
+        if optimizer is not None and optimizer.built:
+            with keras_internals.unlocked(self):
+                self.optimizer = optimizer.__class__.from_config(
+                    optimizer.get_config()
+                )
 
     def delete_adapter(self, adapter_name):
         """Deletes an adapter; deleting the active one leaves none active."""
@@ -91,6 +113,7 @@ class AdapterLifecycle:
             )
         self._check_not_merged("delete an adapter")
         self.injection.delete(adapter_name)
+        self._renew_optimizer()
         self._changed()
 
     @contextlib.contextmanager

@@ -258,6 +258,7 @@ class Injection:
             ValueError: For a name in use, a selection that matches nothing,
                 or a config that does not fit the shared registry.
         """
+        first = not self.adapters
         if name in self.adapters:
             raise ValueError(
                 f"The model already has an adapter named {name!r}. Adapters: "
@@ -308,19 +309,22 @@ class Injection:
                 self.model, {targets[p]: w for p, w in new.items()}
             )
             undo.append(swap_back)
+            if first:
+                self.active = name
             for wrapper in new.values():
                 # A new wrapper starts with `name` active: match the model.
-                wrapper.set_active_adapter(self.active or name)
+                wrapper.set_active_adapter(self.active)
             self.wrappers.update(new)
             self.registry = registry
             self.adapters[name] = AdapterRecord(config, targets)
             self.trainable_paths = list(trainable)
-            self.active = self.active or name
             self.freeze()
         except Exception:
             for path in new:
                 self.wrappers.pop(path, None)
             self.adapters.pop(name, None)
+            if first:
+                self.active = None
             for step in reversed(undo):
                 step()
             raise
@@ -382,7 +386,9 @@ class Injection:
         self.active = name
 
     def layers_of(self, name):
-        """`{path: wrapper}` of the layers adapter `name` adapts."""
+        """`{path: wrapper}` of the layers adapter `name` adapts (none: {})."""
+        if name is None:
+            return {}
         return {path: self.wrappers[path] for path in self.adapters[name].paths}
 
     def trainable_ids(self):

@@ -382,3 +382,20 @@ def test_trainable_toggles_never_thaw_the_base():
         np.testing.assert_array_equal(a, b)
     # fit put the flags back, so LayerNormalization and others read frozen.
     assert not any(v.trainable for v in frozen)
+
+
+def test_switching_adapters_between_fits_trains_each_in_turn():
+    model = keras_pvera.apply(base_model(), rank=4, target=["hidden"])
+    model.add_adapter("second", rank=4, target=["hidden"])
+    fit(model, epochs=1)  # Trains "default" and builds the optimizer.
+    default = values(model.adapted_layers["hidden"].adapter_vectors["default"].weights)
+    model.set_adapter("second")
+    second = model.adapted_layers["hidden"].adapter_vectors["second"]
+    before = values(second.weights)
+    # A Keras optimizer serves the variables it was built for: the model
+    # gets a fresh one of the same configuration.
+    model.fit(*data(), epochs=1, batch_size=16, verbose=0)
+    assert not np.array_equal(values(second.weights)[1], before[1])
+    hidden = model.adapted_layers["hidden"].adapter_vectors["default"]
+    for a, b in zip(values(hidden.weights), default, strict=True):
+        np.testing.assert_array_equal(a, b)
