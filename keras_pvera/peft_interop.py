@@ -36,7 +36,7 @@ from keras_pvera.adapter_state import restore_adapter
 from keras_pvera.adapter_state import same_arrays
 from keras_pvera.peft_module_names import NAMINGS
 from keras_pvera.peft_module_names import default_naming
-from keras_pvera.peft_module_names import find_table
+from keras_pvera.peft_module_names import find_spec
 from keras_pvera.pvera_dense import PVeRADense
 from keras_pvera.pvera_dense import linear_equation_of
 from keras_pvera.pvera_model import LINEAR_LAYERS
@@ -106,7 +106,7 @@ def load_peft_adapter(model, path):
             "adapted. Load the base model again (for example with "
             "`from_preset`) and pass it."
         )
-    table, keras_prefix = find_table(model)
+    spec, keras_prefix = find_spec(model)
     config = read_peft_config(path)
     tensors, _ = safetensors_io.read_safetensors(os.path.join(path, WEIGHTS_FILE))
     rank = config["r"]
@@ -114,13 +114,18 @@ def load_peft_adapter(model, path):
     layers = dict(model_surgery.iter_layers(model))
     state_layers, lambda_d, lambda_b = {}, {}, {}
     for module, vectors in modules.items():
-        keras_path = table.keras_path(module)
+        keras_path, refusal = spec.find(module)
+        if refusal is not None:
+            raise ValueError(
+                f"PEFT module {module!r} cannot be loaded: KerasHub's "
+                f"{spec.backbone} {refusal}."
+            )
         if keras_path is None:
             raise ValueError(
                 f"PEFT module {module!r} has no KerasHub equivalent in the "
-                f"{table.backbone} table. Known modules: "
-                f"{table.hf_templates()} (optionally prefixed by "
-                f"{[p for p in table.model_prefixes if p]})."
+                f"{spec.backbone} table. Known modules: "
+                f"{spec.hf_templates()} (optionally prefixed by "
+                f"{[p for p in spec.model_prefixes if p]})."
             )
         keras_path = keras_prefix + keras_path
         layer = layers.get(keras_path)
@@ -231,19 +236,19 @@ def save_peft_adapter(
             "adapters; PEFT's modules_to_save has no KerasHub mapping here. "
             "Save them with keras_pvera.save_adapter instead."
         )
-    table, keras_prefix = find_table(model.base_model)
+    spec, keras_prefix = find_spec(model.base_model)
     tensors, modules = {}, []
     alpha = state.settings["alpha"]
     for keras_path in state.layers:
         module = None
         if keras_path.startswith(keras_prefix):
-            module = table.hf_module(
+            module = spec.hf_module(
                 keras_path[len(keras_prefix) :], naming, module_prefix
             )
         if module is None:
             raise ValueError(
                 f"Adapted layer {keras_path!r} has no Hugging Face equivalent "
-                f"in the {table.backbone} table."
+                f"in the {spec.backbone} table."
             )
         modules.append(module)
         key = f"base_model.model.{module}.pvera_lambda_"
