@@ -550,7 +550,7 @@ _VIT_LIKE_NAMES = (
 )
 
 
-def _vit_like(name, keras_encoder, fc1, fc2):
+def _vit_like(name, keras_encoder, fc1, fc2, heads=()):
     return ArchitectureSpec(
         backbone=f"{name}Backbone",
         hf_models=f"{name}Model",
@@ -565,19 +565,25 @@ def _vit_like(name, keras_encoder, fc1, fc2):
             ),
             legacy="encoder.layer.{i}",
         ),
-        heads=(
-            TaskHead(
-                f"{name}ImageClassifier",
-                f"{name}ForImageClassification",
-                f"{name.lower()}.",
-                ("classifier",),
-                (("classifier", "logits"),),
-            ),
-        ),
+        heads=heads,
     )
 
 
-VIT = _vit_like("ViT", "vit_encoder", "mlp/dense_1", "mlp/dense_2")
+VIT = _vit_like(
+    "ViT",
+    "vit_encoder",
+    "mlp/dense_1",
+    "mlp/dense_2",
+    heads=(
+        TaskHead(
+            "ViTImageClassifier",
+            "ViTForImageClassification",
+            "vit.",
+            ("classifier",),
+            (("classifier", "predictions"),),
+        ),
+    ),
+)
 DEIT = _vit_like("DeiT", "deit_encoder", "mlp/dense", "output_layer/output")
 
 _DINOV2_MLP = (

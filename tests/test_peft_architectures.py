@@ -107,7 +107,7 @@ CASES = [
     Case(
         "roberta",
         "RobertaConfig",
-        _text(max_position_embeddings=34),
+        _text(max_position_embeddings=34, layer_norm_eps=1e-5),
         "RobertaForMaskedLM",
         "roberta",
         r"roberta\..*\.(query|key|value|dense)",
@@ -116,7 +116,7 @@ CASES = [
     Case(
         "xlm_roberta",
         "XLMRobertaConfig",
-        _text(max_position_embeddings=34),
+        _text(max_position_embeddings=34, layer_norm_eps=1e-5),
         "XLMRobertaForMaskedLM",
         "roberta",
         r"roberta\..*\.(query|key|value|dense)",
@@ -468,5 +468,99 @@ def test_keras_adapter_loads_in_peft(case, record_property, tmp_path):
     keras_pvera.save_peft_adapter(model, tmp_path, module_prefix=case.prefix)
     loaded = peft.PeftModel.from_pretrained(load_hf(case, folder), str(tmp_path))
     difference = max_difference(hf_outputs(case, loaded, list(expected)), expected)
+    record_property("keras_to_peft_max_difference", difference)
+    assert difference <= TOLERANCE
+
+
+# PEFT's modules_to_save: a task head trained in full.
+
+HEAD_TASKS = {
+    "bert": ("BertForSequenceClassification", "BertTextClassifier"),
+    "roberta": ("RobertaForSequenceClassification", "RobertaTextClassifier"),
+    "xlm_roberta": (
+        "XLMRobertaForSequenceClassification",
+        "XLMRobertaTextClassifier",
+    ),
+    "distilbert": (
+        "DistilBertForSequenceClassification",
+        "DistilBertTextClassifier",
+    ),
+    "albert": ("AlbertForSequenceClassification", "AlbertTextClassifier"),
+    "vit": ("ViTForImageClassification", "ViTImageClassifier"),
+}
+CLASSES = 3
+HEAD_LR = 0.3
+
+
+@pytest.mark.parametrize("name", sorted(HEAD_TASKS))
+def test_task_head_in_modules_to_save_both_ways(name, tmp_path, record_property):
+    hf_class, task_class = HEAD_TASKS[name]
+    base_case = next(case for case in CASES if case.name == name)
+    case = dataclasses.replace(
+        base_case,
+        hf_class=hf_class,
+        config_kwargs={**base_case.config_kwargs, "num_labels": CLASSES},
+    )
+    head = next(
+        spec.head(task_class) for spec in SPECS.values() if spec.head(task_class)
+    )
+    folder = tmp_path / "hf"
+    make_hf_model(case, folder)
+
+    torch.manual_seed(1)
+    model = peft.get_peft_model(
+        load_hf(case, folder),
+        peft.PveraConfig(
+            r=8,
+            target_modules=case.targets,
+            modules_to_save=list(head.modules_to_save),
+        ),
+    )
+    optimizer = torch.optim.Adam(
+        [p for p in model.parameters() if p.requires_grad], lr=HEAD_LR
+    )
+    labels = torch.tensor([0, 2])
+    model.train()
+    for _ in range(5):
+        logits = model(**hf_inputs(case)).logits
+        torch.nn.functional.cross_entropy(logits, labels).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+
+    def peft_logits(peft_model):
+        with torch.no_grad():
+            return peft_model(**hf_inputs(case)).logits.numpy()
+
+    expected = peft_logits(model)
+    with model.disable_adapter():
+        assert np.abs(expected - peft_logits(model)).max() > 1e-2
+    model.save_pretrained(tmp_path / "adapter")
+
+    task = getattr(keras_hub.models, task_class).from_preset(
+        str(folder), num_classes=CLASSES, preprocessor=None
+    )
+    adapted = keras_pvera.load_peft_adapter(task, tmp_path / "adapter")
+    assert sorted(adapted.pvera_config["trainable_paths"]) == sorted(
+        path for _, path in head.layers
+    )
+    actual = np.asarray(adapted.predict(keras_inputs(case), verbose=0))
+    difference = float(np.abs(actual - expected).max())
+    record_property("peft_to_keras_max_difference", difference)
+    assert difference <= TOLERANCE
+
+    # And back, with other head weights: written as modules_to_save.
+    layers = dict(keras_pvera.model_surgery.iter_layers(adapted.base_model))
+    rng = np.random.default_rng(5)
+    for _, path in head.layers:
+        for weight in layers[path].weights:
+            weight.assign(rng.normal(0, 0.5, weight.shape).astype("float32"))
+    actual = np.asarray(adapted.predict(keras_inputs(case), verbose=0))
+    keras_pvera.save_peft_adapter(adapted, tmp_path / "back")
+    config = json.loads((tmp_path / "back" / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == list(head.modules_to_save)
+    back = peft.PeftModel.from_pretrained(load_hf(case, folder), str(tmp_path / "back"))
+    back.eval()
+    difference = float(np.abs(peft_logits(back) - actual).max())
     record_property("keras_to_peft_max_difference", difference)
     assert difference <= TOLERANCE

@@ -186,9 +186,19 @@ def test_query_layout_matches_torch_linear(tmp_path):
         ),
         (lambda t, c: c.update(bias="all"), ValueError, "bias='all'"),
         (
-            lambda t, c: c.update(modules_to_save=["classifier"]),
+            lambda t, c: (
+                c.update(modules_to_save=["classifier"]),
+                t.update(
+                    {"base_model.model.classifier.weight": np.ones((2, 32), "float32")}
+                ),
+            ),
             ValueError,
-            "modules_to_save",
+            r"load only onto a KerasHub task.*BertTextClassifier",
+        ),
+        (
+            lambda t, c: c.update(modules_to_save="classifier"),
+            ValueError,
+            "bad modules_to_save='classifier'",
         ),
         (
             lambda t, c: t.update(
