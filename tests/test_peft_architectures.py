@@ -240,10 +240,10 @@ CASES = [
     Case(
         "dinov3",
         "DINOv3ViTConfig",
-        _vision(intermediate_size=INTERMEDIATE),
+        _vision(intermediate_size=INTERMEDIATE, use_gated_mlp=True),
         "DINOv3ViTModel",
         "",
-        r".*\.(q_proj|k_proj|v_proj|o_proj|up_proj|down_proj)",
+        r".*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)",
         "image",
     ),
     Case(
