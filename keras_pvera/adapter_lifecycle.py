@@ -99,9 +99,7 @@ class AdapterLifecycle:
         optimizer = getattr(self, "optimizer", None)
         if optimizer is not None and optimizer.built:
             with keras_internals.unlocked(self):
-                self.optimizer = optimizer.__class__.from_config(
-                    optimizer.get_config()
-                )
+                self.optimizer = optimizer.__class__.from_config(optimizer.get_config())
 
     def delete_adapter(self, adapter_name):
         """Deletes an adapter; deleting the active one leaves none active."""

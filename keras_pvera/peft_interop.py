@@ -26,6 +26,7 @@ import json
 import os
 import re
 
+import keras
 import numpy as np
 
 from keras_pvera import model_surgery
@@ -38,7 +39,7 @@ from keras_pvera.injection import LINEAR_LAYERS
 from keras_pvera.injection import adaptable_layers
 from keras_pvera.peft_module_names import NAMINGS
 from keras_pvera.peft_module_names import default_naming
-from keras_pvera.peft_module_names import find_table
+from keras_pvera.peft_module_names import find_spec
 from keras_pvera.pvera_config import PVeRAConfig
 from keras_pvera.pvera_dense import PVeRADense
 from keras_pvera.pvera_dense import linear_equation_of
@@ -49,6 +50,7 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 _LAMBDA_KEY = re.compile(
     r"base_model\.model\.(?P<module>.+)\.pvera_lambda_(?P<kind>[db])"
 )
+_SAVED_KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.(?P<kind>weight|bias)")
 _PROJECTION_KEYS = ("base_model.pvera_A", "base_model.pvera_B")
 
 
@@ -61,9 +63,14 @@ def load_peft_adapter(model, path, adapter=None):
     `seed=projection_prng_key` and `save_projection=True` (the projections
     come from PEFT, not from keras_pvera's seed).
 
+    Modules of PEFT's `modules_to_save` (a task head trained in full) load
+    onto the layers of a KerasHub task that computes the same head (see
+    `peft_module_names.TaskHead`), which then train in full too.
+
     Args:
         model: The KerasHub equivalent of PEFT's base model (for example
-            `keras_hub.models.DINOV2Backbone.from_preset(<hf dir>)`), not
+            `keras_hub.models.DINOV2Backbone.from_preset(<hf dir>)`, or a
+            `BertTextClassifier` for a `BertForSequenceClassification`), not
             adapted yet.
         path: The adapter folder (`adapter_config.json` and
             `adapter_model.safetensors`).
@@ -80,9 +87,10 @@ def load_peft_adapter(model, path, adapter=None):
         FileNotFoundError: If a file of the folder is missing.
         ValueError: For a model adapted outside a `PVeRAModel`, of an
             architecture without a module-name table, a config that is not
-            PVeRA's or uses features keras_pvera does not map (`bias`,
-            `modules_to_save`), an unknown module, a tensor of the wrong
-            shape, a truncated file. The model is then unchanged.
+            PVeRA's or trains biases (`bias`), an unknown or refused module
+            (the message says why), `modules_to_save` on a model that is not
+            a KerasHub task with the same head, a tensor of the wrong shape,
+            a truncated file. The model is then unchanged.
         ImportError: For an adapter saved without projections when torch is
             not importable.
 
@@ -117,24 +125,30 @@ def load_peft_adapter(model, path, adapter=None):
             "model holds PVeRA layers outside one. Load the base model again "
             "(for example with `from_preset`) and pass it."
         )
-    table, keras_prefix = find_table(base)
+    spec, keras_prefix = find_spec(base)
     config = read_peft_config(path)
     tensors, _ = safetensors_io.read_safetensors(os.path.join(path, WEIGHTS_FILE))
     rank = config["r"]
-    modules = _lambda_vectors(tensors, path)
+    modules, saved = _lambda_vectors(tensors, path, config["modules_to_save"])
     layers = {
         path: getattr(layer, "base_layer", layer)
         for path, layer in adaptable_layers(base)
     }
+    trainable = _head_weights(base, spec, saved, config, layers)
     state_layers, lambda_d, lambda_b = {}, {}, {}
     for module, vectors in modules.items():
-        keras_path = table.keras_path(module)
+        keras_path, refusal = spec.find(module)
+        if refusal is not None:
+            raise ValueError(
+                f"PEFT module {module!r} cannot be loaded: KerasHub's "
+                f"{spec.backbone} {refusal}."
+            )
         if keras_path is None:
             raise ValueError(
                 f"PEFT module {module!r} has no KerasHub equivalent in the "
-                f"{table.backbone} table. Known modules: "
-                f"{table.hf_templates()} (optionally prefixed by "
-                f"{[p for p in table.model_prefixes if p]})."
+                f"{spec.backbone} table. Known modules: "
+                f"{spec.hf_templates()} (optionally prefixed by "
+                f"{[p for p in spec.model_prefixes if p]})."
             )
         keras_path = keras_prefix + keras_path
         layer = layers.get(keras_path)
@@ -171,13 +185,20 @@ def load_peft_adapter(model, path, adapter=None):
         layers={p: state_layers[p] for p in paths},
         lambda_d={p: lambda_d[p] for p in paths},
         lambda_b={p: lambda_b[p] for p in paths},
+        trainable=trainable,
     )
     state.projections = _projections(config, tensors, state, path)
     return restore_adapter(model, state, adapter)
 
 
 def save_peft_adapter(
-    model, path, *, adapter=None, save_projection=True, naming=None, module_prefix=""
+    model,
+    path,
+    *,
+    adapter=None,
+    save_projection=True,
+    naming=None,
+    module_prefix=None,
 ):
     """Writes an adapted KerasHub model's adapter as a PEFT adapter folder.
 
@@ -189,7 +210,9 @@ def save_peft_adapter(
 
     Args:
         model: A `PVeRAModel` over a KerasHub backbone with a module-name
-            table (BERT, DINOv2), without layers trained in full.
+            table (see `peft_module_names.SPECS`), or over a KerasHub task
+            holding one. Layers trained in full must be the task head's
+            (written as PEFT's `modules_to_save`).
         path: The folder to write (created if needed).
         adapter: The adapter's name; `None` for the active one.
         save_projection: Whether to write `A` and `B`. `False` writes PEFT's
@@ -200,8 +223,11 @@ def save_peft_adapter(
             adapter: `"transformers5"` or `"legacy"` (older DINOv2 names);
             `None` picks the installed transformers' naming.
         module_prefix: Prefix of the Hugging Face module names, for task
-            models such as `"dinov2."` in a `Dinov2ForImageClassification`;
-            `""` for `BertModel` / `Dinov2Model`.
+            models such as `"dinov2."` in a `Dinov2ForImageClassification`
+            or `"model."` in a `LlamaForCausalLM`; `""` for `BertModel` /
+            `Dinov2Model`. `None` picks the task head's prefix for a KerasHub
+            task with a mapped head (`"bert."` for a `BertTextClassifier`),
+            else `""`.
 
     Raises:
         TypeError: If `model` is not a `PVeRAModel`.
@@ -237,25 +263,22 @@ def save_peft_adapter(
             f"Received: naming={naming!r}"
         )
     state = adapter_state_of(model, adapter)
-    if state.trainable:
-        raise ValueError(
-            f"Layers {list(state.trainable)} are trained in full beside the "
-            "adapters; PEFT's modules_to_save has no KerasHub mapping here. "
-            "Save them with keras_pvera.save_adapter instead."
-        )
-    table, keras_prefix = find_table(model.base_model)
-    tensors, modules = {}, []
+    spec, keras_prefix = find_spec(model.base_model)
+    head = _task_head(model.base_model, spec)
+    if module_prefix is None:
+        module_prefix = head.model_prefix if head is not None else ""
+    tensors, modules = _head_tensors(state, head), []
     alpha = state.config.alpha
     for keras_path in state.layers:
         module = None
         if keras_path.startswith(keras_prefix):
-            module = table.hf_module(
+            module = spec.hf_module(
                 keras_path[len(keras_prefix) :], naming, module_prefix
             )
         if module is None:
             raise ValueError(
                 f"Adapted layer {keras_path!r} has no Hugging Face equivalent "
-                f"in the {table.backbone} table."
+                f"in the {spec.backbone} table."
             )
         modules.append(module)
         key = f"base_model.model.{module}.pvera_lambda_"
@@ -287,7 +310,7 @@ def save_peft_adapter(
         "sample_at_inference": state.config.sample_at_inference,
         "fan_in_fan_out": False,
         "bias": "none",
-        "modules_to_save": None,
+        "modules_to_save": (list(head.modules_to_save) if state.trainable else None),
         "init_weights": True,
         "layers_to_transform": None,
         "layers_pattern": None,
@@ -370,11 +393,13 @@ def read_peft_config(path):
             f"{config_path!r} trains biases (bias={config['bias']!r}); "
             "keras_pvera reads adapters with bias='none' only."
         )
-    if config["modules_to_save"]:
+    saved = config["modules_to_save"]
+    if saved is not None and (
+        not isinstance(saved, list) or not all(isinstance(m, str) for m in saved)
+    ):
         raise ValueError(
-            f"{config_path!r} saves whole modules "
-            f"(modules_to_save={config['modules_to_save']!r}), which have no "
-            "KerasHub mapping in keras_pvera."
+            f"{config_path!r} has a bad modules_to_save={saved!r}; expected "
+            "a list of module names or null."
         )
     return config
 
@@ -415,18 +440,27 @@ def torch_projections(seed, rank, in_max, out_max):
     return a.numpy(), b.numpy()
 
 
-def _lambda_vectors(tensors, path):
-    """`{module: {"d": lambda_d, "b": lambda_b}}` from PEFT's tensors."""
-    modules = {}
+def _lambda_vectors(tensors, path, modules_to_save):
+    """PEFT's vectors and the tensors of its `modules_to_save`.
+
+    Returns:
+        A tuple of `{module: {"d": lambda_d, "b": lambda_b}}` and
+        `{module: {"weight": array, "bias": array}}`.
+    """
+    modules, saved = {}, {}
     for key, array in tensors.items():
         if key in _PROJECTION_KEYS:
             continue
         match = _LAMBDA_KEY.fullmatch(key)
         if match is None:
+            match = _SAVED_KEY.fullmatch(key)
+            if match is not None and _is_saved_module(match["module"], modules_to_save):
+                saved.setdefault(match["module"], {})[match["kind"]] = array
+                continue
             raise ValueError(
                 f"PEFT adapter {path!r} has tensor {key!r}, which is not a "
-                "PVeRA vector or projection; keras_pvera reads PVeRA tensors "
-                "only."
+                "PVeRA vector or projection, nor a weight of a module of "
+                f"modules_to_save={modules_to_save!r}."
             )
         modules.setdefault(match["module"], {})[match["kind"]] = array
     if not modules:
@@ -438,7 +472,99 @@ def _lambda_vectors(tensors, path):
                     f"PEFT adapter {path!r} is missing tensor "
                     f"'base_model.model.{module}.pvera_lambda_{kind}'."
                 )
-    return modules
+    return modules, saved
+
+
+def _is_saved_module(module, modules_to_save):
+    # PEFT matches modules_to_save names against the end of module names.
+    return any(
+        module == name or module.endswith("." + name) or module.startswith(name + ".")
+        for name in modules_to_save or ()
+    )
+
+
+def _head_tensors(state, head):
+    """PEFT's tensors for the layers trained in full: a task head's."""
+    if not state.trainable:
+        return {}
+    modules = {keras_path: hf for hf, keras_path in (head.layers if head else ())}
+    tensors = {}
+    for keras_path, arrays in state.trainable.items():
+        if keras_path not in modules:
+            raise ValueError(
+                f"Layer {keras_path!r} is trained in full beside the adapters, "
+                "but is no layer of a task head that PEFT's modules_to_save "
+                "can carry"
+                + (f" (those of {head.task}: {sorted(modules)})" if head else "")
+                + ". Save it with keras_pvera.save_adapter instead."
+            )
+        key = f"base_model.model.{modules[keras_path]}."
+        tensors[key + "weight"] = np.asarray(arrays[0], "float32").T.copy()
+        if len(arrays) > 1:
+            tensors[key + "bias"] = np.asarray(arrays[1], "float32")
+    return tensors
+
+
+def _task_head(model, spec):
+    """The `TaskHead` of the KerasHub task `model`, or `None`."""
+    for cls in type(model).__mro__:
+        if cls.__module__.startswith("keras_hub"):
+            head = spec.head(cls.__name__)
+            if head is not None:
+                return head
+    return None
+
+
+def _head_weights(model, spec, saved, config, layers):
+    """`{keras path: [kernel, bias]}` for PEFT's saved head modules."""
+    if not saved:
+        return {}
+    head = _task_head(model, spec)
+    if head is None:
+        raise ValueError(
+            f"The PEFT adapter trains modules {sorted(saved)} in full "
+            f"(modules_to_save={config['modules_to_save']!r}), which load only "
+            "onto a KerasHub task computing the same head. Model "
+            f"{model.name!r} of type {type(model).__name__} is none of "
+            f"{[h.task for h in spec.heads]}."
+        )
+    keras_paths = dict(head.layers)
+    trainable = {}
+    for module, arrays in saved.items():
+        if module not in keras_paths:
+            raise ValueError(
+                f"PEFT saved module {module!r} (modules_to_save) is not a "
+                f"layer of {head.hf_model}'s head that {head.task} computes "
+                f"the same way: {sorted(keras_paths)}."
+            )
+        keras_path = keras_paths[module]
+        layer = layers.get(keras_path)
+        if not isinstance(layer, keras.layers.Dense):
+            raise ValueError(
+                f"PEFT saved module {module!r} maps to {head.task} layer "
+                f"{keras_path!r}, which model {model.name!r} does not have "
+                "as a Dense layer."
+            )
+        weight = arrays.get("weight")
+        bias = arrays.get("bias")
+        if weight is None or (bias is None) == layer.use_bias:
+            raise ValueError(
+                f"PEFT saved module {module!r} has tensors {sorted(arrays)}; "
+                f"{head.task} layer {keras_path!r} needs 'weight'"
+                f"{' and bias' if layer.use_bias else ' only'}."
+            )
+        shape = tuple(layer.kernel.shape)
+        if weight.ndim != 2 or tuple(weight.shape[::-1]) != shape:
+            raise ValueError(
+                f"PEFT tensor 'base_model.model.{module}.weight' has shape "
+                f"{tuple(weight.shape)}; {head.task} layer {keras_path!r} "
+                f"(kernel {shape}) needs {shape[::-1]}. Build the task with "
+                "the adapter's number of classes."
+            )
+        trainable[keras_path] = [np.array(weight.T)] + (
+            [np.asarray(bias)] if layer.use_bias else []
+        )
+    return trainable
 
 
 def _projections(config, tensors, state, path):

@@ -17,8 +17,13 @@ import safetensors.numpy
 
 import keras_pvera
 from keras_pvera.model_surgery import iter_layers
+from keras_pvera.peft_module_names import ALBERT
 from keras_pvera.peft_module_names import BERT
 from keras_pvera.peft_module_names import DINOV2
+from keras_pvera.peft_module_names import GPT2
+from keras_pvera.peft_module_names import LLAMA3
+from keras_pvera.peft_module_names import MIXTRAL
+from keras_pvera.peft_module_names import VIT
 from keras_pvera.pvera_dense import PVeRADense
 
 keras_hub = pytest.importorskip("keras_hub")
@@ -98,9 +103,9 @@ def test_tables_map_both_ways():
     )
     assert BERT.keras_path("classifier") is None
     for naming in ("transformers5", "legacy"):
-        for hf, keras_path in DINOV2.names[naming]:
-            module = hf.format(i=3)
-            path = keras_path.format(i=3)
+        for entry in DINOV2.linear:
+            module = entry.hf_name(naming).format(i=3)
+            path = entry.keras.format(i=3)
             assert DINOV2.keras_path(module) == path
             assert DINOV2.keras_path("dinov2." + module) == path
             assert DINOV2.hf_module(path, naming) == module
@@ -117,6 +122,32 @@ def test_tables_map_both_ways():
         )
         == "dinov2.encoder.layer.0.attention.output.dense"
     )
+
+
+def test_block_offsets_and_refusals():
+    # KerasHub numbers ViT blocks from 1, transformers from 0.
+    assert VIT.keras_path("vit.layers.0.mlp.fc1") == (
+        "vit_encoder/transformer_block_1/mlp/dense_1"
+    )
+    assert VIT.keras_path("vit.encoder.layer.4.attention.attention.value") == (
+        "vit_encoder/transformer_block_5/mha/value"
+    )
+    assert VIT.hf_module("vit_encoder/transformer_block_3/mha/key", "legacy") == (
+        "encoder.layer.2.attention.attention.key"
+    )
+    assert VIT.keras_path("vit.layers.x.mlp.fc1") is None
+    keras_path, reason = GPT2.find("transformer.h.3.attn.c_attn")
+    assert keras_path is None and "fused query/key/value" in reason
+    assert GPT2.find("h.0.attn.c_proj") == (
+        "transformer_layer_0/self_attention/attention_output",
+        None,
+    )
+    assert "ReversibleEmbedding" in LLAMA3.find("lm_head")[1]
+    assert "batched" in MIXTRAL.find("model.layers.1.mlp.experts")[1]
+    assert MIXTRAL.find("model.layers.1.mlp.gate_proj") == (None, None)
+    assert ALBERT.keras_path(
+        "albert.encoder.albert_layer_groups.0.albert_layers.1.ffn_output"
+    ) == ("group_0_inner_layer_1/feedforward_output_dense")
 
 
 def test_query_layout_matches_torch_linear(tmp_path):
@@ -155,9 +186,19 @@ def test_query_layout_matches_torch_linear(tmp_path):
         ),
         (lambda t, c: c.update(bias="all"), ValueError, "bias='all'"),
         (
-            lambda t, c: c.update(modules_to_save=["classifier"]),
+            lambda t, c: (
+                c.update(modules_to_save=["classifier"]),
+                t.update(
+                    {"base_model.model.classifier.weight": np.ones((2, 32), "float32")}
+                ),
+            ),
             ValueError,
-            "modules_to_save",
+            r"load only onto a KerasHub task.*BertTextClassifier",
+        ),
+        (
+            lambda t, c: c.update(modules_to_save="classifier"),
+            ValueError,
+            "bad modules_to_save='classifier'",
         ),
         (
             lambda t, c: t.update(
