@@ -541,9 +541,7 @@ def test_task_head_in_modules_to_save_both_ways(name, tmp_path, record_property)
         str(folder), num_classes=CLASSES, preprocessor=None
     )
     adapted = keras_pvera.load_peft_adapter(task, tmp_path / "adapter")
-    assert sorted(adapted.trainable_paths) == sorted(
-        path for _, path in head.layers
-    )
+    assert sorted(adapted.trainable_paths) == sorted(path for _, path in head.layers)
     actual = np.asarray(adapted.predict(keras_inputs(case), verbose=0))
     difference = float(np.abs(actual - expected).max())
     record_property("peft_to_keras_max_difference", difference)
