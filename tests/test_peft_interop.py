@@ -119,6 +119,7 @@ def test_tables_map_both_ways():
     )
 
 
+@pytest.mark.slow
 def test_query_layout_matches_torch_linear(tmp_path):
     """PEFT's (out, in) delta lands in KerasHub's (hidden, heads, head_dim)."""
     rank = 4
@@ -480,6 +481,7 @@ def test_bert_keras_adapter_loads_in_peft(hf, bert_dir, tmp_path):
     assert np.abs(peft_bert_outputs(hf, peft) - expected).max() <= TOLERANCE
 
 
+@pytest.mark.slow
 def test_dinov2_peft_adapter_matches_peft_both_ways(hf, dinov2_dir, tmp_path):
     transformers = hf[1]
     peft = peft_model(
