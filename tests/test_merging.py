@@ -112,6 +112,7 @@ def test_adapted_model_is_left_intact():
     ]
 
 
+@pytest.mark.slow
 def test_kerashub_bert_with_einsum_dense_layers():
     keras_hub = pytest.importorskip("keras_hub")
 
@@ -195,6 +196,7 @@ def test_merge_needs_a_serializable_base_model():
         keras_pvera.merge(adapted)
 
 
+@pytest.mark.slow
 def test_merged_model_loads_without_keras_pvera(tmp_path):
     adapted = train_a_little(keras_pvera.apply(make_base(), rank=4, target="all"))
     merged = keras_pvera.merge(adapted)

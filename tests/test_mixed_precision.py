@@ -26,6 +26,7 @@ def as_float32(array):
     return np.asarray(keras.ops.convert_to_numpy(array)).astype("float32")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
 def test_apply_fit_and_uncertainty_under_a_mixed_policy(policy):
     keras.config.set_dtype_policy(policy)

@@ -4,7 +4,9 @@ The equivalence tests build tiny random-weight Hugging Face BERT and DINOv2
 models in a temporary folder (nothing is downloaded), attach PEFT PVeRA
 adapters with non-zero vectors, and compare PEFT's eval outputs with the
 Keras mean outputs of the KerasHub models converted from the same folder.
-The other tests write PEFT-format folders by hand and need no PEFT.
+The other tests write PEFT-format folders by hand and need no PEFT. The
+tests that run PEFT (torch, transformers and peft beside the backend) are
+marked slow.
 """
 
 import json
@@ -150,6 +152,7 @@ def test_block_offsets_and_refusals():
     ) == ("group_0_inner_layer_1/feedforward_output_dense")
 
 
+@pytest.mark.slow
 def test_query_layout_matches_torch_linear(tmp_path):
     """PEFT's (out, in) delta lands in KerasHub's (hidden, heads, head_dim)."""
     rank = 4
@@ -513,6 +516,7 @@ def peft_load(hf, folder, model_class, adapter):
     return PeftModel.from_pretrained(model_class.from_pretrained(folder), str(adapter))
 
 
+@pytest.mark.slow
 def test_bert_peft_adapter_matches_peft(hf, bert_dir, tmp_path):
     transformers = hf[1]
     peft = peft_model(
@@ -538,6 +542,7 @@ def test_bert_peft_adapter_matches_peft(hf, bert_dir, tmp_path):
     assert np.abs(keras_bert_outputs(model) - expected).max() <= TOLERANCE
 
 
+@pytest.mark.slow
 def test_bert_keras_adapter_loads_in_peft(hf, bert_dir, tmp_path):
     transformers = hf[1]
     base = keras_hub.models.BertBackbone.from_preset(str(bert_dir))
@@ -554,6 +559,7 @@ def test_bert_keras_adapter_loads_in_peft(hf, bert_dir, tmp_path):
     assert np.abs(peft_bert_outputs(hf, peft) - expected).max() <= TOLERANCE
 
 
+@pytest.mark.slow
 def test_dinov2_peft_adapter_matches_peft_both_ways(hf, dinov2_dir, tmp_path):
     transformers = hf[1]
     peft = peft_model(
@@ -580,6 +586,7 @@ def test_dinov2_peft_adapter_matches_peft_both_ways(hf, dinov2_dir, tmp_path):
     assert np.abs(peft_dinov2_outputs(hf, back) - actual).max() <= TOLERANCE
 
 
+@pytest.mark.slow
 def test_dinov2_adapter_with_pre_transformers5_names(hf, dinov2_dir, tmp_path):
     """Adapters made with older transformers (the paper's) name modules
     `attention.attention.query/value`."""
@@ -615,6 +622,7 @@ def test_dinov2_adapter_with_pre_transformers5_names(hf, dinov2_dir, tmp_path):
     assert sorted(written) == sorted(legacy)
 
 
+@pytest.mark.slow
 def test_peft_adapter_saved_without_projections(hf, bert_dir, tmp_path):
     transformers = hf[1]
     peft = peft_model(
@@ -656,6 +664,7 @@ def test_peft_adapter_saved_without_projections(hf, bert_dir, tmp_path):
     assert np.abs(peft_bert_outputs(hf, back) - actual).max() <= TOLERANCE
 
 
+@pytest.mark.slow
 def test_peft_loaded_adapter_round_trips_through_keras_pvera_files(
     hf, bert_dir, tmp_path
 ):

@@ -142,6 +142,7 @@ def run_worker(backend, command, directory):
     return result.stdout
 
 
+@pytest.mark.slow
 def test_files_written_under_each_backend_load_under_every_backend(tmp_path):
     import keras
 

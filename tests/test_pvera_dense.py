@@ -144,28 +144,90 @@ def test_einsum_dense_mean_mode_equals_the_formula(case):
     np.testing.assert_allclose(plain, expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize(
-    "equation, output_shape",
-    [
-        ("abc,cde->abde", (None, 2, 4)),
-        # Output dims before a batch dim: lambda_b scales B, not activations.
-        ("abc,cd->adb", (5, None)),
-    ],
-)
-def test_training_and_inference_paths_agree_with_the_same_noise(equation, output_shape):
-    """Training runs the adapter per token; inference folds its mean."""
-    base = keras.layers.EinsumDense(equation, output_shape=output_shape, bias_axes="d")
-    x = np.random.default_rng(9).normal(size=(2, 3, 6)).astype("float32")
-    base.build(x.shape)
-    layer = PVeRADense(base, rank=3, kl_weight=1.0)
+# Equations for both inference paths: Dense's, KerasHub's query and attention
+# output, a transposed kernel, and output dims that are not last in `y`.
+PATH_CASES = {
+    "dense": ("...a,ab->...b", (2, 3, 6), (5,), None),
+    "query": ("abc,cde->abde", (2, 3, 6), (None, 2, 4), "de"),
+    "attention_output": ("abcd,cde->abe", (2, 3, 2, 4), (None, 5), "e"),
+    "transposed_kernel": ("abc,dc->abd", (2, 3, 6), (None, 5), "d"),
+    "output_dims_not_last": ("abc,cd->adb", (2, 3, 6), (5, None), "d"),
+}
+
+
+def make_path_layer(case, **kwargs):
+    equation, x_shape, output_shape, bias_axes = PATH_CASES[case]
+    if case == "dense":
+        base = keras.layers.Dense(output_shape[0])
+    else:
+        base = keras.layers.EinsumDense(
+            equation, output_shape=output_shape, bias_axes=bias_axes
+        )
+    base.build(x_shape)
+    rng = np.random.default_rng(9)
+    base.bias.assign(rng.normal(size=base.bias.shape))
+    layer = PVeRADense(base, rank=3, alpha=2.0, **kwargs)
     randomize_lambdas(layer)
-    seed_state = to_numpy(layer.seed_generator.state)
-    per_token = to_numpy(layer(x, training=True))
-    assert len(layer.losses) == 1
-    layer.sample_at_inference = True
-    layer.seed_generator.state.assign(seed_state)
+    return layer, rng.normal(size=x_shape).astype("float32")
+
+
+@pytest.mark.parametrize("case", sorted(PATH_CASES))
+def test_folded_path_equals_the_per_token_path_with_sampling_off(case):
+    """Mean inference folds the adapter into the kernel; training and
+    low-precision layers run it token by token: both give the same mean."""
+    layer, x = make_path_layer(case)
+    assert layer._folds(training=None)
     folded = to_numpy(layer(x))
-    np.testing.assert_allclose(per_token, folded, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(folded, to_numpy(layer._folded_path(x)))
+    per_token = to_numpy(layer._latent_path(layer.base_layer(x), x, training=False))
+    # lambda_b is not zero: the adapter changes the output.
+    assert np.abs(per_token - to_numpy(layer.base_layer(x))).max() > 1e-2
+    np.testing.assert_allclose(folded, per_token, rtol=1e-5, atol=1e-5)
+
+
+def test_output_dims_not_last_equal_the_formula_in_every_path():
+    """`"abc,cd->adb"`: lambda_b cannot broadcast over `y`, so it scales B."""
+    equation = "abc,cd->adb"
+    layer, x = make_path_layer("output_dims_not_last", kl_weight=0.5)
+    assert layer.linear.output_scale(layer.lambda_b) is None
+    base = layer.base_layer
+    kernel, bias = to_numpy(base.kernel), to_numpy(base.bias)
+    a, b, ld, lb = adapter_arrays(layer)
+
+    def formula(eps=None):
+        # x (a, b, in) -> y (a, b, out) as for Dense, then laid out as "adb".
+        flat, (mu, logvar) = numpy_pvera(x, kernel, None, a, b, ld, lb, 2.0, eps)
+        return np.transpose(flat, (0, 2, 1)) + bias, (mu, logvar)
+
+    mean, (mu, logvar) = formula()
+    assert mean.shape == tuple(base(x).shape) == (2, 5, 3)
+    assert not np.allclose(mean, np.einsum(equation, x, kernel) + bias, atol=1e-2)
+    # Inference, sampling off: the folded kernel.
+    np.testing.assert_allclose(to_numpy(layer(x)), mean, rtol=1e-5, atol=1e-5)
+
+    def noise():
+        return to_numpy(
+            keras.random.normal(mu.shape, dtype="float32", seed=layer.seed_generator)
+        )
+
+    # Training: per token, with noise drawn from the layer's stream, and the
+    # KL term of the formula.
+    state = to_numpy(layer.seed_generator.state)
+    trained = to_numpy(layer(x, training=True))
+    layer.seed_generator.state.assign(state)
+    expected, _ = formula(noise())
+    np.testing.assert_allclose(trained, expected, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(trained, mean, atol=1e-3)
+    kl = np.mean(-0.5 * (1 + logvar - mu**2 - np.exp(logvar)))
+    np.testing.assert_allclose(to_numpy(layer.losses[0]), 0.5 * kl, rtol=1e-5)
+    # Inference with sampling on: the same per-token path, no KL term.
+    layer.sample_at_inference = True
+    state = to_numpy(layer.seed_generator.state)
+    sampled = to_numpy(layer(x))
+    layer.seed_generator.state.assign(state)
+    expected, _ = formula(noise())
+    np.testing.assert_allclose(sampled, expected, rtol=1e-5, atol=1e-5)
+    assert layer.losses == []
 
 
 def test_sampled_outputs_have_the_predicted_mean_and_variance():

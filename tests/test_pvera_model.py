@@ -220,6 +220,7 @@ def bert_classifier():
     return keras.Model(inputs, logits, name="bert_classifier")
 
 
+@pytest.mark.slow
 def test_keras_hub_backbone_adapts_query_and_value_einsum_dense():
     base = small_bert()
     x = bert_inputs()
@@ -243,6 +244,7 @@ def test_keras_hub_backbone_adapts_query_and_value_einsum_dense():
     )
 
 
+@pytest.mark.slow
 def test_keras_hub_classifier_with_kl_trains_saves_and_resumes(tmp_path):
     base = bert_classifier()
     x = bert_inputs(16)
@@ -449,6 +451,7 @@ def test_a_failure_during_surgery_is_rolled_back(monkeypatch):
     np.testing.assert_array_equal(base.predict(x, verbose=0), expected)
 
 
+@pytest.mark.slow
 def test_query_and_value_share_one_projection_per_attention_layer():
     keras_hub = pytest.importorskip("keras_hub")
     base = keras_hub.models.BertBackbone(

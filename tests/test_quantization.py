@@ -37,6 +37,7 @@ def data():
     return x, rng.integers(0, 3, size=(64,))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["int8", "float8"])
 def test_apply_and_fit_on_a_quantized_base(mode, tmp_path):
     base = make_base()

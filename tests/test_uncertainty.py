@@ -286,6 +286,7 @@ def test_dict_and_list_outputs_mirror_predict(outputs):
     assert np.all(high[probs] >= result.mean[probs])
 
 
+@pytest.mark.slow
 def test_tf_data_and_py_dataset_inputs_equal_array_inputs():
     tf = pytest.importorskip("tensorflow")
     model = make_model()
@@ -468,20 +469,25 @@ def test_bad_inputs_and_models():
         UncertaintyResult(np.ones((3, 2, 2)), level=0)
 
 
-def test_out_of_distribution_digits_by_mutual_information():
-    """Train on digits 0-4; digits 5-9 get higher mutual information."""
+def digits_ood_scores(seed=0):
+    """Trains on digits 0-4; scores 300 test digits 0-4 and 300 digits 5-9.
+
+    Returns the accuracy on the test digits, the AUROC of telling digits 5-9
+    from them by mutual information, and the mean mutual information of each.
+    """
     from sklearn.datasets import load_digits
     from sklearn.metrics import roc_auc_score
 
-    keras.utils.set_random_seed(0)
+    keras.utils.set_random_seed(seed)
     digits = load_digits()
     x = (digits.data / 16.0).astype("float32")
     y = digits.target
     seen = y < 5
-    order = np.random.default_rng(0).permutation(int(seen.sum()))
+    order = np.random.default_rng(seed).permutation(int(seen.sum()))
     x_seen, y_seen = x[seen][order], y[seen][order]
     x_train, y_train = x_seen[:600], y_seen[:600]
-    x_test, x_unseen = x_seen[600:900], x[~seen][:300]
+    x_test, y_test = x_seen[600:900], y_seen[600:900]
+    x_unseen = x[~seen][:300]
 
     base = keras.Sequential(
         [
@@ -496,7 +502,7 @@ def test_out_of_distribution_digits_by_mutual_information():
     )
     base.fit(x_train, y_train, epochs=3, batch_size=64, verbose=0)
     model = keras_pvera.apply(
-        base, rank=16, target=["hidden"], trainable_layers=["head"], seed=0
+        base, rank=16, target=["hidden"], trainable_layers=["head"], seed=seed
     )
     model.compile(
         optimizer=keras.optimizers.Adam(1e-2),
@@ -504,16 +510,31 @@ def test_out_of_distribution_digits_by_mutual_information():
     )
     model.fit(x_train, y_train, epochs=10, batch_size=64, verbose=0)
 
-    scored = np.concatenate([x_test, x_unseen])
-    is_unseen = np.r_[np.zeros(len(x_test)), np.ones(len(x_unseen))]
     result = model.predict_with_uncertainty(
-        scored, n=20, batch_size=256, seed=0, verbose=0
+        np.concatenate([x_test, x_unseen]), n=20, batch_size=256, seed=seed, verbose=0
     )
-    auroc = roc_auc_score(is_unseen, result.mutual_information())
-    accuracy = np.mean(result.predicted_class[: len(x_test)] == y_seen[600:900])
-    print(
-        f"digits 0-4 -> 5-9, {keras.backend.backend()}: accuracy on seen "
-        f"{accuracy:.3f}, OOD AUROC by mutual information {auroc:.3f}"
-    )
-    assert accuracy > 0.8
-    assert auroc > 0.5
+    mi = result.mutual_information()
+    is_unseen = np.r_[np.zeros(len(x_test)), np.ones(len(x_unseen))]
+    return {
+        "accuracy": np.mean(result.predicted_class[: len(x_test)] == y_test),
+        "auroc": roc_auc_score(is_unseen, mi),
+        "mi_seen": mi[: len(x_test)].mean(),
+        "mi_unseen": mi[len(x_test) :].mean(),
+    }
+
+
+@pytest.mark.slow
+def test_out_of_distribution_digits_by_mutual_information():
+    """Digits never seen in training get a higher mutual information.
+
+    Measured with seeds 0-5 on torch, jax and tensorflow (18 runs): accuracy
+    0.970-0.987, AUROC 0.884-0.953, mean MI on digits 5-9 5.0-8.8 times that
+    on digits 0-4. A model whose passes did not differ would score an AUROC
+    of 0.5 and a ratio of 0/0.
+    """
+    scores = digits_ood_scores(seed=0)
+    print(f"digits 0-4 -> 5-9, {keras.backend.backend()}: {scores}")
+    assert scores["accuracy"] > 0.95
+    assert scores["auroc"] > 0.85
+    assert scores["mi_seen"] > 0
+    assert scores["mi_unseen"] > 3 * scores["mi_seen"]
