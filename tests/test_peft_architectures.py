@@ -31,6 +31,9 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
+# Each case trains PEFT on a converted model: the slow tier.
+pytestmark = pytest.mark.slow
+
 TOLERANCE = 1e-4
 HIDDEN, HEADS, KV_HEADS, LAYERS, INTERMEDIATE, VOCAB = 32, 4, 2, 2, 64, 100
 TOKENS = np.random.default_rng(0).integers(2, VOCAB, (2, 7))
