@@ -9,6 +9,7 @@ freezes the rest, and undoes all of that on failure, on `delete`, and on
 """
 
 import re
+import sys
 
 import keras
 
@@ -175,6 +176,48 @@ def layers_at(model, paths, what="layer"):
     return {path: layers[path] for path in paths}
 
 
+def keras_hub_task(model):
+    """Whether `model` is a KerasHub `Task` (keras-hub is not imported here).
+
+    Args:
+        model: A Keras model.
+
+    Returns:
+        True for a `keras_hub.models.Task` (a classifier, a causal LM...).
+    """
+    keras_hub = sys.modules.get("keras_hub")
+    task_class = getattr(getattr(keras_hub, "models", None), "Task", None)
+    return task_class is not None and isinstance(model, task_class)
+
+
+def task_head(model):
+    """`{path: layer}` of the layers a KerasHub task adds on its backbone.
+
+    These are the task's own sublayers that hold weights, other than its
+    `backbone` and `preprocessor` (for example `TextClassifier`'s `logits`).
+    They are freshly initialised for a new task, so `apply` trains them in
+    full by default, as PEFT's `modules_to_save` does for classifier heads.
+
+    Args:
+        model: A Keras model.
+
+    Returns:
+        A dict from path to layer, in model order; empty for a model that is
+        not a KerasHub task.
+    """
+    if not keras_hub_task(model):
+        return {}
+    parts = {
+        id(getattr(model, "backbone", None)),
+        id(getattr(model, "preprocessor", None)),
+    }
+    return {
+        path: layer
+        for path, layer in adaptable_layers(model)
+        if "/" not in path and id(layer) not in parts and layer.weights
+    }
+
+
 def check_base_model(model):
     """Raises unless `model` is a built Keras model not yet adapted."""
     if not isinstance(model, keras.Model):
@@ -267,7 +310,7 @@ class Injection:
             targets = select_targets(self.model, config.target)
         else:
             targets = layers_at(self.model, paths, "adapted layer")
-        trainable = self._select_trainable(config, trainable_paths)
+        trainable = self._select_trainable(config, trainable_paths, targets)
         overlap = sorted(set(targets) & set(trainable))
         if overlap:
             raise ValueError(
@@ -325,11 +368,15 @@ class Injection:
                 step()
             raise
 
-    def _select_trainable(self, config, trainable_paths):
+    def _select_trainable(self, config, trainable_paths, targets):
         if trainable_paths is not None:
             return layers_at(self.model, trainable_paths, "trainable layer")
         if config.trainable_layers is None:
-            return layers_at(self.model, self.trainable_paths)
+            if self.adapters:
+                return layers_at(self.model, self.trainable_paths)
+            # A KerasHub task's head trains by default (not where adapted).
+            head = task_head(self.model)
+            return {p: layer for p, layer in head.items() if p not in targets}
         chosen = select_layers(self.model, config.trainable_layers, "trainable_layers")
         if self.adapters and list(chosen) != self.trainable_paths:
             raise ValueError(

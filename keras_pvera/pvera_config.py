@@ -43,7 +43,10 @@ class PVeRAConfig:
             (PEFT's `sample_at_inference`).
         trainable_layers: Layers that train in full beside the adapters, for
             example a new head (PEFT's `modules_to_save`): a list of names, a
-            regex string or a callable, as for `target`.
+            regex string or a callable, as for `target`. `None`: the head
+            of a KerasHub task (its own layers with weights outside its
+            backbone and preprocessor, such as `TextClassifier`'s
+            `logits`), nothing for other models; `[]`: nothing.
 
     Raises:
         ValueError: For a bad value, naming it.
