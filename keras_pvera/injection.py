@@ -13,6 +13,7 @@ import sys
 
 import keras
 
+from keras_pvera import keras_internals
 from keras_pvera import model_surgery
 from keras_pvera.projection_registry import ProjectionRegistry
 from keras_pvera.pvera_dense import PVeRADense
@@ -216,6 +217,163 @@ def task_head(model):
         for path, layer in adaptable_layers(model)
         if "/" not in path and id(layer) not in parts and layer.weights
     }
+
+
+def _child_addresses(layer):
+    """`{id(child): (key, child)}`: each direct sublayer and how `layer` holds it.
+
+    The key is the attribute holding the child (`"encoder"`,
+    `"transformer_layers[0]"`, `"heads[query]"`), else its place among the
+    graph's layers (`"@3"`), else among the tracked ones (`"#3"`). A child
+    held several ways takes the smallest key, so that the key depends on
+    neither layer names nor the backend's attribute order.
+    """
+    found = {}
+
+    def offer(rank, key, child):
+        if (
+            not isinstance(child, keras.layers.Layer)
+            or child is layer
+            or isinstance(child, keras.layers.InputLayer)
+        ):
+            return
+        old = found.get(id(child))
+        if old is None or (rank, key) < old[0]:
+            found[id(child)] = ((rank, key), child)
+
+    for name, value in keras_internals.held_sublayers(layer):
+        if isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                offer(0, f"{name}[{i}]", item)
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                offer(0, f"{name}[{key}]", item)
+        else:
+            offer(0, name, value)
+    graph = []
+    if isinstance(layer, keras.Sequential):
+        graph = list(layer.layers)
+    elif keras_internals.is_graph(layer):
+        graph = keras_internals.graph_operations(layer)
+    for i, child in enumerate(graph):
+        offer(1, f"@{i}", child)
+    for i, child in enumerate(keras_internals.tracked_layers(layer) or []):
+        offer(2, f"#{i}", child)
+    internal = keras_internals.internal_functional(layer)
+    found.pop(id(internal), None)
+    return {
+        i: (key.replace("/", "%2F"), child) for i, ((_, key), child) in found.items()
+    }
+
+
+def layer_addresses(model, paths):
+    """Where each layer sits in `model`, independent of layer names.
+
+    A layer's address is the chain of keys (`_child_addresses`) from the
+    model down to it, with its class: two builds of one architecture give
+    their layers the same addresses whatever names Keras or the model's
+    `name` gave them, on every backend.
+
+    Args:
+        model: A Keras model.
+        paths: Paths (as `adaptable_layers` gives them) of layers of `model`.
+
+    Returns:
+        A dict from path to `[address, class name]`, the address a
+        `/`-separated string; a wrapped layer has its base layer's class.
+
+    Example:
+
+    >>> inputs = keras.Input((4,))
+    >>> x = keras.layers.Dense(8, name="hidden")(inputs)
+    >>> model = keras.Model(inputs, keras.layers.Dense(2, name="head")(x))
+    >>> layer_addresses(model, ["head"])
+    {'head': ['@2', 'Dense']}
+    """
+    wanted = {id(layer): path for path, layer in layers_at(model, paths).items()}
+    found, seen = {}, {id(model)}
+
+    def visit(layer, address):
+        for key, child in _child_addresses(layer).values():
+            if id(child) in seen:
+                continue
+            seen.add(id(child))
+            child_address = f"{address}/{key}" if address else key
+            if id(child) in wanted:
+                found[wanted[id(child)]] = [
+                    child_address,
+                    type(_seen_as(child)).__name__,
+                ]
+            if not isinstance(child, PVeRADense):
+                visit(child, child_address)
+
+    visit(model, "")
+    return {path: found[path] for path in paths}
+
+
+def resolve_paths(model, paths, addresses=None, what="layer"):
+    """Finds stored layer paths in `model`, by name or else by address.
+
+    When every path names a layer of `model`, those are the layers. Else
+    (the model was built again, under another name, or in another process,
+    so Keras numbered or prefixed its layers otherwise) every path is found
+    by its stored address (`layer_addresses`), and the layer there must be
+    of the stored class.
+
+    Args:
+        model: A Keras model (a base model, or an adapted one's base).
+        paths: Stored paths.
+        addresses: A dict from stored path to `[address, class name]`, or
+            `None` (files written before addresses: names only).
+        what: What the layers are, for error messages.
+
+    Returns:
+        A dict from stored path to the layer's path in `model`.
+
+    Raises:
+        ValueError: Naming the first path that is in neither place, or
+            whose address holds a layer of another class.
+    """
+    layers = dict(adaptable_layers(model))
+    if all(path in layers for path in paths):
+        return {path: path for path in paths}
+    addresses = addresses or {}
+    missing = next(p for p in paths if p not in layers)
+    if not all(path in addresses for path in paths):
+        raise ValueError(
+            f"The model has no {what} at path {missing!r}. "
+            f"Available: {sorted(layers)[:20]}"
+        )
+    path_of = {id(layer): path for path, layer in layers.items()}
+    resolved = {}
+    for path in paths:
+        address, class_name = addresses[path]
+        layer = _layer_at_address(model, address)
+        if layer is None or id(layer) not in path_of:
+            raise ValueError(
+                f"The model has no {what} at path {path!r}, nor at its "
+                f"address {address!r}: it is not the architecture the "
+                f"{what} was saved from. Available: {sorted(layers)[:20]}"
+            )
+        if type(_seen_as(layer)).__name__ != class_name:
+            raise ValueError(
+                f"The {what} {path!r} was a {class_name}, but the model's "
+                f"layer at its address {address!r} ({path_of[id(layer)]!r}) "
+                f"is a {type(_seen_as(layer)).__name__}: it is not the "
+                f"architecture the {what} was saved from."
+            )
+        resolved[path] = path_of[id(layer)]
+    return resolved
+
+
+def _layer_at_address(model, address):
+    layer = model
+    for key in address.split("/"):
+        children = {k: child for k, child in _child_addresses(layer).values()}
+        if key not in children:
+            return None
+        layer = children[key]
+    return layer
 
 
 def check_base_model(model):

