@@ -10,6 +10,7 @@ freezes the rest, and undoes all of that on failure, on `delete`, and on
 
 import re
 import sys
+import warnings
 
 import keras
 
@@ -117,31 +118,25 @@ def _candidates(layers):
 def select_targets(model, target):
     """The layers `target` chooses, checked: `{path: Dense/EinsumDense/wrapper}`.
 
+    Chosen layers that are not built (sublayers the model never calls, such
+    as SAM's mask decoder under its backbone) are skipped with a warning.
+
     Args:
         model: A built Keras model.
-        target: As `PVeRAConfig.target`.
+        target: As `PVeRAConfig.target`; `None` as `default_targets`.
 
     Returns:
         A non-empty dict from path to layer, in model order.
 
     Raises:
-        ValueError: If nothing matches, or a matched layer is not built.
+        ValueError: If nothing matches, or no matched layer is built.
         TypeError: If a matched layer is not a Dense or EinsumDense.
     """
     layers = adaptable_layers(model)
     if target is None:
-        names = {layer.name for _, layer in layers}
-        if any(name in names for name in KERAS_HUB_TARGETS):
-            target = [n for n in KERAS_HUB_TARGETS if n in names]
-        else:
-            target = "all"
-    if target == "all":
-        excluded = {id(layer) for layer in model_surgery.output_layers(model)}
-        chosen = {
-            p: layer
-            for p, layer in layers
-            if isinstance(_seen_as(layer), LINEAR_LAYERS) and id(layer) not in excluded
-        }
+        chosen = default_targets(model)
+    elif target == "all":
+        chosen = _all_linear(model, layers)
     else:
         chosen = select_layers(model, target, "target")
     if not chosen:
@@ -156,13 +151,149 @@ def select_targets(model, target):
                 f"layers, but target {target!r} matches {path!r} of type "
                 f"{type(layer).__name__}."
             )
-        if not layer.built:
-            raise ValueError(
-                f"Layer {path!r} is not built. Build the model first: call it "
-                "on a batch of data (`model(x[:1])`) or call "
-                "`model.build(input_shape)`."
-            )
+    unbuilt = [path for path, layer in chosen.items() if not layer.built]
+    if len(unbuilt) == len(chosen):
+        raise ValueError(
+            f"Layer {unbuilt[0]!r} is not built. Build the model first: call it "
+            "on a batch of data (`model(x[:1])`) or call "
+            "`model.build(input_shape)`."
+        )
+    if unbuilt:
+        warnings.warn(
+            f"keras_pvera: {len(unbuilt)} chosen layers are not built (the "
+            f"model never calls them), so they are not adapted: {unbuilt[:5]}"
+            f"{' ...' if len(unbuilt) > 5 else ''}.",
+            stacklevel=4,
+        )
+    return {p: layer for p, layer in chosen.items() if p not in unbuilt}
+
+
+# Names (of the layer, or of the attribute holding it) of attention
+# projections that `default_targets` falls back on: the query and value
+# sides, and fused projections (adapted as one layer).
+ATTENTION_PROJECTIONS = (
+    "query",
+    "value",
+    "query_dense",
+    "value_dense",
+    "query_proj",
+    "value_proj",
+    "q_proj",
+    "v_proj",
+    "q_dense",
+    "v_dense",
+    "query_projector",
+    "value_projector",
+    "q",
+    "v",
+    "kv",
+    "qkv",
+    "query_key_value",
+    "attention_qkv",
+    "in_proj_qkv",
+)
+
+
+def keras_hub_backbones(model):
+    """The KerasHub backbones in `model` (itself included), outermost first."""
+    keras_hub = sys.modules.get("keras_hub")
+    backbone_class = getattr(getattr(keras_hub, "models", None), "Backbone", None)
+    if backbone_class is None:
+        return []
+    layers = [model] + [layer for _, layer in model_surgery.iter_layers(model)]
+    return [layer for layer in layers if isinstance(layer, backbone_class)]
+
+
+def default_targets(model):
+    """The layers `target=None` adapts: `{path: layer}`.
+
+    In a KerasHub model, the layers named in its backbones'
+    `default_lora_layer_names()` (keras-hub 0.22+; nested backbones such as
+    a vision encoder included; KerasHub's `query`, `value`, `query_dense`,
+    `value_dense` on older keras-hub), as `backbone.enable_lora` does. If
+    it has none, its attention projections (`ATTENTION_PROJECTIONS`, by
+    layer or attribute name), with a warning that names them; if none
+    either, a `ValueError` naming candidates. In another model: KerasHub's
+    names when it has such layers, else `"all"`.
+
+    Args:
+        model: A Keras model.
+
+    Returns:
+        A dict from path to layer, in model order.
+
+    Raises:
+        ValueError: For a KerasHub model with neither.
+    """
+    layers = adaptable_layers(model)
+    linear = [(p, lyr) for p, lyr in layers if isinstance(_seen_as(lyr), LINEAR_LAYERS)]
+    backbones = keras_hub_backbones(model)
+    if not backbones:
+        chosen = {p: lyr for p, lyr in linear if lyr.name in KERAS_HUB_TARGETS}
+        return chosen or _all_linear(model, layers)
+    names = []
+    for backbone in backbones:
+        own = getattr(backbone, "default_lora_layer_names", None)
+        names += own() if callable(own) else list(KERAS_HUB_TARGETS)
+    names = list(dict.fromkeys(names))
+    chosen = {p: lyr for p, lyr in linear if lyr.name in names}
+    if chosen:
+        return chosen
+    held_as = _attribute_names(model)
+    chosen = {
+        p: lyr
+        for p, lyr in linear
+        if lyr.name in ATTENTION_PROJECTIONS
+        or held_as.get(id(lyr)) in ATTENTION_PROJECTIONS
+    }
+    if not chosen:
+        raise ValueError(
+            f"Model {model.name!r} has none of its KerasHub default LoRA layers "
+            f"{names} and no attention projection named one of "
+            f"{list(ATTENTION_PROJECTIONS)}. Pass `target` (layer names, a "
+            f"regex, a callable or 'all'). Candidates: {_candidates(layers)}"
+        )
+    found = sorted(
+        {
+            lyr.name if lyr.name in ATTENTION_PROJECTIONS else held_as[id(lyr)]
+            for lyr in chosen.values()
+        }
+    )
+    warnings.warn(
+        f"keras_pvera.apply(target=None): model {model.name!r} has none of its "
+        f"KerasHub default LoRA layers {names}, so PVeRA adapts its attention "
+        f"projections {found} ({len(chosen)} layers; fused projections as one "
+        "layer each). Pass `target` to choose others.",
+        stacklevel=5,
+    )
     return chosen
+
+
+def _all_linear(model, layers):
+    excluded = {id(layer) for layer in model_surgery.output_layers(model)}
+    return {
+        p: layer
+        for p, layer in layers
+        if isinstance(_seen_as(layer), LINEAR_LAYERS) and id(layer) not in excluded
+    }
+
+
+def _attribute_names(model):
+    """`{id(layer): name of the attribute holding it}`, underscores stripped."""
+    names, seen = {}, {id(model)}
+
+    def visit(layer):
+        for key, child in _child_addresses(layer).values():
+            if id(child) in seen:
+                continue
+            seen.add(id(child))
+            if not key.startswith(("@", "#")):
+                names[id(child)] = key.split("[")[0].lstrip("_")
+            if not isinstance(child, PVeRADense):
+                visit(child)
+
+    visit(model)
+    return names
 
 
 def layers_at(model, paths, what="layer"):

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import keras_pvera
+from keras_pvera.injection import adaptable_layers
 
 keras_hub = pytest.importorskip("keras_hub")
 
@@ -250,3 +251,125 @@ print("vectors", np.abs(vectors_of(model) - saved).max())
     assert float(lines["vectors"]) == 0.0
     if same_backend:
         assert float(lines["outputs"]) <= 1e-6
+
+
+def tiny_gpt_neox():
+    keras.utils.set_random_seed(0)
+    return keras_hub.models.GPTNeoXBackbone(
+        vocabulary_size=50,
+        num_layers=2,
+        num_heads=2,
+        hidden_dim=16,
+        intermediate_dim=16,
+        max_sequence_length=16,
+    )
+
+
+def tiny_sam(image_size=32):
+    keras.utils.set_random_seed(0)
+    return keras_hub.models.SAMBackbone(
+        image_encoder=keras_hub.models.ViTDetBackbone(
+            hidden_size=8,
+            num_layers=2,
+            intermediate_dim=16,
+            num_heads=2,
+            global_attention_layer_indices=[1],
+            patch_size=16,
+            num_output_channels=8,
+            window_size=2,
+            image_shape=(image_size, image_size, 3),
+        ),
+        prompt_encoder=keras_hub.layers.SAMPromptEncoder(
+            hidden_size=8,
+            image_embedding_size=(2, 2),
+            input_image_size=(image_size, image_size),
+            mask_in_channels=16,
+        ),
+        mask_decoder=keras_hub.layers.SAMMaskDecoder(
+            num_layers=1,
+            hidden_size=8,
+            intermediate_dim=16,
+            num_heads=2,
+            embedding_dim=8,
+            num_multimask_outputs=3,
+            iou_head_depth=2,
+            iou_head_hidden_dim=8,
+        ),
+    )
+
+
+def tiny_pali_gemma():
+    keras.utils.set_random_seed(0)
+    return keras_hub.models.PaliGemmaBackbone(
+        vocabulary_size=50,
+        image_size=28,
+        num_layers=1,
+        num_query_heads=2,
+        num_key_value_heads=1,
+        hidden_dim=8,
+        intermediate_dim=16,
+        head_dim=4,
+        vit_patch_size=14,
+        vit_num_heads=2,
+        vit_hidden_dim=8,
+        vit_num_layers=1,
+        vit_intermediate_dim=16,
+    )
+
+
+def leaf_names(model):
+    return sorted({path.split("/")[-1] for path in model.adapted_layers})
+
+
+def test_default_targets_come_from_every_backbone_including_a_vision_encoder():
+    model = keras_pvera.apply(tiny_pali_gemma(), rank=2)
+    # The decoder's query/value and the vision tower's query_proj/value_proj.
+    assert leaf_names(model) == ["query", "query_proj", "value", "value_proj"]
+    assert len(model.adapted_layers) == 4
+
+
+def test_older_keras_hub_without_default_lora_layer_names(monkeypatch):
+    for backbone_class in (
+        keras_hub.models.Backbone,
+        keras_hub.models.PaliGemmaBackbone,
+    ):
+        monkeypatch.delattr(backbone_class, "default_lora_layer_names")
+    model = keras_pvera.apply(tiny_pali_gemma(), rank=2)
+    assert leaf_names(model) == ["query", "value"]
+
+
+def test_fused_projection_is_adapted_as_one_layer_with_a_warning():
+    base = tiny_gpt_neox()
+    x = {
+        "token_ids": np.arange(16, dtype="int32").reshape(2, 8) % 50,
+        "padding_mask": np.ones((2, 8), "int32"),
+    }
+    expected = base.predict(x, verbose=0)
+    with pytest.warns(UserWarning, match=r"attention projections \['query_key_value'"):
+        model = keras_pvera.apply(base, rank=2)
+    assert leaf_names(model) == ["query_key_value"]
+    assert len(model.adapted_layers) == 2  # one per block
+    layer = next(iter(model.adapted_layers.values()))
+    assert (layer.in_dim, layer.out_dim) == (16, 48)
+    np.testing.assert_array_equal(model.predict(x, verbose=0), expected)
+
+
+def test_unused_sublayers_are_skipped_with_a_note():
+    base = tiny_sam()
+    with pytest.warns(UserWarning) as records:
+        model = keras_pvera.apply(base, rank=2)
+    messages = " ".join(str(r.message) for r in records)
+    assert "8 chosen layers are not built" in messages
+    assert "sam_mask_decoder" in messages
+    # The image encoder's fused qkv projections, one per block.
+    assert len(model.adapted_layers) == 2
+    encoder_layers = {id(layer) for _, layer in adaptable_layers(base.image_encoder)}
+    assert all(id(layer) in encoder_layers for layer in model.adapted_layers.values())
+
+
+def test_a_keras_hub_model_without_attention_projections_is_refused():
+    inputs = keras.Input((4,))
+    x = keras.layers.Dense(8, name="hidden")(inputs)
+    backbone = keras_hub.models.Backbone(inputs=inputs, outputs=x)
+    with pytest.raises(ValueError, match=r"none of its KerasHub default LoRA.*hidden"):
+        keras_pvera.apply(backbone, rank=2)
