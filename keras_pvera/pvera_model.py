@@ -15,6 +15,7 @@ from keras import ops
 from keras_pvera import injection as injection_lib
 from keras_pvera import keras_internals
 from keras_pvera import model_summary
+from keras_pvera import task_workflow
 from keras_pvera.adapter_lifecycle import AdapterLifecycle
 from keras_pvera.pvera_config import PVeRAConfig
 from keras_pvera.pvera_config import split_settings
@@ -148,6 +149,8 @@ class PVeRAModel(AdapterLifecycle, keras.Model):
     def fit(self, *args, **kwargs):
         self._check_not_merged("train")
         self.injection.freeze()
+        # A KerasHub task's raw inputs go through its preprocessor.
+        args, kwargs = task_workflow.fit_arguments(self, args, kwargs)
         history = super().fit(*args, **kwargs)
         try:
             self.check_finite()
@@ -157,14 +160,23 @@ class PVeRAModel(AdapterLifecycle, keras.Model):
 
     def predict(self, *args, **kwargs):
         self.check_finite()
+        args, kwargs = task_workflow.predict_arguments(self, args, kwargs)
         return super().predict(*args, **kwargs)
 
     def evaluate(self, *args, **kwargs):
         self.check_finite()
+        args, kwargs = task_workflow.evaluate_arguments(self, args, kwargs)
         logs = super().evaluate(*args, **kwargs)
         if isinstance(logs, dict):
             logs.pop("kl_loss", None)  # A training term: no val_kl_loss 0.
         return logs
+
+    def __getattr__(self, name):
+        # Only reached for a missing attribute; torch's modules look first.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return task_workflow.task_attribute(self, name)
 
     check_finite = model_summary.check_finite
     parameter_counts = model_summary.parameter_counts

