@@ -19,8 +19,11 @@ Tensors:
 Metadata: `format` = `"keras_pvera.adapter"` and `keras_pvera`, a JSON object
 with `format_version`, `settings` (the `apply` settings), `layers` (a list of
 `[path, in_dim, out_dim]`) and `trainable_layers` (a list of
-`[path, [weight shapes]]`). Stacking the vectors keeps the header small:
-with `save_projection=False` a file is the vectors' raw bytes plus a few KiB.
+`[path, [weight shapes]]`), and `addresses` (each of those paths to
+`[address, class name]`, which finds the layers in a base model whose layer
+names differ; files without it are read by names only). Stacking the
+vectors keeps the header small: with `save_projection=False` a file is the
+vectors' raw bytes plus a few KiB.
 """
 
 import json
@@ -169,6 +172,7 @@ def encode_adapter(state):
             [p, [list(w.shape) for w in weights]]
             for p, weights in state.trainable.items()
         ],
+        "addresses": state.addresses,
     }
     tensors = {
         "pvera_lambda_d": np.stack(
@@ -246,6 +250,7 @@ def decode_adapter(tensors, metadata, source="the file"):
         raise ValueError(f"{source} has a bad setting: {e}") from None
     layers = _decode_layers(layer_rows, source)
     trainable_shapes = _decode_trainable(trainable_rows, source)
+    addresses = _decode_addresses(header.get("addresses", {}), source)
     rank = config.rank
 
     expected = {
@@ -291,7 +296,20 @@ def decode_adapter(tensors, metadata, source="the file"):
         lambda_b=lambda_b,
         projections=projections,
         trainable=trainable,
+        addresses=addresses,
     )
+
+
+def _decode_addresses(addresses, source):
+    if not isinstance(addresses, dict) or not all(
+        isinstance(row, list) and len(row) == 2 and all(isinstance(v, str) for v in row)
+        for row in addresses.values()
+    ):
+        raise ValueError(
+            f"{source} has malformed addresses {addresses!r}; expected "
+            "{path: [address, class name]}."
+        )
+    return addresses
 
 
 def _decode_layers(rows, source):

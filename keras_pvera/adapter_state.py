@@ -20,6 +20,8 @@ import numpy as np
 from keras_pvera import model_surgery
 from keras_pvera.injection import LINEAR_LAYERS
 from keras_pvera.injection import adaptable_layers
+from keras_pvera.injection import layer_addresses
+from keras_pvera.injection import resolve_paths
 from keras_pvera.projection_registry import generate_projections
 from keras_pvera.pvera_config import PVeRAConfig
 from keras_pvera.pvera_dense import PVeRADense
@@ -44,6 +46,10 @@ class AdapterState:
             regenerated from `config.seed`.
         trainable: A dict from the path of a layer trained in full to the
             list of its weights (`layer.weights` order).
+        addresses: A dict from each path of `layers` and `trainable` to its
+            `[address, class name]` (`injection.layer_addresses`), which
+            finds the layer in a model whose layer names differ; empty for
+            files written before addresses.
     """
 
     config: PVeRAConfig
@@ -52,6 +58,7 @@ class AdapterState:
     lambda_b: dict
     projections: tuple = None
     trainable: dict = dataclasses.field(default_factory=dict)
+    addresses: dict = dataclasses.field(default_factory=dict)
 
     @property
     def rank(self):
@@ -174,6 +181,9 @@ def adapter_state_of(model, adapter=None):
             path: [_to_numpy(w) for w in layers[path].weights]
             for path in model.trainable_paths
         },
+        addresses=layer_addresses(
+            model.base_model, list(wrappers) + model.trainable_paths
+        ),
     )
 
 
@@ -200,6 +210,9 @@ def restore_adapter(model, state, adapter=None):
             model; the model is then unchanged.
     """
     check_adapter_state(state)
+    state = _located(
+        model.base_model if isinstance(model, PVeRAModel) else model, state
+    )
     paths, trainable = list(state.layers), list(state.trainable)
     if not isinstance(model, PVeRAModel):
         _check_base_model(model, state)
@@ -231,6 +244,34 @@ def restore_adapter(model, state, adapter=None):
     )
     _assign(model, state, name)
     return model
+
+
+def _located(model, state):
+    """The state with its layers under the paths `model` gives them.
+
+    Paths are found by name, else by address (a model built again, under
+    another name or in another process). When neither finds them, the state
+    is returned as it is, and the checks that follow name the first layer
+    the model lacks.
+    """
+    if not isinstance(model, keras.Model):
+        return state
+    try:
+        where = resolve_paths(
+            model, list(state.layers) + list(state.trainable), state.addresses
+        )
+    except ValueError:
+        return state
+    if all(old == new for old, new in where.items()):
+        return state
+    return dataclasses.replace(
+        state,
+        layers={where[p]: sizes for p, sizes in state.layers.items()},
+        lambda_d={where[p]: v for p, v in state.lambda_d.items()},
+        lambda_b={where[p]: v for p, v in state.lambda_b.items()},
+        trainable={where[p]: w for p, w in state.trainable.items()},
+        addresses={where[p]: a for p, a in state.addresses.items()},
+    )
 
 
 def _projections_of(model):

@@ -109,6 +109,28 @@ def layer_attributes(layer):
         yield name, value
 
 
+def held_sublayers(layer):
+    """`(attribute name, value)` of a layer's attributes that may hold layers.
+
+    Like `layer_attributes`, with two differences that make the names the
+    same on every backend: on torch, the `_modules` dict itself is left out
+    (its entries come under their attribute names), and an attribute whose
+    name starts with `_self_` is kept when it holds a layer directly (such
+    as `_self_attention_layer`; TensorFlow's checkpoint records under that
+    prefix hold lists and dicts).
+    """
+    items = dict(vars(layer))
+    items.update(getattr(layer, "_modules", None) or {})
+    for name, value in items.items():
+        if name in BOOKKEEPING_ATTRIBUTES or name.startswith("__"):
+            continue
+        if name == "_modules" and isinstance(value, dict):
+            continue
+        if name.startswith("_self_") and not isinstance(value, keras.layers.Layer):
+            continue
+        yield name, value
+
+
 def producer_of(tensor):
     """The layer that produced a symbolic tensor (`_keras_history`)."""
     return tensor._keras_history[0]

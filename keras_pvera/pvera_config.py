@@ -26,9 +26,11 @@ class PVeRAConfig:
             every layer of that name at any depth), a regex string matched
             against layer names and paths, a callable `(layer) -> bool`, or
             `"all"` (every Dense/EinsumDense except those producing the
-            model's outputs). `None`: KerasHub's convention (`query`,
-            `value`, `query_dense`, `value_dense`) when the model has such
-            layers, else `"all"`.
+            model's outputs). `None`: in a KerasHub model, its backbones'
+            `default_lora_layer_names()`, else (with a warning naming them)
+            its attention projections, fused ones as one layer; in another
+            model, `query`/`value`/`query_dense`/`value_dense` when it has
+            such layers, else `"all"`.
         seed: Seed of the shared projections and of the sampling noise (PEFT's
             `projection_prng_key`), a non-negative integer.
         alpha: Output scale of the adapters (PEFT has none: 1).
@@ -43,7 +45,10 @@ class PVeRAConfig:
             (PEFT's `sample_at_inference`).
         trainable_layers: Layers that train in full beside the adapters, for
             example a new head (PEFT's `modules_to_save`): a list of names, a
-            regex string or a callable, as for `target`.
+            regex string or a callable, as for `target`. `None`: the head
+            of a KerasHub task (its own layers with weights outside its
+            backbone and preprocessor, such as `TextClassifier`'s
+            `logits`), nothing for other models; `[]`: nothing.
 
     Raises:
         ValueError: For a bad value, naming it.

@@ -15,6 +15,7 @@ from keras import ops
 from keras_pvera import injection as injection_lib
 from keras_pvera import keras_internals
 from keras_pvera import model_summary
+from keras_pvera import task_workflow
 from keras_pvera.adapter_lifecycle import AdapterLifecycle
 from keras_pvera.pvera_config import PVeRAConfig
 from keras_pvera.pvera_config import split_settings
@@ -148,6 +149,8 @@ class PVeRAModel(AdapterLifecycle, keras.Model):
     def fit(self, *args, **kwargs):
         self._check_not_merged("train")
         self.injection.freeze()
+        # A KerasHub task's raw inputs go through its preprocessor.
+        args, kwargs = task_workflow.fit_arguments(self, args, kwargs)
         history = super().fit(*args, **kwargs)
         try:
             self.check_finite()
@@ -157,14 +160,23 @@ class PVeRAModel(AdapterLifecycle, keras.Model):
 
     def predict(self, *args, **kwargs):
         self.check_finite()
+        args, kwargs = task_workflow.predict_arguments(self, args, kwargs)
         return super().predict(*args, **kwargs)
 
     def evaluate(self, *args, **kwargs):
         self.check_finite()
+        args, kwargs = task_workflow.evaluate_arguments(self, args, kwargs)
         logs = super().evaluate(*args, **kwargs)
         if isinstance(logs, dict):
             logs.pop("kl_loss", None)  # A training term: no val_kl_loss 0.
         return logs
+
+    def __getattr__(self, name):
+        # Only reached for a missing attribute; torch's modules look first.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return task_workflow.task_attribute(self, name)
 
     check_finite = model_summary.check_finite
     parameter_counts = model_summary.parameter_counts
@@ -215,7 +227,15 @@ class PVeRAModel(AdapterLifecycle, keras.Model):
             ],
             "active_adapter": self.active_adapter,
             "trainable_paths": self.trainable_paths,
+            # Finds the layers again where Keras names them otherwise.
+            "layer_addresses": injection_lib.layer_addresses(
+                self.base_model, self._saved_paths()
+            ),
         }
+
+    def _saved_paths(self):
+        paths = [p for record in self.injection.adapters.values() for p in record.paths]
+        return list(dict.fromkeys(paths + self.trainable_paths))
 
     @classmethod
     def from_config(cls, config):
@@ -224,7 +244,17 @@ class PVeRAModel(AdapterLifecycle, keras.Model):
         if "adapters" not in config:  # Written before named adapters.
             settings, config = split_settings(config)
             config["adapters"] = [["default", settings, config.pop("adapted_paths")]]
-        (name, settings, paths), *others = config.pop("adapters")
+        adapters = config.pop("adapters")
+        # Paths as the rebuilt base names its layers (`bert_backbone_1/...`).
+        saved = [p for _, _, paths in adapters for p in paths]
+        saved += config.get("trainable_paths", [])
+        where = injection_lib.resolve_paths(
+            base, list(dict.fromkeys(saved)), config.pop("layer_addresses", None)
+        )
+        adapters = [[n, s, [where[p] for p in paths]] for n, s, paths in adapters]
+        if "trainable_paths" in config:
+            config["trainable_paths"] = [where[p] for p in config["trainable_paths"]]
+        (name, settings, paths), *others = adapters
         active = config.pop("active_adapter", name)
         model = cls(
             base,

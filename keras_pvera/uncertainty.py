@@ -555,6 +555,14 @@ def predict_with_uncertainty(
     adapters = adapted_layers_of(model)
     if callable(getattr(model, "check_finite", None)):
         model.check_finite()
+    # A KerasHub task's raw inputs (strings, images) through its preprocessor.
+    from keras_pvera import task_workflow
+
+    preprocessed = task_workflow.preprocessed(
+        model, x, batch_size=max(1, max_rows // n)
+    )
+    if preprocessed is not None:
+        x = preprocessed
     batches = InputBatches(x, array_batch_size=max(1, max_rows // n))
     progbar = None
     if verbose:

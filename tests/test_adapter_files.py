@@ -202,9 +202,22 @@ def test_layers_trained_in_full_travel_with_the_adapter(tmp_path):
 # Mismatches: each raises naming the first one, and leaves the model as it was.
 
 
+def test_a_renamed_layer_in_the_same_place_is_found_by_its_address(trained):
+    model, path = trained
+    loaded = keras_pvera.load_adapter(make_base(name="renamed"), path)
+    assert list(loaded.adapted_layers) == ["renamed", "middle"]
+    np.testing.assert_allclose(
+        loaded.predict(X, verbose=0), model.predict(X, verbose=0), atol=1e-6
+    )
+
+
 def test_base_model_without_an_adapted_layer(trained):
     _, path = trained
-    base = make_base(name="renamed")
+    inputs = keras.Input((8,))
+    x = keras.layers.Dense(16, name="renamed")(inputs)
+    x = keras.layers.Dropout(0.1, name="extra")(x)  # `middle` moves.
+    x = keras.layers.Dense(12, name="middle")(x)
+    base = keras.Model(inputs, keras.layers.Dense(3, name="head")(x))
     before = numpy_weights(base)
     with pytest.raises(ValueError, match="adapts layer 'hidden', which model"):
         keras_pvera.load_adapter(base, path)
