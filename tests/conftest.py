@@ -32,3 +32,16 @@ def numpy_pvera(x, kernel, bias, a, b, lambda_d, lambda_b, alpha, eps=None):
     y = x @ kernel + (0.0 if bias is None else bias)
     y = y + alpha * lambda_b * (z @ b[:out_dim, :].T)
     return y, (mu, logvar)
+
+
+def keras_version():
+    return tuple(int(part) for part in keras.version().split(".")[:2])
+
+
+# tests/data's 0.1.0 files were written with Keras 3.15, whose layer configs
+# (Dense's `quantization_config`) older Keras cannot read, keras_pvera or not.
+needs_keras_3_15 = pytest.mark.skipif(
+    keras_version() < (3, 15),
+    reason="tests/data's files were written by Keras 3.15; older Keras cannot "
+    "read its Dense configs",
+)

@@ -7,6 +7,7 @@ import keras
 import numpy as np
 import pytest
 import safetensors.numpy
+from conftest import needs_keras_3_15
 
 import keras_pvera
 from keras_pvera.model_surgery import iter_layers
@@ -429,6 +430,7 @@ def test_saved_file_gets_the_usual_permissions(trained, tmp_path):
     assert os.stat(path).st_mode & 0o777 == os.stat(reference).st_mode & 0o777
 
 
+@needs_keras_3_15
 def test_an_adapter_file_written_by_version_0_1_0_still_loads():
     # tests/data/make_v0_1_0_files.py wrote it with keras_pvera 0.1.0.
     data_dir = os.path.join(os.path.dirname(__file__), "data")

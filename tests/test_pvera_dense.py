@@ -4,6 +4,7 @@ import os
 import keras
 import numpy as np
 import pytest
+from conftest import needs_keras_3_15
 from conftest import numpy_pvera
 from keras import ops
 
@@ -432,6 +433,7 @@ def test_dropout_and_noise_draw_from_distinct_streams():
     )
 
 
+@needs_keras_3_15
 def test_a_layer_config_written_by_version_0_1_0_still_loads():
     # Settings at the top level, as 0.1.0 wrote them: one adapter "default".
     path = os.path.join(os.path.dirname(__file__), "data", "v0_1_0_layer_config.json")

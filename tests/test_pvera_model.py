@@ -5,6 +5,7 @@ import sys
 import keras
 import numpy as np
 import pytest
+from conftest import needs_keras_3_15
 from keras import ops
 
 import keras_pvera
@@ -504,6 +505,7 @@ def test_kl_loss_is_logged_for_training_not_as_a_zero_validation_figure():
     assert "val_loss" in history.history
 
 
+@needs_keras_3_15
 def test_a_keras_file_written_by_version_0_1_0_still_loads():
     # tests/data/make_v0_1_0_files.py wrote it with keras_pvera 0.1.0.
     data_dir = os.path.join(os.path.dirname(__file__), "data")
