@@ -17,6 +17,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_pvera import calibration as calibration_lib
 from keras_pvera import model_surgery
 from keras_pvera.projection_registry import ProjectionRegistry
 from keras_pvera.pvera_dense import PVeRADense
@@ -271,9 +272,11 @@ class PVeRAModel(keras.Model):
         adapted_paths=None,
         trainable_paths=None,
         base_model_config=None,
+        calibration=None,
         **kwargs,
     ):
         validate_settings(rank, alpha, d_initial, dropout, kl_weight)
+        calibration = calibration_lib.check_calibration(calibration)
         if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
             raise ValueError(
                 f"`seed` must be a non-negative integer. Received: seed={seed!r}"
@@ -333,6 +336,9 @@ class PVeRAModel(keras.Model):
         self.kl_weight = float(kl_weight)
         self.save_projection = bool(save_projection)
         self._sample_at_inference = bool(sample_at_inference)
+        # Post-hoc temperature scaling (keras_pvera.calibrate), beyond the
+        # paper: applied to inference outputs, saved in the config.
+        self._calibration = calibration
         self._base_model_config = base_model_config
         self.trainable_paths = list(trainable)
 
@@ -428,10 +434,33 @@ class PVeRAModel(keras.Model):
         self.predict_function = None
         self.test_function = None
 
+    @property
+    def calibration(self):
+        """The temperature scaling set by `keras_pvera.calibrate`, or `None`.
+
+        A dict `{"temperature": T, "from_logits": bool}`: inference outputs
+        (every Monte Carlo pass, and `predict` with sampling off) are
+        tempered, training is not. Set it to `None` to remove it.
+        """
+        return None if self._calibration is None else dict(self._calibration)
+
+    @calibration.setter
+    def calibration(self, value):
+        self._calibration = calibration_lib.check_calibration(value)
+        self.predict_function = None
+        self.test_function = None
+
     def call(self, inputs, training=None):
         # Layers reading one input (attention's query and value) share x @ A.
         with self.projection_registry.sharing_products():
-            return self.base_model(inputs, training=training)
+            outputs = self.base_model(inputs, training=training)
+        if self._calibration is not None and not training:
+            outputs = calibration_lib.apply_temperature(
+                outputs,
+                self._calibration["temperature"],
+                self._calibration["from_logits"],
+            )
+        return outputs
 
     def compute_loss(
         self, x=None, y=None, y_pred=None, sample_weight=None, training=True
@@ -607,6 +636,7 @@ class PVeRAModel(keras.Model):
             "trainable": self.trainable,
             "base_model_config": self._base_model_config,
             **self.pvera_config,
+            "calibration": self.calibration,
         }
 
     @classmethod
