@@ -211,3 +211,11 @@ def test_model_with_two_outputs_is_refused():
     with pytest.raises(ValueError, match="one output"):
         keras_pvera.calibrate(model, inputs(4), np.zeros(4, "int32"), n=None)
     assert model.calibration is None
+
+
+def test_peft_files_refuse_a_calibrated_model(tmp_path):
+    model = make_model()
+    model.calibration = {"temperature": 2.0, "from_logits": False}
+    with pytest.raises(ValueError, match="calibration temperature"):
+        keras_pvera.save_peft_adapter(model, str(tmp_path / "peft"))
+    assert not (tmp_path / "peft").exists()
