@@ -104,8 +104,13 @@ def auroc(in_scores, out_scores):
     return float(roc_auc_score(labels, np.r_[in_scores, out_scores]))
 
 
-def score(y, prediction, ood):
-    """The metrics of one method on one task; `ood`: {name: Prediction}."""
+def score(y, prediction, ood, in_distribution=None):
+    """The metrics of one method on one task.
+
+    `ood`: {name: Prediction}, told apart from `in_distribution` (default:
+    `prediction`, the scored inputs).
+    """
+    clean = prediction if in_distribution is None else in_distribution
     p = prediction.p
     n = len(y)
     picked = p[np.arange(n), y]
@@ -119,10 +124,8 @@ def score(y, prediction, ood):
         "sel@80": float(correct[confident].mean()),
     }
     for name, out in ood.items():
-        row[f"AUROC {name} MI"] = (
-            None if prediction.mi is None else auroc(prediction.mi, out.mi)
-        )
-        row[f"AUROC {name} H"] = auroc(entropy(p), entropy(out.p))
+        row[f"AUROC {name} MI"] = None if clean.mi is None else auroc(clean.mi, out.mi)
+        row[f"AUROC {name} H"] = auroc(entropy(clean.p), entropy(out.p))
     return row
 
 
@@ -843,7 +846,7 @@ def compare(tasks, seeds, n, quick, output_dir):
                 y, scored = task.scored_set(predictions)
                 row = {
                     "params": params,
-                    **score(y, scored, task.ood_sets(predictions)),
+                    **score(y, scored, task.ood_sets(predictions), predictions["test"]),
                 }
                 rows.setdefault(method, []).append(row)
                 if task_name == "shift":
