@@ -600,6 +600,17 @@ def run_methods(task, seed, n):
                 task, lambda x, m=model: pvera_predictions(m, x, n)
             )
             methods["PVeRA MC, recipe + temperature"] = (calibrated, params)
+            # Sampling off with its own temperature, for a fair comparison.
+            keras_pvera.calibrate(model, task.inputs["val"], task.labels["val"], n=None)
+            methods["PVeRA off, recipe + temperature"] = (
+                predict_all(
+                    task,
+                    lambda x, m=model: Prediction(
+                        m.predict(x, batch_size=1024, verbose=0)
+                    ),
+                ),
+                params,
+            )
     members = []
     for k in range(ENSEMBLE_SIZE):
         model = train_lora(task, seed * 1000 + k)
