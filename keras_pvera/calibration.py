@@ -108,9 +108,9 @@ def apply_temperature(outputs, temperature, from_logits=False):
 
     Example:
 
-    >>> p = apply_temperature(np.array([[0.8, 0.2]]), 1.0)
-    >>> np.round(ops.convert_to_numpy(p), 6).tolist()
-    [[0.8, 0.2]]
+    >>> p = apply_temperature(np.array([[0.8, 0.2]], "float32"), 0.5)
+    >>> [round(float(v), 4) for v in ops.convert_to_numpy(p)[0]]  # p**2 / sum
+    [0.9412, 0.0588]
     """
     outputs = ops.convert_to_tensor(outputs)
     if from_logits:
