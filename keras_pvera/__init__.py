@@ -13,6 +13,7 @@ Example:
 from keras_pvera import metrics
 from keras_pvera.adapter_files import load_adapter
 from keras_pvera.adapter_files import save_adapter
+from keras_pvera.calibration import calibrate
 from keras_pvera.merging import merge
 from keras_pvera.metrics import ExpectedCalibrationError
 from keras_pvera.metrics import expected_calibration_error
@@ -39,6 +40,7 @@ __all__ = [
     "ProjectionRegistry",
     "UncertaintyResult",
     "apply",
+    "calibrate",
     "expected_calibration_error",
     "generate_projections",
     "kl_divergence",

@@ -262,6 +262,14 @@ def save_peft_adapter(
             f"`naming` must be one of {list(NAMINGS)} or None. "
             f"Received: naming={naming!r}"
         )
+    if getattr(model, "calibration", None) is not None:
+        raise ValueError(
+            "This model carries a calibration temperature (keras_pvera."
+            "calibrate), which is beyond the paper and has no place in "
+            "PEFT's adapter files, so PEFT would load different "
+            "predictions. Save it as .keras, or set `model.calibration = "
+            "None` first to write the uncalibrated adapter."
+        )
     state = adapter_state_of(model, adapter)
     spec, keras_prefix = find_spec(model.base_model)
     head = _task_head(model.base_model, spec)

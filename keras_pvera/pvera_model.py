@@ -12,6 +12,7 @@ import warnings
 import keras
 from keras import ops
 
+from keras_pvera import calibration as calibration_lib
 from keras_pvera import injection as injection_lib
 from keras_pvera import keras_internals
 from keras_pvera import model_summary
@@ -104,10 +105,12 @@ class PVeRAModel(AdapterLifecycle, keras.Model):
         adapted_paths=None,
         trainable_paths=None,
         base_model_config=None,
+        calibration=None,
         **kwargs,
     ):
         settings, kwargs = split_settings(kwargs)
         config = PVeRAConfig.from_settings(config, **settings)
+        calibration = calibration_lib.check_calibration(calibration)
         injection_lib.check_base_model(base_model)
         if base_model_config is None:
             try:
@@ -122,6 +125,9 @@ class PVeRAModel(AdapterLifecycle, keras.Model):
         # Plain objects: Keras tracks neither (the layers live in base_model).
         self.injection = injection
         self.base_model_config = base_model_config
+        # Post-hoc temperature scaling (keras_pvera.calibrate), beyond the
+        # paper: applied to inference outputs, saved in the config.
+        self.temperature_scaling = calibration
         self._track_kl(config)
         self.built = True
 
@@ -130,10 +136,32 @@ class PVeRAModel(AdapterLifecycle, keras.Model):
             with keras_internals.unlocked(self):
                 self.kl_tracker = keras.metrics.Mean(name="kl_loss")
 
+    @property
+    def calibration(self):
+        """The temperature scaling set by `keras_pvera.calibrate`, or `None`.
+
+        A dict `{"temperature": T, "from_logits": bool}`: inference outputs
+        (every Monte Carlo pass, and `predict` with sampling off) are
+        tempered, training is not. Set it to `None` to remove it.
+        """
+        scaling = self.temperature_scaling
+        return None if scaling is None else dict(scaling)
+
+    @calibration.setter
+    def calibration(self, value):
+        self.temperature_scaling = calibration_lib.check_calibration(value)
+        self.predict_function = self.test_function = None
+
     def call(self, inputs, training=None):
         # Layers reading one input (attention's query and value) share x @ A.
         with self.projection_registry.sharing_products():
-            return self.base_model(inputs, training=training)
+            outputs = self.base_model(inputs, training=training)
+        scaling = self.temperature_scaling
+        if scaling is not None and not training:
+            outputs = calibration_lib.apply_temperature(
+                outputs, scaling["temperature"], scaling["from_logits"]
+            )
+        return outputs
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, **kw):
         loss = super().compute_loss(x, y, y_pred, sample_weight, **kw)
@@ -227,6 +255,7 @@ class PVeRAModel(AdapterLifecycle, keras.Model):
             ],
             "active_adapter": self.active_adapter,
             "trainable_paths": self.trainable_paths,
+            "calibration": self.calibration,
             # Finds the layers again where Keras names them otherwise.
             "layer_addresses": injection_lib.layer_addresses(
                 self.base_model, self._saved_paths()

@@ -68,3 +68,30 @@ def test_minilm_example_adapts_saves_and_reloads(capsys):
     assert figures["reload difference"] < 1e-5
     # The adapter is a small fraction of the full model file.
     assert figures["adapter file bytes"] < figures["keras file bytes"] / 50
+
+
+def test_uncertainty_quality_benchmark_quick_run(capsys, tmp_path):
+    benchmark = load_example("benchmark_uncertainty_quality")
+    summaries, extras, paths = benchmark.main(
+        ["--quick", "--tasks", "digits", "--output-dir", str(tmp_path)]
+    )
+    printed = capsys.readouterr().out
+    assert "| method | params | accuracy | ECE | NLL | Brier | sel@80 |" in printed
+    rows = summaries["digits"]
+    for method in (
+        "PVeRA MC, recipe",
+        "PVeRA off, recipe",
+        "PVeRA MC, recipe + temperature",
+        "Keras LoRA r1 + MC dropout",
+        "LoRA ensemble x5",
+    ):
+        assert f"| {method} |" in printed
+        assert 0.0 <= rows[method]["ECE"][0] <= 1.0
+    # Sampled methods have a mutual information; deterministic ones none.
+    assert rows["PVeRA MC, recipe"]["AUROC noise MI"] is not None
+    assert rows["PVeRA off, recipe"]["AUROC noise MI"] is None
+    assert rows["PVeRA MC, recipe"]["accuracy"][0] > 0.6  # pretrained: ~0.57
+    assert len(paths) == 2
+    for path in paths:
+        with open(path, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
