@@ -18,10 +18,10 @@ import keras
 import numpy as np
 
 from keras_pvera import model_surgery
-from keras_pvera.injection import LINEAR_LAYERS
-from keras_pvera.injection import adaptable_layers
-from keras_pvera.injection import layer_addresses
-from keras_pvera.injection import resolve_paths
+from keras_pvera.layer_selection import LINEAR_LAYERS
+from keras_pvera.layer_selection import adaptable_layers
+from keras_pvera.layer_selection import layer_addresses
+from keras_pvera.layer_selection import resolve_paths
 from keras_pvera.projection_registry import generate_projections
 from keras_pvera.pvera_config import PVeRAConfig
 from keras_pvera.pvera_dense import PVeRADense

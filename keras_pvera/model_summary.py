@@ -8,8 +8,8 @@ each as a method of the same name.
 import numpy as np
 from keras import ops
 
-from keras_pvera import injection as injection_lib
 from keras_pvera import keras_internals
+from keras_pvera import layer_selection
 
 
 def check_finite(model):
@@ -130,7 +130,7 @@ def pvera_summary(model):
             f"trainable {2 * layer.rank + layer.out_dim:,}"
         )
     if model.trainable_paths:
-        in_full = injection_lib.layers_at(model.base_model, model.trainable_paths)
+        in_full = layer_selection.layers_at(model.base_model, model.trainable_paths)
         counts = [
             f"{path} ({sum(int(np.prod(w.shape)) for w in layer.weights):,})"
             for path, layer in in_full.items()

@@ -35,8 +35,8 @@ from keras_pvera.adapter_state import AdapterState
 from keras_pvera.adapter_state import adapter_state_of
 from keras_pvera.adapter_state import restore_adapter
 from keras_pvera.adapter_state import same_arrays
-from keras_pvera.injection import LINEAR_LAYERS
-from keras_pvera.injection import adaptable_layers
+from keras_pvera.layer_selection import LINEAR_LAYERS
+from keras_pvera.layer_selection import adaptable_layers
 from keras_pvera.peft_module_names import NAMINGS
 from keras_pvera.peft_module_names import default_naming
 from keras_pvera.peft_module_names import find_spec

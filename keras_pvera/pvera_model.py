@@ -15,6 +15,7 @@ from keras import ops
 from keras_pvera import calibration as calibration_lib
 from keras_pvera import injection as injection_lib
 from keras_pvera import keras_internals
+from keras_pvera import layer_selection
 from keras_pvera import model_summary
 from keras_pvera import task_workflow
 from keras_pvera.adapter_lifecycle import AdapterLifecycle
@@ -257,7 +258,7 @@ class PVeRAModel(AdapterLifecycle, keras.Model):
             "trainable_paths": self.trainable_paths,
             "calibration": self.calibration,
             # Finds the layers again where Keras names them otherwise.
-            "layer_addresses": injection_lib.layer_addresses(
+            "layer_addresses": layer_selection.layer_addresses(
                 self.base_model, self._saved_paths()
             ),
         }
@@ -277,7 +278,7 @@ class PVeRAModel(AdapterLifecycle, keras.Model):
         # Paths as the rebuilt base names its layers (`bert_backbone_1/...`).
         saved = [p for _, _, paths in adapters for p in paths]
         saved += config.get("trainable_paths", [])
-        where = injection_lib.resolve_paths(
+        where = layer_selection.resolve_paths(
             base, list(dict.fromkeys(saved)), config.pop("layer_addresses", None)
         )
         adapters = [[n, s, [where[p] for p in paths]] for n, s, paths in adapters]

@@ -11,7 +11,7 @@ inputs first, as the task's own methods do; everything else of the task
 
 import keras
 
-from keras_pvera import injection
+from keras_pvera import layer_selection
 
 
 def task_of(model):
@@ -19,7 +19,7 @@ def task_of(model):
     base = model.__dict__.get("base_model")
     if base is None:  # On torch, sublayers live in the module registry.
         base = (model.__dict__.get("_modules") or {}).get("base_model")
-    return base if base is not None and injection.keras_hub_task(base) else None
+    return base if base is not None and layer_selection.keras_hub_task(base) else None
 
 
 def _with_preprocessor(model):

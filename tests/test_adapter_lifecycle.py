@@ -11,7 +11,7 @@ import pytest
 from custom_layers import Block
 
 import keras_pvera
-from keras_pvera.injection import adaptable_layers
+from keras_pvera.layer_selection import adaptable_layers
 from keras_pvera.pvera_dense import PVeRADense
 
 
