@@ -167,6 +167,9 @@ class AdapterLifecycle:
     def _changed(self):
         self.allowed_ids = None
         self.train_function = self.predict_function = self.test_function = None
+        # A KerasHub generative task compiles its own loop: drop it too.
+        if getattr(self.base_model, "generate_function", None) is not None:
+            self.base_model.generate_function = None
 
     @property
     def sample_at_inference(self):

@@ -9,7 +9,11 @@ inputs first, as the task's own methods do; everything else of the task
 `PVeRAModel`.
 """
 
+import functools
+
 import keras
+import numpy as np
+from keras import ops
 
 from keras_pvera import layer_selection
 
@@ -130,4 +134,40 @@ def task_attribute(model, name):
         raise AttributeError(
             f"{type(model).__name__!r} object has no attribute {name!r}"
         )
+    if name == "generate":
+        return functools.partial(generate, model, task)
     return getattr(task, name)
+
+
+def generate(model, task, *args, **kwargs):
+    """The task's `generate`, drawing fresh adapter noise on every call.
+
+    With `sample_at_inference` on, every adapted layer samples its latent
+    code at each step of the task's cached loop. Torch and TensorFlow keep
+    the advanced noise streams after a call; KerasHub's compiled JAX loop
+    hands back only its sampler's state, so each call would replay the same
+    draws: on JAX each stream first moves to a fresh state derived from its
+    current one (reproducible after `keras.utils.set_random_seed` or a
+    seeded adapter).
+
+    Args:
+        model: A `PVeRAModel` adapting a KerasHub generative task.
+        task: That task.
+        *args, **kwargs: As for the task's `generate`.
+
+    Returns:
+        What the task's `generate` returns.
+    """
+    if keras.config.backend() == "jax" and model.active_adapter is not None:
+        if model.sample_at_inference:
+            for layer in model.adapted_layers.values():
+                _jump(layer.seed_generator)
+    return task.generate(*args, **kwargs)
+
+
+def _jump(seed_generator):
+    state = np.asarray(ops.convert_to_numpy(seed_generator.state.value))
+    words = [int(word) for word in state.ravel()]
+    # 31 bits fit every backend's seed dtype.
+    word = np.random.SeedSequence(words).generate_state(1)[0] >> 1
+    seed_generator.state.assign(np.array([word, 0], dtype=state.dtype))

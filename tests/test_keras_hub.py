@@ -472,3 +472,36 @@ def test_generate_of_a_causal_lm_is_reachable_and_uses_the_adapters():
     np.testing.assert_array_equal(
         np.argmax(logits[0, 2:7], axis=-1), generated["token_ids"][0, 3:8]
     )
+
+
+def test_sampled_generate_draws_fresh_noise_on_every_backend():
+    keras.utils.set_random_seed(0)
+    backbone = keras_hub.models.GPT2Backbone(
+        vocabulary_size=50,
+        num_layers=2,
+        num_heads=2,
+        hidden_dim=8,
+        intermediate_dim=16,
+        max_sequence_length=16,
+    )
+    causal_lm = keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)
+    causal_lm.compile(sampler="greedy")  # Only the adapters' noise varies.
+    prompt = {
+        "token_ids": np.array([[5, 6, 7, 0, 0, 0, 0, 0]] * 4, "int32"),
+        "padding_mask": np.array([[1, 1, 1, 0, 0, 0, 0, 0]] * 4, bool),
+    }
+    model = keras_pvera.apply(causal_lm, rank=2, target="all")
+    rng = np.random.default_rng(3)
+    for _, layer in sorted(model.adapted_layers.items()):
+        # Large, finite noise: each draw moves the logits by a lot.
+        layer.lambda_b.assign(5 * rng.normal(size=layer.out_dim).astype("float32"))
+        layer.lambda_d.assign(np.full(4, 1.5, "float32"))
+    mean = model.generate(prompt, stop_token_ids=None)["token_ids"]
+    model.sample_at_inference = True  # Reaches the compiled loop.
+    draws = [model.generate(prompt, stop_token_ids=None)["token_ids"] for _ in range(3)]
+    assert not all(np.array_equal(draws[0], d) for d in draws[1:])
+    assert not all(np.array_equal(mean, d) for d in draws)
+    model.sample_at_inference = False
+    np.testing.assert_array_equal(
+        model.generate(prompt, stop_token_ids=None)["token_ids"], mean
+    )
