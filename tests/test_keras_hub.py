@@ -438,7 +438,8 @@ def test_task_attributes_are_reachable_and_unknown_ones_are_refused():
         plain.preprocessor  # noqa: B018
 
 
-def test_generate_of_a_causal_lm_is_reachable_and_uses_the_adapters():
+def tiny_gpt2_causal_lm(rows):
+    """A GPT-2 causal LM with a greedy sampler, and a prompt of `rows` rows."""
     keras.utils.set_random_seed(0)
     backbone = keras_hub.models.GPT2Backbone(
         vocabulary_size=50,
@@ -451,9 +452,14 @@ def test_generate_of_a_causal_lm_is_reachable_and_uses_the_adapters():
     causal_lm = keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)
     causal_lm.compile(sampler="greedy")
     prompt = {
-        "token_ids": np.array([[5, 6, 7, 0, 0, 0, 0, 0]], "int32"),
-        "padding_mask": np.array([[1, 1, 1, 0, 0, 0, 0, 0]], bool),
+        "token_ids": np.array([[5, 6, 7, 0, 0, 0, 0, 0]] * rows, "int32"),
+        "padding_mask": np.array([[1, 1, 1, 0, 0, 0, 0, 0]] * rows, bool),
     }
+    return causal_lm, prompt
+
+
+def test_generate_of_a_causal_lm_is_reachable_and_uses_the_adapters():
+    causal_lm, prompt = tiny_gpt2_causal_lm(rows=1)
     expected = causal_lm.generate(prompt, stop_token_ids=None)
     model = keras_pvera.apply(causal_lm, rank=2)
     assert model.trainable_paths == []  # The LM head is the tied embedding.
@@ -475,21 +481,8 @@ def test_generate_of_a_causal_lm_is_reachable_and_uses_the_adapters():
 
 
 def test_sampled_generate_draws_fresh_noise_on_every_backend():
-    keras.utils.set_random_seed(0)
-    backbone = keras_hub.models.GPT2Backbone(
-        vocabulary_size=50,
-        num_layers=2,
-        num_heads=2,
-        hidden_dim=8,
-        intermediate_dim=16,
-        max_sequence_length=16,
-    )
-    causal_lm = keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)
-    causal_lm.compile(sampler="greedy")  # Only the adapters' noise varies.
-    prompt = {
-        "token_ids": np.array([[5, 6, 7, 0, 0, 0, 0, 0]] * 4, "int32"),
-        "padding_mask": np.array([[1, 1, 1, 0, 0, 0, 0, 0]] * 4, bool),
-    }
+    # A greedy sampler: only the adapters' noise varies between calls.
+    causal_lm, prompt = tiny_gpt2_causal_lm(rows=4)
     model = keras_pvera.apply(causal_lm, rank=2, target="all")
     rng = np.random.default_rng(3)
     for _, layer in sorted(model.adapted_layers.items()):
