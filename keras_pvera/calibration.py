@@ -32,6 +32,9 @@ import numbers
 import numpy as np
 from keras import ops
 
+from keras_pvera.uncertainty import as_two_classes
+from keras_pvera.uncertainty import log_softmax
+
 # Bounds of the temperature search (log-spaced), wide enough for any model
 # worth calibrating; a fit that lands on a bound says the data do not pin T.
 MIN_TEMPERATURE = 0.01
@@ -125,16 +128,10 @@ def apply_temperature(outputs, temperature, from_logits=False):
 
 def _log_probabilities(samples, from_logits):
     """Per-pass class log-probabilities `(n, batch, classes)` from outputs."""
-    samples = np.asarray(samples, dtype="float64")
-    if samples.shape[-1] == 1:
-        if from_logits:
-            samples = np.concatenate([np.zeros_like(samples), samples], axis=-1)
-        else:
-            samples = np.concatenate([1.0 - samples, samples], axis=-1)
+    samples = as_two_classes(np.asarray(samples, dtype="float64"), from_logits)
     if not from_logits:
         return np.log(np.clip(samples, _TINY, 1.0))
-    shifted = samples - samples.max(axis=-1, keepdims=True)
-    return shifted - np.log(np.sum(np.exp(shifted), axis=-1, keepdims=True))
+    return log_softmax(samples)
 
 
 def monte_carlo_nll(log_probabilities, labels, temperature):

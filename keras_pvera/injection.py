@@ -246,13 +246,14 @@ class Injection:
     def trainable_ids(self):
         """Ids of the variables that may train: the active adapter's vectors
         and the weights of the layers trained in full."""
-        ids = set()
-        if self.active is not None:
-            for wrapper in self.layers_of(self.active).values():
-                ids.update((id(wrapper.lambda_d), id(wrapper.lambda_b)))
-        for layer in layers_at(self.model, self.trainable_paths).values():
-            ids.update(id(w) for w in layer.weights)
+        ids = self._trained_in_full_ids()
+        for wrapper in self.layers_of(self.active).values():
+            ids.update((id(wrapper.lambda_d), id(wrapper.lambda_b)))
         return ids
+
+    def _trained_in_full_ids(self):
+        layers = layers_at(self.model, self.trainable_paths).values()
+        return {id(w) for layer in layers for w in layer.weights}
 
     def freeze(self):
         """Freezes everything but adapter vectors and `trainable_layers`.
@@ -262,14 +263,13 @@ class Injection:
         holding adapters keep `trainable=True` with their own weights
         frozen. Called again, it puts back what a `trainable` toggle thawed.
         """
-        keep = {
+        keep = self._trained_in_full_ids()
+        keep.update(
             id(w)
             for wrapper in self.wrappers.values()
             for vectors in wrapper.adapter_vectors.values()
             for w in vectors.weights
-        }
-        for layer in layers_at(self.model, self.trainable_paths).values():
-            keep.update(id(w) for w in layer.weights)
+        )
         recorded = {id(item) for item, _ in self.frozen}
         for _, layer in model_surgery.iter_layers(self.model):
             if isinstance(layer, PVeRADense):

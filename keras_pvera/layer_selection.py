@@ -273,20 +273,11 @@ def _all_linear(model, layers):
 
 def _attribute_names(model):
     """`{id(layer): name of the attribute holding it}`, underscores stripped."""
-    names, seen = {}, {id(model)}
-
-    def visit(layer):
-        for key, child in _child_addresses(layer).values():
-            if id(child) in seen:
-                continue
-            seen.add(id(child))
-            if not key.startswith(("@", "#")):
-                names[id(child)] = key.split("[")[0].lstrip("_")
-            if not isinstance(child, PVeRADense):
-                visit(child)
-
-    visit(model)
-    return names
+    return {
+        id(child): key.split("[")[0].lstrip("_")
+        for _, key, child in _addressed_layers(model)
+        if not key.startswith(("@", "#"))
+    }
 
 
 def layers_at(model, paths, what="layer"):
@@ -415,7 +406,21 @@ def layer_addresses(model, paths):
     {'head': ['@2', 'Dense']}
     """
     wanted = {id(layer): path for path, layer in layers_at(model, paths).items()}
-    found, seen = {}, {id(model)}
+    found = {
+        wanted[id(child)]: [address, type(seen_as(child)).__name__]
+        for address, _, child in _addressed_layers(model)
+        if id(child) in wanted
+    }
+    return {path: found[path] for path in paths}
+
+
+def _addressed_layers(model):
+    """Yields `(address, key, layer)` for every layer below `model`, once each.
+
+    The walk of `_child_addresses` from the model down, not entering a
+    `PVeRADense` (its base layer stands where the wrapper is).
+    """
+    seen = {id(model)}
 
     def visit(layer, address):
         for key, child in _child_addresses(layer).values():
@@ -423,16 +428,11 @@ def layer_addresses(model, paths):
                 continue
             seen.add(id(child))
             child_address = f"{address}/{key}" if address else key
-            if id(child) in wanted:
-                found[wanted[id(child)]] = [
-                    child_address,
-                    type(seen_as(child)).__name__,
-                ]
+            yield child_address, key, child
             if not isinstance(child, PVeRADense):
-                visit(child, child_address)
+                yield from visit(child, child_address)
 
-    visit(model, "")
-    return {path: found[path] for path in paths}
+    yield from visit(model, "")
 
 
 def resolve_paths(model, paths, addresses=None, what="layer"):

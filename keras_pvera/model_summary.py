@@ -120,7 +120,7 @@ def pvera_summary(model):
     )
     if model.merged_adapter is not None:
         lines.append(f"Merged into the kernels: {model.merged_adapter!r}")
-    layers = model.adapted_layers if model.active_adapter else {}
+    layers = model.adapted_layers  # {} with no active adapter
     lines.append(f"{len(layers)} adapted layers:")
     width = max((len(p) for p in layers), default=0)
     for path, layer in layers.items():

@@ -550,8 +550,7 @@ class PVeRADense(keras.layers.Layer):
         return self.linear.out_dim
 
     def _projections(self):
-        a, b = self.projection_registry.projections(self.in_dim, self.out_dim)
-        return a, b
+        return self.projection_registry.projections(self.in_dim, self.out_dim)
 
     def _scaled_b(self, b):
         # (out, r) * (alpha * lambda_b) per row -> (r, out)

@@ -16,6 +16,7 @@ import numpy as np
 from keras import ops
 
 from keras_pvera import layer_selection
+from keras_pvera.uncertainty import seed_states
 
 
 def task_of(model):
@@ -168,6 +169,4 @@ def generate(model, task, *args, **kwargs):
 def _jump(seed_generator):
     state = np.asarray(ops.convert_to_numpy(seed_generator.state.value))
     words = [int(word) for word in state.ravel()]
-    # 31 bits fit every backend's seed dtype.
-    word = np.random.SeedSequence(words).generate_state(1)[0] >> 1
-    seed_generator.state.assign(np.array([word, 0], dtype=state.dtype))
+    seed_generator.state.assign(seed_states(words, 1, state.dtype)[0])

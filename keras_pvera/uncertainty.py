@@ -87,12 +87,13 @@ def _entropy_of_probabilities(probabilities):
     return np.sum(terms, axis=-1)
 
 
-def _log_softmax(logits):
+def log_softmax(logits):
+    """Log-probabilities from logits along the last axis (NumPy, stable)."""
     shifted = logits - np.max(logits, axis=-1, keepdims=True)
     return shifted - np.log(np.sum(np.exp(shifted), axis=-1, keepdims=True))
 
 
-def _as_two_classes(values, from_logits):
+def as_two_classes(values, from_logits):
     """Reads a last axis of size 1 as a binary output with two classes."""
     if values.shape[-1] != 1:
         return values
@@ -116,11 +117,11 @@ class _SampleSummary:
         # Samples of shape (n, batch, ..., classes) have a class axis.
         self.has_classes = samples.ndim >= 3
         if self.has_classes:
-            probabilities = _as_two_classes(samples, from_logits=False)
+            probabilities = as_two_classes(samples, from_logits=False)
             self.expected_entropy_of_probabilities = np.mean(
                 _entropy_of_probabilities(probabilities), axis=0
             )
-            log_p = _log_softmax(_as_two_classes(samples, from_logits=True))
+            log_p = log_softmax(as_two_classes(samples, from_logits=True))
             p = np.exp(log_p)
             self.mean_softmax = np.mean(p, axis=0)
             self.expected_entropy_of_logits = np.mean(
@@ -130,7 +131,7 @@ class _SampleSummary:
     def mean_probabilities(self, from_logits):
         if from_logits:
             return self.mean_softmax
-        return _as_two_classes(self.mean, from_logits=False)
+        return as_two_classes(self.mean, from_logits=False)
 
     def expected_entropy(self, from_logits):
         if from_logits:
@@ -378,8 +379,18 @@ def adapted_layers_of(model):
     return adapters
 
 
-def _seed_states(seed, count, dtype):
-    """One SeedGenerator state per layer, derived from `seed`."""
+def seed_states(seed, count, dtype):
+    """`count` independent SeedGenerator states derived from `seed`.
+
+    Args:
+        seed: An integer or a sequence of integers (NumPy SeedSequence
+            entropy).
+        count: How many states.
+        dtype: The states' dtype (the backend's seed dtype).
+
+    Returns:
+        A list of `(2,)` arrays.
+    """
     words = np.random.SeedSequence(seed).generate_state(count, dtype=np.uint32)
     # 31 bits fit every backend's seed dtype (int32 on torch).
     return [np.array([word >> 1, 0], dtype=dtype) for word in words]
@@ -415,7 +426,7 @@ def _sampling_at_inference(model, adapters, seed):
     saved_states = [np.array(ops.convert_to_numpy(g.state.value)) for g in generators]
     try:
         _set_sampling(model, adapters, [True] * len(adapters))
-        states = _seed_states(seed, len(generators), saved_states[0].dtype)
+        states = seed_states(seed, len(generators), saved_states[0].dtype)
         for generator, state in zip(generators, states, strict=True):
             generator.state.assign(state)
         yield
