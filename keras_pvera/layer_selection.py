@@ -156,7 +156,7 @@ def select_targets(model, target):
             f"keras_pvera: {len(unbuilt)} chosen layers are not built (the "
             f"model never calls them), so they are not adapted: {unbuilt[:5]}"
             f"{' ...' if len(unbuilt) > 5 else ''}.",
-            stacklevel=4,
+            stacklevel=5,
         )
     return {p: layer for p, layer in chosen.items() if p not in unbuilt}
 
@@ -203,11 +203,13 @@ def default_targets(model):
     In a KerasHub model, the layers named in its backbones'
     `default_lora_layer_names()` (keras-hub 0.22+; nested backbones such as
     a vision encoder included; KerasHub's `query`, `value`, `query_dense`,
-    `value_dense` on older keras-hub), as `backbone.enable_lora` does. If
-    it has none, its attention projections (`ATTENTION_PROJECTIONS`, by
-    layer or attribute name), with a warning that names them; if none
-    either, a `ValueError` naming candidates. In another model: KerasHub's
-    names when it has such layers, else `"all"`.
+    `value_dense` on older keras-hub), as `backbone.enable_lora` does, plus
+    the attention projections (`ATTENTION_PROJECTIONS`, by layer or
+    attribute name) of blocks those names miss, such as Qwen3.5's
+    linear-attention `in_proj_qkv`, with a warning that names them. If it
+    has none of the names, its attention projections, with a warning; if
+    none either, a `ValueError` naming candidates. In another model:
+    KerasHub's names when it has such layers, else `"all"`.
 
     Args:
         model: A Keras model.
@@ -230,15 +232,16 @@ def default_targets(model):
         names += own() if callable(own) else list(KERAS_HUB_TARGETS)
     names = list(dict.fromkeys(names))
     chosen = {p: lyr for p, lyr in linear if lyr.name in names}
-    if chosen:
-        return chosen
     held_as = _attribute_names(model)
-    chosen = {
+    projections = {
         p: lyr
         for p, lyr in linear
         if lyr.name in ATTENTION_PROJECTIONS
         or held_as.get(id(lyr)) in ATTENTION_PROJECTIONS
     }
+    if chosen:
+        return _with_missed_blocks(model, linear, chosen, projections, names)
+    chosen = projections
     if not chosen:
         raise ValueError(
             f"Model {model.name!r} has none of its KerasHub default LoRA layers "
@@ -246,20 +249,52 @@ def default_targets(model):
             f"{list(ATTENTION_PROJECTIONS)}. Pass `target` (layer names, a "
             f"regex, a callable or 'all'). Candidates: {_candidates(layers)}"
         )
-    found = sorted(
-        {
-            lyr.name if lyr.name in ATTENTION_PROJECTIONS else held_as[id(lyr)]
-            for lyr in chosen.values()
-        }
-    )
+    found = _projection_names(chosen, held_as)
     warnings.warn(
         f"keras_pvera.apply(target=None): model {model.name!r} has none of its "
         f"KerasHub default LoRA layers {names}, so PVeRA adapts its attention "
         f"projections {found} ({len(chosen)} layers; fused projections as one "
         "layer each). Pass `target` to choose others.",
-        stacklevel=5,
+        stacklevel=6,
     )
     return chosen
+
+
+def _projection_names(layers, held_as):
+    return sorted(
+        {
+            lyr.name if lyr.name in ATTENTION_PROJECTIONS else held_as[id(lyr)]
+            for lyr in layers.values()
+        }
+    )
+
+
+def _with_missed_blocks(model, linear, chosen, projections, names):
+    """`chosen` plus the attention projections of blocks it leaves out.
+
+    A block (the layer directly holding a projection) none of whose layers
+    is chosen is one the default names miss, such as Qwen3.5's
+    linear-attention layers (`linear_attn/in_proj_qkv`) beside its
+    full-attention ones (`self_attention/query`); its projections are added,
+    with a warning naming them.
+    """
+    covered = {path.rpartition("/")[0] for path in chosen}
+    missed = {
+        p: lyr
+        for p, lyr in projections.items()
+        if p not in chosen and p.rpartition("/")[0] not in covered
+    }
+    if not missed:
+        return chosen
+    found = _projection_names(missed, _attribute_names(model))
+    warnings.warn(
+        f"keras_pvera.apply(target=None): model {model.name!r} has attention "
+        f"blocks without any of its KerasHub default LoRA layers {names}, so "
+        f"PVeRA also adapts their projections {found} ({len(missed)} layers; "
+        "fused projections as one layer each). Pass `target` to choose others.",
+        stacklevel=7,
+    )
+    return {p: lyr for p, lyr in linear if p in chosen or p in missed}
 
 
 def _all_linear(model, layers):

@@ -334,8 +334,11 @@ def test_older_keras_hub_without_default_lora_layer_names(monkeypatch):
         keras_hub.models.PaliGemmaBackbone,
     ):
         monkeypatch.delattr(backbone_class, "default_lora_layer_names")
-    model = keras_pvera.apply(tiny_pali_gemma(), rank=2)
-    assert leaf_names(model) == ["query", "value"]
+    # KerasHub's old names find the decoder's query/value; the vision
+    # tower's attention blocks, which they miss, are found by name.
+    with pytest.warns(UserWarning, match=r"\['query_proj', 'value_proj'\]"):
+        model = keras_pvera.apply(tiny_pali_gemma(), rank=2)
+    assert leaf_names(model) == ["query", "query_proj", "value", "value_proj"]
 
 
 def test_fused_projection_is_adapted_as_one_layer_with_a_warning():
@@ -351,6 +354,45 @@ def test_fused_projection_is_adapted_as_one_layer_with_a_warning():
     assert len(model.adapted_layers) == 2  # one per block
     layer = next(iter(model.adapted_layers.values()))
     assert (layer.in_dim, layer.out_dim) == (16, 48)
+    np.testing.assert_array_equal(model.predict(x, verbose=0), expected)
+
+
+def tiny_qwen3_5():
+    keras.utils.set_random_seed(0)
+    # Three linear-attention (gated delta-net) layers, then one full-attention.
+    return keras_hub.models.Qwen3_5Backbone(
+        vocabulary_size=50,
+        num_layers=4,
+        num_query_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        hidden_dim=16,
+        intermediate_dim=32,
+        linear_num_key_heads=2,
+        linear_num_value_heads=2,
+        linear_key_head_dim=8,
+        linear_value_head_dim=8,
+    )
+
+
+def test_attention_blocks_the_default_names_miss_are_adapted_too():
+    base = tiny_qwen3_5()
+    x = {
+        "token_ids": np.arange(16, dtype="int32").reshape(2, 8) % 50,
+        "padding_mask": np.ones((2, 8), "int32"),
+    }
+    expected = base.predict(x, verbose=0)
+    with pytest.warns(
+        UserWarning, match=r"also adapts their projections \['in_proj_qkv'\]"
+    ):
+        model = keras_pvera.apply(base, rank=2)
+    assert list(model.adapted_layers) == [
+        "transformer_layer_0/linear_attn/in_proj_qkv",
+        "transformer_layer_1/linear_attn/in_proj_qkv",
+        "transformer_layer_2/linear_attn/in_proj_qkv",
+        "transformer_layer_3/self_attention/query",
+        "transformer_layer_3/self_attention/value",
+    ]
     np.testing.assert_array_equal(model.predict(x, verbose=0), expected)
 
 
