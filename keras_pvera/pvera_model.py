@@ -131,6 +131,9 @@ class PVeRAModel(AdapterLifecycle, keras.Model):
         self.temperature_scaling = calibration
         self._track_kl(config)
         self.built = True
+        # A KerasHub task may hold a loop compiled before its layers were
+        # wrapped (TensorFlow would keep running the base layers): drop it.
+        self._changed()
 
     def _track_kl(self, config):
         if config.kl_weight > 0 and getattr(self, "kl_tracker", None) is None:

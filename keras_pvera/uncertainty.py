@@ -476,15 +476,35 @@ def _draw_samples(model, batch, n, max_rows):
             outputs = model.predict_on_batch(
                 keras.tree.map_structure(lambda a, k=k: _repeat(a, k), piece)
             )
-            draws.append(
-                [
-                    np.reshape(o, (k, size) + tuple(np.shape(o)[1:]))
-                    for o in keras.tree.flatten(outputs)
-                ]
-            )
+            draws.append(_per_copy(outputs, k, size))
             remaining -= k
         pieces.append([np.concatenate(d, axis=0) for d in zip(*draws, strict=True)])
     return outputs, [np.concatenate(p, axis=1) for p in zip(*pieces, strict=True)]
+
+
+def _per_copy(outputs, copies, size):
+    """The leaves of one call's outputs, each reshaped to `(copies, size, ...)`.
+
+    Raises:
+        ValueError: Naming an output whose first axis is not the call's
+            `copies * size` rows (an output without a batch axis, such as
+            SAM's positional embeddings, has no sample per example).
+    """
+    leaves = []
+    for path, output in keras.tree.flatten_with_path(outputs):
+        shape = tuple(np.shape(output))
+        if shape[:1] != (copies * size,):
+            name = "/".join(str(key) for key in path) or "the output"
+            raise ValueError(
+                "predict_with_uncertainty needs every model output to have "
+                f"the batch on its first axis, but output {name!r} has shape "
+                f"{shape} for a call on {copies * size} rows. Predict the "
+                "outputs that have one (a model selecting them), or draw "
+                "passes with `model.sample_at_inference = True` and "
+                "`model.predict`."
+            )
+        leaves.append(np.reshape(output, (copies, size) + shape[1:]))
+    return leaves
 
 
 def predict_with_uncertainty(

@@ -462,6 +462,17 @@ def test_bad_inputs_and_models():
     plain = keras.Sequential([keras.Input((N_FEATURES,)), keras.layers.Dense(2)])
     with pytest.raises(ValueError, match="no PVeRA layers"):
         predict_with_uncertainty(plain, inputs(), verbose=0)
+    # An output without a batch axis has no sample per example.
+    features = keras.Input((N_FEATURES,), name="features")
+    adapted = keras.layers.Dense(2, name="hidden")(features)
+    constant = keras.layers.Lambda(lambda t: keras.ops.ones((1, 3)))(features)
+    unbatched = keras_pvera.apply(
+        keras.Model(features, {"per_example": adapted, "shared": constant}),
+        rank=2,
+        target=["hidden"],
+    )
+    with pytest.raises(ValueError, match=r"output 'shared' has shape \(1, 3\)"):
+        predict_with_uncertainty(unbatched, inputs(), n=2, verbose=0)
     result = UncertaintyResult(np.ones((3, 2, 2)))
     with pytest.raises(ValueError, match="level=2"):
         result.mean_interval(level=2)
