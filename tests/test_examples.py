@@ -66,15 +66,22 @@ def test_minilm_example_adapts_the_task_on_raw_strings_saves_and_reloads(capsys)
     printed = capsys.readouterr().out
     assert "12 adapted layers, logits trained in full" in printed
     assert "adapter file sentiment.safetensors" in printed
-    # RANGES_MINILM
-    assert figures["accuracy (sampling off)"] >= 0.95
-    assert figures["accuracy (Monte Carlo mean)"] >= 0.9
-    assert figures["ECE (Monte Carlo mean)"] < 0.15
-    # Off-topic sentences are less certain than test sentences.
-    assert (
-        figures["mean predictive entropy, off-topic"]
-        > figures["mean predictive entropy, test"] + 0.05
-    )
+    # The ranges hold the figures the default run printed with seeds 0 and 1
+    # on torch and 0 on JAX and TensorFlow, with a margin: accuracy 0.995-1.0
+    # (sampling off) and 0.95-1.0 (Monte Carlo mean), ECE 0.039-0.071,
+    # predictive entropy 0.18-0.19 (test) and 0.36-0.42 (off-topic), mutual
+    # information 0.024-0.039 (test) and 0.021-0.029 (off-topic).
+    assert figures["accuracy (sampling off)"] >= 0.97
+    assert figures["accuracy (Monte Carlo mean)"] >= 0.92
+    assert figures["ECE (Monte Carlo mean)"] < 0.12
+    test_entropy = figures["mean predictive entropy, test"]
+    off_topic_entropy = figures["mean predictive entropy, off-topic"]
+    assert 0.1 < test_entropy < 0.3 and 0.28 < off_topic_entropy < 0.55
+    # Off-topic sentences are less certain than test sentences, but the
+    # passes disagree little on either: the mutual information stays small.
+    assert off_topic_entropy > test_entropy + 0.1
+    for kind in ("test", "off-topic"):
+        assert 0.005 < figures[f"mean mutual information, {kind}"] < 0.08
     assert figures["reload difference"] < 1e-5
     # The adapter is a small fraction of the full model file.
     assert figures["adapter file bytes"] < figures["keras file bytes"] / 50
@@ -87,7 +94,12 @@ def test_causal_lm_example_samples_generations_and_measures_their_spread(capsys)
     figures = causal_lm_sampling.main()
     printed = capsys.readouterr().out
     assert "10 sampled generations" in printed
-    # RANGES_LM
+    # The ranges hold the figures printed with seeds 0-2 on torch, JAX and
+    # TensorFlow: next-token accuracy 0.829-0.841 (pretraining) and
+    # 0.839-0.854 (PVeRA); the taught question's most common answer "paris"
+    # in 9 runs of 9 (agreement 0.9-1.0); the untaught ones agreement 0.4-1.0
+    # with 1-5 distinct answers, and in each run one of them below the
+    # taught one.
     assert 0.8 < figures["pretraining accuracy"] < 0.87
     assert 0.8 < figures["adapter accuracy"] < 0.88
     assert figures["trainable"] < figures["total"] / 20  # PVeRA vectors only.
