@@ -94,18 +94,12 @@ def file_size(path):
     return f"{os.path.getsize(path) / 1024:,.0f} KiB"
 
 
-def main(epochs=6, mc_samples=20, limit=None, seed=0, verbose=1, learning_rate=2e-2):
+def main(epochs=6, mc_samples=20, seed=0, learning_rate=2e-2, verbose=1):
     """Adapts, reports and saves; returns a dict of the printed figures."""
     start = time.perf_counter()
     keras.utils.set_random_seed(seed)
     train_texts, y_train = sentences(TRAIN_WORDS)
     test_texts, y_test = sentences(TEST_WORDS)
-    if limit:
-        rng = np.random.default_rng(seed)
-        keep = rng.permutation(len(train_texts))[:limit]
-        train_texts, y_train = [train_texts[i] for i in keep], y_train[keep]
-        keep = rng.permutation(len(test_texts))[:limit]
-        test_texts, y_test = [test_texts[i] for i in keep], y_test[keep]
     print(
         f"{len(train_texts)} training sentences, {len(test_texts)} test "
         f"sentences (templated, adjectives disjoint from training), "
