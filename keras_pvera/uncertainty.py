@@ -558,8 +558,9 @@ def predict_with_uncertainty(
 
     Raises:
         ValueError: For a bad `n`, `batch_size`, `level`, `seed` or
-            `verbose`, empty inputs, a model without PVeRA layers, or
-            adapter weights holding NaN or infinity.
+            `verbose`, empty inputs, a model without PVeRA layers,
+            adapter weights holding NaN or infinity, or a model output
+            without the batch on its first axis.
 
     Example:
 
