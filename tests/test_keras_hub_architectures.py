@@ -48,6 +48,9 @@ from keras_pvera.layer_selection import seen_as
 keras_hub = pytest.importorskip("keras_hub")
 models = keras_hub.models
 
+# Minutes on JAX: outside the fast tier (`-m "not slow"`); CI runs it.
+pytestmark = pytest.mark.slow
+
 VOCABULARY = 64
 LENGTH = 8
 IMAGE = 28
