@@ -17,6 +17,8 @@ from keras_pvera.layer_selection import adaptable_layers
 
 keras_hub = pytest.importorskip("keras_hub")
 
+from test_keras_hub_architectures import sam  # noqa: E402
+
 
 def tiny_bert(name=None):
     keras.utils.set_random_seed(0)
@@ -265,39 +267,6 @@ def tiny_gpt_neox():
     )
 
 
-def tiny_sam(image_size=32):
-    keras.utils.set_random_seed(0)
-    return keras_hub.models.SAMBackbone(
-        image_encoder=keras_hub.models.ViTDetBackbone(
-            hidden_size=8,
-            num_layers=2,
-            intermediate_dim=16,
-            num_heads=2,
-            global_attention_layer_indices=[1],
-            patch_size=16,
-            num_output_channels=8,
-            window_size=2,
-            image_shape=(image_size, image_size, 3),
-        ),
-        prompt_encoder=keras_hub.layers.SAMPromptEncoder(
-            hidden_size=8,
-            image_embedding_size=(2, 2),
-            input_image_size=(image_size, image_size),
-            mask_in_channels=16,
-        ),
-        mask_decoder=keras_hub.layers.SAMMaskDecoder(
-            num_layers=1,
-            hidden_size=8,
-            intermediate_dim=16,
-            num_heads=2,
-            embedding_dim=8,
-            num_multimask_outputs=3,
-            iou_head_depth=2,
-            iou_head_hidden_dim=8,
-        ),
-    )
-
-
 def tiny_pali_gemma():
     keras.utils.set_random_seed(0)
     return keras_hub.models.PaliGemmaBackbone(
@@ -397,7 +366,7 @@ def test_attention_blocks_the_default_names_miss_are_adapted_too():
 
 
 def test_unused_sublayers_are_skipped_with_a_note():
-    base = tiny_sam()
+    base = sam()
     with pytest.warns(UserWarning) as records:
         model = keras_pvera.apply(base, rank=2)
     messages = " ".join(str(r.message) for r in records)
