@@ -232,68 +232,48 @@ def default_targets(model):
         names += own() if callable(own) else list(KERAS_HUB_TARGETS)
     names = list(dict.fromkeys(names))
     chosen = {p: lyr for p, lyr in linear if lyr.name in names}
+    # Attention blocks (the layer directly holding a projection) none of
+    # whose layers the names chose: all of them when the names match
+    # nothing, else those the names miss, such as Qwen3.5's linear-attention
+    # layers (`linear_attn/in_proj_qkv`) beside `self_attention/query`.
+    covered = {path.rpartition("/")[0] for path in chosen}
     held_as = _attribute_names(model)
-    projections = {
+    missed = {
         p: lyr
         for p, lyr in linear
-        if lyr.name in ATTENTION_PROJECTIONS
-        or held_as.get(id(lyr)) in ATTENTION_PROJECTIONS
+        if (
+            lyr.name in ATTENTION_PROJECTIONS
+            or held_as.get(id(lyr)) in ATTENTION_PROJECTIONS
+        )
+        and p.rpartition("/")[0] not in covered
     }
-    if chosen:
-        return _with_missed_blocks(model, linear, chosen, projections, names)
-    chosen = projections
-    if not chosen:
+    if not chosen and not missed:
         raise ValueError(
             f"Model {model.name!r} has none of its KerasHub default LoRA layers "
             f"{names} and no attention projection named one of "
             f"{list(ATTENTION_PROJECTIONS)}. Pass `target` (layer names, a "
             f"regex, a callable or 'all'). Candidates: {_candidates(layers)}"
         )
-    found = _projection_names(chosen, held_as)
-    warnings.warn(
-        f"keras_pvera.apply(target=None): model {model.name!r} has none of its "
-        f"KerasHub default LoRA layers {names}, so PVeRA adapts its attention "
-        f"projections {found} ({len(chosen)} layers; fused projections as one "
-        "layer each). Pass `target` to choose others.",
-        stacklevel=6,
-    )
-    return chosen
-
-
-def _projection_names(layers, held_as):
-    return sorted(
-        {
-            lyr.name if lyr.name in ATTENTION_PROJECTIONS else held_as[id(lyr)]
-            for lyr in layers.values()
-        }
-    )
-
-
-def _with_missed_blocks(model, linear, chosen, projections, names):
-    """`chosen` plus the attention projections of blocks it leaves out.
-
-    A block (the layer directly holding a projection) none of whose layers
-    is chosen is one the default names miss, such as Qwen3.5's
-    linear-attention layers (`linear_attn/in_proj_qkv`) beside its
-    full-attention ones (`self_attention/query`); its projections are added,
-    with a warning naming them.
-    """
-    covered = {path.rpartition("/")[0] for path in chosen}
-    missed = {
-        p: lyr
-        for p, lyr in projections.items()
-        if p not in chosen and p.rpartition("/")[0] not in covered
-    }
-    if not missed:
-        return chosen
-    found = _projection_names(missed, _attribute_names(model))
-    warnings.warn(
-        f"keras_pvera.apply(target=None): model {model.name!r} has attention "
-        f"blocks without any of its KerasHub default LoRA layers {names}, so "
-        f"PVeRA also adapts their projections {found} ({len(missed)} layers; "
-        "fused projections as one layer each). Pass `target` to choose others.",
-        stacklevel=7,
-    )
+    if missed:
+        found = sorted(
+            {
+                lyr.name if lyr.name in ATTENTION_PROJECTIONS else held_as[id(lyr)]
+                for lyr in missed.values()
+            }
+        )
+        why = (
+            f"has attention blocks without any of its KerasHub default LoRA "
+            f"layers {names}, so PVeRA also adapts their projections"
+            if chosen
+            else f"has none of its KerasHub default LoRA layers {names}, so "
+            "PVeRA adapts its attention projections"
+        )
+        warnings.warn(
+            f"keras_pvera.apply(target=None): model {model.name!r} {why} "
+            f"{found} ({len(missed)} layers; fused projections as one layer "
+            "each). Pass `target` to choose others.",
+            stacklevel=6,
+        )
     return {p: lyr for p, lyr in linear if p in chosen or p in missed}
 
 
