@@ -190,3 +190,29 @@ def own_loss_ids(layer):
     `_losses` (eager losses), without those of its sublayers.
     """
     return set(layer._loss_ids) | {id(t) for t in layer._losses}
+
+
+def deserialize_model(config):
+    """Rebuilds a model from `keras.saving.serialize_keras_object`'s output.
+
+    As `keras.saving.deserialize_keras_object`, except for the compile
+    state of a model whose class overrides `compile` (a KerasHub task):
+    Keras cannot restore it and warns that `compile()` was not called,
+    although such a task compiles itself with its defaults when built. The
+    warning would reach every user who loads or merges an adapted task, so
+    its `compile_config` is left out there; a model with Keras' own
+    `compile` is compiled from it as Keras would.
+
+    Args:
+        config: A serialized model (a dict with `class_name` and `config`).
+
+    Returns:
+        The rebuilt model.
+    """
+    config = dict(config)
+    compile_config = config.pop("compile_config", None)
+    model = keras.saving.deserialize_keras_object(config)
+    if compile_config and type(model).compile is keras.Model.compile:
+        model.compile_from_config(compile_config)
+        model.compiled = True
+    return model

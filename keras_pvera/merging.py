@@ -14,7 +14,6 @@ base model's architecture, so it runs as fast as the base model and saves
 and loads as `.keras` without keras_pvera.
 """
 
-import keras
 import numpy as np
 from keras import ops
 
@@ -47,7 +46,7 @@ def merge(model, safe_merge=False):
 
     Example:
 
-    >>> import numpy as np
+    >>> import keras, numpy as np
     >>> base = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16),
     ...                          keras.layers.Dense(3)])
     >>> import keras_pvera
@@ -75,7 +74,7 @@ def merge(model, safe_merge=False):
             "complete `get_config`."
         )
     deltas = _deltas(model, safe_merge)
-    merged = keras.saving.deserialize_keras_object(_plain_copy(config))
+    merged = keras_internals.deserialize_model(_plain_copy(config))
     if not merged.built:
         raise ValueError(
             f"The rebuilt base model {merged.name!r} is not built, so its "
@@ -120,7 +119,7 @@ def merge_in_place(model, safe_merge=False):
 
     Example:
 
-    >>> import numpy as np, keras_pvera
+    >>> import keras, numpy as np, keras_pvera
     >>> base = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8),
     ...                          keras.layers.Dense(2)])
     >>> model = keras_pvera.apply(base, rank=2)

@@ -23,7 +23,7 @@ from keras_pvera.pvera_config import PVeRAConfig
 from keras_pvera.pvera_config import split_settings
 
 
-def apply(model, rank=None, *, config=None, **settings):
+def apply(model, rank=None, *, config=None, name=None, **settings):
     """Adapts a Keras model with PVeRA.
 
     The chosen layers are wrapped in place in `PVeRADense` layers sharing
@@ -35,6 +35,8 @@ def apply(model, rank=None, *, config=None, **settings):
             KerasHub model).
         rank: Latent size `r` (PEFT's `r`); default 256.
         config: A `PVeRAConfig`; `None` for the defaults.
+        name: The adapted model's name; `None`: `"pvera_"` and the base
+            model's name.
         **settings: Any `PVeRAConfig` setting by name (`target`, `seed`,
             `alpha`, `d_initial`, `dropout`, `kl_weight`, `save_projection`,
             `sample_at_inference`, `trainable_layers`); overrides `config`.
@@ -63,7 +65,8 @@ def apply(model, rank=None, *, config=None, **settings):
     """
     if rank is not None:
         settings["rank"] = rank
-    return PVeRAModel(model, config=PVeRAConfig.from_settings(config, **settings))
+    config = PVeRAConfig.from_settings(config, **settings)
+    return PVeRAModel(model, config=config, name=name)
 
 
 @keras.saving.register_keras_serializable(package="keras_pvera")
@@ -86,7 +89,8 @@ class PVeRAModel(AdapterLifecycle, keras.Model):
             the layers trained in full, instead of selecting them (loading).
         base_model_config: The serialized base model before adaptation.
         **kwargs: PVeRA settings by name, and `keras.Model` keyword
-            arguments such as `name`.
+            arguments such as `name` (default: `"pvera_"` and the base
+            model's name).
 
     Example:
 
@@ -96,6 +100,8 @@ class PVeRAModel(AdapterLifecycle, keras.Model):
     >>> model = PVeRAModel(base, rank=4)
     >>> list(model.adapted_layers), model.adapter_names
     (['hidden'], ['default'])
+    >>> model.name == "pvera_" + base.name
+    True
     """
 
     def __init__(
@@ -120,6 +126,8 @@ class PVeRAModel(AdapterLifecycle, keras.Model):
                 base_model_config = {"error": f"{type(e).__name__}: {e}"}
         injection = injection_lib.Injection(base_model)
         injection.add(adapter_name, config, adapted_paths, trainable_paths)
+        if kwargs.get("name") is None:
+            kwargs["name"] = f"pvera_{base_model.name}"
         super().__init__(**kwargs)
         self.base_model = base_model
         self.projection_registry = injection.registry
@@ -273,7 +281,7 @@ class PVeRAModel(AdapterLifecycle, keras.Model):
     @classmethod
     def from_config(cls, config):
         config = dict(config)
-        base = keras.saving.deserialize_keras_object(config["base_model_config"])
+        base = keras_internals.deserialize_model(config["base_model_config"])
         if "adapters" not in config:  # Written before named adapters.
             settings, config = split_settings(config)
             config["adapters"] = [["default", settings, config.pop("adapted_paths")]]

@@ -25,3 +25,28 @@ class Block(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "units": self.units}
+
+
+@keras.saving.register_keras_serializable(package="lifecycle_test")
+class SelfCompilingModel(keras.Model):
+    """Compiles itself when built and overrides `compile`, as a KerasHub task.
+
+    Keras cannot restore the compile state of such a model from a file, and
+    warns when it is asked to.
+    """
+
+    def __init__(self, **kwargs):
+        inputs = keras.Input((8,))
+        hidden = keras.layers.Dense(16, name="hidden")(inputs)
+        super().__init__(inputs, keras.layers.Dense(3, name="head")(hidden), **kwargs)
+        self.compile()
+
+    def compile(self, optimizer="adam", loss="mse", **kwargs):
+        super().compile(optimizer=optimizer, loss=loss, **kwargs)
+
+    def get_config(self):
+        return {"name": self.name, "trainable": self.trainable}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)

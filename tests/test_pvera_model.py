@@ -1,6 +1,7 @@
 import os
 import subprocess
 import sys
+import warnings
 
 import keras
 import numpy as np
@@ -524,3 +525,46 @@ def test_a_keras_file_written_by_version_0_1_0_still_loads():
     np.testing.assert_allclose(
         model.predict(expected["x"], verbose=0), expected["y"], atol=1e-6
     )
+
+
+def test_the_adapted_model_is_named_after_its_base(tmp_path):
+    model = keras_pvera.apply(mlp(), rank=4)
+    assert model.name == "pvera_mlp"
+    assert keras_pvera.apply(mlp(), rank=4, name="tuned").name == "tuned"
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    assert keras.saving.load_model(path).name == "pvera_mlp"
+
+
+def test_a_loaded_model_is_compiled_and_loading_warns_nothing(tmp_path):
+    from custom_layers import SelfCompilingModel
+
+    # A base that compiles itself and overrides `compile` (as a KerasHub task
+    # does), compiled again by the user before adaptation.
+    base = SelfCompilingModel(name="task")
+    base.compile(optimizer="sgd", loss="mae")
+    model = keras_pvera.apply(base, rank=4)
+    x, y = data(16)
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse")
+    model.fit(x, y, epochs=1, verbose=0)
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        loaded = keras.saving.load_model(path)
+        merged = keras_pvera.merge(loaded)
+    assert loaded.compiled and isinstance(loaded.optimizer, keras.optimizers.Adam)
+    assert loaded.optimizer.iterations.numpy() == model.optimizer.iterations.numpy()
+    np.testing.assert_allclose(
+        float(loaded.optimizer.learning_rate.numpy()), 1e-2, rtol=1e-6
+    )
+    loaded.fit(x, y, epochs=1, verbose=0)  # No compile() needed.
+    # The merged task is compiled by its own constructor, as when loaded.
+    assert merged.compiled and merged.name == "task"
+
+
+def test_merging_keeps_the_compile_state_of_a_plain_base():
+    base = mlp()
+    base.compile(optimizer="sgd", loss="mae")
+    merged = keras_pvera.merge(keras_pvera.apply(base, rank=4))
+    assert merged.compiled and isinstance(merged.optimizer, keras.optimizers.SGD)
