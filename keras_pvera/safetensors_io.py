@@ -12,6 +12,7 @@ the temporary file.
 import contextlib
 import os
 import uuid
+import zipfile
 
 import numpy as np
 import safetensors
@@ -118,7 +119,7 @@ def read_safetensors(path):
     Raises:
         FileNotFoundError: If `path` does not exist.
         ValueError: If `path` is not a complete safetensors file (truncated,
-            corrupt, or another format).
+            corrupt, or another format, such as a `.keras` archive).
 
     Example:
 
@@ -132,6 +133,13 @@ def read_safetensors(path):
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"No such file: {path!r}")
+    if zipfile.is_zipfile(path):
+        raise ValueError(
+            f"{path!r} is a zip archive, such as a whole model saved as "
+            "`.keras`, not a safetensors file. Load a `.keras` model with "
+            "`keras.saving.load_model(path)` (after `import keras_pvera`); "
+            "adapter files are the ones `save_adapter` writes."
+        )
     try:
         with safetensors.safe_open(path, framework="numpy") as f:
             metadata = dict(f.metadata() or {})

@@ -349,6 +349,14 @@ def test_foreign_files(tmp_path):
         keras_pvera.load_adapter(make_base(), tmp_path / "absent.safetensors")
 
 
+def test_a_keras_file_given_as_an_adapter_file_is_named_as_such(trained):
+    model, adapter_path = trained
+    path = adapter_path.parent / "whole.keras"
+    model.save(path)
+    with pytest.raises(ValueError, match=r"saved as `\.keras`.*load_model"):
+        keras_pvera.load_adapter(make_base(), path)
+
+
 def test_model_holding_pvera_layers_but_not_the_pvera_model(trained):
     _, path = trained
     model = keras_pvera.apply(make_base(), rank=4, seed=7)
