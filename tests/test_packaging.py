@@ -1,0 +1,88 @@
+"""What a user installs: the plain library, and the extras by need."""
+
+import ast
+import os
+import subprocess
+import sys
+
+import pytest
+
+tomllib = pytest.importorskip("tomllib", reason="tomllib needs Python 3.11+")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Import names of the distributions pyproject.toml names.
+IMPORT_NAMES = {
+    "keras": "keras",
+    "numpy": "numpy",
+    "safetensors": "safetensors",
+    "scikit-learn": "sklearn",
+    "matplotlib": "matplotlib",
+}
+
+
+def project():
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        return tomllib.load(f)["project"]
+
+
+def distribution_name(requirement):
+    for separator in "<>=![; ":
+        requirement = requirement.split(separator)[0]
+    return requirement
+
+
+def top_level_imports(path):
+    with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names - set(sys.stdlib_module_names)
+
+
+def test_the_plain_install_is_the_library_with_keras_and_numpy():
+    plain = {distribution_name(r) for r in project()["dependencies"]}
+    assert plain == {"keras", "numpy", "safetensors"}
+    extras = project()["optional-dependencies"]
+    # One backend each, then the extras by need.
+    assert {"torch", "jax", "tensorflow", "hub", "peft", "examples", "test"} <= set(
+        extras
+    )
+    assert {distribution_name(r) for r in extras["hub"]} == {"keras-hub"}
+    assert "peft" in {distribution_name(r) for r in extras["peft"]}
+
+
+def test_the_quickstart_needs_only_the_plain_install_and_its_extra():
+    extras = project()["optional-dependencies"]
+    installed = {
+        IMPORT_NAMES[distribution_name(r)]
+        for r in project()["dependencies"] + extras["examples"]
+    }
+    imports = top_level_imports(os.path.join(ROOT, "examples", "quickstart.py"))
+    assert imports - {"keras_pvera"} <= installed, imports
+
+
+@pytest.mark.slow
+def test_importing_the_library_loads_no_optional_package():
+    # Keras itself imports what it finds (JAX, scikit-learn...); keras_pvera
+    # adds none of the extras' packages on top.
+    code = (
+        "import sys, keras; before = set(sys.modules); import keras_pvera; "
+        "print(sorted({m.split('.')[0] for m in set(sys.modules) - before}))"
+    )
+    env = dict(os.environ, KERAS_BACKEND="torch")
+    output = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+    ).stdout
+    loaded = set(ast.literal_eval(output.strip().splitlines()[-1]))
+    optional = {"keras_hub", "tensorflow", "peft", "transformers", "sklearn"}
+    optional |= {"matplotlib", "scipy", "jax"}
+    assert not loaded & optional, loaded
