@@ -247,12 +247,16 @@ class UncertaintyResult:
             _SampleSummary(leaf, self.level, name)
             for leaf, name in zip(leaves, names, strict=True)
         ]
-        self.from_logits = self._pack(self._kinds)
         self.samples = self._pack(leaves) if keep_samples else None
         self.mean = self._map(lambda s: s.mean)
         self.std = self._map(lambda s: s.std)
         self.lower = self._map(lambda s: s.lower)
         self.upper = self._map(lambda s: s.upper)
+
+    @property
+    def from_logits(self):
+        """`True`, `False` or `None` per output: how outputs are read."""
+        return self._pack(self._kinds)
 
     def _pack(self, leaves):
         return keras.tree.pack_sequence_as(self._structure, list(leaves))
