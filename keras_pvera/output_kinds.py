@@ -108,7 +108,7 @@ def output_kinds(model):
     for tensor in graph.outputs:
         layer, index = keras_internals.graph_producer_of(tensor)
         from_layer = _layer_from_logits(layer)
-        kinds.append(from_layer[index] if from_layer else None)
+        kinds.append(from_layer[index] if index < len(from_layer or ()) else None)
     return kinds
 
 
