@@ -32,6 +32,7 @@ import numbers
 import numpy as np
 from keras import ops
 
+from keras_pvera import output_kinds
 from keras_pvera.uncertainty import as_two_classes
 from keras_pvera.uncertainty import log_softmax
 
@@ -231,7 +232,7 @@ def _labels_for(y, num_rows, num_classes):
     return y
 
 
-def calibrate(model, x, y, n=30, from_logits=False, seed=0, batch_size=None):
+def calibrate(model, x, y, n=30, from_logits=None, seed=0, batch_size=None):
     """Fits a temperature to held-out data and stores it in `model`.
 
     Draws `n` Monte Carlo passes of `x` (sampling on; `n=None`: one pass
@@ -242,10 +243,13 @@ def calibrate(model, x, y, n=30, from_logits=False, seed=0, batch_size=None):
     tempered outputs, and saving to `.keras` keeps `T`. Calibrating again
     refits from the untempered outputs; `model.calibration = None` removes it.
 
-    The model must have one output of class probabilities (or logits, with
-    `from_logits=True`), shaped `(batch, classes)`; `(batch, 1)` is read as
-    a binary problem. Use held-out data, not the training data, on which a
-    fine-tuned model is over-confident.
+    The model must have one output of class probabilities or logits, shaped
+    `(batch, classes)`; `(batch, 1)` is read as a binary problem. Which of
+    the two comes from the model, as for `predict_with_uncertainty` (a
+    KerasHub classifier's `activation`, or the output layer's: linear means
+    logits, softmax or sigmoid probabilities), unless `from_logits` says.
+    Use held-out data, not the training data, on which a fine-tuned model
+    is over-confident.
 
     Args:
         model: A `PVeRAModel` (from `keras_pvera.apply`).
@@ -254,31 +258,35 @@ def calibrate(model, x, y, n=30, from_logits=False, seed=0, batch_size=None):
         y: Their labels: integer class indices `(batch,)` or one-hot rows.
         n: Number of Monte Carlo passes, a positive integer, or `None` for
             one deterministic pass.
-        from_logits: Whether the model outputs logits rather than
-            probabilities.
+        from_logits: Whether the model outputs logits (`True`) or
+            probabilities (`False`). `None` (the default) takes it from the
+            model; where the model does not say, the outputs are read as
+            probabilities if they can be.
         seed: Seed of the Monte Carlo passes, as for
             `predict_with_uncertainty`.
         batch_size: Most rows per model call, as for
             `predict_with_uncertainty`.
 
     Returns:
-        The fitted temperature, a float (also in `model.calibration`).
+        The fitted temperature, a float (also in `model.calibration`, with
+        the `from_logits` it used).
 
     Raises:
         ValueError: For a model that is not a `PVeRAModel`, outputs that
-            are not one `(batch, classes)` array, labels that do not match,
-            or a bad `n`.
+            are not one `(batch, classes)` array, outputs read as
+            probabilities that cannot be (the message says what was found),
+            labels that do not match, or a bad `n` or `from_logits`.
 
     Example:
 
     >>> import numpy as np, keras, keras_pvera
     >>> base = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8),
-    ...                          keras.layers.Dense(2, activation="softmax")])
+    ...                          keras.layers.Dense(2)])  # logits
     >>> model = keras_pvera.apply(base, rank=4)
     >>> x = np.random.default_rng(0).normal(size=(20, 4)).astype("float32")
     >>> temperature = keras_pvera.calibrate(model, x, np.arange(20) % 2, n=3)
-    >>> temperature > 0
-    True
+    >>> temperature > 0, model.calibration["from_logits"]
+    (True, True)
     """
     from keras_pvera.pvera_model import PVeRAModel
     from keras_pvera.uncertainty import predict_with_uncertainty
@@ -293,10 +301,16 @@ def calibrate(model, x, y, n=30, from_logits=False, seed=0, batch_size=None):
         isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1
     ):
         raise ValueError(f"`n` must be a positive integer or None. Received: n={n!r}")
-    if not isinstance(from_logits, bool):
+    if from_logits is not None and not isinstance(from_logits, bool):
         raise ValueError(
-            f"`from_logits` must be True or False. Received: {from_logits!r}"
+            "`from_logits` must be None (from the model), True or False. "
+            f"Received: from_logits={from_logits!r}"
         )
+    if from_logits is None:
+        # Before the calibration goes: where the base model does not say,
+        # the `from_logits` of a previous calibration does.
+        kinds = output_kinds.output_kinds(model)
+        from_logits = kinds[0] if kinds and len(kinds) == 1 else None
     previous = model.calibration
     model.calibration = None
     try:
@@ -314,19 +328,21 @@ def calibrate(model, x, y, n=30, from_logits=False, seed=0, batch_size=None):
                 verbose=0,
             )
             samples = result.samples
-    except Exception:
-        model.calibration = previous
-        raise
-    if not isinstance(samples, np.ndarray) or samples.ndim != 3:
-        model.calibration = previous
-        raise ValueError(
-            "`calibrate` needs a model with one output of shape (batch, "
-            "classes). Received outputs of shape "
-            f"{np.shape(samples)[1:] if isinstance(samples, np.ndarray) else 'several'}"
-        )
-    try:
+        if not isinstance(samples, np.ndarray) or samples.ndim != 3:
+            shape = samples.shape[1:] if isinstance(samples, np.ndarray) else "several"
+            raise ValueError(
+                "`calibrate` needs a model with one output of shape (batch, "
+                f"classes). Received outputs of shape {shape}"
+            )
+        if not from_logits:
+            problem = output_kinds.probability_problem(samples)
+            if problem is not None:
+                raise output_kinds.not_probabilities_error(
+                    "`calibrate` reads the model's output", problem, from_logits
+                )
+            from_logits = False
         labels = _labels_for(y, samples.shape[1], samples.shape[2])
-    except ValueError:
+    except Exception:
         model.calibration = previous
         raise
     temperature = fit_temperature(_log_probabilities(samples, from_logits), labels)

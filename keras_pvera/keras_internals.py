@@ -136,6 +136,21 @@ def producer_of(tensor):
     return tensor._keras_history[0]
 
 
+def graph_producer_of(tensor):
+    """The layer a graph now runs to produce a symbolic tensor, and which output.
+
+    `_keras_history` holds the layer that first produced the tensor; the
+    graph's node (`_inbound_nodes[node_index]`) holds the layer that runs
+    now, which `model_surgery.replace_layers` changes when it wraps one.
+
+    Returns:
+        A tuple `(layer, index)`: the layer and the index of the tensor
+        among that layer's outputs.
+    """
+    operation, node_index, tensor_index = tensor._keras_history
+    return operation._inbound_nodes[node_index].operation, tensor_index
+
+
 @contextlib.contextmanager
 def unlocked(layer):
     """Lets a built layer accept new variables or sublayers (`_tracker`)."""

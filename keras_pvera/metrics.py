@@ -12,13 +12,18 @@ confidences in `((m - 1) / num_bins, m / num_bins]`), and
 Labels may be integer class indices (shape `(batch, ...)` or
 `(batch, ..., 1)`) or one-hot (shape of `y_prob`). Probabilities of shape
 `(batch, ..., classes)`; a single unit (`(batch, ..., 1)` or `(batch,)`) is
-read as the probability of class 1 of a binary problem.
+read as the probability of class 1 of a binary problem. The functions take
+probabilities only, and raise a `ValueError` for values that cannot be
+(logits): pass `result.mean_probabilities()` of a Monte Carlo result, which
+reads logits or probabilities as the model outputs them. They return Python
+floats and NumPy arrays; the `ExpectedCalibrationError` metric returns
+tensors, as Keras metrics do.
 
 Example:
 
 >>> from keras_pvera import metrics
->>> round(float(metrics.expected_calibration_error(
-...     [0, 1], [[0.9, 0.1], [0.4, 0.6]], num_bins=10)), 6)
+>>> round(metrics.expected_calibration_error(
+...     [0, 1], [[0.9, 0.1], [0.4, 0.6]], num_bins=10), 6)
 0.25
 """
 
@@ -27,6 +32,8 @@ import numbers
 import keras
 import numpy as np
 from keras import ops
+
+from keras_pvera import output_kinds
 
 
 def _check_num_bins(num_bins):
@@ -41,6 +48,18 @@ def _check_num_bins(num_bins):
     return int(num_bins)
 
 
+def _check_probabilities(y_prob, what):
+    """Raises a `ValueError` if `y_prob` cannot be class probabilities."""
+    problem = output_kinds.probability_problem(ops.convert_to_numpy(y_prob))
+    if problem is not None:
+        raise ValueError(
+            f"`{what}` needs class probabilities in `y_prob`, but it holds "
+            f"{problem}. For logits, pass `keras.ops.softmax(logits)` (or "
+            "`keras.ops.sigmoid` of a single unit); for a Monte Carlo result, "
+            "pass `result.mean_probabilities()`."
+        )
+
+
 def calibration_bins(y_true, y_prob, num_bins=15, sample_weight=None):
     """Per-bin sums of weight, confidence and correctness.
 
@@ -52,19 +71,30 @@ def calibration_bins(y_true, y_prob, num_bins=15, sample_weight=None):
             `y_prob.shape[:-1]`.
 
     Returns:
-        A tuple `(weights, confidences, correct)` of float32 tensors of shape
-        `(num_bins,)`: the total weight of the predictions in each bin, and
-        the weighted sums of their confidences and of their correctness (1
-        when the most probable class is the label).
+        A tuple `(weights, confidences, correct)` of float32 NumPy arrays of
+        shape `(num_bins,)`: the total weight of the predictions in each
+        bin, and the weighted sums of their confidences and of their
+        correctness (1 when the most probable class is the label).
+
+    Raises:
+        ValueError: If `num_bins` is not a positive integer, or `y_prob`
+            holds values that cannot be probabilities.
 
     Example:
 
     >>> weights, confidences, correct = calibration_bins(
     ...     [0, 1], [[0.9, 0.1], [0.7, 0.3]], num_bins=2)
-    >>> [float(w) for w in weights], [float(c) for c in correct]
-    ([0.0, 2.0], [0.0, 1.0])
+    >>> weights, correct
+    (array([0., 2.], dtype=float32), array([0., 1.], dtype=float32))
     """
     num_bins = _check_num_bins(num_bins)
+    _check_probabilities(y_prob, "calibration_bins")
+    sums = _bin_sums(y_true, y_prob, num_bins, sample_weight)
+    return tuple(ops.convert_to_numpy(t) for t in sums)
+
+
+def _bin_sums(y_true, y_prob, num_bins, sample_weight=None):
+    """`calibration_bins` as tensors, unchecked: it runs in compiled steps."""
     y_prob = ops.convert_to_tensor(y_prob, dtype="float32")
     y_true = ops.convert_to_tensor(y_true)
     if len(y_prob.shape) == 1:
@@ -113,7 +143,7 @@ def _weight_per_prediction(sample_weight, prediction_shape):
     return ops.reshape(ops.broadcast_to(weight, prediction_shape), (-1,))
 
 
-def calibration_error_from_bins(weights, confidences, correct):
+def _error_from_bins(weights, confidences, correct):
     """ECE from `calibration_bins`' sums; 0 when the total weight is 0."""
     gaps = ops.sum(ops.abs(correct - confidences))
     return ops.divide_no_nan(gaps, ops.sum(weights))
@@ -130,20 +160,22 @@ def expected_calibration_error(y_true, y_prob, num_bins=15):
         num_bins: Number of equal-width confidence bins (15, as Guo et al.).
 
     Returns:
-        A scalar float32 tensor in `[0, 1]`.
+        A Python float in `[0, 1]`.
 
     Raises:
-        ValueError: If `num_bins` is not a positive integer.
+        ValueError: If `num_bins` is not a positive integer, or `y_prob`
+            holds values that cannot be probabilities (such as logits).
 
     Example:
 
-    >>> round(float(expected_calibration_error(
-    ...     [0, 1], [[0.9, 0.1], [0.7, 0.3]], num_bins=10)), 6)
+    >>> round(expected_calibration_error(
+    ...     [0, 1], [[0.9, 0.1], [0.7, 0.3]], num_bins=10), 6)
     0.4
     """
-    return calibration_error_from_bins(
-        *calibration_bins(y_true, y_prob, num_bins=num_bins)
-    )
+    num_bins = _check_num_bins(num_bins)
+    _check_probabilities(y_prob, "expected_calibration_error")
+    sums = _bin_sums(y_true, y_prob, num_bins)
+    return float(ops.convert_to_numpy(_error_from_bins(*sums)))
 
 
 @keras.saving.register_keras_serializable(package="keras_pvera")
@@ -198,8 +230,8 @@ class ExpectedCalibrationError(keras.metrics.Metric):
             y_pred: Class probabilities.
             sample_weight: Optional weights, as for `calibration_bins`.
         """
-        weights, confidences, correct = calibration_bins(
-            y_true, y_pred, num_bins=self.num_bins, sample_weight=sample_weight
+        weights, confidences, correct = _bin_sums(
+            y_true, y_pred, self.num_bins, sample_weight=sample_weight
         )
         self.bin_weights.assign_add(ops.cast(weights, self.bin_weights.dtype))
         self.bin_confidences.assign_add(
@@ -210,9 +242,7 @@ class ExpectedCalibrationError(keras.metrics.Metric):
     def result(self):
         """The expected calibration error so far, a scalar tensor."""
         return ops.cast(
-            calibration_error_from_bins(
-                self.bin_weights, self.bin_confidences, self.bin_correct
-            ),
+            _error_from_bins(self.bin_weights, self.bin_confidences, self.bin_correct),
             self.dtype,
         )
 
@@ -239,7 +269,8 @@ def reliability_diagram(y_true, y_prob, path, num_bins=15):
 
     Raises:
         ImportError: If matplotlib is not installed.
-        ValueError: If `num_bins` is not a positive integer.
+        ValueError: If `num_bins` is not a positive integer, or `y_prob`
+            holds values that cannot be probabilities.
 
     Example:
 
@@ -260,13 +291,10 @@ def reliability_diagram(y_true, y_prob, path, num_bins=15):
             'keras-pvera: install it with `pip install "keras-pvera[plot]"` '
             "(or `pip install matplotlib`)."
         ) from e
-    weights, confidences, correct = (
-        ops.convert_to_numpy(t)
-        for t in calibration_bins(y_true, y_prob, num_bins=num_bins)
-    )
-    ece = float(
-        ops.convert_to_numpy(calibration_error_from_bins(weights, confidences, correct))
-    )
+    _check_probabilities(y_prob, "reliability_diagram")
+    sums = _bin_sums(y_true, y_prob, num_bins)
+    weights, confidences, correct = (ops.convert_to_numpy(t) for t in sums)
+    ece = float(ops.convert_to_numpy(_error_from_bins(*sums)))
     filled = weights > 0
     accuracy = np.divide(correct, weights, out=np.zeros_like(correct), where=filled)
     mean_confidence = np.divide(

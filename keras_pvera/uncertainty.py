@@ -20,6 +20,7 @@ import numpy as np
 from keras import ops
 
 from keras_pvera import model_surgery
+from keras_pvera import output_kinds
 from keras_pvera.input_batches import InputBatches
 from keras_pvera.input_batches import num_rows
 from keras_pvera.pvera_dense import PVeRADense
@@ -106,7 +107,8 @@ def as_two_classes(values, from_logits):
 class _SampleSummary:
     """The statistics of one output's samples (leading axis: the samples)."""
 
-    def __init__(self, samples, level):
+    def __init__(self, samples, level, name):
+        self.name = name
         self.n = samples.shape[0]
         self.mean = np.mean(samples, axis=0)
         self.std = np.std(samples, axis=0)
@@ -117,7 +119,10 @@ class _SampleSummary:
         # Samples of shape (n, batch, ..., classes) have a class axis.
         self.has_classes = samples.ndim >= 3
         if self.has_classes:
-            probabilities = as_two_classes(samples, from_logits=False)
+            # Read as probabilities only when they can be (checked on use).
+            self.probability_problem = output_kinds.probability_problem(samples)
+            probabilities = np.clip(samples, 0, 1)
+            probabilities = as_two_classes(probabilities, from_logits=False)
             self.expected_entropy_of_probabilities = np.mean(
                 _entropy_of_probabilities(probabilities), axis=0
             )
@@ -131,7 +136,7 @@ class _SampleSummary:
     def mean_probabilities(self, from_logits):
         if from_logits:
             return self.mean_softmax
-        return as_two_classes(self.mean, from_logits=False)
+        return as_two_classes(np.clip(self.mean, 0, 1), from_logits=False)
 
     def expected_entropy(self, from_logits):
         if from_logits:
@@ -149,8 +154,13 @@ class UncertaintyResult:
     The classification statistics read the last axis of an output of shape
     `(batch, ..., classes)` as the classes, in nats (natural logarithm). A
     last axis of size 1 is read as a binary output (`p` of class 1, or its
-    logit). They are computed when the result is made, so they need no
-    samples afterwards.
+    logit). Each output is read as logits or as probabilities as
+    `from_logits` says: `predict_with_uncertainty` finds it out from the
+    model (see `from_logits` below). An output read as probabilities must
+    hold probabilities: values outside `[0, 1]`, or rows of classes that do
+    not sum to 1, raise a `ValueError` rather than give NaN. The statistics
+    are computed when the result is made, so they need no samples
+    afterwards.
 
     Args:
         samples: The samples: an array, or a list or dict of arrays, each
@@ -159,16 +169,26 @@ class UncertaintyResult:
             level of `mean_interval`, strictly between 0 and 1.
         keep_samples: Whether to keep the samples as `samples` (`n` times the
             memory of one prediction). The statistics do not need them.
+        from_logits: Whether the outputs are logits (`True`) or
+            probabilities (`False`): one value for every output, or one per
+            output arranged like `samples`. `None` (the default, for every
+            output or for one) means unknown: the output is read as
+            probabilities, if its values can be probabilities.
 
     Returns:
         The statistics below as attributes; `mean_interval`,
-        `predictive_entropy`, `expected_entropy` and `mutual_information`
-        return arrays shaped like `mean` (without its class axis for the
-        entropies).
+        `mean_probabilities`, `predictive_entropy`, `expected_entropy` and
+        `mutual_information` return arrays shaped like `mean` (without its
+        class axis for the entropies).
 
     Attributes:
         n: The number of samples.
         level: The level given.
+        from_logits: `True`, `False` or `None` per output, arranged like
+            `mean`: how the class statistics read each output by default.
+            `predict_with_uncertainty` sets it from the model's output
+            activations: linear means logits, softmax or sigmoid
+            probabilities, and anything else `None`.
         mean: Mean over the samples.
         std: Standard deviation over the samples (`np.std`, `ddof=0`, so 0
             when `n == 1`).
@@ -178,8 +198,9 @@ class UncertaintyResult:
         samples: The samples (leading axis `n`), or `None` unless kept.
 
     Raises:
-        ValueError: If `samples` is empty, its outputs disagree on `n`, or
-            `level` is not in `(0, 1)`.
+        ValueError: If `samples` is empty, its outputs disagree on `n`,
+            `level` is not in `(0, 1)`, or `from_logits` is not `None`,
+            `True`, `False` or one of them per output.
 
     Example:
 
@@ -191,9 +212,16 @@ class UncertaintyResult:
     array([0])
     >>> bool(result.mutual_information()[0] > 0)
     True
+
+    Logits, said so (a model's result knows it by itself):
+
+    >>> logits = np.array([[[2.0, -1.0]], [[0.0, 0.5]]])
+    >>> result = UncertaintyResult(logits, from_logits=True)
+    >>> bool(0 < result.predictive_entropy()[0] < np.log(2))
+    True
     """
 
-    def __init__(self, samples, level=0.95, keep_samples=True):
+    def __init__(self, samples, level=0.95, keep_samples=True, from_logits=None):
         self.level = check_level(level)
         leaves = [np.asarray(leaf) for leaf in keras.tree.flatten(samples)]
         if not leaves or any(leaf.ndim < 2 for leaf in leaves):
@@ -210,12 +238,25 @@ class UncertaintyResult:
         self.n = counts.pop()
         # The layout of the outputs, without holding on to the samples.
         self._structure = keras.tree.map_structure(lambda _: 0, samples)
-        self._summaries = [_SampleSummary(leaf, self.level) for leaf in leaves]
+        self._kinds = self._per_output(from_logits, [None] * len(leaves))
+        names = [
+            f"output {'/'.join(str(key) for key in path)!r}" if path else "the output"
+            for path, _ in keras.tree.flatten_with_path(self._structure)
+        ]
+        self._summaries = [
+            _SampleSummary(leaf, self.level, name)
+            for leaf, name in zip(leaves, names, strict=True)
+        ]
         self.samples = self._pack(leaves) if keep_samples else None
         self.mean = self._map(lambda s: s.mean)
         self.std = self._map(lambda s: s.std)
         self.lower = self._map(lambda s: s.lower)
         self.upper = self._map(lambda s: s.upper)
+
+    @property
+    def from_logits(self):
+        """`True`, `False` or `None` per output: how outputs are read."""
+        return self._pack(self._kinds)
 
     def _pack(self, leaves):
         return keras.tree.pack_sequence_as(self._structure, list(leaves))
@@ -223,14 +264,43 @@ class UncertaintyResult:
     def _map(self, function):
         return self._pack(function(s) for s in self._summaries)
 
-    def _map_classes(self, function, what):
+    def _per_output(self, from_logits, default):
+        """`from_logits` as a list, one per output; `None` takes `default`'s."""
+        if from_logits is None or isinstance(from_logits, bool):
+            given = [from_logits] * len(default)
+        else:
+            try:
+                keras.tree.assert_same_structure(from_logits, self._structure)
+                given = keras.tree.flatten(from_logits)
+            except (TypeError, ValueError):
+                given = [from_logits]
+        if len(given) != len(default) or any(
+            value is not None and not isinstance(value, bool) for value in given
+        ):
+            raise ValueError(
+                "`from_logits` must be None, True or False, for every output "
+                "or for each one, arranged like the outputs "
+                f"({self._pack(['...'] * len(default))}). Received: "
+                f"from_logits={from_logits!r}"
+            )
+        return [d if g is None else g for g, d in zip(given, default, strict=True)]
+
+    def _check_classes(self, what):
         for summary in self._summaries:
             if not summary.has_classes:
                 raise ValueError(
                     f"`{what}` needs outputs of shape (batch, ..., classes); "
                     f"an output has shape {summary.mean.shape}."
                 )
-        return self._map(function)
+
+    def _map_classes(self, function, what, from_logits=None):
+        """`function(summary, reads_logits)` per output, arranged like `mean`."""
+        kinds = self._per_output(from_logits, self._kinds)
+        self._check_classes(what)
+        return self._pack(
+            function(s, _reads_logits(s, kind, what))
+            for s, kind in zip(self._summaries, kinds, strict=True)
+        )
 
     def __repr__(self):
         shapes = self._map(lambda s: s.mean.shape)
@@ -269,68 +339,114 @@ class UncertaintyResult:
         high = self._map(lambda s: s.mean + scale * s.std)
         return low, high
 
-    def predictive_entropy(self, from_logits=False):
+    def mean_probabilities(self, from_logits=None):
+        """`mean p`: the mean over the samples of their class probabilities.
+
+        The Monte Carlo predictive distribution, to give
+        `expected_calibration_error` or `reliability_diagram`. For
+        probabilities it is `mean`; for logits, the mean of each sample's
+        softmax (sigmoid for a single unit), not the softmax of the mean.
+
+        Args:
+            from_logits: `None` (the default) reads each output as the
+                result's `from_logits` says; `True` or `False` (for every
+                output, or one per output) says it instead.
+
+        Returns:
+            Arrays shaped like `mean` (a single unit stays the probability
+            of class 1).
+
+        Raises:
+            ValueError: If an output has no class axis, or an output read
+                as probabilities holds values that cannot be.
+        """
+
+        def mean_probabilities(summary, reads_logits):
+            p = summary.mean_probabilities(reads_logits)
+            return p[..., 1:] if summary.mean.shape[-1] == 1 else p
+
+        return self._map_classes(mean_probabilities, "mean_probabilities", from_logits)
+
+    def predictive_entropy(self, from_logits=None):
         """`H[mean p]`: the entropy of the mean class probabilities.
 
         The total uncertainty of the prediction, in nats.
 
         Args:
-            from_logits: Whether the outputs are logits (a softmax, or a
-                sigmoid for a single unit, turns each sample into
-                probabilities first) rather than probabilities.
+            from_logits: `None` (the default) reads each output as the
+                result's `from_logits` says (from the model, for a result of
+                `predict_with_uncertainty`). `True` reads the outputs as
+                logits (a softmax, or a sigmoid for a single unit, turns
+                each sample into probabilities first), `False` as
+                probabilities: for every output, or one per output arranged
+                like the outputs.
 
         Returns:
             Arrays shaped like `mean` without its last (class) axis.
 
         Raises:
-            ValueError: If an output has no class axis.
+            ValueError: If an output has no class axis, or an output read
+                as probabilities holds values that cannot be (the message
+                says what was found).
         """
         return self._map_classes(
-            lambda s: _entropy_of_probabilities(s.mean_probabilities(from_logits)),
+            lambda s, reads_logits: _entropy_of_probabilities(
+                s.mean_probabilities(reads_logits)
+            ),
             "predictive_entropy",
+            from_logits,
         )
 
-    def expected_entropy(self, from_logits=False):
+    def expected_entropy(self, from_logits=None):
         """`mean H[p]`: the mean entropy of each sample's probabilities.
 
         The aleatoric part of the uncertainty, in nats.
 
         Args:
-            from_logits: Whether the outputs are logits rather than
-                probabilities.
+            from_logits: `None` (the default) reads each output as the
+                result's `from_logits` says; `True` (logits) or `False`
+                (probabilities), for every output or one per output, says
+                it instead.
 
         Returns:
             Arrays shaped like `mean` without its last (class) axis.
 
         Raises:
-            ValueError: If an output has no class axis.
+            ValueError: If an output has no class axis, or an output read
+                as probabilities holds values that cannot be.
         """
         return self._map_classes(
-            lambda s: s.expected_entropy(from_logits), "expected_entropy"
+            lambda s, reads_logits: s.expected_entropy(reads_logits),
+            "expected_entropy",
+            from_logits,
         )
 
-    def mutual_information(self, from_logits=False):
+    def mutual_information(self, from_logits=None):
         """`H[mean p] - mean H[p]`: the epistemic part of the uncertainty.
 
         Large where the passes disagree, which is what out-of-distribution
         inputs cause. In nats; never negative up to rounding.
 
         Args:
-            from_logits: Whether the outputs are logits rather than
-                probabilities.
+            from_logits: `None` (the default) reads each output as the
+                result's `from_logits` says; `True` (logits) or `False`
+                (probabilities), for every output or one per output, says
+                it instead.
 
         Returns:
             Arrays shaped like `mean` without its last (class) axis.
 
         Raises:
-            ValueError: If an output has no class axis.
+            ValueError: If an output has no class axis, or an output read
+                as probabilities holds values that cannot be.
         """
         return self._map_classes(
-            lambda s: (
-                _entropy_of_probabilities(s.mean_probabilities(from_logits))
-                - s.expected_entropy(from_logits)
+            lambda s, reads_logits: (
+                _entropy_of_probabilities(s.mean_probabilities(reads_logits))
+                - s.expected_entropy(reads_logits)
             ),
             "mutual_information",
+            from_logits,
         )
 
     @property
@@ -338,19 +454,45 @@ class UncertaintyResult:
         """The class with the highest mean output (`argmax` of `mean`).
 
         The mean is taken over the samples as they come, so for logit
-        outputs this is the argmax of the mean logits. A single-unit output
-        is read as the probability of class 1 (class 1 when above 0.5).
+        outputs this is the argmax of the mean logits. A single unit is
+        read as `from_logits` says: class 1 when the mean probability is
+        above 0.5, or the mean logit above 0.
 
         Raises:
-            ValueError: If an output has no class axis.
+            ValueError: If an output has no class axis, or a single unit
+                read as a probability holds values outside `[0, 1]`.
         """
 
-        def predicted(summary):
-            if summary.mean.shape[-1] == 1:
-                return (summary.mean[..., 0] > 0.5).astype("int64")
-            return np.argmax(summary.mean, axis=-1)
+        self._check_classes("predicted_class")
 
-        return self._map_classes(predicted, "predicted_class")
+        def predicted(summary, from_logits):
+            if summary.mean.shape[-1] > 1:
+                return np.argmax(summary.mean, axis=-1)
+            threshold = (
+                0.0 if _reads_logits(summary, from_logits, "predicted_class") else 0.5
+            )
+            return (summary.mean[..., 0] > threshold).astype("int64")
+
+        return self._pack(
+            predicted(s, kind)
+            for s, kind in zip(self._summaries, self._kinds, strict=True)
+        )
+
+
+def _reads_logits(summary, from_logits, what):
+    """Whether to read an output as logits; checks one read as probabilities.
+
+    Raises:
+        ValueError: If the output is read as probabilities (`from_logits`
+            False, or `None`: unknown) and its values cannot be.
+    """
+    if from_logits:
+        return True
+    if summary.probability_problem is None:
+        return False
+    raise output_kinds.not_probabilities_error(
+        f"`{what}` reads {summary.name}", summary.probability_problem, from_logits
+    )
 
 
 def adapted_layers_of(model):
@@ -555,6 +697,12 @@ def predict_with_uncertainty(
 
     Returns:
         An `UncertaintyResult`, its arrays shaped like `model.predict(x)`.
+        Its `from_logits` says, per output, whether the class statistics
+        read it as logits or probabilities by default, from the model: a
+        KerasHub task's `activation`, or else the activation of the layer
+        producing each output (linear: logits; softmax or sigmoid:
+        probabilities; anything else: unknown, read as probabilities if the
+        values can be). A `PVeRAModel` outputs what its base model does.
 
     Raises:
         ValueError: For a bad `n`, `batch_size`, `level`, `seed` or
@@ -572,6 +720,8 @@ def predict_with_uncertainty(
     ...                                   seed=0, verbose=0)
     >>> result.mean.shape, result.predictive_entropy().shape
     ((2, 3), (2,))
+    >>> result.from_logits  # The softmax head outputs probabilities.
+    False
     """
     n = _check_positive_int(n, "n")
     level = check_level(level)
@@ -617,4 +767,9 @@ def predict_with_uncertainty(
         outputs,
         [np.concatenate(parts, axis=1) for parts in zip(*drawn, strict=True)],
     )
-    return UncertaintyResult(samples, level=level, keep_samples=return_samples)
+    return UncertaintyResult(
+        samples,
+        level=level,
+        keep_samples=return_samples,
+        from_logits=output_kinds.from_logits_like(model, samples),
+    )

@@ -141,6 +141,41 @@ def test_binary_sigmoid_output_and_logits():
     )
 
 
+def test_calibrate_reads_logits_from_a_linear_output_model_by_default():
+    x = inputs(400)
+    for n in (None, 4):
+        model = make_model(activation=None)
+        raw = model.predict(x, verbose=0)
+        y = labels_from(softmax(raw / 0.5))
+        said = keras_pvera.calibrate(model, x, y, n=n, seed=2, from_logits=True)
+        model.calibration = None
+        temperature = keras_pvera.calibrate(model, x, y, n=n, seed=2)
+        assert temperature == said
+        assert model.calibration == {"temperature": temperature, "from_logits": True}
+        # Logits read as probabilities cannot be: a ValueError, no temperature.
+        model.calibration = None
+        with pytest.raises(ValueError, match=r"from_logits=False.*outside \[0, 1\]"):
+            keras_pvera.calibrate(model, x, y, n=n, from_logits=False)
+        assert model.calibration is None
+
+
+def test_calibration_says_what_a_model_of_unknown_output_holds():
+    # A tanh head says neither logits nor probabilities.
+    model = make_model(activation="tanh")
+    x = inputs(300)
+    y = labels_from(softmax(model.predict(x, verbose=0) * 3))
+    with pytest.raises(ValueError, match="since nothing says"):
+        keras_pvera.calibrate(model, x, y, n=None)
+    unknown = model.predict_with_uncertainty(x, n=2, seed=0, verbose=0)
+    assert unknown.from_logits is None
+    first = keras_pvera.calibrate(model, x, y, n=None, from_logits=True)
+    # The calibration says it from now on: recalibrating, and the statistics.
+    assert keras_pvera.calibrate(model, x, y, n=None) == pytest.approx(first)
+    result = model.predict_with_uncertainty(x, n=2, seed=0, verbose=0)
+    assert result.from_logits is True
+    assert np.all(np.isfinite(result.mutual_information()))
+
+
 def test_one_hot_labels_give_the_same_temperature():
     model = make_model()
     x = inputs(500)
@@ -191,7 +226,7 @@ def test_bad_inputs_raise_value_errors():
         keras_pvera.calibrate(model, x, y + 0.5, n=None)
     with pytest.raises(ValueError, match="positive integer or None"):
         keras_pvera.calibrate(model, x, y, n=0)
-    with pytest.raises(ValueError, match="from_logits"):
+    with pytest.raises(ValueError, match="from_logits='yes'"):
         keras_pvera.calibrate(model, x, y, from_logits="yes")
     assert model.calibration is None  # failed calls leave no temperature
     with pytest.raises(ValueError, match="finite number > 0"):

@@ -436,6 +436,36 @@ def test_minilm_text_classifier_keeps_its_workflow_on_raw_strings(tmp_path):
     np.testing.assert_allclose(loaded.predict(texts, verbose=0), predictions, atol=1e-6)
 
 
+@pytest.mark.slow
+def test_minilm_classifier_logits_are_read_as_logits_without_from_logits():
+    # TextClassifier's `activation` defaults to linear: it outputs logits.
+    classifier = minilm_classifier()
+    model = keras_pvera.apply(classifier, rank=8)
+    randomize_vectors(model, seed=0)  # Passes differ, as after training.
+    texts = ["a wonderful film", "a dreadful film", "the train leaves at seven"]
+    result = keras_pvera.predict_with_uncertainty(model, texts, n=8, seed=0, verbose=0)
+    assert result.from_logits is True
+    for statistic in ("predictive_entropy", "expected_entropy", "mutual_information"):
+        default = getattr(result, statistic)()
+        np.testing.assert_array_equal(
+            default, getattr(result, statistic)(from_logits=True)
+        )
+        assert np.all(np.isfinite(default))
+        assert np.all((default >= -1e-6) & (default <= np.log(2) + 1e-6))
+    assert np.all(result.mutual_information() > 0)
+    np.testing.assert_allclose(result.mean_probabilities().sum(axis=-1), 1, rtol=1e-6)
+
+    # calibrate reads the logits as logits too, and the calibrated model
+    # still outputs logits (divided by the temperature).
+    temperature = keras_pvera.calibrate(model, texts, np.array([1, 0, 1]), n=None)
+    assert model.calibration == {"temperature": temperature, "from_logits": True}
+    calibrated = keras_pvera.predict_with_uncertainty(
+        model, texts, n=8, seed=0, verbose=0
+    )
+    assert calibrated.from_logits is True
+    assert np.all(np.isfinite(calibrated.mutual_information()))
+
+
 def test_task_attributes_are_reachable_and_unknown_ones_are_refused():
     task = tiny_bert_classifier()
     model = keras_pvera.apply(task, rank=2)

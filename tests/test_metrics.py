@@ -62,6 +62,43 @@ def test_perfect_and_worst_calibration():
     assert as_float(expected_calibration_error(labels, wrong)) == pytest.approx(1.0)
 
 
+def test_functions_return_python_floats_and_numpy_arrays():
+    ece = expected_calibration_error(LABELS, PROBABILITIES, num_bins=5)
+    assert type(ece) is float
+    assert ece == pytest.approx(HAND_COMPUTED_ECE, abs=1e-6)
+    # Backend tensors in, a float out.
+    tensor_ece = expected_calibration_error(
+        keras.ops.convert_to_tensor(LABELS),
+        keras.ops.convert_to_tensor(PROBABILITIES),
+        num_bins=5,
+    )
+    assert type(tensor_ece) is float and tensor_ece == pytest.approx(ece)
+    bins = keras_pvera.metrics.calibration_bins(LABELS, PROBABILITIES, num_bins=5)
+    assert all(isinstance(b, np.ndarray) and b.shape == (5,) for b in bins)
+    # The Keras metric keeps Keras metric semantics: a scalar tensor.
+    metric = ExpectedCalibrationError(num_bins=5)
+    metric.update_state(LABELS, PROBABILITIES)
+    assert keras.ops.is_tensor(metric.result())
+
+
+def test_logits_are_refused_and_mean_probabilities_are_right(tmp_path):
+    rng = np.random.default_rng(0)
+    logits = 2.0 * rng.normal(size=(6, 5, 3))  # 6 passes, 5 examples
+    labels = np.array([0, 1, 2, 0, 1])
+    with pytest.raises(ValueError, match=r"outside \[0, 1\].*softmax"):
+        expected_calibration_error(labels, logits.mean(axis=0))
+    with pytest.raises(ValueError, match="mean_probabilities"):
+        reliability_diagram(labels, logits.mean(axis=0), tmp_path / "x.png")
+    assert not (tmp_path / "x.png").exists()
+    with pytest.raises(ValueError, match=r"rows of 3 classes summing to"):
+        expected_calibration_error(labels, np.full((5, 3), 0.5))
+    result = keras_pvera.UncertaintyResult(logits, from_logits=True)
+    p = np.exp(logits) / np.exp(logits).sum(axis=-1, keepdims=True)
+    assert expected_calibration_error(
+        labels, result.mean_probabilities()
+    ) == pytest.approx(expected_calibration_error(labels, p.mean(axis=0)))
+
+
 def test_metric_accumulates_batches_and_resets():
     metric = ExpectedCalibrationError(num_bins=5)
     metric.update_state(LABELS[:2], PROBABILITIES[:2])

@@ -178,6 +178,156 @@ def test_outputs_without_a_class_axis_have_no_class_statistics():
         result.mutual_information()
 
 
+def test_a_softmax_model_is_read_as_probabilities_by_default():
+    model = make_model(softmax=True)
+    result = predict_with_uncertainty(
+        model, inputs(), n=6, seed=0, return_samples=True, verbose=0
+    )
+    assert result.from_logits is False
+    p = result.samples
+    for statistic in ("predictive_entropy", "expected_entropy", "mutual_information"):
+        default = getattr(result, statistic)()
+        np.testing.assert_array_equal(
+            default, getattr(result, statistic)(from_logits=False)
+        )
+    np.testing.assert_allclose(
+        result.predictive_entropy(), entropy(p.mean(axis=0)), rtol=1e-5
+    )
+    np.testing.assert_array_equal(result.mean_probabilities(), result.mean)
+    # An explicit from_logits wins: softmax is then applied to each sample.
+    np.testing.assert_allclose(
+        result.predictive_entropy(from_logits=True),
+        entropy(softmax(p).mean(axis=0)),
+        rtol=1e-5,
+    )
+
+
+def test_a_linear_output_model_is_read_as_logits_by_default():
+    model = make_model(softmax=False)
+    result = predict_with_uncertainty(
+        model, inputs(), n=6, seed=0, return_samples=True, verbose=0
+    )
+    assert result.from_logits is True
+    p = softmax(result.samples.astype("float64"))
+    for statistic in ("predictive_entropy", "expected_entropy", "mutual_information"):
+        default = getattr(result, statistic)()
+        np.testing.assert_array_equal(
+            default, getattr(result, statistic)(from_logits=True)
+        )
+        assert np.all(np.isfinite(default))
+    predictive = result.predictive_entropy()
+    np.testing.assert_allclose(predictive, entropy(p.mean(axis=0)), rtol=1e-5)
+    assert np.all((predictive >= 0) & (predictive <= np.log(3) + 1e-6))
+    assert np.all(result.mutual_information() > 0)
+    np.testing.assert_allclose(result.mean_probabilities(), p.mean(axis=0), rtol=1e-5)
+    # An explicit from_logits=False wins, and logits are not probabilities.
+    with pytest.raises(ValueError, match=r"from_logits=False.*outside \[0, 1\]"):
+        result.predictive_entropy(from_logits=False)
+
+
+OUTPUT_HEADS = {
+    "Dense softmax": (lambda: [keras.layers.Dense(3, activation="softmax")], False),
+    "Dense sigmoid": (lambda: [keras.layers.Dense(1, activation="sigmoid")], False),
+    "Activation softmax": (
+        lambda: [keras.layers.Dense(3), keras.layers.Activation("softmax")],
+        False,
+    ),
+    "Softmax layer": (lambda: [keras.layers.Dense(3), keras.layers.Softmax()], False),
+    "Dense linear": (lambda: [keras.layers.Dense(3)], True),
+    "Dense log_softmax": (
+        lambda: [keras.layers.Dense(3, activation="log_softmax")],
+        True,
+    ),
+    "EinsumDense linear": (
+        lambda: [keras.layers.EinsumDense("ab,bc->ac", output_shape=3)],
+        True,
+    ),
+    "Dense tanh": (lambda: [keras.layers.Dense(3, activation="tanh")], None),
+}
+
+
+@pytest.mark.parametrize("head", sorted(OUTPUT_HEADS))
+@pytest.mark.parametrize("adapt_head", [False, True])
+def test_from_logits_comes_from_the_output_layer(head, adapt_head):
+    layers, from_logits = OUTPUT_HEADS[head]
+    base = keras.Sequential(
+        [keras.Input((N_FEATURES,)), keras.layers.Dense(8, name="hidden"), *layers()]
+    )
+    # An adapted output layer keeps its activation (PVeRADense applies it).
+    output_layer = base.layers[-1].name
+    target = ["hidden", output_layer] if adapt_head and "Dense" in head else ["hidden"]
+    model = keras_pvera.apply(base, rank=4, target=target)
+    result = predict_with_uncertainty(model, inputs(), n=2, seed=0, verbose=0)
+    assert result.from_logits is from_logits
+
+
+def test_a_result_from_raw_samples_checks_that_they_are_probabilities():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(4, 5, 3))
+    result = UncertaintyResult(logits)  # Nothing says these are logits.
+    assert result.from_logits is None
+    with pytest.raises(
+        ValueError, match=r"since nothing says.*outside \[0, 1\].*from_logits=True"
+    ):
+        result.predictive_entropy()
+    told = UncertaintyResult(logits, from_logits=True)
+    np.testing.assert_allclose(
+        told.mutual_information(), result.mutual_information(from_logits=True)
+    )
+    # Probabilities need no from_logits.
+    p = softmax(logits)
+    np.testing.assert_allclose(
+        UncertaintyResult(p).predictive_entropy(), entropy(p.mean(axis=0))
+    )
+    # Softmax rounding in float16 is within the tolerance.
+    half = UncertaintyResult(p.astype("float16"))
+    assert np.all(np.isfinite(half.mutual_information()))
+
+
+@pytest.mark.parametrize(
+    "values, found",
+    [
+        (np.full((2, 3, 2), [1.5, -0.5]), r"values from -0\.5 to 1\.5, outside"),
+        (np.full((2, 3, 3), 0.5), r"rows of 3 classes summing to 1\.5 to 1\.5"),
+        (np.full((2, 3, 1), 2.0), r"values from 2 to 2, outside \[0, 1\]"),
+        (np.full((2, 3, 2), np.nan), "NaN or infinite values"),
+    ],
+)
+def test_values_read_as_probabilities_that_cannot_be_raise(values, found):
+    result = UncertaintyResult(values, from_logits=False)
+    for statistic in (
+        result.predictive_entropy,
+        result.expected_entropy,
+        result.mutual_information,
+        result.mean_probabilities,
+    ):
+        with pytest.raises(ValueError, match=f"from_logits=False.*{found}"):
+            statistic()
+    with pytest.raises(ValueError, match=found):
+        UncertaintyResult(values).mutual_information(from_logits=False)
+
+
+def test_single_unit_logits_are_class_1_above_0():
+    logits = np.array([[[0.3], [-0.2]], [[0.1], [-0.4]]])  # n=2, 2 examples
+    np.testing.assert_array_equal(
+        UncertaintyResult(logits, from_logits=True).predicted_class, [1, 0]
+    )
+    np.testing.assert_allclose(
+        UncertaintyResult(logits, from_logits=True).mean_probabilities(),
+        np.mean(1 / (1 + np.exp(-logits)), axis=0),
+    )
+    with pytest.raises(ValueError, match=r"predicted_class.*outside \[0, 1\]"):
+        UncertaintyResult(logits).predicted_class  # noqa: B018
+
+
+def test_bad_from_logits_raises_naming_it():
+    with pytest.raises(ValueError, match="from_logits='yes'"):
+        UncertaintyResult(np.ones((2, 3, 2)) / 2, from_logits="yes")
+    result = UncertaintyResult({"a": np.ones((2, 3, 2)) / 2})
+    with pytest.raises(ValueError, match=r"\{'a': '...'\}.*from_logits=\[True\]"):
+        result.predictive_entropy(from_logits=[True])
+
+
 def test_passes_really_differ_within_and_across_model_calls():
     model = make_model()
     x = inputs()
@@ -276,8 +426,18 @@ def test_dict_and_list_outputs_mirror_predict(outputs):
             result.mean[key], result.samples[key].mean(axis=0), rtol=1e-6
         )
     probs = "probs" if outputs == "dict" else 0
+    # The softmax output is read as probabilities; nothing says what the
+    # value output (an Add layer) holds, and it cannot be probabilities.
+    if outputs == "dict":
+        assert result.from_logits == {"probs": False, "value": None}
+        from_logits = {"probs": False, "value": True}
+    else:
+        assert result.from_logits == [False, None]
+        from_logits = [False, True]
+    with pytest.raises(ValueError, match=r"reads output '(value|1)'.*outside"):
+        result.predictive_entropy()
     np.testing.assert_allclose(
-        result.predictive_entropy()[probs],
+        result.predictive_entropy(from_logits=from_logits)[probs],
         entropy(result.samples[probs].mean(axis=0)),
         rtol=1e-5,
     )
