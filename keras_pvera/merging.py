@@ -8,11 +8,15 @@ be added to the frozen kernel once:
 
 `merge` rebuilds the base model from the configuration it had before
 adaptation (so no keras_pvera class is inside and activations are the
-original ones), copies every weight of the adapted model into it, and adds
+original ones), copies into it every weight of the adapted model and the
+assets of layers that keep state beside their weights (a KerasHub
+tokenizer's vocabulary, which `.keras` files store as assets too), and adds
 each adapter's `delta_kernel()` to its layer's kernel. The result has the
 base model's architecture, so it runs as fast as the base model and saves
 and loads as `.keras` without keras_pvera.
 """
+
+import tempfile
 
 import numpy as np
 from keras import ops
@@ -91,6 +95,7 @@ def merge(model, safe_merge=False):
                 kernel.assign(ops.add(base_kernel, delta))
         else:
             _copy_own_weights(path, adapted, plain, assigned)
+            _copy_assets(adapted, plain)
     unset = [w.path for w in merged.weights if id(w) not in assigned]
     if unset:
         raise ValueError(
@@ -201,27 +206,35 @@ def _plain_copy(value):
 def _paired_layers(adapted_root, plain_root):
     """Walks two models of one architecture together.
 
-    Yields `(path, adapted_layer, plain_layer)`, the root first. Children are
-    paired by position (the adapted model holds each `PVeRADense` where the
-    base layer was), so layers with generated names still pair up. The walk
-    does not enter a `PVeRADense`.
+    Yields `(path, adapted_layer, plain_layer)`, the root first. Children that
+    hold state (weights, or assets below them) are paired by position (the
+    adapted model holds each `PVeRADense` where the base layer was), so
+    layers with generated names still pair up. Other children are left out
+    on both sides: the rebuilt model's configuration already gives them all
+    they hold, and a layer may create them on first use (a KerasHub
+    preprocessor builds its packer when it first runs), which the rebuilt
+    model has not done. The walk does not enter a `PVeRADense`.
     """
     seen = set()
+
+    def children(layer):
+        return [
+            c
+            for c in model_surgery.child_layers(layer)
+            if id(c) not in seen and _holds_state(c)
+        ]
 
     def visit(adapted, plain, path):
         yield path, adapted, plain
         if isinstance(adapted, PVeRADense):
             return
-        adapted_children = [
-            c for c in model_surgery.child_layers(adapted) if id(c) not in seen
-        ]
-        plain_children = model_surgery.child_layers(plain)
-        plain_children = [c for c in plain_children if id(c) not in seen]
+        adapted_children, plain_children = children(adapted), children(plain)
         if len(adapted_children) != len(plain_children):
             raise ValueError(
                 f"Layer {path or adapted.name!r} has {len(adapted_children)} "
-                f"sublayers in the adapted model but {len(plain_children)} "
-                "in the model rebuilt from its configuration."
+                "sublayers holding weights or assets in the adapted model but "
+                f"{len(plain_children)} in the model rebuilt from its "
+                "configuration."
             )
         for a, p in zip(adapted_children, plain_children, strict=False):
             seen.update((id(a), id(p)))
@@ -237,6 +250,27 @@ def _paired_layers(adapted_root, plain_root):
 
     seen.update((id(adapted_root), id(plain_root)))
     yield from visit(adapted_root, plain_root, "")
+
+
+def _has_assets(layer):
+    # Keras' saving stores what a layer's `save_assets` writes (a tokenizer's
+    # vocabulary) beside the weights.
+    return hasattr(layer, "save_assets") and hasattr(layer, "load_assets")
+
+
+def _holds_state(layer):
+    """Whether a layer holds weights or assets (itself or below it)."""
+    if layer.weights or _has_assets(layer):
+        return True
+    return any(_has_assets(child) for _, child in model_surgery.iter_layers(layer))
+
+
+def _copy_assets(source, target):
+    if not _has_assets(source):
+        return
+    with tempfile.TemporaryDirectory() as directory:
+        source.save_assets(directory)
+        target.load_assets(directory)
 
 
 def _own_weights(layer):

@@ -466,6 +466,43 @@ def test_minilm_classifier_logits_are_read_as_logits_without_from_logits():
     assert np.all(np.isfinite(calibrated.mutual_information()))
 
 
+@pytest.mark.slow
+def test_minilm_text_classifier_merges_and_saves_after_fit_on_raw_strings(
+    tmp_path,
+):
+    """After its first run the preprocessor holds the packer it built, which
+    the task rebuilt from its configuration (by `merge`, or from a file)
+    has not built yet; its tokenizer's vocabulary is an asset."""
+    classifier = minilm_classifier()
+    model = keras_pvera.apply(classifier, rank=16, seed=0)
+    texts = ["a wonderful film", "a dreadful film", "I loved it", "I hated it"]
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-2),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    model.fit(texts * 2, np.array([1, 0, 1, 0] * 2), epochs=2, verbose=0)
+    expected = model.predict(texts, verbose=0)  # sampling off: the mean
+
+    path = tmp_path / "adapter.safetensors"
+    keras_pvera.save_adapter(model, path)
+    second = minilm_classifier()
+    base = second.predict(texts, verbose=0)
+    loaded = keras_pvera.load_adapter(second, path)
+    assert np.abs(base - expected).max() > 1e-3  # the adapter matters
+    np.testing.assert_allclose(loaded.predict(texts, verbose=0), expected, atol=1e-6)
+
+    model.save(str(tmp_path / "minilm.keras"))
+    loaded = keras.models.load_model(str(tmp_path / "minilm.keras"))
+    np.testing.assert_allclose(loaded.predict(texts, verbose=0), expected, atol=1e-6)
+
+    merged = keras_pvera.merge(model)
+    assert type(merged) is type(classifier)
+    assert np.abs(merged.predict(texts, verbose=0) - expected).max() <= 1e-5
+    model.merge_adapter()
+    assert np.abs(model.predict(texts, verbose=0) - expected).max() <= 1e-5
+    model.unmerge_adapter()
+
+
 def test_task_attributes_are_reachable_and_unknown_ones_are_refused():
     task = tiny_bert_classifier()
     model = keras_pvera.apply(task, rank=2)

@@ -174,6 +174,49 @@ def test_subclassed_model_with_generated_layer_names():
     assert relative_error(merged.predict(X, verbose=0), expected) <= 1e-5
 
 
+@keras.saving.register_keras_serializable(package="test_merging")
+class Scaler(keras.layers.Layer):
+    """Weightless, like a KerasHub preprocessor: it makes its sublayer (a
+    packer there) when it first runs."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.step = None
+
+    def build(self, input_shape):
+        self.step = keras.layers.Rescaling(0.5)
+
+    def call(self, x):
+        return self.step(x)
+
+
+@keras.saving.register_keras_serializable(package="test_merging")
+class Pipeline(keras.Model):
+    """A network beside a preprocessing layer that runs outside it."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.scaler = Scaler()
+        self.inner = keras.layers.Dense(6, activation="tanh")
+        self.outer = keras.layers.Dense(2)
+
+    def call(self, x):
+        return self.outer(self.inner(x))
+
+
+def test_a_weightless_sublayer_made_on_first_use_is_not_paired():
+    base = Pipeline()
+    base(X[:1])
+    adapted = train_a_little(keras_pvera.apply(base, rank=4, target="all"))
+    x = keras.ops.convert_to_numpy(adapted.base_model.scaler(X))  # makes `step`
+    expected = adapted.predict(x, verbose=0)
+
+    merged = keras_pvera.merge(adapted)
+
+    assert merged.scaler.step is None  # rebuilt from its configuration
+    assert relative_error(merged.predict(x, verbose=0), expected) <= 1e-5
+
+
 def test_merge_needs_a_pvera_model():
     with pytest.raises(TypeError, match="PVeRAModel"):
         keras_pvera.merge(make_base())
