@@ -284,7 +284,7 @@ def main(
     print(
         f"Predicted with {mc_samples} Monte Carlo passes over "
         f"{sum(len(x) for x in inputs.values()):,} inputs in "
-        f"{time.perf_counter() - stage:.0f} s"
+        f"{time.perf_counter() - stage:.1f} s"
     )
     rows = {}
     rows["PVeRA, Monte Carlo"] = {
