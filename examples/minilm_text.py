@@ -27,6 +27,7 @@ safetensors file, with the files' sizes.
 import argparse
 import itertools
 import os
+import sys
 import tempfile
 import time
 
@@ -90,11 +91,30 @@ def build_classifier():
     return classifier
 
 
+class FitProgress(keras.callbacks.Callback):
+    """One progress bar for a whole `fit`, advancing once an epoch.
+
+    On a terminal it redraws in place; in a pipe or a log it prints one line
+    when the fit ends.
+    """
+
+    def on_train_begin(self, logs=None):
+        self.bar = keras.utils.Progbar(
+            self.params["epochs"],
+            verbose=1 if sys.stdout.isatty() else 2,
+            stateful_metrics=["loss", "accuracy"],
+            unit_name="epoch",
+        )
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.bar.update(epoch + 1, values=list((logs or {}).items()))
+
+
 def file_size(path):
     return f"{os.path.getsize(path) / 1024:,.0f} KiB"
 
 
-def main(epochs=6, mc_samples=20, seed=0, learning_rate=2e-2, verbose=1):
+def main(epochs=6, mc_samples=20, seed=0, learning_rate=2e-2):
     """Adapts, reports and saves; returns a dict of the printed figures."""
     start = time.perf_counter()
     keras.utils.set_random_seed(seed)
@@ -106,7 +126,7 @@ def main(epochs=6, mc_samples=20, seed=0, learning_rate=2e-2, verbose=1):
         f"{len(OOD_SENTENCES)} off-topic sentences"
     )
 
-    model = keras_pvera.apply(build_classifier(), rank=64, kl_weight=1e-6)
+    model = keras_pvera.apply(build_classifier(), rank=64, kl_weight=1e-6, seed=seed)
     model.compile(
         optimizer=keras.optimizers.AdamW(learning_rate),
         loss="sparse_categorical_crossentropy",
@@ -118,7 +138,15 @@ def main(epochs=6, mc_samples=20, seed=0, learning_rate=2e-2, verbose=1):
         f"{', '.join(model.trainable_paths)} trained in full): "
         f"{trainable:,} of {total:,} parameters train"
     )
-    model.fit(train_texts, y_train, epochs=epochs, batch_size=16, verbose=verbose)
+    print(f"Training, {epochs} epochs:")
+    model.fit(
+        train_texts,
+        y_train,
+        epochs=epochs,
+        batch_size=16,
+        verbose=0,
+        callbacks=[FitProgress()],
+    )
 
     result = keras_pvera.predict_with_uncertainty(
         model, test_texts, n=mc_samples, seed=seed, verbose=0

