@@ -81,7 +81,7 @@ def keras_classifier(backbone):
 
 def keras_lora_classifier(backbone, rank):
     """Keras' own LoRA (`enable_lora`) on the query/value layers, frozen base."""
-    from keras_pvera.model_surgery import iter_layers
+    from keras_pvera.src.surgery.layer_walk import iter_layers
 
     for weight in backbone.weights:
         weight.trainable = False

@@ -35,7 +35,7 @@ import keras_hub
 import numpy as np
 
 import keras_pvera
-from keras_pvera import uncertainty
+from keras_pvera.src.uncertainty import monte_carlo as uncertainty
 
 
 def minilm_backbone():

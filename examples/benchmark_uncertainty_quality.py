@@ -61,7 +61,7 @@ from sklearn.metrics import roc_auc_score  # noqa: E402
 from sklearn.model_selection import train_test_split  # noqa: E402
 
 import keras_pvera  # noqa: E402
-from keras_pvera.calibration import fit_temperature  # noqa: E402
+from keras_pvera.src.uncertainty.temperature_scaling import fit_temperature  # noqa: E402
 
 MC_SAMPLES = 30
 ENSEMBLE_SIZE = 5

@@ -10,8 +10,8 @@ import safetensors.numpy
 from conftest import needs_keras_3_15
 
 import keras_pvera
-from keras_pvera.model_surgery import iter_layers
-from keras_pvera.pvera_dense import PVeRADense
+from keras_pvera.src.layers.pvera_dense import PVeRADense
+from keras_pvera.src.surgery.layer_walk import iter_layers
 
 
 def make_base(hidden=16, name="hidden"):

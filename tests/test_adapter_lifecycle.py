@@ -11,8 +11,8 @@ import pytest
 from custom_layers import Block
 
 import keras_pvera
-from keras_pvera.layer_selection import adaptable_layers
-from keras_pvera.pvera_dense import PVeRADense
+from keras_pvera.src.layers.pvera_dense import PVeRADense
+from keras_pvera.src.surgery.layer_selection import adaptable_layers
 
 
 def base_model():

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import keras_pvera
-from keras_pvera import calibration
+from keras_pvera.src.uncertainty import temperature_scaling as calibration
 
 
 def softmax(logits):

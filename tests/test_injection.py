@@ -6,9 +6,9 @@ import pytest
 
 from keras_pvera import PVeRAConfig
 from keras_pvera import PVeRADense
-from keras_pvera.injection import Injection
-from keras_pvera.layer_selection import adaptable_layers
-from keras_pvera.layer_selection import select_targets
+from keras_pvera.src.surgery.injection import Injection
+from keras_pvera.src.surgery.layer_selection import adaptable_layers
+from keras_pvera.src.surgery.layer_selection import select_targets
 
 
 def mlp():

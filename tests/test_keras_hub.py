@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import keras_pvera
-from keras_pvera.layer_selection import adaptable_layers
+from keras_pvera.src.surgery.layer_selection import adaptable_layers
 
 keras_hub = pytest.importorskip("keras_hub")
 

@@ -53,11 +53,11 @@ import numpy as np
 import pytest
 
 import keras_pvera
-from keras_pvera.layer_selection import LINEAR_LAYERS
-from keras_pvera.layer_selection import adaptable_layers
-from keras_pvera.layer_selection import layer_addresses
-from keras_pvera.layer_selection import layers_at
-from keras_pvera.layer_selection import seen_as
+from keras_pvera.src.surgery.layer_selection import LINEAR_LAYERS
+from keras_pvera.src.surgery.layer_selection import adaptable_layers
+from keras_pvera.src.surgery.layer_selection import layer_addresses
+from keras_pvera.src.surgery.layer_selection import layers_at
+from keras_pvera.src.surgery.layer_selection import seen_as
 
 keras_hub = pytest.importorskip("keras_hub")
 models = keras_hub.models

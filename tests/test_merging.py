@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 import keras_pvera
-from keras_pvera.model_surgery import iter_layers
-from keras_pvera.pvera_dense import PVeRADense
+from keras_pvera.src.layers.pvera_dense import PVeRADense
+from keras_pvera.src.surgery.layer_walk import iter_layers
 
 
 def make_base():

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 import keras_pvera
-from keras_pvera.metrics import ExpectedCalibrationError
-from keras_pvera.metrics import expected_calibration_error
-from keras_pvera.metrics import reliability_diagram
+from keras_pvera.src.uncertainty.metrics import ExpectedCalibrationError
+from keras_pvera.src.uncertainty.metrics import expected_calibration_error
+from keras_pvera.src.uncertainty.metrics import reliability_diagram
 
 # Five predictions, five bins of width 0.2 (no confidence on a bin edge):
 #   confidence 0.92, right  -> bin 4      bin 4: weight 2, right 1, conf 1.75

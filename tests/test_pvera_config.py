@@ -8,8 +8,8 @@ import pytest
 
 import keras_pvera
 from keras_pvera import PVeRAConfig
-from keras_pvera.pvera_config import ADAPTER_SETTING_NAMES
-from keras_pvera.pvera_config import SETTING_NAMES
+from keras_pvera.src.layers.pvera_config import ADAPTER_SETTING_NAMES
+from keras_pvera.src.layers.pvera_config import SETTING_NAMES
 
 
 def mlp():

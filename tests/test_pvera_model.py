@@ -434,7 +434,7 @@ def test_unbuilt_and_already_adapted_models_are_refused():
 
 
 def test_a_failure_during_surgery_is_rolled_back(monkeypatch):
-    from keras_pvera import injection
+    from keras_pvera.src.surgery import injection
 
     base = mlp()
     x, _ = data(4)

@@ -30,11 +30,13 @@ import math
 import numbers
 
 import numpy as np
+import scipy.optimize
 from keras import ops
 
-from keras_pvera import output_kinds
-from keras_pvera.uncertainty import as_two_classes
-from keras_pvera.uncertainty import log_softmax
+from keras_pvera.src.uncertainty import output_kinds
+from keras_pvera.src.uncertainty.monte_carlo import as_two_classes
+from keras_pvera.src.uncertainty.monte_carlo import log_softmax
+from keras_pvera.src.uncertainty.monte_carlo import predict_with_uncertainty
 
 # Bounds of the temperature search (log-spaced), wide enough for any model
 # worth calibrating; a fit that lands on a bound says the data do not pin T.
@@ -165,7 +167,8 @@ def fit_temperature(log_probabilities, labels):
     """The temperature minimising `monte_carlo_nll`, by a log-spaced search.
 
     A grid of 81 temperatures from `MIN_TEMPERATURE` to `MAX_TEMPERATURE`
-    brackets the minimum, and a golden-section search on `log T` refines it.
+    brackets the minimum, and SciPy's bounded scalar minimisation on
+    `log T` refines it.
 
     Args:
         log_probabilities: Per-pass log-probabilities `(n, batch, classes)`.
@@ -184,27 +187,17 @@ def fit_temperature(log_probabilities, labels):
     >>> 1.8 < fit_temperature(log_p[None], labels) < 2.2
     True
     """
+
+    def loss(log_t):
+        return monte_carlo_nll(log_probabilities, labels, math.exp(log_t))
+
     grid = np.linspace(math.log(MIN_TEMPERATURE), math.log(MAX_TEMPERATURE), 81)
-    losses = [monte_carlo_nll(log_probabilities, labels, math.exp(t)) for t in grid]
-    best = int(np.argmin(losses))
+    best = int(np.argmin([loss(log_t) for log_t in grid]))
     low, high = grid[max(best - 1, 0)], grid[min(best + 1, len(grid) - 1)]
-    ratio = (math.sqrt(5.0) - 1.0) / 2.0
-
-    def loss(t):
-        return monte_carlo_nll(log_probabilities, labels, math.exp(t))
-
-    a, b = high - ratio * (high - low), low + ratio * (high - low)
-    loss_a, loss_b = loss(a), loss(b)
-    for _ in range(40):
-        if loss_a < loss_b:
-            high, b, loss_b = b, a, loss_a
-            a = high - ratio * (high - low)
-            loss_a = loss(a)
-        else:
-            low, a, loss_a = a, b, loss_b
-            b = low + ratio * (high - low)
-            loss_b = loss(b)
-    return float(math.exp((low + high) / 2.0))
+    found = scipy.optimize.minimize_scalar(
+        loss, bounds=(low, high), method="bounded", options={"xatol": 1e-8}
+    )
+    return float(math.exp(found.x))
 
 
 def _labels_for(y, num_rows, num_classes):
@@ -288,10 +281,7 @@ def calibrate(model, x, y, n=30, from_logits=None, seed=0, batch_size=None):
     >>> temperature > 0, model.calibration["from_logits"]
     (True, True)
     """
-    from keras_pvera.pvera_model import PVeRAModel
-    from keras_pvera.uncertainty import predict_with_uncertainty
-
-    if not isinstance(model, PVeRAModel):
+    if not output_kinds.is_adapted_model(model):
         raise ValueError(
             "`calibrate` needs a model from keras_pvera.apply (a PVeRAModel), "
             "which stores the temperature and saves it. Received: "

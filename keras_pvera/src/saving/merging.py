@@ -18,12 +18,13 @@ and loads as `.keras` without keras_pvera.
 
 import tempfile
 
-import numpy as np
 from keras import ops
 
-from keras_pvera import keras_internals
-from keras_pvera import model_surgery
-from keras_pvera.pvera_dense import PVeRADense
+from keras_pvera.src.layers.pvera_dense import PVeRADense
+from keras_pvera.src.models.adapter_lifecycle import adapter_deltas
+from keras_pvera.src.models.pvera_model import PVeRAModel
+from keras_pvera.src.surgery import layer_walk
+from keras_pvera.src.utils import keras_internals
 
 
 def merge(model, safe_merge=False):
@@ -63,8 +64,6 @@ def merge(model, safe_merge=False):
     ...                  adapted.predict(x, verbose=0), atol=1e-5))
     True
     """
-    from keras_pvera.pvera_model import PVeRAModel
-
     if not isinstance(model, PVeRAModel):
         raise TypeError(
             "merge expects a PVeRAModel (what keras_pvera.apply returns). "
@@ -77,7 +76,7 @@ def merge(model, safe_merge=False):
             f"it cannot be rebuilt: {config['error']}. Give the base model a "
             "complete `get_config`."
         )
-    deltas = _deltas(model, safe_merge)
+    deltas = adapter_deltas(model, safe_merge)
     merged = keras_internals.deserialize_model(_plain_copy(config))
     if not merged.built:
         raise ValueError(
@@ -103,93 +102,6 @@ def merge(model, safe_merge=False):
             "model to a weight of the adapted model."
         )
     return merged
-
-
-def merge_in_place(model, safe_merge=False):
-    """Adds the active adapter's mean to the base kernels of `model`.
-
-    Afterwards the adapted layers run their base layers alone, so mean
-    predictions are unchanged (within float rounding); training and
-    sampling are refused until `unmerge_in_place`. `PVeRAModel.merge_adapter`
-    calls it.
-
-    Args:
-        model: A `PVeRAModel` with an active adapter.
-        safe_merge: Whether to refuse (naming the layers) when a merged
-            kernel would hold NaN or infinity; nothing changes then.
-
-    Raises:
-        ValueError: With no active adapter, for a quantized base layer, or
-            (with `safe_merge`) non-finite kernels.
-
-    Example:
-
-    >>> import keras, numpy as np, keras_pvera
-    >>> base = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8),
-    ...                          keras.layers.Dense(2)])
-    >>> model = keras_pvera.apply(base, rank=2)
-    >>> x = np.ones((1, 4), "float32")
-    >>> before = model.predict(x, verbose=0)
-    >>> model.merge_adapter(safe_merge=True)
-    >>> bool(np.allclose(model.predict(x, verbose=0), before, atol=1e-6))
-    True
-    >>> model.unmerge_adapter()
-    """
-    if model.active_adapter is None:
-        raise ValueError(
-            "The model has no active adapter to merge. Call "
-            f"`model.set_adapter(name)` with one of {model.adapter_names}."
-        )
-    deltas = _deltas(model, safe_merge)
-    for layer in model.adapted_layers.values():
-        kernel = keras_internals.kernel_variable(layer.base_layer)
-        kernel.assign(ops.add(kernel, ops.cast(deltas[id(layer)], kernel.dtype)))
-        layer.merged_adapter = model.active_adapter
-
-
-def unmerge_in_place(model):
-    """Subtracts a merged adapter from the base kernels again.
-
-    Args:
-        model: A `PVeRAModel` after `merge_in_place`.
-
-    Raises:
-        ValueError: If no adapter is merged.
-    """
-    if model.merged_adapter is None:
-        raise ValueError("No adapter is merged: there is nothing to unmerge.")
-    for layer in model.adapted_layers.values():
-        layer.merged_adapter = None
-        kernel = keras_internals.kernel_variable(layer.base_layer)
-        delta = ops.cast(layer.delta_kernel(), kernel.dtype)
-        kernel.assign(ops.subtract(kernel, delta))
-
-
-def _deltas(model, safe_merge):
-    """`{id(wrapper): delta_kernel}` of the active adapter, checked."""
-    if model.active_adapter is None or model.merged_adapter is not None:
-        return {}
-    deltas, bad = {}, []
-    for path, layer in model.adapted_layers.items():
-        if layer.base_layer.quantization_mode is not None:
-            raise ValueError(
-                f"Layer {path!r} is quantized "
-                f"(mode={layer.base_layer.quantization_mode!r}); merging "
-                "folds the adapter into float kernels. Merge before quantizing."
-            )
-        deltas[id(layer)] = layer.delta_kernel()
-        if safe_merge:
-            kernel = ops.add(layer.base_layer.kernel, deltas[id(layer)])
-            if not np.all(np.isfinite(ops.convert_to_numpy(kernel))):
-                bad.append(path)
-    if bad:
-        raise ValueError(
-            f"Merging would put NaN or infinity into the kernels of {bad[:5]}"
-            f"{' ...' if len(bad) > 5 else ''}: their adapter vectors "
-            "diverged. Nothing was merged; train again with a lower learning "
-            "rate or gradient clipping."
-        )
-    return deltas
 
 
 def _plain_copy(value):
@@ -220,7 +132,7 @@ def _paired_layers(adapted_root, plain_root):
     def children(layer):
         return [
             c
-            for c in model_surgery.child_layers(layer)
+            for _, c in layer_walk.children(layer)
             if id(c) not in seen and _holds_state(c)
         ]
 
@@ -262,7 +174,7 @@ def _holds_state(layer):
     """Whether a layer holds weights or assets (itself or below it)."""
     if layer.weights or _has_assets(layer):
         return True
-    return any(_has_assets(child) for _, child in model_surgery.iter_layers(layer))
+    return any(_has_assets(child) for _, child in layer_walk.iter_layers(layer))
 
 
 def _copy_assets(source, target):
@@ -274,9 +186,7 @@ def _copy_assets(source, target):
 
 
 def _own_weights(layer):
-    inner = {
-        id(w) for child in model_surgery.child_layers(layer) for w in child.weights
-    }
+    inner = {id(w) for _, child in layer_walk.children(layer) for w in child.weights}
     return [w for w in layer.weights if id(w) not in inner]
 
 

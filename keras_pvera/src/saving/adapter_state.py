@@ -17,16 +17,16 @@ import dataclasses
 import keras
 import numpy as np
 
-from keras_pvera import model_surgery
-from keras_pvera.layer_selection import LINEAR_LAYERS
-from keras_pvera.layer_selection import adaptable_layers
-from keras_pvera.layer_selection import layer_addresses
-from keras_pvera.layer_selection import resolve_paths
-from keras_pvera.projection_registry import generate_projections
-from keras_pvera.pvera_config import PVeRAConfig
-from keras_pvera.pvera_dense import PVeRADense
-from keras_pvera.pvera_dense import linear_equation_of
-from keras_pvera.pvera_model import PVeRAModel
+from keras_pvera.src.layers.projections import generate_projections
+from keras_pvera.src.layers.pvera_config import PVeRAConfig
+from keras_pvera.src.layers.pvera_dense import PVeRADense
+from keras_pvera.src.layers.pvera_dense import linear_equation_of
+from keras_pvera.src.models.pvera_model import PVeRAModel
+from keras_pvera.src.surgery import layer_walk
+from keras_pvera.src.surgery.layer_selection import LINEAR_LAYERS
+from keras_pvera.src.surgery.layer_selection import adaptable_layers
+from keras_pvera.src.surgery.layer_selection import layer_addresses
+from keras_pvera.src.surgery.layer_selection import resolve_paths
 
 
 @dataclasses.dataclass
@@ -335,7 +335,7 @@ def _check_base_model(model, state):
             "Expected a Keras model. Received: "
             f"{model!r} of type {type(model).__name__}"
         )
-    layers = dict(model_surgery.iter_layers(model))
+    layers = dict(layer_walk.iter_layers(model))
     if any(isinstance(layer, PVeRADense) for layer in layers.values()):
         raise ValueError(
             f"Model {model.name!r} holds PVeRA layers but is not a "

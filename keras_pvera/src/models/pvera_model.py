@@ -12,15 +12,16 @@ import warnings
 import keras
 from keras import ops
 
-from keras_pvera import calibration as calibration_lib
-from keras_pvera import injection as injection_lib
-from keras_pvera import keras_internals
-from keras_pvera import layer_selection
-from keras_pvera import model_summary
-from keras_pvera import task_workflow
-from keras_pvera.adapter_lifecycle import AdapterLifecycle
-from keras_pvera.pvera_config import PVeRAConfig
-from keras_pvera.pvera_config import split_settings
+from keras_pvera.src.layers.pvera_config import PVeRAConfig
+from keras_pvera.src.layers.pvera_config import split_settings
+from keras_pvera.src.models import model_summary
+from keras_pvera.src.models import task_workflow
+from keras_pvera.src.models.adapter_lifecycle import AdapterLifecycle
+from keras_pvera.src.surgery import injection as injection_lib
+from keras_pvera.src.surgery import layer_selection
+from keras_pvera.src.uncertainty import monte_carlo
+from keras_pvera.src.uncertainty import temperature_scaling as calibration_lib
+from keras_pvera.src.utils import keras_internals
 
 
 def apply(model, rank=None, *, config=None, name=None, **settings):
@@ -162,7 +163,7 @@ class PVeRAModel(AdapterLifecycle, keras.Model):
     @calibration.setter
     def calibration(self, value):
         self.temperature_scaling = calibration_lib.check_calibration(value)
-        self.predict_function = self.test_function = None
+        keras_internals.drop_compiled_functions(self)
 
     def call(self, inputs, training=None):
         # Layers reading one input (attention's query and value) share x @ A.
@@ -225,9 +226,7 @@ class PVeRAModel(AdapterLifecycle, keras.Model):
 
     def predict_with_uncertainty(self, x, n=30, **kwargs):
         """`keras_pvera.predict_with_uncertainty(self, x, n, **kwargs)`."""
-        from keras_pvera.uncertainty import predict_with_uncertainty
-
-        return predict_with_uncertainty(self, x, n=n, **kwargs)
+        return monte_carlo.predict_with_uncertainty(self, x, n=n, **kwargs)
 
     def quantize(self, mode=None, *args, **kwargs):
         """Refuses: quantize the base model before `keras_pvera.apply`.

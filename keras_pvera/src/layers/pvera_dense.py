@@ -37,27 +37,13 @@ import math
 import string
 
 import keras
-import numpy as np
 from keras import ops
 
-from keras_pvera import keras_internals
-from keras_pvera.projection_registry import ProjectionRegistry
-from keras_pvera.pvera_config import PVeRAConfig
-from keras_pvera.pvera_config import split_settings
-
-
-def derive_seed(seed, index):
-    """An independent seed derived from `(seed, index)` (NumPy SeedSequence).
-
-    Consecutive seeds give overlapping random streams on some backends
-    (torch seeds each draw from the sum of the generator's state).
-
-    Example:
-
-    >>> derive_seed(0, 1) != derive_seed(0, 2)
-    True
-    """
-    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0] >> 1)
+from keras_pvera.src.layers.projections import ProjectionRegistry
+from keras_pvera.src.layers.pvera_config import PVeRAConfig
+from keras_pvera.src.layers.pvera_config import split_settings
+from keras_pvera.src.layers.seeds import derive_seed
+from keras_pvera.src.utils import keras_internals
 
 
 def kl_divergence(mu, logvar):

@@ -11,16 +11,17 @@ freezes the rest, and undoes all of that on failure, on `delete`, and on
 
 import keras
 
-from keras_pvera import model_surgery
-from keras_pvera.layer_selection import layers_at
-from keras_pvera.layer_selection import seen_as
-from keras_pvera.layer_selection import select_layers
-from keras_pvera.layer_selection import select_targets
-from keras_pvera.layer_selection import task_head
-from keras_pvera.projection_registry import ProjectionRegistry
-from keras_pvera.pvera_dense import PVeRADense
-from keras_pvera.pvera_dense import derive_seed
-from keras_pvera.pvera_dense import linear_equation_of
+from keras_pvera.src.layers.projections import ProjectionRegistry
+from keras_pvera.src.layers.pvera_dense import PVeRADense
+from keras_pvera.src.layers.pvera_dense import linear_equation_of
+from keras_pvera.src.layers.seeds import derive_seed
+from keras_pvera.src.surgery import layer_walk
+from keras_pvera.src.surgery import model_surgery
+from keras_pvera.src.surgery.layer_selection import layers_at
+from keras_pvera.src.surgery.layer_selection import seen_as
+from keras_pvera.src.surgery.layer_selection import select_layers
+from keras_pvera.src.surgery.layer_selection import select_targets
+from keras_pvera.src.surgery.layer_selection import task_head
 
 
 def check_base_model(model):
@@ -30,9 +31,7 @@ def check_base_model(model):
             "keras_pvera.apply adapts a keras.Model. Received: "
             f"{model!r} of type {type(model).__name__}"
         )
-    if getattr(model, "injection", None) is not None or any(
-        isinstance(layer, PVeRADense) for _, layer in model_surgery.iter_layers(model)
-    ):
+    if getattr(model, "injection", None) is not None or layer_walk.pvera_layers(model):
         raise ValueError(
             f"Model {model.name!r} is already adapted with PVeRA. Apply PVeRA "
             "to the original model once; to add another adapter, call "
@@ -62,7 +61,7 @@ class Injection:
 
     Example:
 
-    >>> from keras_pvera.pvera_config import PVeRAConfig
+    >>> from keras_pvera.src.layers.pvera_config import PVeRAConfig
     >>> base = keras.Sequential([keras.Input((4,)),
     ...                          keras.layers.Dense(8, name="hidden"),
     ...                          keras.layers.Dense(2, name="head")])
@@ -271,7 +270,7 @@ class Injection:
             for w in vectors.weights
         )
         recorded = {id(item) for item, _ in self.frozen}
-        for _, layer in model_surgery.iter_layers(self.model):
+        for _, layer in layer_walk.iter_layers(self.model):
             if isinstance(layer, PVeRADense):
                 layer.trainable = layer.trainable  # Freezes its base again.
             elif layer.trainable and not any(id(w) in keep for w in layer.weights):

@@ -8,8 +8,8 @@ each as a method of the same name.
 import numpy as np
 from keras import ops
 
-from keras_pvera import keras_internals
-from keras_pvera import layer_selection
+from keras_pvera.src.surgery import layer_selection
+from keras_pvera.src.utils import keras_internals
 
 
 def check_finite(model):

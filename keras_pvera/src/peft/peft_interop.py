@@ -29,21 +29,20 @@ import re
 import keras
 import numpy as np
 
-from keras_pvera import model_surgery
-from keras_pvera import safetensors_io
-from keras_pvera.adapter_state import AdapterState
-from keras_pvera.adapter_state import adapter_state_of
-from keras_pvera.adapter_state import restore_adapter
-from keras_pvera.adapter_state import same_arrays
-from keras_pvera.layer_selection import LINEAR_LAYERS
-from keras_pvera.layer_selection import adaptable_layers
-from keras_pvera.peft_module_names import NAMINGS
-from keras_pvera.peft_module_names import default_naming
-from keras_pvera.peft_module_names import find_spec
-from keras_pvera.pvera_config import PVeRAConfig
-from keras_pvera.pvera_dense import PVeRADense
-from keras_pvera.pvera_dense import linear_equation_of
-from keras_pvera.pvera_model import PVeRAModel
+from keras_pvera.src.layers.pvera_config import PVeRAConfig
+from keras_pvera.src.layers.pvera_dense import linear_equation_of
+from keras_pvera.src.models.pvera_model import PVeRAModel
+from keras_pvera.src.peft.module_names import NAMINGS
+from keras_pvera.src.peft.module_names import default_naming
+from keras_pvera.src.peft.module_names import find_spec
+from keras_pvera.src.saving import safetensors_io
+from keras_pvera.src.saving.adapter_state import AdapterState
+from keras_pvera.src.saving.adapter_state import adapter_state_of
+from keras_pvera.src.saving.adapter_state import restore_adapter
+from keras_pvera.src.saving.adapter_state import same_arrays
+from keras_pvera.src.surgery import layer_walk
+from keras_pvera.src.surgery.layer_selection import LINEAR_LAYERS
+from keras_pvera.src.surgery.layer_selection import adaptable_layers
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -117,9 +116,7 @@ def load_peft_adapter(model, path, adapter=None):
     if os.path.isfile(os.path.join(path, adapter, CONFIG_FILE)):
         path = os.path.join(path, adapter)
     base = model.base_model if isinstance(model, PVeRAModel) else model
-    if not isinstance(model, PVeRAModel) and any(
-        isinstance(layer, PVeRADense) for _, layer in model_surgery.iter_layers(model)
-    ):
+    if not isinstance(model, PVeRAModel) and layer_walk.pvera_layers(model):
         raise ValueError(
             "load_peft_adapter adapts a base model or a PVeRAModel, but this "
             "model holds PVeRA layers outside one. Load the base model again "

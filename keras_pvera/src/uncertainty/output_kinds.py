@@ -21,9 +21,9 @@ False
 import keras
 import numpy as np
 
-from keras_pvera import keras_internals
-from keras_pvera import layer_selection
-from keras_pvera.pvera_dense import PVeRADense
+from keras_pvera.src.layers.pvera_dense import PVeRADense
+from keras_pvera.src.utils import keras_hub_tasks
+from keras_pvera.src.utils import keras_internals
 
 # What an output activation says about the values: True for logits, False
 # for probabilities. `log_softmax` gives log-probabilities, which a softmax
@@ -64,6 +64,19 @@ def _layer_from_logits(layer):
     return None
 
 
+def is_adapted_model(model):
+    """Whether `model` is a `PVeRAModel` (read without importing it).
+
+    Uncertainty sits below the model in the package (the model's
+    `predict_with_uncertainty` calls it), so it knows a `PVeRAModel` by
+    what it holds: the base model it adapts and its temperature scaling.
+    """
+    calibration = getattr(type(model), "calibration", None)
+    return isinstance(calibration, property) and isinstance(
+        getattr(model, "base_model", None), keras.Model
+    )
+
+
 def output_kinds(model):
     """Whether each output of `model` is logits, from the model itself.
 
@@ -87,9 +100,7 @@ def output_kinds(model):
         of output layer). `None` instead of a list when the outputs cannot
         be read (a subclassed model).
     """
-    from keras_pvera.pvera_model import PVeRAModel
-
-    if isinstance(model, PVeRAModel):
+    if is_adapted_model(model):
         kinds = output_kinds(model.base_model)
         calibration = model.calibration
         if calibration is None:
@@ -97,7 +108,7 @@ def output_kinds(model):
         if kinds is None:
             kinds = [None]
         return [calibration["from_logits"] if k is None else k for k in kinds]
-    if layer_selection.keras_hub_task(model) and hasattr(model, "activation"):
+    if keras_hub_tasks.keras_hub_task(model) and hasattr(model, "activation"):
         return [_activation_from_logits(model.activation)]
     graph = keras_internals.graph_of(model)
     if graph is None:

@@ -14,9 +14,9 @@ import warnings
 
 import keras
 
-from keras_pvera import keras_internals
-from keras_pvera import model_surgery
-from keras_pvera.pvera_dense import PVeRADense
+from keras_pvera.src.layers.pvera_dense import PVeRADense
+from keras_pvera.src.surgery import layer_walk
+from keras_pvera.src.utils import keras_hub_tasks
 
 LINEAR_LAYERS = (keras.layers.Dense, keras.layers.EinsumDense)
 
@@ -38,7 +38,7 @@ def adaptable_layers(model):
         A list of `(path, layer)` tuples in model order.
     """
     found, inside = [], ()
-    for path, layer in model_surgery.iter_layers(model):
+    for path, layer in layer_walk.iter_layers(model):
         if inside and path.startswith(inside):
             continue
         found.append((path, layer))
@@ -95,6 +95,10 @@ def select_layers(model, selector, what="target"):
             f"{model.name!r}. Candidates: {_candidates(layers)}"
         )
     return {p: layer for p, layer in layers if layer.name in names}
+
+
+def _not_wrapper(layer):
+    return not isinstance(layer, PVeRADense)
 
 
 def seen_as(layer):
@@ -193,7 +197,7 @@ def keras_hub_backbones(model):
     backbone_class = getattr(getattr(keras_hub, "models", None), "Backbone", None)
     if backbone_class is None:
         return []
-    layers = [model] + [layer for _, layer in model_surgery.iter_layers(model)]
+    layers = [model] + [layer for _, layer in layer_walk.iter_layers(model)]
     return [layer for layer in layers if isinstance(layer, backbone_class)]
 
 
@@ -278,7 +282,7 @@ def default_targets(model):
 
 
 def _all_linear(model, layers):
-    excluded = {id(layer) for layer in model_surgery.output_layers(model)}
+    excluded = {id(layer) for layer in layer_walk.output_layers(model)}
     return {
         p: layer
         for p, layer in layers
@@ -290,7 +294,8 @@ def _attribute_names(model):
     """`{id(layer): name of the attribute holding it}`, underscores stripped."""
     return {
         id(child): key.split("[")[0].lstrip("_")
-        for _, key, child in _addressed_layers(model)
+        for _, address, child in layer_walk.walk(model, enter=_not_wrapper)
+        for key in [address.rsplit("/", 1)[-1]]
         if not key.startswith(("@", "#"))
     }
 
@@ -305,20 +310,6 @@ def layers_at(model, paths, what="layer"):
                 f"Available: {sorted(layers)[:20]}"
             )
     return {path: layers[path] for path in paths}
-
-
-def keras_hub_task(model):
-    """Whether `model` is a KerasHub `Task` (keras-hub is not imported here).
-
-    Args:
-        model: A Keras model.
-
-    Returns:
-        True for a `keras_hub.models.Task` (a classifier, a causal LM...).
-    """
-    keras_hub = sys.modules.get("keras_hub")
-    task_class = getattr(getattr(keras_hub, "models", None), "Task", None)
-    return task_class is not None and isinstance(model, task_class)
 
 
 def task_head(model):
@@ -336,7 +327,7 @@ def task_head(model):
         A dict from path to layer, in model order; empty for a model that is
         not a KerasHub task.
     """
-    if not keras_hub_task(model):
+    if not keras_hub_tasks.keras_hub_task(model):
         return {}
     parts = {
         id(getattr(model, "backbone", None)),
@@ -349,58 +340,12 @@ def task_head(model):
     }
 
 
-def _child_addresses(layer):
-    """`{id(child): (key, child)}`: each direct sublayer and how `layer` holds it.
-
-    The key is the attribute holding the child (`"encoder"`,
-    `"transformer_layers[0]"`, `"heads[query]"`), else its place among the
-    graph's layers (`"@3"`), else among the tracked ones (`"#3"`). A child
-    held several ways takes the smallest key, so that the key depends on
-    neither layer names nor the backend's attribute order.
-    """
-    found = {}
-
-    def offer(rank, key, child):
-        if (
-            not isinstance(child, keras.layers.Layer)
-            or child is layer
-            or isinstance(child, keras.layers.InputLayer)
-        ):
-            return
-        old = found.get(id(child))
-        if old is None or (rank, key) < old[0]:
-            found[id(child)] = ((rank, key), child)
-
-    for name, value in keras_internals.held_sublayers(layer):
-        if isinstance(value, (list, tuple)):
-            for i, item in enumerate(value):
-                offer(0, f"{name}[{i}]", item)
-        elif isinstance(value, dict):
-            for key, item in value.items():
-                offer(0, f"{name}[{key}]", item)
-        else:
-            offer(0, name, value)
-    graph = []
-    if isinstance(layer, keras.Sequential):
-        graph = list(layer.layers)
-    elif keras_internals.is_graph(layer):
-        graph = keras_internals.graph_operations(layer)
-    for i, child in enumerate(graph):
-        offer(1, f"@{i}", child)
-    for i, child in enumerate(keras_internals.tracked_layers(layer) or []):
-        offer(2, f"#{i}", child)
-    internal = keras_internals.internal_functional(layer)
-    found.pop(id(internal), None)
-    return {
-        i: (key.replace("/", "%2F"), child) for i, ((_, key), child) in found.items()
-    }
-
-
 def layer_addresses(model, paths):
     """Where each layer sits in `model`, independent of layer names.
 
-    A layer's address is the chain of keys (`_child_addresses`) from the
-    model down to it, with its class: two builds of one architecture give
+    A layer's address is the chain of keys from the model down to it
+    (`layer_walk.walk`; a wrapper stands where its base layer stood), with
+    its class: two builds of one architecture give
     their layers the same addresses whatever names Keras or the model's
     `name` gave them, on every backend.
 
@@ -423,31 +368,10 @@ def layer_addresses(model, paths):
     wanted = {id(layer): path for path, layer in layers_at(model, paths).items()}
     found = {
         wanted[id(child)]: [address, type(seen_as(child)).__name__]
-        for address, _, child in _addressed_layers(model)
+        for _, address, child in layer_walk.walk(model, enter=_not_wrapper)
         if id(child) in wanted
     }
     return {path: found[path] for path in paths}
-
-
-def _addressed_layers(model):
-    """Yields `(address, key, layer)` for every layer below `model`, once each.
-
-    The walk of `_child_addresses` from the model down, not entering a
-    `PVeRADense` (its base layer stands where the wrapper is).
-    """
-    seen = {id(model)}
-
-    def visit(layer, address):
-        for key, child in _child_addresses(layer).values():
-            if id(child) in seen:
-                continue
-            seen.add(id(child))
-            child_address = f"{address}/{key}" if address else key
-            yield child_address, key, child
-            if not isinstance(child, PVeRADense):
-                yield from visit(child, child_address)
-
-    yield from visit(model, "")
 
 
 def resolve_paths(model, paths, addresses=None, what="layer"):
@@ -487,7 +411,7 @@ def resolve_paths(model, paths, addresses=None, what="layer"):
     resolved = {}
     for path in paths:
         address, class_name = addresses[path]
-        layer = _layer_at_address(model, address)
+        layer = layer_walk.layer_at_address(model, address)
         if layer is None or id(layer) not in path_of:
             raise ValueError(
                 f"The model has no {what} at path {path!r}, nor at its "
@@ -503,13 +427,3 @@ def resolve_paths(model, paths, addresses=None, what="layer"):
             )
         resolved[path] = path_of[id(layer)]
     return resolved
-
-
-def _layer_at_address(model, address):
-    layer = model
-    for key in address.split("/"):
-        children = {k: child for k, child in _child_addresses(layer).values()}
-        if key not in children:
-            return None
-        layer = children[key]
-    return layer

@@ -15,65 +15,9 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_pvera import layer_selection
-from keras_pvera.uncertainty import seed_states
-
-
-def task_of(model):
-    """The KerasHub task a `PVeRAModel` adapts, or `None`."""
-    base = model.__dict__.get("base_model")
-    if base is None:  # On torch, sublayers live in the module registry.
-        base = (model.__dict__.get("_modules") or {}).get("base_model")
-    return base if base is not None and layer_selection.keras_hub_task(base) else None
-
-
-def _with_preprocessor(model):
-    task = task_of(model)
-    if task is None or getattr(task, "preprocessor", None) is None:
-        return None
-    return task
-
-
-def preprocessed(model, x, y=None, sample_weight=None, batch_size=None, shuffle=False):
-    """`x` (with `y`, `sample_weight`) as batches of the task's inputs.
-
-    Args:
-        model: A `PVeRAModel`.
-        x: Raw inputs, as for the task's `fit` (strings, images, a dict of
-            them), or a `tf.data.Dataset` of raw batches.
-        y, sample_weight: Labels and weights, if any.
-        batch_size: Batch size for array inputs (default 32).
-        shuffle: Whether to shuffle array inputs (each epoch).
-
-    Returns:
-        A `tf.data.Dataset` of preprocessed batches, or `None` when the model
-        is not a KerasHub task with a preprocessor (inputs are used as given).
-
-    Raises:
-        ValueError: For `y` or `sample_weight` given with a dataset.
-    """
-    task = _with_preprocessor(model)
-    if task is None or x is None:
-        return None
-    import tensorflow as tf
-
-    if isinstance(x, tf.data.Dataset):
-        if y is not None or sample_weight is not None:
-            raise ValueError(
-                "When `x` is a tf.data.Dataset, `y` and `sample_weight` come "
-                f"from it. Received: y={type(y).__name__}, "
-                f"sample_weight={type(sample_weight).__name__}"
-            )
-        dataset = x
-    else:
-        data = keras.utils.pack_x_y_sample_weight(x, y, sample_weight)
-        dataset = tf.data.Dataset.from_tensor_slices(data)
-        if shuffle:
-            dataset = dataset.shuffle(int(dataset.cardinality()))
-        dataset = dataset.batch(batch_size or 32)
-    return dataset.map(
-        task.preprocess_samples, num_parallel_calls=tf.data.AUTOTUNE
-    ).prefetch(tf.data.AUTOTUNE)
+from keras_pvera.src.layers.seeds import seed_generator_states
+from keras_pvera.src.utils import keras_hub_tasks
+from keras_pvera.src.utils import keras_internals
 
 
 def fit_arguments(model, args, kwargs):
@@ -93,7 +37,9 @@ def predict_arguments(model, args, kwargs):
 
 def _arguments(model, names, args, kwargs, fit=False):
     # `fit` evaluates its (already preprocessed) validation data this way.
-    if _with_preprocessor(model) is None or kwargs.get("_use_cached_eval_dataset"):
+    if keras_internals.evaluates_cached_validation(kwargs):
+        return args, kwargs
+    if keras_hub_tasks.task_with_preprocessor(model) is None:
         return args, kwargs
     kwargs = dict(kwargs)
     kwargs.update(zip(names, args, strict=False))
@@ -112,14 +58,18 @@ def _arguments(model, names, args, kwargs, fit=False):
     shuffle = fit and kwargs.pop("shuffle", True)
     if fit:
         kwargs["shuffle"] = False
-    kwargs["x"] = preprocessed(model, x, y, sample_weight, batch_size, shuffle)
+    kwargs["x"] = keras_hub_tasks.preprocessed(
+        model, x, y, sample_weight, batch_size, shuffle
+    )
     if fit and kwargs.get("validation_data") is not None:
         validation = kwargs["validation_data"]
         if isinstance(validation, (tuple, list)):
             vx, vy, vsw = keras.utils.unpack_x_y_sample_weight(tuple(validation))
-            kwargs["validation_data"] = preprocessed(model, vx, vy, vsw, batch_size)
+            kwargs["validation_data"] = keras_hub_tasks.preprocessed(
+                model, vx, vy, vsw, batch_size
+            )
         else:
-            kwargs["validation_data"] = preprocessed(model, validation)
+            kwargs["validation_data"] = keras_hub_tasks.preprocessed(model, validation)
     return args, kwargs
 
 
@@ -130,7 +80,7 @@ def task_attribute(model, name):
         AttributeError: If `name` is private or the task has no such
             attribute (or the model adapts no task).
     """
-    task = task_of(model) if not name.startswith("_") else None
+    task = keras_hub_tasks.task_of(model) if not name.startswith("_") else None
     if task is None or not hasattr(task, name):
         raise AttributeError(
             f"{type(model).__name__!r} object has no attribute {name!r}"
@@ -169,4 +119,4 @@ def generate(model, task, *args, **kwargs):
 def _jump(seed_generator):
     state = np.asarray(ops.convert_to_numpy(seed_generator.state.value))
     words = [int(word) for word in state.ravel()]
-    seed_generator.state.assign(seed_states(words, 1, state.dtype)[0])
+    seed_generator.state.assign(seed_generator_states(words, 1, state.dtype)[0])

@@ -17,14 +17,17 @@ import random
 
 import keras
 import numpy as np
+import scipy.stats
 from keras import ops
 
-from keras_pvera import model_surgery
-from keras_pvera import output_kinds
-from keras_pvera.input_batches import InputBatches
-from keras_pvera.input_batches import num_rows
-from keras_pvera.pvera_dense import PVeRADense
-from keras_pvera.student_t import student_t_quantile
+from keras_pvera.src.layers.pvera_dense import PVeRADense
+from keras_pvera.src.layers.seeds import seed_generator_states
+from keras_pvera.src.surgery import layer_walk
+from keras_pvera.src.uncertainty import output_kinds
+from keras_pvera.src.uncertainty.input_batches import InputBatches
+from keras_pvera.src.uncertainty.input_batches import num_rows
+from keras_pvera.src.utils import keras_hub_tasks
+from keras_pvera.src.utils import keras_internals
 
 # Most rows (examples times Monte Carlo copies) sent through the model in one
 # call, unless `batch_size` says otherwise; Keras' own default predict batch.
@@ -332,7 +335,7 @@ class UncertaintyResult:
                 "A confidence interval of the mean needs at least 2 samples. "
                 f"Received: n={self.n}"
             )
-        t = student_t_quantile((1.0 + level) / 2.0, self.n - 1)
+        t = float(scipy.stats.t.ppf((1.0 + level) / 2.0, self.n - 1))
         # std (ddof=0) / sqrt(n - 1) == std (ddof=1) / sqrt(n) == sem.
         scale = t / math.sqrt(self.n - 1)
         low = self._map(lambda s: s.mean - scale * s.std)
@@ -509,7 +512,7 @@ def adapted_layers_of(model):
     """
     adapters = [
         layer
-        for _, layer in model_surgery.iter_layers(model)
+        for _, layer in layer_walk.iter_layers(model)
         if isinstance(layer, PVeRADense) and layer.active_adapter is not None
     ]
     if not adapters:
@@ -521,35 +524,13 @@ def adapted_layers_of(model):
     return adapters
 
 
-def seed_states(seed, count, dtype):
-    """`count` independent SeedGenerator states derived from `seed`.
-
-    Args:
-        seed: An integer or a sequence of integers (NumPy SeedSequence
-            entropy).
-        count: How many states.
-        dtype: The states' dtype (the backend's seed dtype).
-
-    Returns:
-        A list of `(2,)` arrays.
-    """
-    words = np.random.SeedSequence(seed).generate_state(count, dtype=np.uint32)
-    # 31 bits fit every backend's seed dtype (int32 on torch).
-    return [np.array([word >> 1, 0], dtype=dtype) for word in words]
-
-
-def _forget_compiled_functions(model):
-    model.predict_function = None
-    model.test_function = None
-
-
 def _set_sampling(model, adapters, flags):
     if isinstance(getattr(type(model), "sample_at_inference", None), property):
         # A PVeRAModel switches its layers and drops its compiled functions.
         model.sample_at_inference = any(flags)
     for layer, flag in zip(adapters, flags, strict=True):
         layer.sample_at_inference = flag
-    _forget_compiled_functions(model)
+    keras_internals.drop_compiled_functions(model)
 
 
 @contextlib.contextmanager
@@ -568,7 +549,7 @@ def _sampling_at_inference(model, adapters, seed):
     saved_states = [np.array(ops.convert_to_numpy(g.state.value)) for g in generators]
     try:
         _set_sampling(model, adapters, [True] * len(adapters))
-        states = seed_states(seed, len(generators), saved_states[0].dtype)
+        states = seed_generator_states(seed, len(generators), saved_states[0].dtype)
         for generator, state in zip(generators, states, strict=True):
             generator.state.assign(state)
         yield
@@ -581,7 +562,7 @@ def _sampling_at_inference(model, adapters, seed):
             model.sample_at_inference = model_flag
         for layer, flag in zip(adapters, layer_flags, strict=True):
             layer.sample_at_inference = flag
-        _forget_compiled_functions(model)
+        keras_internals.drop_compiled_functions(model)
 
 
 def _repeat(array, copies):
@@ -738,9 +719,7 @@ def predict_with_uncertainty(
     if callable(getattr(model, "check_finite", None)):
         model.check_finite()
     # A KerasHub task's raw inputs (strings, images) through its preprocessor.
-    from keras_pvera import task_workflow
-
-    preprocessed = task_workflow.preprocessed(
+    preprocessed = keras_hub_tasks.preprocessed(
         model, x, batch_size=max(1, max_rows // n)
     )
     if preprocessed is not None:

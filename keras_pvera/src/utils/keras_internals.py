@@ -3,7 +3,7 @@
 Keras has no public API to swap a layer inside a built model, to add a
 variable to a built layer, or to reach a `Dense` layer's raw kernel when
 Keras' own LoRA is on. These small functions do it, each saying which
-private attribute of Keras 3 (checked against 3.8 to 3.15) it relies on, so
+private attribute of Keras 3 (checked against 3.12 to 3.15) it relies on, so
 that a Keras upgrade that moves one breaks here and nowhere else.
 """
 
@@ -90,41 +90,27 @@ def tracked_layers(layer):
     return getattr(layer, "_layers", None)
 
 
-def layer_attributes(layer):
-    """`(name, value)` of a layer's attributes, bookkeeping left out.
-
-    On the torch backend, sublayers also live in torch's module registry
-    (`_modules`). Names starting with `_self_` are TensorFlow's checkpoint
-    records, kept in step by `setattr`.
-    """
-    items = dict(vars(layer))
-    items.update(getattr(layer, "_modules", None) or {})
-    for name, value in items.items():
-        if (
-            name in BOOKKEEPING_ATTRIBUTES
-            or name.startswith("__")
-            or name.startswith("_self_")
-        ):
-            continue
-        yield name, value
-
-
-def held_sublayers(layer):
+def held_attributes(layer):
     """`(attribute name, value)` of a layer's attributes that may hold layers.
 
-    Like `layer_attributes`, with two differences that make the names the
-    same on every backend: on torch, the `_modules` dict itself is left out
-    (its entries come under their attribute names), and an attribute whose
-    name starts with `_self_` is kept when it holds a layer directly (such
-    as `_self_attention_layer`; TensorFlow's checkpoint records under that
-    prefix hold lists and dicts).
+    Bookkeeping attributes are left out. On the torch backend, sublayers
+    live in torch's module registry (`_modules`): they come under their
+    attribute names, where the registry stands among the attributes, so
+    that the names are the same on every backend. Attributes whose names
+    start with `_self_` are TensorFlow's checkpoint records (lists and
+    dicts), left out, unless one holds a layer directly (such as KerasHub's
+    `_self_attention_layer`).
     """
-    items = dict(vars(layer))
-    items.update(getattr(layer, "_modules", None) or {})
+    modules = vars(layer).get("_modules")
+    modules = modules if isinstance(modules, dict) else {}
+    items = {}
+    for name, value in vars(layer).items():
+        if name == "_modules":
+            items.update(modules)
+        elif name not in modules:
+            items[name] = value
     for name, value in items.items():
         if name in BOOKKEEPING_ATTRIBUTES or name.startswith("__"):
-            continue
-        if name == "_modules" and isinstance(value, dict):
             continue
         if name.startswith("_self_") and not isinstance(value, keras.layers.Layer):
             continue
@@ -205,6 +191,42 @@ def own_loss_ids(layer):
     `_losses` (eager losses), without those of its sublayers.
     """
     return set(layer._loss_ids) | {id(t) for t in layer._losses}
+
+
+def own_attribute(layer, name):
+    """`layer`'s own attribute `name`, or `None`, never through `__getattr__`.
+
+    Reads the instance's `__dict__`, and on torch the module registry
+    (`_modules`) where sublayers live, so that a class forwarding missing
+    attributes (an adapted KerasHub task) is not asked.
+    """
+    value = vars(layer).get(name)
+    if value is None:
+        value = (vars(layer).get("_modules") or {}).get(name)
+    return value
+
+
+def evaluates_cached_validation(fit_kwargs):
+    """Whether `fit` is evaluating its validation data (`_use_cached_eval_dataset`).
+
+    Keras' `fit` calls `evaluate` with this private argument on data it
+    has prepared already.
+    """
+    return bool(fit_kwargs.get("_use_cached_eval_dataset"))
+
+
+def drop_compiled_functions(model):
+    """Makes `model` trace its train, test and predict steps anew.
+
+    JAX and TensorFlow bake Python state (which layers run, whether they
+    sample) into the compiled steps. A KerasHub generative task also
+    compiles its own `generate` loop, held by the task (or, for an adapted
+    task, by its `base_model`): dropped too.
+    """
+    model.train_function = model.predict_function = model.test_function = None
+    for holder in (model, getattr(model, "base_model", None)):
+        if getattr(holder, "generate_function", None) is not None:
+            holder.generate_function = None
 
 
 def deserialize_model(config):

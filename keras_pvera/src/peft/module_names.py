@@ -41,7 +41,7 @@ import importlib.metadata
 import math
 import re
 
-from keras_pvera import model_surgery
+from keras_pvera.src.surgery import layer_walk
 
 NAMINGS = ("transformers5", "legacy")
 LAYOUTS = ("transposed", "heads", "conv1d")
@@ -718,7 +718,7 @@ def find_spec(model):
     >>> spec.backbone, prefix
     ('BertBackbone', '')
     """
-    candidates = [("", model)] + list(model_surgery.iter_layers(model))
+    candidates = [("", model)] + list(layer_walk.iter_layers(model))
     for path, layer in candidates:
         for cls in type(layer).__mro__:
             if cls.__name__ in SPECS and cls.__module__.startswith("keras_hub"):
@@ -759,7 +759,7 @@ def kernel_matrix(kernel, layout, equation=None):
         raise ValueError(f"`layout` must be one of {LAYOUTS}. Received: {layout!r}")
     if equation is None:
         return np.asarray(kernel)
-    from keras_pvera.pvera_dense import LinearEquation
+    from keras_pvera.src.layers.pvera_dense import LinearEquation
 
     linear = LinearEquation(equation, kernel.shape)
     # to_kernel_order maps (in dims..., out dims...) axes to kernel axes.

@@ -10,10 +10,11 @@ work is `injection.Injection`'s; this is the model's public face of it.
 import contextlib
 
 import keras
+import numpy as np
+from keras import ops
 
-from keras_pvera import keras_internals
-from keras_pvera import merging
-from keras_pvera.pvera_config import PVeRAConfig
+from keras_pvera.src.layers.pvera_config import PVeRAConfig
+from keras_pvera.src.utils import keras_internals
 
 
 class AdapterLifecycle:
@@ -136,14 +137,59 @@ class AdapterLifecycle:
         return self.base_model
 
     def merge_adapter(self, safe_merge=False):
-        """Folds the active adapter's mean into the base kernels, in place."""
+        """Folds the active adapter's mean into the base kernels, in place.
+
+        Afterwards the adapted layers run their base layers alone, so mean
+        predictions are unchanged (within float rounding); training and
+        sampling are refused until `unmerge_adapter`.
+
+        Args:
+            safe_merge: Whether to refuse (naming the layers) when a merged
+                kernel would hold NaN or infinity; nothing changes then.
+
+        Raises:
+            ValueError: With no active adapter, for a quantized base layer,
+                or (with `safe_merge`) non-finite kernels.
+
+        Example:
+
+        >>> import keras, numpy as np, keras_pvera
+        >>> base = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8),
+        ...                          keras.layers.Dense(2)])
+        >>> model = keras_pvera.apply(base, rank=2)
+        >>> x = np.ones((1, 4), "float32")
+        >>> before = model.predict(x, verbose=0)
+        >>> model.merge_adapter(safe_merge=True)
+        >>> bool(np.allclose(model.predict(x, verbose=0), before, atol=1e-6))
+        True
+        >>> model.unmerge_adapter()
+        """
         self._check_not_merged("merge again")
-        merging.merge_in_place(self, safe_merge=safe_merge)
+        if self.active_adapter is None:
+            raise ValueError(
+                "The model has no active adapter to merge. Call "
+                f"`model.set_adapter(name)` with one of {self.adapter_names}."
+            )
+        deltas = adapter_deltas(self, safe_merge)
+        for layer in self.adapted_layers.values():
+            kernel = keras_internals.kernel_variable(layer.base_layer)
+            kernel.assign(ops.add(kernel, ops.cast(deltas[id(layer)], kernel.dtype)))
+            layer.merged_adapter = self.active_adapter
         self._changed()
 
     def unmerge_adapter(self):
-        """Takes a merged adapter back out of the base kernels."""
-        merging.unmerge_in_place(self)
+        """Takes a merged adapter back out of the base kernels.
+
+        Raises:
+            ValueError: If no adapter is merged.
+        """
+        if self.merged_adapter is None:
+            raise ValueError("No adapter is merged: there is nothing to unmerge.")
+        for layer in self.adapted_layers.values():
+            layer.merged_adapter = None
+            kernel = keras_internals.kernel_variable(layer.base_layer)
+            delta = ops.cast(layer.delta_kernel(), kernel.dtype)
+            kernel.assign(ops.subtract(kernel, delta))
         self._changed()
 
     @property
@@ -166,10 +212,7 @@ class AdapterLifecycle:
 
     def _changed(self):
         self.allowed_ids = None
-        self.train_function = self.predict_function = self.test_function = None
-        # A KerasHub generative task compiles its own loop: drop it too.
-        if getattr(self.base_model, "generate_function", None) is not None:
-            self.base_model.generate_function = None
+        keras_internals.drop_compiled_functions(self)
 
     @property
     def sample_at_inference(self):
@@ -222,3 +265,38 @@ class AdapterLifecycle:
             else self.variables
         )
     )
+
+
+def adapter_deltas(model, safe_merge):
+    """`{id(wrapper): delta_kernel}` of `model`'s active adapter, checked.
+
+    Empty when no adapter is active or one is merged already. Used by
+    `merge_adapter` and by `keras_pvera.merge`.
+
+    Raises:
+        ValueError: For a quantized base layer, or (with `safe_merge`) a
+            kernel that would hold NaN or infinity.
+    """
+    if model.active_adapter is None or model.merged_adapter is not None:
+        return {}
+    deltas, bad = {}, []
+    for path, layer in model.adapted_layers.items():
+        if layer.base_layer.quantization_mode is not None:
+            raise ValueError(
+                f"Layer {path!r} is quantized "
+                f"(mode={layer.base_layer.quantization_mode!r}); merging "
+                "folds the adapter into float kernels. Merge before quantizing."
+            )
+        deltas[id(layer)] = layer.delta_kernel()
+        if safe_merge:
+            kernel = ops.add(layer.base_layer.kernel, deltas[id(layer)])
+            if not np.all(np.isfinite(ops.convert_to_numpy(kernel))):
+                bad.append(path)
+    if bad:
+        raise ValueError(
+            f"Merging would put NaN or infinity into the kernels of {bad[:5]}"
+            f"{' ...' if len(bad) > 5 else ''}: their adapter vectors "
+            "diverged. Nothing was merged; train again with a lower learning "
+            "rate or gradient clipping."
+        )
+    return deltas

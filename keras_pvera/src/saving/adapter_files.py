@@ -30,13 +30,13 @@ import json
 
 import numpy as np
 
-from keras_pvera import safetensors_io
-from keras_pvera.adapter_state import AdapterState
-from keras_pvera.adapter_state import adapter_state_of
-from keras_pvera.adapter_state import restore_adapter
-from keras_pvera.adapter_state import same_arrays
-from keras_pvera.pvera_config import ADAPTER_SETTING_NAMES
-from keras_pvera.pvera_config import PVeRAConfig
+from keras_pvera.src.layers.pvera_config import ADAPTER_SETTING_NAMES
+from keras_pvera.src.layers.pvera_config import PVeRAConfig
+from keras_pvera.src.saving import safetensors_io
+from keras_pvera.src.saving.adapter_state import AdapterState
+from keras_pvera.src.saving.adapter_state import adapter_state_of
+from keras_pvera.src.saving.adapter_state import restore_adapter
+from keras_pvera.src.saving.adapter_state import same_arrays
 
 FORMAT = "keras_pvera.adapter"
 FORMAT_VERSION = 1

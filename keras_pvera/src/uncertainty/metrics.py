@@ -33,7 +33,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_pvera import output_kinds
+from keras_pvera.src.uncertainty import output_kinds
 
 
 def _check_num_bins(num_bins):
