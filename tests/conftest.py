@@ -38,7 +38,18 @@ def keras_version():
     return tuple(int(part) for part in keras.version().split(".")[:2])
 
 
-# tests/data's 0.1.0 files were written with Keras 3.15, whose layer configs
+# Saved files written by earlier keras_pvera versions (tests/data, made by
+# tests/data/make_saved_files.py): each must still load and predict the same.
+DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+SAVED_FILE_SETS = ["v0_1_0", "main_2026_11_29"]
+
+
+def saved_file(prefix, kind):
+    """The path of one of tests/data's saved files (`model.keras`...)."""
+    return os.path.join(DATA_DIR, f"{prefix}_{kind}")
+
+
+# tests/data's files were written with Keras 3.15, whose layer configs
 # (Dense's `quantization_config`) older Keras cannot read, keras_pvera or not.
 needs_keras_3_15 = pytest.mark.skipif(
     keras_version() < (3, 15),

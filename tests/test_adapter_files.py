@@ -7,7 +7,9 @@ import keras
 import numpy as np
 import pytest
 import safetensors.numpy
+from conftest import SAVED_FILE_SETS
 from conftest import needs_keras_3_15
+from conftest import saved_file
 
 import keras_pvera
 from keras_pvera.src.layers.pvera_dense import PVeRADense
@@ -439,17 +441,13 @@ def test_saved_file_gets_the_usual_permissions(trained, tmp_path):
 
 
 @needs_keras_3_15
-def test_an_adapter_file_written_by_version_0_1_0_still_loads():
-    # tests/data/make_v0_1_0_files.py wrote it with keras_pvera 0.1.0.
-    data_dir = os.path.join(os.path.dirname(__file__), "data")
-    expected = np.load(os.path.join(data_dir, "v0_1_0_expected.npz"))
-    # The same base weights on every backend: those of the 0.1.0 .keras file.
-    base = keras.saving.load_model(
-        os.path.join(data_dir, "v0_1_0_model.keras")
-    ).unload()
-    model = keras_pvera.load_adapter(
-        base, os.path.join(data_dir, "v0_1_0_adapter.safetensors")
-    )
+@pytest.mark.parametrize("version", SAVED_FILE_SETS)
+def test_an_adapter_file_written_by_an_earlier_version_still_loads(version):
+    # tests/data/make_saved_files.py wrote it with that version.
+    expected = np.load(saved_file(version, "expected.npz"))
+    # The same base weights on every backend: those of the .keras file.
+    base = keras.saving.load_model(saved_file(version, "model.keras")).unload()
+    model = keras_pvera.load_adapter(base, saved_file(version, "adapter.safetensors"))
     assert list(model.adapted_layers) == ["hidden", "middle"]
     assert model.pvera_config.alpha == 2.0
     np.testing.assert_allclose(

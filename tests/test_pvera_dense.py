@@ -1,11 +1,12 @@
 import json
-import os
 
 import keras
 import numpy as np
 import pytest
+from conftest import SAVED_FILE_SETS
 from conftest import needs_keras_3_15
 from conftest import numpy_pvera
+from conftest import saved_file
 from keras import ops
 
 from keras_pvera import PVeRADense
@@ -434,10 +435,11 @@ def test_dropout_and_noise_draw_from_distinct_streams():
 
 
 @needs_keras_3_15
-def test_a_layer_config_written_by_version_0_1_0_still_loads():
-    # Settings at the top level, as 0.1.0 wrote them: one adapter "default".
-    path = os.path.join(os.path.dirname(__file__), "data", "v0_1_0_layer_config.json")
-    with open(path) as f:
+@pytest.mark.parametrize("version", SAVED_FILE_SETS)
+def test_a_layer_config_written_by_an_earlier_version_still_loads(version):
+    # 0.1.0 wrote the settings at the top level (one adapter, "default");
+    # later versions per named adapter.
+    with open(saved_file(version, "layer_config.json")) as f:
         layer = keras.saving.deserialize_keras_object(json.load(f))
     assert layer.adapter_names == ["default"]
     assert (layer.rank, layer.config.alpha, layer.config.kl_weight) == (4, 2.0, 1e-3)

@@ -6,7 +6,9 @@ import warnings
 import keras
 import numpy as np
 import pytest
+from conftest import SAVED_FILE_SETS
 from conftest import needs_keras_3_15
+from conftest import saved_file
 from keras import ops
 
 import keras_pvera
@@ -507,11 +509,11 @@ def test_kl_loss_is_logged_for_training_not_as_a_zero_validation_figure():
 
 
 @needs_keras_3_15
-def test_a_keras_file_written_by_version_0_1_0_still_loads():
-    # tests/data/make_v0_1_0_files.py wrote it with keras_pvera 0.1.0.
-    data_dir = os.path.join(os.path.dirname(__file__), "data")
-    expected = np.load(os.path.join(data_dir, "v0_1_0_expected.npz"))
-    model = keras.saving.load_model(os.path.join(data_dir, "v0_1_0_model.keras"))
+@pytest.mark.parametrize("version", SAVED_FILE_SETS)
+def test_a_keras_file_written_by_an_earlier_version_still_loads(version):
+    # tests/data/make_saved_files.py wrote it with that version.
+    expected = np.load(saved_file(version, "expected.npz"))
+    model = keras.saving.load_model(saved_file(version, "model.keras"))
     assert model.adapter_names == ["default"]
     assert list(model.adapted_layers) == ["hidden", "middle"]
     assert model.trainable_paths == ["head"]

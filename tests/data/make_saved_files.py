@@ -1,7 +1,12 @@
-"""Writes the v0.1.0 files that tests/test_saving_compatibility.py loads.
+"""Writes the saved files that the tests load to check old files still work.
 
-Run once with keras_pvera 0.1.0 (commit 9de1eda) on the path:
-`PYTHONPATH=<0.1.0 checkout> KERAS_BACKEND=torch python make_v0_1_0_files.py DIR`.
+Each set was written once by the keras_pvera it is named after, on the
+torch backend with Keras 3.15, with that checkout first on the path:
+`PYTHONPATH=<checkout> KERAS_BACKEND=torch python make_saved_files.py DIR PREFIX`.
+
+- `v0_1_0_*`: keras_pvera 0.1.0 (commit 9de1eda).
+- `main_2026_11_29_*`: main at commit 6fb9bf3, before the package moved
+  into `keras_pvera/src/` (the layout of its classes' modules changed).
 """
 
 import json
@@ -13,7 +18,7 @@ import numpy as np
 import keras_pvera
 
 
-def main(out):
+def main(out, prefix):
     keras.utils.set_random_seed(0)
     inputs = keras.Input((6,))
     h = keras.layers.Dense(12, activation="relu", name="hidden")(inputs)
@@ -34,13 +39,13 @@ def main(out):
         layer.lambda_b.assign(rng.normal(size=layer.out_dim).astype("float32"))
         layer.lambda_d.assign(rng.normal(size=2 * layer.rank).astype("float32"))
     x = rng.normal(size=(4, 6)).astype("float32")
-    model.save(f"{out}/v0_1_0_model.keras")
-    keras_pvera.save_adapter(model, f"{out}/v0_1_0_adapter.safetensors")
-    np.savez(f"{out}/v0_1_0_expected.npz", x=x, y=model.predict(x, verbose=0))
+    model.save(f"{out}/{prefix}_model.keras")
+    keras_pvera.save_adapter(model, f"{out}/{prefix}_adapter.safetensors")
+    np.savez(f"{out}/{prefix}_expected.npz", x=x, y=model.predict(x, verbose=0))
     layer = model.adapted_layers["hidden"]
-    with open(f"{out}/v0_1_0_layer_config.json", "w") as f:
+    with open(f"{out}/{prefix}_layer_config.json", "w") as f:
         json.dump(keras.saving.serialize_keras_object(layer), f)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2])
