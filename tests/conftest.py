@@ -18,6 +18,36 @@ def _reset_keras():
     keras.config.set_dtype_policy("float32")
 
 
+# Breadth runs in full in the torch run (the default backend). The JAX and
+# TensorFlow runs check every behaviour on the core tests, and the
+# architecture matrices (tests/keras_hub/test_keras_hub_architectures.py,
+# tests/peft/test_peft_architectures.py) on one architecture of each kind:
+# a WordPiece encoder, byte-pair and SentencePiece decoders, two
+# encoder-decoders and an image model. KERAS_PVERA_FULL_MATRIX=1 runs every
+# architecture on every backend.
+ARCHITECTURES_ON_EVERY_BACKEND = {"bert", "gpt2", "gemma", "bart", "t5", "vit"}
+
+
+def _runs_here(item):
+    if keras.backend.backend() == "torch":
+        return True
+    if os.environ.get("KERAS_PVERA_FULL_MATRIX") == "1":
+        return True
+    if item.get_closest_marker("default_backend_only"):
+        return False
+    if item.get_closest_marker("architecture_matrix"):
+        callspec = getattr(item, "callspec", None)
+        return callspec is None or callspec.id in ARCHITECTURES_ON_EVERY_BACKEND
+    return True
+
+
+def pytest_collection_modifyitems(config, items):
+    deselected = [item for item in items if not _runs_here(item)]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = [item for item in items if _runs_here(item)]
+
+
 def numpy_pvera(x, kernel, bias, a, b, lambda_d, lambda_b, alpha, eps=None):
     """PVeRA's formula (see keras_pvera/pvera_dense.py) in NumPy, for a Dense map.
 

@@ -31,7 +31,7 @@ from keras_pvera.src.utils import keras_internals
 
 # Most rows (examples times Monte Carlo copies) sent through the model in one
 # call, unless `batch_size` says otherwise; Keras' own default predict batch.
-# Measured with `examples/benchmark_uncertainty.py` (MiniLM BERT + PVeRA
+# Measured with `benchmarks/benchmark_uncertainty.py` (MiniLM BERT + PVeRA
 # r=256, 8 examples x 128 tokens, n=8, torch, 2 CPU cores, four runs on a
 # lightly loaded machine): n separate passes beat one call over the n-times repeated
 # batch (64 rows) by 8-18%, and calls of 16 or 32 rows took 0.89-1.08x the

@@ -63,7 +63,7 @@ keras_hub = pytest.importorskip("keras_hub")
 models = keras_hub.models
 
 # Minutes on JAX: outside the fast tier (`-m "not slow"`); CI runs it.
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.architecture_matrix]
 
 VOCABULARY = 64
 LENGTH = 8

@@ -261,7 +261,7 @@ def test_an_unloaded_model_loads_without_keras_pvera(tmp_path):
     np.save(tmp_path / "y.npy", base.predict(x, verbose=0))
     script = (
         "import sys, numpy as np, keras\n"
-        f"sys.path.insert(0, {os.path.dirname(__file__)!r})\n"
+        f"sys.path.insert(0, {os.path.dirname(os.path.dirname(__file__))!r})\n"
         "import custom_layers  # registers Block\n"
         f"m = keras.saving.load_model({str(tmp_path / 'base.keras')!r})\n"
         "assert 'keras_pvera' not in sys.modules, 'keras_pvera was imported'\n"

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 BACKENDS = ("torch", "jax", "tensorflow")
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def make_base():

