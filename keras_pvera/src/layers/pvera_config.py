@@ -6,10 +6,10 @@ is written here and nowhere else (`SETTING_NAMES` is derived from it).
 """
 
 import dataclasses
-import math
-import numbers
 
 import numpy as np
+
+from keras_pvera.src.utils import checks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,27 +74,27 @@ class PVeRAConfig:
     trainable_layers: object = None
 
     def __post_init__(self):
-        if not _is_integer(self.rank) or self.rank < 1:
+        if not checks.is_integer(self.rank) or self.rank < 1:
             raise ValueError(
                 "`rank` must be a positive integer, for example 256. "
                 f"Received: rank={self.rank!r}"
             )
-        if not _is_integer(self.seed) or self.seed < 0:
+        if not checks.is_integer(self.seed) or self.seed < 0:
             raise ValueError(
                 f"`seed` must be a non-negative integer. Received: seed={self.seed!r}"
             )
         for name in ("alpha", "d_initial"):
             value = getattr(self, name)
-            if not _is_finite(value) or value <= 0:
+            if not checks.is_finite_number(value) or value <= 0:
                 raise ValueError(
                     f"`{name}` must be a finite number > 0. Received: {name}={value!r}"
                 )
-        if not _is_finite(self.dropout) or not 0.0 <= self.dropout < 1.0:
+        if not checks.is_finite_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(
                 "`dropout` must be a number in [0, 1). "
                 f"Received: dropout={self.dropout!r}"
             )
-        if not _is_finite(self.kl_weight) or self.kl_weight < 0:
+        if not checks.is_finite_number(self.kl_weight) or self.kl_weight < 0:
             raise ValueError(
                 "`kl_weight` must be a finite number >= 0 (the paper used 1e-16 "
                 f"to 1e-6). Received: kl_weight={self.kl_weight!r}"
@@ -225,20 +225,6 @@ def split_settings(kwargs):
     settings = {k: v for k, v in kwargs.items() if k in SETTING_NAMES}
     rest = {k: v for k, v in kwargs.items() if k not in SETTING_NAMES}
     return settings, rest
-
-
-def _is_integer(value):
-    return isinstance(value, numbers.Integral) and not isinstance(
-        value, (bool, np.bool_)
-    )
-
-
-def _is_finite(value):
-    return (
-        isinstance(value, numbers.Real)
-        and not isinstance(value, (bool, np.bool_))
-        and math.isfinite(value)
-    )
 
 
 def _check_selector(name, value):

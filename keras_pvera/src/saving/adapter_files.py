@@ -37,6 +37,7 @@ from keras_pvera.src.saving.adapter_state import AdapterState
 from keras_pvera.src.saving.adapter_state import adapter_state_of
 from keras_pvera.src.saving.adapter_state import restore_adapter
 from keras_pvera.src.saving.adapter_state import same_arrays
+from keras_pvera.src.utils import checks
 
 FORMAT = "keras_pvera.adapter"
 FORMAT_VERSION = 1
@@ -356,4 +357,4 @@ def _decode_trainable(rows, source):
 
 
 def _is_size(value, minimum=1):
-    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+    return checks.is_integer(value, minimum)

@@ -19,7 +19,6 @@ import numpy as np
 
 from keras_pvera.src.layers.projections import generate_projections
 from keras_pvera.src.layers.pvera_config import PVeRAConfig
-from keras_pvera.src.layers.pvera_dense import PVeRADense
 from keras_pvera.src.layers.pvera_dense import linear_equation_of
 from keras_pvera.src.models.pvera_model import PVeRAModel
 from keras_pvera.src.surgery import layer_walk
@@ -335,13 +334,13 @@ def _check_base_model(model, state):
             "Expected a Keras model. Received: "
             f"{model!r} of type {type(model).__name__}"
         )
-    layers = dict(layer_walk.iter_layers(model))
-    if any(isinstance(layer, PVeRADense) for layer in layers.values()):
+    if layer_walk.pvera_layers(model):
         raise ValueError(
             f"Model {model.name!r} holds PVeRA layers but is not a "
             "PVeRAModel. Pass the model that keras_pvera.apply returned, or "
             "the base model before adaptation."
         )
+    layers = dict(layer_walk.iter_layers(model))
     for path, sizes in state.layers.items():
         if path not in layers:
             raise ValueError(

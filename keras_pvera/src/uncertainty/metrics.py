@@ -27,25 +27,16 @@ Example:
 0.25
 """
 
-import numbers
-
 import keras
 import numpy as np
 from keras import ops
 
 from keras_pvera.src.uncertainty import output_kinds
+from keras_pvera.src.utils import checks
 
 
 def _check_num_bins(num_bins):
-    if (
-        isinstance(num_bins, bool)
-        or not isinstance(num_bins, numbers.Integral)
-        or num_bins < 1
-    ):
-        raise ValueError(
-            f"`num_bins` must be a positive integer. Received: num_bins={num_bins!r}"
-        )
-    return int(num_bins)
+    return checks.checked_integer(num_bins, "num_bins")
 
 
 def _check_probabilities(y_prob, what):

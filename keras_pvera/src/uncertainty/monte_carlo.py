@@ -20,12 +20,12 @@ import numpy as np
 import scipy.stats
 from keras import ops
 
-from keras_pvera.src.layers.pvera_dense import PVeRADense
 from keras_pvera.src.layers.seeds import seed_generator_states
 from keras_pvera.src.surgery import layer_walk
 from keras_pvera.src.uncertainty import output_kinds
 from keras_pvera.src.uncertainty.input_batches import InputBatches
 from keras_pvera.src.uncertainty.input_batches import num_rows
+from keras_pvera.src.utils import checks
 from keras_pvera.src.utils import keras_hub_tasks
 from keras_pvera.src.utils import keras_internals
 
@@ -54,22 +54,11 @@ def check_level(level):
     return float(level)
 
 
-def _check_positive_int(value, name):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(
-            f"`{name}` must be a positive integer. Received: {name}={value!r}"
-        )
-    return int(value)
-
-
 def _check_seed(seed):
     if seed is None:
         return None
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
-        raise ValueError(
-            f"`seed` must be None or a non-negative integer. Received: seed={seed!r}"
-        )
-    return int(seed)
+    expected = "None or a non-negative integer"
+    return checks.checked_integer(seed, "seed", minimum=0, expected=expected)
 
 
 def _check_verbose(verbose):
@@ -512,8 +501,8 @@ def adapted_layers_of(model):
     """
     adapters = [
         layer
-        for _, layer in layer_walk.iter_layers(model)
-        if isinstance(layer, PVeRADense) and layer.active_adapter is not None
+        for _, layer in layer_walk.pvera_layers(model)
+        if layer.active_adapter is not None
     ]
     if not adapters:
         raise ValueError(
@@ -704,12 +693,12 @@ def predict_with_uncertainty(
     >>> result.from_logits  # The softmax head outputs probabilities.
     False
     """
-    n = _check_positive_int(n, "n")
+    n = checks.checked_integer(n, "n")
     level = check_level(level)
     max_rows = (
         DEFAULT_MAX_ROWS
         if batch_size is None
-        else _check_positive_int(batch_size, "batch_size")
+        else checks.checked_integer(batch_size, "batch_size")
     )
     seed = _check_seed(seed)
     if seed is None:

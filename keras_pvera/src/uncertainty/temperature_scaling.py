@@ -37,6 +37,7 @@ from keras_pvera.src.uncertainty import output_kinds
 from keras_pvera.src.uncertainty.monte_carlo import as_two_classes
 from keras_pvera.src.uncertainty.monte_carlo import log_softmax
 from keras_pvera.src.uncertainty.monte_carlo import predict_with_uncertainty
+from keras_pvera.src.utils import checks
 
 # Bounds of the temperature search (log-spaced), wide enough for any model
 # worth calibrating; a fit that lands on a bound says the data do not pin T.
@@ -287,10 +288,8 @@ def calibrate(model, x, y, n=30, from_logits=None, seed=0, batch_size=None):
             "which stores the temperature and saves it. Received: "
             f"{type(model).__name__}"
         )
-    if n is not None and (
-        isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1
-    ):
-        raise ValueError(f"`n` must be a positive integer or None. Received: n={n!r}")
+    if n is not None:
+        checks.checked_integer(n, "n", expected="a positive integer or None")
     if from_logits is not None and not isinstance(from_logits, bool):
         raise ValueError(
             "`from_logits` must be None (from the model), True or False. "
