@@ -22,15 +22,7 @@ IMAGE_LINK = re.compile(r"\]\(\.\./" + re.escape(IMAGES) + "/")
 
 # Substrings of griffe's messages (the file paths in them change as modules
 # move, so they are left out).
-KNOWN_DOCSTRING_WARNINGS = [
-    # PVeRAModel's Args name two parameters on one line.
-    "Parameter 'adapted_paths, trainable_paths' does not appear in the "
-    "function signature",
-    # kl_divergence's Raises section has no exception type.
-    "Failed to get 'exception: description' pair from 'Nothing of its own;",
-    "Failed to get 'exception: description' pair from '`logvar` do not "
-    "broadcast together.'",
-]
+KNOWN_DOCSTRING_WARNINGS = []
 
 log = logging.getLogger("mkdocs.hooks.keras_pvera")
 

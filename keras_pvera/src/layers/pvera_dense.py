@@ -59,9 +59,8 @@ def kl_divergence(mu, logvar):
     Returns:
         A scalar tensor.
 
-    Raises:
-        Nothing of its own; the backend raises its own error if `mu` and
-        `logvar` do not broadcast together.
+    `mu` and `logvar` must broadcast together; the backend raises its own
+    error if they do not.
 
     Example:
 

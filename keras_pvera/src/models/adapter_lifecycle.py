@@ -37,8 +37,15 @@ class AdapterLifecycle:
     True
     """
 
-    adapter_names = property(lambda self: list(self.injection.adapters))
-    active_adapter = property(lambda self: self.injection.active)
+    @property
+    def adapter_names(self):
+        """The names of the model's adapters, in the order they were added."""
+        return list(self.injection.adapters)
+
+    @property
+    def active_adapter(self):
+        """The name of the adapter that runs and trains, or `None`."""
+        return self.injection.active
 
     @property
     def pvera_config(self):
@@ -50,7 +57,10 @@ class AdapterLifecycle:
             )
         return self.injection.adapters[self.active_adapter].config
 
-    trainable_paths = property(lambda self: list(self.injection.trainable_paths))
+    @property
+    def trainable_paths(self):
+        """Paths of the layers trained in full beside the adapters."""
+        return list(self.injection.trainable_paths)
 
     @property
     def adapted_layers(self):

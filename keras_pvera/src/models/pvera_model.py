@@ -71,7 +71,7 @@ def apply(model, rank=None, *, config=None, name=None, **settings):
 
 
 @keras.saving.register_keras_serializable(package="keras_pvera")
-class PVeRAModel(AdapterLifecycle, keras.Model):
+class PVeRAModel(AdapterLifecycle, model_summary.ModelSummary, keras.Model):
     """A Keras model adapted with PVeRA. Made by `keras_pvera.apply`.
 
     Calls the adapted base model; adds `kl_loss` to training logs when the
@@ -86,9 +86,13 @@ class PVeRAModel(AdapterLifecycle, keras.Model):
         config: The first adapter's `PVeRAConfig` (or settings by name in
             `**kwargs`).
         adapter_name: The first adapter's name.
-        adapted_paths, trainable_paths: Paths of the adapted layers and of
-            the layers trained in full, instead of selecting them (loading).
+        adapted_paths: Paths of the adapted layers, instead of selecting
+            them (loading).
+        trainable_paths: Paths of the layers trained in full, instead of
+            selecting them (loading).
         base_model_config: The serialized base model before adaptation.
+        calibration: Temperature scaling, as `keras_pvera.calibrate` sets
+            it (`{"temperature": T, "from_logits": bool}`), or `None`.
         **kwargs: PVeRA settings by name, and `keras.Model` keyword
             arguments such as `name` (default: `"pvera_"` and the base
             model's name).
@@ -218,11 +222,6 @@ class PVeRAModel(AdapterLifecycle, keras.Model):
             return super().__getattr__(name)
         except AttributeError:
             return task_workflow.task_attribute(self, name)
-
-    check_finite = model_summary.check_finite
-    parameter_counts = model_summary.parameter_counts
-    pvera_summary = model_summary.pvera_summary
-    print_trainable_parameters = model_summary.print_trainable_parameters
 
     def predict_with_uncertainty(self, x, n=30, **kwargs):
         """`keras_pvera.predict_with_uncertainty(self, x, n, **kwargs)`."""

@@ -8,7 +8,7 @@ adapted module `base_model.model.<module>.pvera_lambda_d` `(2r,)` and
 `base_model.pvera_A` `(2r, in_max)` and `base_model.pvera_B` `(out_max, r)`.
 
 The adapter applies to the KerasHub equivalent of PEFT's base model: module
-names map to KerasHub layer paths through `peft_module_names`. PyTorch's
+names map to KerasHub layer paths through keras_pvera's table of them. PyTorch's
 `Linear` weight is `(out, in)`; KerasHub's converters reshape it row-major
 into the kernel's output axes (`(hidden, heads, head_dim)` for a query), so
 PEFT's `in` and `out` orderings are keras_pvera's and the vectors and
@@ -64,7 +64,7 @@ def load_peft_adapter(model, path, adapter=None):
 
     Modules of PEFT's `modules_to_save` (a task head trained in full) load
     onto the layers of a KerasHub task that computes the same head (see
-    `peft_module_names.TaskHead`), which then train in full too.
+    keras_pvera's table of PEFT module names), which then train in full too.
 
     Args:
         model: The KerasHub equivalent of PEFT's base model (for example
@@ -206,9 +206,9 @@ def save_peft_adapter(
     (PEFT has none). Each file is written atomically.
 
     Args:
-        model: A `PVeRAModel` over a KerasHub backbone with a module-name
-            table (see `peft_module_names.SPECS`), or over a KerasHub task
-            holding one. Layers trained in full must be the task head's
+        model: A `PVeRAModel` over a KerasHub backbone whose PEFT module
+            names keras_pvera knows (see the docs' PEFT section), or over a
+            KerasHub task holding one. Layers trained in full must be the task head's
             (written as PEFT's `modules_to_save`).
         path: The folder to write (created if needed).
         adapter: The adapter's name; `None` for the active one.

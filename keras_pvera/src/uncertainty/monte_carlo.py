@@ -184,9 +184,10 @@ class UncertaintyResult:
         mean: Mean over the samples.
         std: Standard deviation over the samples (`np.std`, `ddof=0`, so 0
             when `n == 1`).
-        lower, upper: The `(1 - level) / 2` and `(1 + level) / 2` quantiles
-            of the samples (`np.quantile`, linear interpolation): a central
-            interval holding a fraction `level` of the predictions.
+        lower: The `(1 - level) / 2` quantile of the samples (`np.quantile`,
+            linear interpolation): with `upper`, a central interval holding
+            a fraction `level` of the predictions.
+        upper: The `(1 + level) / 2` quantile of the samples.
         samples: The samples (leading axis `n`), or `None` unless kept.
 
     Raises:
