@@ -33,7 +33,7 @@ def data(n=32, seed=0):
 def randomize(model, adapter=None, seed=1):
     name = adapter or model.active_adapter
     rng = np.random.default_rng(seed)
-    for layer in model.injection.layers_of(name).values():
+    for layer in model.adapter_registry.layers_of(name).values():
         vectors = layer.adapter_vectors[name]
         rank = vectors.config.rank
         vectors.lambda_b.assign(rng.normal(size=layer.out_dim).astype("float32"))

@@ -436,7 +436,7 @@ def test_unbuilt_and_already_adapted_models_are_refused():
 
 
 def test_a_failure_during_surgery_is_rolled_back(monkeypatch):
-    from keras_pvera.src.surgery import injection
+    from keras_pvera.src.surgery import adapter_registry
 
     base = mlp()
     x, _ = data(4)
@@ -445,7 +445,7 @@ def test_a_failure_during_surgery_is_rolled_back(monkeypatch):
     def broken_freeze(*args):
         raise RuntimeError("freeze failed")
 
-    monkeypatch.setattr(injection.Injection, "freeze", broken_freeze)
+    monkeypatch.setattr(adapter_registry.AdapterRegistry, "freeze", broken_freeze)
     with pytest.raises(RuntimeError, match="freeze failed"):
         keras_pvera.apply(base, rank=4)
     assert [layer.name for layer in base.layers] == ["hidden_1", "hidden_2", "head"]

@@ -4,7 +4,7 @@ Several named adapters on one model (one active at a time: only its
 vectors run and train), the base model back (`disable_adapter`, `unload`),
 and merging in place (`merge_adapter`, `unmerge_adapter`). Also what keeps
 the base frozen whatever `trainable` toggles a user makes. The structural
-work is `injection.Injection`'s; this is the model's public face of it.
+work is `adapter_registry.AdapterRegistry`'s; this is the model's public face of it.
 """
 
 import contextlib
@@ -40,12 +40,12 @@ class AdapterLifecycle:
     @property
     def adapter_names(self):
         """The names of the model's adapters, in the order they were added."""
-        return list(self.injection.adapters)
+        return list(self.adapter_registry.adapters)
 
     @property
     def active_adapter(self):
         """The name of the adapter that runs and trains, or `None`."""
-        return self.injection.active
+        return self.adapter_registry.active
 
     @property
     def pvera_config(self):
@@ -55,17 +55,17 @@ class AdapterLifecycle:
                 "The model has no active adapter. Call `model.set_adapter(name)` "
                 f"with one of {self.adapter_names}."
             )
-        return self.injection.adapters[self.active_adapter].config
+        return self.adapter_registry.adapters[self.active_adapter].config
 
     @property
     def trainable_paths(self):
         """Paths of the layers trained in full beside the adapters."""
-        return list(self.injection.trainable_paths)
+        return list(self.adapter_registry.trainable_paths)
 
     @property
     def adapted_layers(self):
         """`{path: PVeRADense}` of the layers the active adapter adapts."""
-        return self.injection.layers_of(self.active_adapter)
+        return self.adapter_registry.layers_of(self.active_adapter)
 
     def add_adapter(self, adapter_name, config=None, **settings):
         """Adds a named adapter (PEFT's `add_adapter`); it is not made active.
@@ -88,8 +88,8 @@ class AdapterLifecycle:
         trainable = settings.pop("trainable_paths", None)
         self._check_not_merged("add an adapter")
         config = PVeRAConfig.from_settings(config, **settings)
-        self.injection.add(adapter_name, config, paths, trainable)
-        self.injection.set_active(self.active_adapter)
+        self.adapter_registry.add(adapter_name, config, paths, trainable)
+        self.adapter_registry.set_active(self.active_adapter)
         self._track_kl(config)
         self._changed()
 
@@ -102,7 +102,7 @@ class AdapterLifecycle:
         self._check_adapter(adapter_name)
         self._check_not_merged("switch adapters")
         if adapter_name != self.active_adapter:
-            self.injection.set_active(adapter_name)
+            self.adapter_registry.set_active(adapter_name)
             self._renew_optimizer()
         self._changed()
 
@@ -121,14 +121,14 @@ class AdapterLifecycle:
                 "`model.unload()` to get the base model back instead."
             )
         self._check_not_merged("delete an adapter")
-        self.injection.delete(adapter_name)
+        self.adapter_registry.delete(adapter_name)
         self._renew_optimizer()
         self._changed()
 
     @contextlib.contextmanager
     def disable_adapter(self):
         """Within this context, the model computes the base model's outputs."""
-        wrappers = list(self.injection.wrappers.values())
+        wrappers = list(self.adapter_registry.wrappers.values())
         for wrapper in wrappers:
             wrapper.adapter_enabled = False
         self._changed()
@@ -142,7 +142,7 @@ class AdapterLifecycle:
     def unload(self):
         """Takes every adapter out and returns the base model as it was."""
         self._check_not_merged("unload")
-        self.injection.unload()
+        self.adapter_registry.unload()
         self._changed()
         return self.base_model
 
@@ -205,10 +205,12 @@ class AdapterLifecycle:
     @property
     def merged_adapter(self):
         """The name of the adapter merged into the kernels, or `None`."""
-        return next((w.merged_adapter for w in self.injection.wrappers.values()), None)
+        return next(
+            (w.merged_adapter for w in self.adapter_registry.wrappers.values()), None
+        )
 
     def _check_adapter(self, adapter_name):
-        if adapter_name not in self.injection.adapters:
+        if adapter_name not in self.adapter_registry.adapters:
             raise ValueError(
                 f"No adapter named {adapter_name!r}. Adapters: {self.adapter_names}"
             )
@@ -233,7 +235,7 @@ class AdapterLifecycle:
     def sample_at_inference(self, value):
         if value:
             self._check_not_merged("sample")
-        record = self.injection.adapters[self.active_adapter]
+        record = self.adapter_registry.adapters[self.active_adapter]
         record.config = record.config.replace(sample_at_inference=bool(value))
         for layer in self.adapted_layers.values():
             layer.sample_at_inference = bool(value)
@@ -246,12 +248,12 @@ class AdapterLifecycle:
     @trainable.setter
     def trainable(self, value):
         keras.Model.trainable.fset(self, value)
-        if getattr(self, "injection", None) is not None:
-            self.injection.freeze()  # Toggling never thaws the base.
+        if getattr(self, "adapter_registry", None) is not None:
+            self.adapter_registry.freeze()  # Toggling never thaws the base.
 
     def _allowed(self, variable):
         if getattr(self, "allowed_ids", None) is None:
-            self.allowed_ids = self.injection.trainable_ids()
+            self.allowed_ids = self.adapter_registry.trainable_ids()
         return variable.trainable and id(variable) in self.allowed_ids
 
     # Whatever a `trainable` toggle on an inner layer did, only the active

@@ -41,7 +41,7 @@ class ModelSummary:
         """
         bad = []
         for name in self.adapter_names:
-            for path, layer in self.injection.layers_of(name).items():
+            for path, layer in self.adapter_registry.layers_of(name).items():
                 for weight in layer.adapter_vectors[name].weights:
                     if not np.all(np.isfinite(ops.convert_to_numpy(weight))):
                         bad.append(f"{path}/{weight.name}")
@@ -96,7 +96,7 @@ class ModelSummary:
         registry = self.projection_registry
         lines = []
         for name in self.adapter_names:
-            config = self.injection.adapters[name].config
+            config = self.adapter_registry.adapters[name].config
             state = "active" if name == self.active_adapter else "inactive"
             lines.append(
                 f"PVeRA adapter {name!r} ({state}): rank={config.rank}, "

@@ -1,6 +1,6 @@
 """`PVeRAModel` and `apply`: a Keras model adapted with PVeRA.
 
-`apply` adapts a model's layers (through `injection.Injection`) and returns
+`apply` adapts a model's layers (through `adapter_registry.AdapterRegistry`) and returns
 a `PVeRAModel`, a plain Keras model that trains with `fit`, reports the KL
 term as `kl_loss`, holds several named adapters (one active at a time), and
 saves to `.keras`: the base model's configuration as it was before
@@ -17,7 +17,7 @@ from keras_pvera.src.layers.pvera_config import split_settings
 from keras_pvera.src.models import model_summary
 from keras_pvera.src.models import task_workflow
 from keras_pvera.src.models.adapter_lifecycle import AdapterLifecycle
-from keras_pvera.src.surgery import injection as injection_lib
+from keras_pvera.src.surgery import adapter_registry as adapter_registry_lib
 from keras_pvera.src.surgery import layer_selection
 from keras_pvera.src.uncertainty import monte_carlo
 from keras_pvera.src.uncertainty import temperature_scaling as calibration_lib
@@ -123,21 +123,21 @@ class PVeRAModel(AdapterLifecycle, model_summary.ModelSummary, keras.Model):
         settings, kwargs = split_settings(kwargs)
         config = PVeRAConfig.from_settings(config, **settings)
         calibration = calibration_lib.check_calibration(calibration)
-        injection_lib.check_base_model(base_model)
+        adapter_registry_lib.check_base_model(base_model)
         if base_model_config is None:
             try:
                 base_model_config = keras.saving.serialize_keras_object(base_model)
             except Exception as e:  # Only needed to save; kept for the error.
                 base_model_config = {"error": f"{type(e).__name__}: {e}"}
-        injection = injection_lib.Injection(base_model)
-        injection.add(adapter_name, config, adapted_paths, trainable_paths)
+        adapter_registry = adapter_registry_lib.AdapterRegistry(base_model)
+        adapter_registry.add(adapter_name, config, adapted_paths, trainable_paths)
         if kwargs.get("name") is None:
             kwargs["name"] = f"pvera_{base_model.name}"
         super().__init__(**kwargs)
         self.base_model = base_model
-        self.projection_registry = injection.registry
+        self.projection_registry = adapter_registry.registry
         # Plain objects: Keras tracks neither (the layers live in base_model).
-        self.injection = injection
+        self.adapter_registry = adapter_registry
         self.base_model_config = base_model_config
         # Post-hoc temperature scaling (keras_pvera.calibrate), beyond the
         # paper: applied to inference outputs, saved in the config.
@@ -193,7 +193,7 @@ class PVeRAModel(AdapterLifecycle, model_summary.ModelSummary, keras.Model):
 
     def fit(self, *args, **kwargs):
         self._check_not_merged("train")
-        self.injection.freeze()
+        self.adapter_registry.freeze()
         # A KerasHub task's raw inputs go through its preprocessor.
         args, kwargs = task_workflow.fit_arguments(self, args, kwargs)
         history = super().fit(*args, **kwargs)
@@ -261,7 +261,7 @@ class PVeRAModel(AdapterLifecycle, model_summary.ModelSummary, keras.Model):
             "base_model_config": self.base_model_config,
             "adapters": [
                 [name, record.config.to_dict(), record.paths]
-                for name, record in self.injection.adapters.items()
+                for name, record in self.adapter_registry.adapters.items()
             ],
             "active_adapter": self.active_adapter,
             "trainable_paths": self.trainable_paths,
@@ -273,7 +273,11 @@ class PVeRAModel(AdapterLifecycle, model_summary.ModelSummary, keras.Model):
         }
 
     def _saved_paths(self):
-        paths = [p for record in self.injection.adapters.values() for p in record.paths]
+        paths = [
+            p
+            for record in self.adapter_registry.adapters.values()
+            for p in record.paths
+        ]
         return list(dict.fromkeys(paths + self.trainable_paths))
 
     @classmethod
@@ -307,5 +311,5 @@ class PVeRAModel(AdapterLifecycle, model_summary.ModelSummary, keras.Model):
                 other, PVeRAConfig.from_dict(settings), adapted_paths=paths
             )
         if active != model.active_adapter:
-            model.injection.set_active(active)
+            model.adapter_registry.set_active(active)
         return model

@@ -46,7 +46,7 @@ class AdapterState:
         trainable: A dict from the path of a layer trained in full to the
             list of its weights (`layer.weights` order).
         addresses: A dict from each path of `layers` and `trainable` to its
-            `[address, class name]` (`injection.layer_addresses`), which
+            `[address, class name]` (`adapter_registry.layer_addresses`), which
             finds the layer in a model whose layer names differ; empty for
             files written before addresses.
     """
@@ -155,8 +155,8 @@ def adapter_state_of(model, adapter=None):
         raise ValueError(
             f"The model has no adapter named {name!r}. Adapters: {model.adapter_names}"
         )
-    config = model.injection.adapters[name].config
-    wrappers = model.injection.layers_of(name)
+    config = model.adapter_registry.adapters[name].config
+    wrappers = model.adapter_registry.layers_of(name)
     layers = dict(adaptable_layers(model.base_model))
     registry = model.projection_registry
     return AdapterState(
@@ -279,7 +279,7 @@ def _projections_of(model):
 
 
 def _check_adapted_model(model, state, name):
-    config = model.injection.adapters[name].config
+    config = model.adapter_registry.adapters[name].config
     for setting in ("rank", "seed", "alpha"):
         if getattr(config, setting) != getattr(state.config, setting):
             raise ValueError(
@@ -287,7 +287,7 @@ def _check_adapted_model(model, state, name):
                 f"differs from the model's {setting}={getattr(config, setting)!r} "
                 f"(adapter {name!r})."
             )
-    wrappers = model.injection.layers_of(name)
+    wrappers = model.adapter_registry.layers_of(name)
     _check_same_paths("adapted layer", list(state.layers), list(wrappers))
     for path, layer in wrappers.items():
         if state.layers[path] != (layer.in_dim, layer.out_dim):
@@ -429,7 +429,7 @@ def _linear_paths(layers):
 
 
 def _assign(model, state, name):
-    for path, layer in model.injection.layers_of(name).items():
+    for path, layer in model.adapter_registry.layers_of(name).items():
         vectors = layer.adapter_vectors[name]
         _set(vectors.lambda_d, state.lambda_d[path])
         _set(vectors.lambda_b, state.lambda_b[path])

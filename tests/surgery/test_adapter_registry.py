@@ -1,4 +1,4 @@
-"""`Injection`: selecting, wrapping, swapping in, freezing, and undoing it."""
+"""`AdapterRegistry`: selecting, wrapping, swapping in, freezing, and undoing it."""
 
 import keras
 import numpy as np
@@ -6,7 +6,7 @@ import pytest
 
 from keras_pvera import PVeRAConfig
 from keras_pvera import PVeRADense
-from keras_pvera.src.surgery.injection import Injection
+from keras_pvera.src.surgery.adapter_registry import AdapterRegistry
 from keras_pvera.src.surgery.layer_selection import adaptable_layers
 from keras_pvera.src.surgery.layer_selection import select_targets
 
@@ -32,8 +32,8 @@ def flags(model):
 
 def test_wrapped_layers_are_selected_by_their_base_name():
     model = mlp()
-    injection = Injection(model)
-    injection.add("default", PVeRAConfig(rank=2, target=["hidden", "middle"]))
+    adapter_registry = AdapterRegistry(model)
+    adapter_registry.add("default", PVeRAConfig(rank=2, target=["hidden", "middle"]))
     layers = dict(adaptable_layers(model))
     assert list(layers) == ["hidden", "norm", "middle", "head"]
     assert isinstance(layers["hidden"], PVeRADense)
@@ -48,8 +48,8 @@ def test_all_leaves_out_output_layers():
 
 def test_freeze_keeps_only_vectors_and_trainable_layers():
     model = mlp()
-    injection = Injection(model)
-    injection.add(
+    adapter_registry = AdapterRegistry(model)
+    adapter_registry.add(
         "default",
         PVeRAConfig(rank=2, target=["hidden"], trainable_layers=["head"]),
     )
@@ -66,13 +66,13 @@ def test_freeze_keeps_only_vectors_and_trainable_layers():
 
 def test_freeze_again_puts_back_what_a_toggle_thawed():
     model = mlp()
-    injection = Injection(model)
-    injection.add("default", PVeRAConfig(rank=2, target=["hidden"]))
+    adapter_registry = AdapterRegistry(model)
+    adapter_registry.add("default", PVeRAConfig(rank=2, target=["hidden"]))
     frozen = flags(model)
     model.trainable = False
     model.trainable = True
     assert flags(model) != frozen  # Keras' recursive setter thawed the base.
-    injection.freeze()
+    adapter_registry.freeze()
     assert flags(model) == frozen
 
 
@@ -83,9 +83,9 @@ def test_unload_restores_layers_flags_and_outputs():
     x = np.random.default_rng(0).normal(size=(4, 6)).astype("float32")
     expected = model.predict(x, verbose=0)
     layers = [layer for layer in model.layers]
-    injection = Injection(model)
-    injection.add("default", PVeRAConfig(rank=2, target="all"))
-    injection.unload()
+    adapter_registry = AdapterRegistry(model)
+    adapter_registry.add("default", PVeRAConfig(rank=2, target="all"))
+    adapter_registry.unload()
     assert model.layers == layers
     assert flags(model) == before
     np.testing.assert_array_equal(model.predict(x, verbose=0), expected)
@@ -93,15 +93,15 @@ def test_unload_restores_layers_flags_and_outputs():
 
 def test_a_failed_add_changes_nothing():
     model = mlp()
-    injection = Injection(model)
-    injection.add("default", PVeRAConfig(rank=2, target=["head"]))  # 8 -> 3
+    adapter_registry = AdapterRegistry(model)
+    adapter_registry.add("default", PVeRAConfig(rank=2, target=["head"]))  # 8 -> 3
     before = flags(model)
     with pytest.raises(ValueError, match="'hidden' \\(6 -> 8\\), larger than"):
-        injection.add("second", PVeRAConfig(rank=2, target=["hidden"]))
+        adapter_registry.add("second", PVeRAConfig(rank=2, target=["hidden"]))
     with pytest.raises(ValueError, match="rank=4"):
-        injection.add("second", PVeRAConfig(rank=4, target=["head"]))
+        adapter_registry.add("second", PVeRAConfig(rank=4, target=["head"]))
     with pytest.raises(ValueError, match="matches no layer"):
-        injection.add("third", PVeRAConfig(rank=2, target=["missing"]))
-    assert list(injection.adapters) == ["default"]
+        adapter_registry.add("third", PVeRAConfig(rank=2, target=["missing"]))
+    assert list(adapter_registry.adapters) == ["default"]
     assert flags(model) == before
     assert type(model.get_layer("hidden")) is keras.layers.Dense

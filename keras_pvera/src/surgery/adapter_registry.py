@@ -1,6 +1,6 @@
 """Putting PVeRA adapters into a Keras model and taking them out again.
 
-`Injection` is the record of what PVeRA changed in one base model: which
+`AdapterRegistry` is the record of what PVeRA changed in one base model: which
 layers it wrapped in `PVeRADense` layers, the named adapters each wrapper
 holds, which layers train in full (`trainable_layers`), and what it froze.
 It wraps the layers `layer_selection` finds, swaps the wrappers in
@@ -31,7 +31,9 @@ def check_base_model(model):
             "keras_pvera.apply adapts a keras.Model. Received: "
             f"{model!r} of type {type(model).__name__}"
         )
-    if getattr(model, "injection", None) is not None or layer_walk.pvera_layers(model):
+    if getattr(model, "adapter_registry", None) is not None or layer_walk.pvera_layers(
+        model
+    ):
         raise ValueError(
             f"Model {model.name!r} is already adapted with PVeRA. Apply PVeRA "
             "to the original model once; to add another adapter, call "
@@ -53,7 +55,7 @@ class AdapterRecord:
         self.paths = list(paths)
 
 
-class Injection:
+class AdapterRegistry:
     """What PVeRA changed in one base model, to extend or undo.
 
     Args:
@@ -65,11 +67,11 @@ class Injection:
     >>> base = keras.Sequential([keras.Input((4,)),
     ...                          keras.layers.Dense(8, name="hidden"),
     ...                          keras.layers.Dense(2, name="head")])
-    >>> injection = Injection(base)
-    >>> injection.add("default", PVeRAConfig(rank=2, target=["hidden"]))
-    >>> list(injection.wrappers), [w.name for w in base.trainable_weights]
+    >>> adapter_registry = AdapterRegistry(base)
+    >>> adapter_registry.add("default", PVeRAConfig(rank=2, target=["hidden"]))
+    >>> list(adapter_registry.wrappers), [w.name for w in base.trainable_weights]
     (['hidden'], ['pvera_lambda_d', 'pvera_lambda_b'])
-    >>> injection.unload()
+    >>> adapter_registry.unload()
     >>> [w.name for w in base.trainable_weights]
     ['kernel', 'bias', 'kernel', 'bias']
     """
