@@ -3,15 +3,15 @@
 `predict_with_uncertainty` accepts what `model.predict` accepts: arrays (or
 lists, tuples and dicts of arrays), a `tf.data.Dataset`, a
 `keras.utils.PyDataset`, or any other iterable of batches (a generator, a
-PyTorch `DataLoader`). `InputBatches` turns each into a sequence of input
-batches whose leaves are NumPy arrays, and knows how many batches there are
-when it can.
+PyTorch `DataLoader`). `InputBatches` checks them, then reads them batch by
+batch through Keras' own data adapters (as `model.predict` does), as
+NumPy structures, and knows how many batches there are when Keras does.
 """
-
-import math
 
 import keras
 import numpy as np
+
+from keras_pvera.src.utils import keras_internals
 
 
 def _is_tf_dataset(x):
@@ -26,6 +26,8 @@ def _has_batch_axis(arrays):
 
 def _inputs_of(element):
     """The `x` of a dataset element `(x,)`, `(x, y)` or `(x, y, weights)`."""
+    if not isinstance(element, tuple):
+        return keras.tree.map_structure(np.asarray, element)
     x, _, _ = keras.utils.unpack_x_y_sample_weight(element)
     return keras.tree.map_structure(np.asarray, x)
 
@@ -85,9 +87,8 @@ class InputBatches:
                     "The PyDataset is infinite (`num_batches` is None); "
                     "predict_with_uncertainty needs a finite one."
                 )
-            self.kind = "py_dataset"
         elif _is_tf_dataset(x):
-            self.kind = "tf_dataset"
+            pass
         elif isinstance(x, (np.ndarray, list, tuple, dict)) or (
             hasattr(x, "shape") and hasattr(x, "__getitem__")
         ):
@@ -98,16 +99,21 @@ class InputBatches:
                     "each with a batch dimension. Received: x of type "
                     f"{type(x).__name__}"
                 )
-            self.size = num_rows(self.arrays)
-            self.kind = "arrays"
+            num_rows(self.arrays)  # Raises for unequal lengths.
+            x = self.arrays
         elif hasattr(x, "__iter__"):
-            self.kind = "iterable"
+            if not keras_internals.is_torch_data_loader(x):
+                # Keras reads generators of tuples; batches of `x` alone,
+                # which predict_with_uncertainty has always read, become `(x,)`.
+                x = (e if isinstance(e, tuple) else (e,) for e in x)
         else:
             raise TypeError(
                 "`x` must be arrays (or a list, tuple or dict of them), a "
                 "tf.data.Dataset, a keras.utils.PyDataset or an iterable of "
                 f"batches. Received: x of type {type(x).__name__}"
             )
+        # Keras' own dispatch, as `model.predict` reads these inputs.
+        self.adapter = keras_internals.data_adapter(x, self.array_batch_size)
 
     def __len__(self):
         count = self.num_batches
@@ -118,32 +124,8 @@ class InputBatches:
     @property
     def num_batches(self):
         """The number of batches, or `None` when it is unknown."""
-        if self.kind == "arrays":
-            return math.ceil(self.size / self.array_batch_size)
-        if self.kind == "py_dataset":
-            return self.x.num_batches
-        if self.kind == "tf_dataset":
-            count = int(self.x.cardinality())
-            return count if count >= 0 else None
-        try:
-            return len(self.x)
-        except TypeError:
-            return None
+        return self.adapter.num_batches
 
     def __iter__(self):
-        if self.kind == "arrays":
-            for start in range(0, self.size, self.array_batch_size):
-                stop = start + self.array_batch_size
-                yield keras.tree.map_structure(
-                    lambda a, start=start, stop=stop: a[start:stop],
-                    self.arrays,
-                )
-        elif self.kind == "py_dataset":
-            for index in range(self.x.num_batches):
-                yield _inputs_of(self.x[index])
-        elif self.kind == "tf_dataset":
-            for element in self.x.as_numpy_iterator():
-                yield _inputs_of(element)
-        else:
-            for element in self.x:
-                yield _inputs_of(element)
+        for element in self.adapter.get_numpy_iterator():
+            yield _inputs_of(element)

@@ -1,4 +1,4 @@
-"""Calibration: expected calibration error and reliability diagrams.
+"""Metrics of calibration: expected calibration error and reliability diagrams.
 
 A classifier is calibrated when, among the predictions it makes with
 confidence `c`, a fraction `c` is right. The expected calibration error

@@ -10,6 +10,7 @@ that a Keras upgrade that moves one breaks here and nowhere else.
 import contextlib
 
 import keras
+from keras.src.trainers import data_adapters
 
 # Attributes that hold a layer's bookkeeping, not its structure: walking a
 # layer's sublayers skips them (they hold the same layers again, graph nodes,
@@ -213,6 +214,21 @@ def evaluates_cached_validation(fit_kwargs):
     has prepared already.
     """
     return bool(fit_kwargs.get("_use_cached_eval_dataset"))
+
+
+def data_adapter(x, batch_size):
+    """Keras' data adapter for prediction inputs `x` (`get_data_adapter`).
+
+    The dispatch `model.predict` uses over arrays, `tf.data`, `PyDataset`,
+    a torch `DataLoader` and generators (`keras.src.trainers.data_adapters`,
+    not exported).
+    """
+    return data_adapters.get_data_adapter(x, batch_size=batch_size, shuffle=False)
+
+
+def is_torch_data_loader(x):
+    """Whether Keras reads `x` as a torch `DataLoader` (`is_torch_dataloader`)."""
+    return data_adapters.is_torch_dataloader(x)
 
 
 def drop_compiled_functions(model):
