@@ -22,8 +22,8 @@ from keras_pvera.src.peft.peft_interop import save_peft_adapter
 from keras_pvera.src.saving.adapter_files import load_adapter
 from keras_pvera.src.saving.adapter_files import save_adapter
 from keras_pvera.src.saving.merging import merge
-from keras_pvera.src.uncertainty import metrics
 from keras_pvera.src.uncertainty.metrics import ExpectedCalibrationError
+from keras_pvera.src.uncertainty.metrics import calibration_bins
 from keras_pvera.src.uncertainty.metrics import expected_calibration_error
 from keras_pvera.src.uncertainty.metrics import reliability_diagram
 from keras_pvera.src.uncertainty.monte_carlo import UncertaintyResult
@@ -41,6 +41,7 @@ __all__ = [
     "UncertaintyResult",
     "apply",
     "calibrate",
+    "calibration_bins",
     "expected_calibration_error",
     "generate_projections",
     "kl_divergence",
@@ -49,7 +50,6 @@ __all__ = [
     "merge",
     "save_adapter",
     "save_peft_adapter",
-    "metrics",
     "predict_with_uncertainty",
     "reliability_diagram",
 ]

@@ -25,6 +25,7 @@ import keras_pvera
 from keras_pvera.src.layers.pvera_dense import PVeRADense
 from keras_pvera.src.peft.module_names import SPECS
 from keras_pvera.src.peft.module_names import kernel_matrix
+from keras_pvera.src.surgery.layer_walk import iter_layers
 
 keras_hub = pytest.importorskip("keras_hub")
 torch = pytest.importorskip("torch")
@@ -415,7 +416,7 @@ def test_spec_matches_converter(case, record_property):
         for cls in type(backbone).__mro__
         if (spec := SPECS.get(cls.__name__)) is not None
     )
-    layers = dict(keras_pvera.layer_walk.iter_layers(backbone))
+    layers = dict(iter_layers(backbone))
     mapped = 0
     for module_name, module in hf.named_modules():
         if type(module).__name__ not in ("Linear", "Conv1D"):
@@ -551,7 +552,7 @@ def test_task_head_in_modules_to_save_both_ways(name, tmp_path, record_property)
     assert difference <= TOLERANCE
 
     # And back, with other head weights: written as modules_to_save.
-    layers = dict(keras_pvera.layer_walk.iter_layers(adapted.base_model))
+    layers = dict(iter_layers(adapted.base_model))
     rng = np.random.default_rng(5)
     for _, path in head.layers:
         for weight in layers[path].weights:

@@ -73,7 +73,7 @@ def test_functions_return_python_floats_and_numpy_arrays():
         num_bins=5,
     )
     assert type(tensor_ece) is float and tensor_ece == pytest.approx(ece)
-    bins = keras_pvera.metrics.calibration_bins(LABELS, PROBABILITIES, num_bins=5)
+    bins = keras_pvera.calibration_bins(LABELS, PROBABILITIES, num_bins=5)
     assert all(isinstance(b, np.ndarray) and b.shape == (5,) for b in bins)
     # The Keras metric keeps Keras metric semantics: a scalar tensor.
     metric = ExpectedCalibrationError(num_bins=5)
