@@ -226,7 +226,7 @@ def test_keras_file_loads_in_a_fresh_process(tmp_path, same_backend):
         backend = "jax" if backend == "torch" else "torch"
     script = f"""
 import numpy as np, keras, keras_pvera
-from tests.test_keras_hub import vectors_of
+from test_keras_hub import vectors_of
 model = keras.models.load_model({path!r})
 images = np.load({str(tmp_path / "images.npy")!r})
 expected = np.load({str(tmp_path / "expected.npy")!r})
