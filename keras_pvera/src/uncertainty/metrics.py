@@ -21,8 +21,8 @@ tensors, as Keras metrics do.
 
 Example:
 
->>> from keras_pvera import metrics
->>> round(metrics.expected_calibration_error(
+>>> import keras_pvera
+>>> round(keras_pvera.expected_calibration_error(
 ...     [0, 1], [[0.9, 0.1], [0.4, 0.6]], num_bins=10), 6)
 0.25
 """
