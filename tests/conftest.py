@@ -20,7 +20,7 @@ def _reset_keras():
 
 # Breadth runs in full in the torch run (the default backend). The JAX and
 # TensorFlow runs check every behaviour on the core tests, and the
-# architecture matrices (tests/keras_hub/test_keras_hub_architectures.py,
+# architecture matrices (tests/hub/test_keras_hub_architectures.py,
 # tests/peft/test_peft_architectures.py) on one architecture of each kind:
 # a WordPiece encoder, byte-pair and SentencePiece decoders, two
 # encoder-decoders and an image model. KERAS_PVERA_FULL_MATRIX=1 runs every

@@ -121,7 +121,7 @@ def test_quickstart_is_quiet_and_needs_no_extra_package(tmp_path):
 
 # The torch run only: the example's MiniLM flow (fit, predict and Monte
 # Carlo on raw strings, .keras save and load) runs on every backend in
-# tests/keras_hub/test_keras_hub.py, on less data.
+# tests/hub/test_keras_hub.py, on less data.
 @pytest.mark.slow
 @pytest.mark.default_backend_only
 def test_minilm_example_adapts_the_task_on_raw_strings_saves_and_reloads(capsys):
