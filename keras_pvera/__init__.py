@@ -10,25 +10,25 @@ Example:
 >>> model.compile(optimizer="adam", loss="mse")
 """
 
-from keras_pvera import metrics
-from keras_pvera.adapter_files import load_adapter
-from keras_pvera.adapter_files import save_adapter
-from keras_pvera.calibration import calibrate
-from keras_pvera.merging import merge
-from keras_pvera.metrics import ExpectedCalibrationError
-from keras_pvera.metrics import expected_calibration_error
-from keras_pvera.metrics import reliability_diagram
-from keras_pvera.peft_interop import load_peft_adapter
-from keras_pvera.peft_interop import save_peft_adapter
-from keras_pvera.projection_registry import ProjectionRegistry
-from keras_pvera.projection_registry import generate_projections
-from keras_pvera.pvera_config import PVeRAConfig
-from keras_pvera.pvera_dense import PVeRADense
-from keras_pvera.pvera_dense import kl_divergence
-from keras_pvera.pvera_model import PVeRAModel
-from keras_pvera.pvera_model import apply
-from keras_pvera.uncertainty import UncertaintyResult
-from keras_pvera.uncertainty import predict_with_uncertainty
+from keras_pvera.src.layers.projections import ProjectionRegistry
+from keras_pvera.src.layers.projections import generate_projections
+from keras_pvera.src.layers.pvera_config import PVeRAConfig
+from keras_pvera.src.layers.pvera_dense import PVeRADense
+from keras_pvera.src.layers.pvera_dense import kl_divergence
+from keras_pvera.src.models.pvera_model import PVeRAModel
+from keras_pvera.src.models.pvera_model import apply
+from keras_pvera.src.peft.peft_interop import load_peft_adapter
+from keras_pvera.src.peft.peft_interop import save_peft_adapter
+from keras_pvera.src.saving.adapter_files import load_adapter
+from keras_pvera.src.saving.adapter_files import save_adapter
+from keras_pvera.src.saving.merging import merge
+from keras_pvera.src.uncertainty.metrics import ExpectedCalibrationError
+from keras_pvera.src.uncertainty.metrics import calibration_bins
+from keras_pvera.src.uncertainty.metrics import expected_calibration_error
+from keras_pvera.src.uncertainty.metrics import reliability_diagram
+from keras_pvera.src.uncertainty.monte_carlo import UncertaintyResult
+from keras_pvera.src.uncertainty.monte_carlo import predict_with_uncertainty
+from keras_pvera.src.uncertainty.temperature_scaling import calibrate
 
 __version__ = "0.1.0"
 
@@ -41,6 +41,7 @@ __all__ = [
     "UncertaintyResult",
     "apply",
     "calibrate",
+    "calibration_bins",
     "expected_calibration_error",
     "generate_projections",
     "kl_divergence",
@@ -49,7 +50,6 @@ __all__ = [
     "merge",
     "save_adapter",
     "save_peft_adapter",
-    "metrics",
     "predict_with_uncertainty",
     "reliability_diagram",
 ]

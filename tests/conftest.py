@@ -18,6 +18,36 @@ def _reset_keras():
     keras.config.set_dtype_policy("float32")
 
 
+# Breadth runs in full in the torch run (the default backend). The JAX and
+# TensorFlow runs check every behaviour on the core tests, and the
+# architecture matrices (tests/hub/test_keras_hub_architectures.py,
+# tests/peft/test_peft_architectures.py) on one architecture of each kind:
+# a WordPiece encoder, byte-pair and SentencePiece decoders, two
+# encoder-decoders and an image model. KERAS_PVERA_FULL_MATRIX=1 runs every
+# architecture on every backend.
+ARCHITECTURES_ON_EVERY_BACKEND = {"bert", "gpt2", "gemma", "bart", "t5", "vit"}
+
+
+def _runs_here(item):
+    if keras.backend.backend() == "torch":
+        return True
+    if os.environ.get("KERAS_PVERA_FULL_MATRIX") == "1":
+        return True
+    if item.get_closest_marker("default_backend_only"):
+        return False
+    if item.get_closest_marker("architecture_matrix"):
+        callspec = getattr(item, "callspec", None)
+        return callspec is None or callspec.id in ARCHITECTURES_ON_EVERY_BACKEND
+    return True
+
+
+def pytest_collection_modifyitems(config, items):
+    deselected = [item for item in items if not _runs_here(item)]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = [item for item in items if _runs_here(item)]
+
+
 def numpy_pvera(x, kernel, bias, a, b, lambda_d, lambda_b, alpha, eps=None):
     """PVeRA's formula (see keras_pvera/pvera_dense.py) in NumPy, for a Dense map.
 
@@ -38,7 +68,18 @@ def keras_version():
     return tuple(int(part) for part in keras.version().split(".")[:2])
 
 
-# tests/data's 0.1.0 files were written with Keras 3.15, whose layer configs
+# Saved files written by earlier keras_pvera versions (tests/data, made by
+# tests/data/make_saved_files.py): each must still load and predict the same.
+DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+SAVED_FILE_SETS = ["v0_1_0", "main_2026_11_29"]
+
+
+def saved_file(prefix, kind):
+    """The path of one of tests/data's saved files (`model.keras`...)."""
+    return os.path.join(DATA_DIR, f"{prefix}_{kind}")
+
+
+# tests/data's files were written with Keras 3.15, whose layer configs
 # (Dense's `quantization_config`) older Keras cannot read, keras_pvera or not.
 needs_keras_3_15 = pytest.mark.skipif(
     keras_version() < (3, 15),

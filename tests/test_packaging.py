@@ -15,6 +15,7 @@ IMPORT_NAMES = {
     "keras": "keras",
     "numpy": "numpy",
     "safetensors": "safetensors",
+    "scipy": "scipy",
     "scikit-learn": "sklearn",
     "matplotlib": "matplotlib",
 }
@@ -43,9 +44,9 @@ def top_level_imports(path):
     return names - set(sys.stdlib_module_names)
 
 
-def test_the_plain_install_is_the_library_with_keras_and_numpy():
+def test_the_plain_install_is_the_library_with_keras_numpy_and_scipy():
     plain = {distribution_name(r) for r in project()["dependencies"]}
-    assert plain == {"keras", "numpy", "safetensors"}
+    assert plain == {"keras", "numpy", "safetensors", "scipy"}
     extras = project()["optional-dependencies"]
     # One backend each, then the extras by need.
     assert {"torch", "jax", "tensorflow", "hub", "peft", "examples", "test"} <= set(

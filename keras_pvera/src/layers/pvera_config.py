@@ -1,0 +1,244 @@
+"""`PVeRAConfig`: every PVeRA setting, validated once, in one object.
+
+`keras_pvera.apply`, `PVeRAModel.add_adapter`, `.keras` saving, adapter files
+and the PEFT mapping all read and write this one object; the list of settings
+is written here and nowhere else (`SETTING_NAMES` is derived from it).
+"""
+
+import dataclasses
+
+import numpy as np
+
+from keras_pvera.src.utils import checks
+
+
+@dataclasses.dataclass(frozen=True)
+class PVeRAConfig:
+    """The settings of one PVeRA adapter.
+
+    Every value is checked when the object is made; a bad one raises a
+    `ValueError` naming it and what would be right. The object is frozen:
+    `config.replace(rank=8)` returns a changed copy.
+
+    Args:
+        rank: Latent size `r` (PEFT's `r`), a positive integer.
+        target: Which layers to adapt: a list of layer names (a name matches
+            every layer of that name at any depth), a regex string matched
+            against layer names and paths, a callable `(layer) -> bool`, or
+            `"all"` (every Dense/EinsumDense except those producing the
+            model's outputs). `None`: in a KerasHub model, its backbones'
+            `default_lora_layer_names()`, else (with a warning naming them)
+            its attention projections, fused ones as one layer; in another
+            model, `query`/`value`/`query_dense`/`value_dense` when it has
+            such layers, else `"all"`.
+        seed: Seed of the shared projections and of the sampling noise (PEFT's
+            `projection_prng_key`), a non-negative integer.
+        alpha: Output scale of the adapters (PEFT has none: 1).
+        d_initial: Initial value of `lambda_d` (PEFT's `d_initial`).
+        dropout: Dropout rate on the adapters' input, in `[0, 1)` (PEFT's
+            `pvera_dropout`).
+        kl_weight: Weight of the KL term added to the training loss; 0 turns
+            it off. The paper used 1e-16 to 1e-6.
+        save_projection: Whether saved files hold the projections (PEFT's
+            `save_projection`); if not, they are regenerated from `seed`.
+        sample_at_inference: Whether inference samples the latent code
+            (PEFT's `sample_at_inference`).
+        trainable_layers: Layers that train in full beside the adapters, for
+            example a new head (PEFT's `modules_to_save`): a list of names, a
+            regex string or a callable, as for `target`. `None`: the head
+            of a KerasHub task (its own layers with weights outside its
+            backbone and preprocessor, such as `TextClassifier`'s
+            `logits`), nothing for other models; `[]`: nothing.
+
+    Raises:
+        ValueError: For a bad value, naming it.
+
+    Example:
+
+    >>> config = PVeRAConfig(rank=8, target=["query", "value"])
+    >>> config.replace(kl_weight=1e-6).kl_weight
+    1e-06
+    >>> PVeRAConfig.from_dict(config.to_dict()) == config
+    True
+    """
+
+    rank: int = 256
+    target: object = None
+    seed: int = 0
+    alpha: float = 1.0
+    d_initial: float = 0.1
+    dropout: float = 0.0
+    kl_weight: float = 0.0
+    save_projection: bool = True
+    sample_at_inference: bool = False
+    trainable_layers: object = None
+
+    def __post_init__(self):
+        if not checks.is_integer(self.rank) or self.rank < 1:
+            raise ValueError(
+                "`rank` must be a positive integer, for example 256. "
+                f"Received: rank={self.rank!r}"
+            )
+        if not checks.is_integer(self.seed) or self.seed < 0:
+            raise ValueError(
+                f"`seed` must be a non-negative integer. Received: seed={self.seed!r}"
+            )
+        for name in ("alpha", "d_initial"):
+            value = getattr(self, name)
+            if not checks.is_finite_number(value) or value <= 0:
+                raise ValueError(
+                    f"`{name}` must be a finite number > 0. Received: {name}={value!r}"
+                )
+        if not checks.is_finite_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(
+                "`dropout` must be a number in [0, 1). "
+                f"Received: dropout={self.dropout!r}"
+            )
+        if not checks.is_finite_number(self.kl_weight) or self.kl_weight < 0:
+            raise ValueError(
+                "`kl_weight` must be a finite number >= 0 (the paper used 1e-16 "
+                f"to 1e-6). Received: kl_weight={self.kl_weight!r}"
+            )
+        for name in ("save_projection", "sample_at_inference"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise ValueError(
+                    f"`{name}` must be True or False. "
+                    f"Received: {name}={getattr(self, name)!r}"
+                )
+        for name in ("target", "trainable_layers"):
+            _check_selector(name, getattr(self, name))
+        # Plain Python numbers, so that configs compare and serialize alike.
+        set_value = object.__setattr__
+        set_value(self, "rank", int(self.rank))
+        set_value(self, "seed", int(self.seed))
+        for name in ("alpha", "d_initial", "dropout", "kl_weight"):
+            set_value(self, name, float(getattr(self, name)))
+        for name in ("save_projection", "sample_at_inference"):
+            set_value(self, name, bool(getattr(self, name)))
+        for name in ("target", "trainable_layers"):
+            value = getattr(self, name)
+            if isinstance(value, (list, tuple, set)):
+                set_value(self, name, tuple(value))
+
+    def replace(self, **changes):
+        """A copy with some settings changed (and checked).
+
+        Args:
+            **changes: Settings by name.
+
+        Returns:
+            A `PVeRAConfig`.
+
+        Raises:
+            ValueError: For an unknown name or a bad value.
+        """
+        check_setting_names(changes)
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self):
+        """The settings as a JSON-ready dict.
+
+        A callable `target` or `trainable_layers` cannot be written as JSON:
+        it is stored as `None` (saved models keep the adapted layers' paths,
+        which is what loading needs).
+
+        Returns:
+            A dict from setting name to value.
+        """
+        config = dataclasses.asdict(self)
+        for name in ("target", "trainable_layers"):
+            value = config[name]
+            if callable(value) and not isinstance(value, str):
+                config[name] = None
+            elif isinstance(value, tuple):
+                config[name] = list(value)
+        return config
+
+    @classmethod
+    def from_dict(cls, config):
+        """Makes a config from `to_dict`'s output (unknown names refused).
+
+        Args:
+            config: A dict from setting name to value.
+
+        Returns:
+            A `PVeRAConfig`.
+
+        Raises:
+            ValueError: For an unknown name or a bad value.
+        """
+        check_setting_names(config)
+        return cls(**config)
+
+    @classmethod
+    def from_settings(cls, config=None, **settings):
+        """`config` (or the defaults) with `settings` on top.
+
+        Args:
+            config: A `PVeRAConfig`, or `None` for the defaults.
+            **settings: Settings by name, overriding `config`'s.
+
+        Returns:
+            A `PVeRAConfig`.
+
+        Raises:
+            ValueError: For an unknown name, a bad value, or a `config` that
+                is not a `PVeRAConfig`.
+        """
+        if config is None:
+            return cls.from_dict(settings)
+        if not isinstance(config, cls):
+            raise ValueError(
+                "`config` must be a keras_pvera.PVeRAConfig. "
+                f"Received: config={config!r} of type {type(config).__name__}"
+            )
+        return config.replace(**settings) if settings else config
+
+
+SETTING_NAMES = tuple(field.name for field in dataclasses.fields(PVeRAConfig))
+
+# The settings that choose layers; the others say what an adapter computes
+# and how it is saved, and are what adapter files store.
+SELECTOR_NAMES = ("target", "trainable_layers")
+ADAPTER_SETTING_NAMES = tuple(n for n in SETTING_NAMES if n not in SELECTOR_NAMES)
+
+
+def check_setting_names(settings):
+    """Raises `ValueError` for a name that is not a PVeRA setting."""
+    unknown = sorted(set(settings) - set(SETTING_NAMES))
+    if unknown:
+        raise ValueError(
+            f"Unknown PVeRA setting {unknown[0]!r}. "
+            f"PVeRA settings: {', '.join(SETTING_NAMES)}."
+        )
+
+
+def split_settings(kwargs):
+    """Splits keyword arguments into PVeRA settings and the rest.
+
+    Args:
+        kwargs: A dict of keyword arguments.
+
+    Returns:
+        A tuple `(settings, rest)` of dicts.
+    """
+    settings = {k: v for k, v in kwargs.items() if k in SETTING_NAMES}
+    rest = {k: v for k, v in kwargs.items() if k not in SETTING_NAMES}
+    return settings, rest
+
+
+def _check_selector(name, value):
+    if value is None or callable(value) or isinstance(value, str):
+        return
+    if isinstance(value, (list, tuple, set)):
+        bad = [v for v in value if not isinstance(v, str)]
+        if bad:
+            raise ValueError(
+                f"`{name}` names must be strings. Received: {bad[0]!r} in "
+                f"{name}={value!r}"
+            )
+        return
+    raise ValueError(
+        f"`{name}` must be a list of layer names, a regex string, a callable "
+        f"`(layer) -> bool`, 'all' or None. Received: {name}={value!r}"
+    )

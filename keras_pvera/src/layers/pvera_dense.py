@@ -1,0 +1,700 @@
+"""`PVeRADense`: the PVeRA adapter on a frozen `Dense` or `EinsumDense` layer.
+
+This module holds all of PVeRA's math. `A` `(2r, in_max)` and `B`
+`(out_max, r)` are frozen random matrices shared by every adapted layer
+(`ProjectionRegistry`); `lambda_d` `(2r,)` and `lambda_b` `(out,)` are the
+layer's trainable vectors; `eps ~ N(0, 1)` is drawn for every element of `mu`:
+
+    h      = lambda_d * (dropout(x) @ A[:, :in].T)          # (..., 2r)
+    mu     = h[..., :r]
+    logvar = h[..., r:]
+    z      = mu + eps * exp(0.5 * logvar)                    # when sampling
+    z      = mu                                              # otherwise
+    y      = act(x @ W + b + alpha * lambda_b * (z @ B[:out, :].T))
+
+    KL     = mean(-0.5 * (1 + logvar - mu**2 - exp(logvar)))
+
+An `EinsumDense` is the same linear map with `in` the product of its
+contracted input dims and `out` the product of its kernel's output dims, in
+the kernel's own (row-major) order.
+
+At inference with sampling off, on a float32 kernel, the mean adapter is
+linear in `x`, so it is folded into the kernel once per call (as Keras' own
+LoRA does):
+
+    delta_W = A[:r, :in].T @ diag(lambda_d[:r]) @ B[:out, :].T
+              @ diag(alpha * lambda_b)
+
+which costs one `in x r x out` product per call instead of two per-token
+products. Otherwise (training, sampling at inference, quantized or
+float16/bfloat16 bases, where a folded delta could round away) the adapter
+runs token by token, with `lambda_d` and `lambda_b` scaling activations, not
+kernels, so their gradients are elementwise products, never weight-gradient
+matrix products.
+"""
+
+import math
+import string
+
+import keras
+from keras import ops
+
+from keras_pvera.src.layers.projections import ProjectionRegistry
+from keras_pvera.src.layers.pvera_config import PVeRAConfig
+from keras_pvera.src.layers.pvera_config import split_settings
+from keras_pvera.src.layers.seeds import derive_seed
+from keras_pvera.src.utils import keras_internals
+
+
+def kl_divergence(mu, logvar):
+    """PVeRA's KL term of one layer: the mean over all positions and units.
+
+    `mean(-0.5 * (1 + logvar - mu**2 - exp(logvar)))`, the KL divergence of
+    `N(mu, exp(logvar))` from `N(0, 1)` per latent unit, averaged.
+
+    Args:
+        mu: Latent means, any shape.
+        logvar: Latent log-variances, same shape as `mu`.
+
+    Returns:
+        A scalar tensor.
+
+    `mu` and `logvar` must broadcast together; the backend raises its own
+    error if they do not.
+
+    Example:
+
+    >>> import numpy as np
+    >>> float(kl_divergence(np.zeros((2, 3)), np.zeros((2, 3))))
+    0.0
+    """
+    mu = ops.convert_to_tensor(mu)
+    logvar = ops.convert_to_tensor(logvar)
+    return ops.mean(-0.5 * (1.0 + logvar - ops.square(mu) - ops.exp(logvar)))
+
+
+DENSE_EQUATION = "...a,ab->...b"
+
+
+class LinearEquation:
+    """The linear map of a `Dense` or single-kernel `EinsumDense` layer.
+
+    Describes where the `in` and `out` axes of the kernel are, and derives the
+    einsum equations PVeRA needs to go from the layer's input to the latent
+    space and from the latent space to the layer's output.
+
+    Args:
+        equation: The layer's einsum equation (`"...a,ab->...b"` for `Dense`).
+        kernel_shape: The kernel's shape.
+    """
+
+    def __init__(self, equation, kernel_shape):
+        try:
+            lhs, output_spec = equation.replace(" ", "").split("->")
+            input_spec, kernel_spec = lhs.split(",")
+        except ValueError:
+            raise ValueError(
+                f"PVeRA needs a single-kernel einsum equation such as "
+                f"'abc,cd->abd'. Received: equation={equation!r}"
+            ) from None
+        shared = [c for c in kernel_spec if c in input_spec and c in output_spec]
+        if shared or len(kernel_spec) != len(kernel_shape):
+            raise ValueError(
+                f"PVeRA supports einsum equations whose kernel axes are either "
+                f"contracted with the input or copied to the output, not "
+                f"both. Received: equation={equation!r}"
+            )
+        self.equation = equation
+        self.kernel_shape = tuple(int(d) for d in kernel_shape)
+        contracted = [c for c in kernel_spec if c in input_spec]
+        produced = [c for c in kernel_spec if c not in input_spec]
+        dims = dict(zip(kernel_spec, self.kernel_shape, strict=False))
+        self.in_dims = [dims[c] for c in contracted]
+        self.out_dims = [dims[c] for c in produced]
+        self.in_dim = math.prod(self.in_dims)
+        self.out_dim = math.prod(self.out_dims)
+        latent = next(c for c in string.ascii_letters if c not in equation)
+        kept = "".join(c for c in input_spec if c not in contracted)
+        contracted = "".join(contracted)
+        produced = "".join(produced)
+        # x (..., in dims) -> latent (..., k), and back to y (..., out dims).
+        self.to_latent = f"{input_spec},{contracted}{latent}->{kept}{latent}"
+        self.from_latent = f"{kept}{latent},{latent}{produced}->{output_spec}"
+        # When x ends with the contracted dims and y with the produced ones
+        # (Dense, KerasHub's attention layers), plain matmuls do it faster.
+        self.trailing = (
+            input_spec == kept + contracted and output_spec == kept + produced
+        )
+        # (in dims..., out dims...) -> kernel order
+        order = contracted + produced
+        self.to_kernel_order = [order.index(c) for c in kernel_spec]
+        # A per-output vector broadcasts over y when the output dims come
+        # last in y (true of Dense and of KerasHub's EinsumDense layers).
+        in_output = "".join(c for c in output_spec if c in produced)
+        self.output_scale_order = (
+            [produced.index(c) for c in in_output]
+            if output_spec.endswith(in_output)
+            else None
+        )
+
+    def project(self, inputs, matrix):
+        """`inputs` (..., in dims) times an `(in, k)` matrix: (..., k)."""
+        if not self.trailing:
+            kernel = ops.reshape(matrix, (*self.in_dims, -1))
+            return ops.einsum(self.to_latent, inputs, kernel)
+        if len(self.in_dims) > 1:
+            leading = ops.shape(inputs)[: -len(self.in_dims)]
+            inputs = ops.reshape(inputs, (*leading, self.in_dim))
+        return ops.matmul(inputs, matrix)
+
+    def expand(self, latent, matrix):
+        """`latent` (..., k) times a `(k, out)` matrix, laid out as `y`."""
+        if not self.trailing:
+            kernel = ops.reshape(matrix, (-1, *self.out_dims))
+            return ops.einsum(self.from_latent, latent, kernel)
+        y = ops.matmul(latent, matrix)
+        if len(self.out_dims) > 1:
+            y = ops.reshape(y, (*ops.shape(y)[:-1], *self.out_dims))
+        return y
+
+    def __call__(self, inputs, kernel):
+        """Computes the map with a kernel of the layer's layout.
+
+        `Dense`'s equation runs as `matmul`, as `Dense` itself does, so an
+        adapter with `lambda_b = 0` reproduces the base layer bit for bit.
+        """
+        if self.equation == DENSE_EQUATION:
+            return ops.matmul(inputs, kernel)
+        return ops.einsum(self.equation, inputs, kernel)
+
+    def output_scale(self, vector):
+        """Lays out an `(out,)` vector to broadcast over the output `y`.
+
+        Returns `None` when the output dims do not come last in `y`.
+        """
+        if self.output_scale_order is None:
+            return None
+        vector = ops.reshape(vector, self.out_dims)
+        if self.output_scale_order != sorted(self.output_scale_order):
+            vector = ops.transpose(vector, self.output_scale_order)
+        return vector
+
+    def kernel(self, matrix):
+        """Turns an `(in, out)` matrix into the layer's kernel layout."""
+        matrix = ops.reshape(matrix, (*self.in_dims, *self.out_dims))
+        if self.to_kernel_order != sorted(self.to_kernel_order):
+            matrix = ops.transpose(matrix, self.to_kernel_order)
+        return matrix
+
+
+def _float_policy(dtype):
+    """The float policy of `dtype`: `"int8_from_float32"` gives `"float32"`.
+
+    The wrapper computes in the base layer's float policy; a quantized policy
+    would make Keras dispatch the wrapper's own call to quantized kernels it
+    does not have (the wrapped layer runs its quantized call itself).
+    """
+    policy = keras.dtype_policies.get(dtype)
+    if getattr(policy, "quantization_mode", None) is None:
+        return policy
+    return keras_internals.float_source_policy(policy)
+
+
+def linear_equation_of(layer):
+    """The `LinearEquation` of a built `Dense` or `EinsumDense` layer."""
+    equation = (
+        layer.equation
+        if isinstance(layer, keras.layers.EinsumDense)
+        else DENSE_EQUATION
+    )
+    return LinearEquation(equation, keras_internals.kernel_variable(layer).shape)
+
+
+class AdapterVectors:
+    """One named adapter inside a `PVeRADense` layer: its settings and vectors.
+
+    A plain object (not a Keras layer): the layer owns the variables.
+
+    Args:
+        config: The adapter's `PVeRAConfig` (its `seed` is this layer's
+            noise seed).
+        lambda_d: The `(2 * rank,)` variable, or `None` before the layer is
+            built.
+        lambda_b: The `(out,)` variable, or `None` before the layer is built.
+    """
+
+    def __init__(self, config, lambda_d=None, lambda_b=None):
+        self.config = config
+        self.lambda_d = lambda_d
+        self.lambda_b = lambda_b
+
+    @property
+    def weights(self):
+        return [self.lambda_d, self.lambda_b]
+
+
+@keras.saving.register_keras_serializable(package="keras_pvera")
+class PVeRADense(keras.layers.Layer):
+    """PVeRA adapter around a frozen `Dense` or `EinsumDense` layer.
+
+    The wrapped layer is frozen. Two vectors train: `lambda_d` (size
+    `2 * rank`) and `lambda_b` (size `out`). The frozen projections come from
+    a `ProjectionRegistry`, shared by every adapted layer of a model when
+    `keras_pvera.apply` builds them; a standalone `PVeRADense` makes its own.
+
+    While training, the latent code is sampled; at inference the mean is used
+    unless `sample_at_inference` is on. `lambda_b` starts at zero, so the
+    adapted layer starts equal to the base layer. The base layer's activation
+    moves to this layer, so the adapter is added before it.
+
+    A layer can hold several named adapters (`add_adapter`); one is active
+    at a time (`set_active_adapter`), and only its vectors train. With no
+    active adapter, with the adapter disabled (`adapter_enabled = False`) or
+    merged into the kernel (`merged_adapter`), the layer computes exactly
+    the base layer's output.
+
+    Args:
+        base_layer: A `keras.layers.Dense` or `keras.layers.EinsumDense`.
+        config: A `PVeRAConfig` for the first adapter (its `seed` seeds the
+            sampling noise, and the projections when this layer makes its
+            own); `None` for the defaults.
+        projection_registry: A shared `ProjectionRegistry`, or `None` to make
+            one sized for this layer.
+        activation: The activation applied after the adapter; `None` takes
+            the base layer's (which is then removed from the base layer).
+        adapter_name: The first adapter's name.
+        **kwargs: PVeRA settings by name (`rank`, `alpha`, `d_initial`,
+            `dropout`, `kl_weight`, `sample_at_inference`, `seed`,
+            `save_projection`; they override `config`'s), and base layer
+            keyword arguments such as `name`.
+
+    Returns:
+        A Keras layer; calling it returns the base layer's output plus the
+        adapter's, shaped as the base layer's.
+
+    Raises:
+        TypeError: If `base_layer` is not a `Dense` or `EinsumDense`.
+        ValueError: For a bad `rank`, `dropout` or other setting, an einsum
+            equation whose kernel axes are not a plain linear map, a layer
+            that does not fit `projection_registry`, or a quantization mode
+            other than int8/float8.
+
+    Example:
+
+    >>> import numpy as np
+    >>> layer = PVeRADense(keras.layers.Dense(4), rank=8)
+    >>> tuple(layer(np.ones((2, 3))).shape)
+    (2, 4)
+    >>> [w.name for w in layer.trainable_weights]
+    ['pvera_lambda_d', 'pvera_lambda_b']
+    """
+
+    def __init__(
+        self,
+        base_layer,
+        config=None,
+        projection_registry=None,
+        activation=None,
+        adapter_name="default",
+        **kwargs,
+    ):
+        if not isinstance(base_layer, (keras.layers.Dense, keras.layers.EinsumDense)):
+            raise TypeError(
+                "PVeRADense wraps a keras.layers.Dense or "
+                "keras.layers.EinsumDense. Received: base_layer="
+                f"{base_layer!r} of type {type(base_layer).__name__}"
+            )
+        settings, kwargs = split_settings(kwargs)
+        config = PVeRAConfig.from_settings(config, **settings)
+        _check_adapter_name(adapter_name)
+        kwargs.setdefault("name", base_layer.name)
+        kwargs["dtype"] = _float_policy(kwargs.get("dtype", base_layer.dtype_policy))
+        super().__init__(**kwargs)
+        # Variables are named beside the base layer's own, e.g.
+        # "encoder/query/pvera_lambda_d" next to "encoder/query/kernel".
+        keras_internals.set_parent_path(self, keras_internals.parent_path(base_layer))
+        self.base_layer = base_layer
+        self.projection_registry = projection_registry
+        # The adapter is added before the activation: take it from the base.
+        if activation is None:
+            activation = base_layer.activation
+            base_layer.activation = keras.activations.linear
+        activation = keras.activations.get(activation)
+        if activation is keras.activations.linear:
+            activation = None
+        self.activation = activation
+        # Dropout and noise draw from distinct streams, in this layer's dtype.
+        self.dropout_layer = keras.layers.Dropout(
+            config.dropout, seed=derive_seed(config.seed, 1), dtype=self.dtype_policy
+        )
+        self.seed_generator = keras.random.SeedGenerator(config.seed)
+        self.adapter_vectors = {adapter_name: AdapterVectors(config)}
+        self.active_adapter = adapter_name
+        self.adapter_enabled = True
+        self.merged_adapter = None
+        self.base_layer.trainable = False
+        if base_layer.built:
+            self.build(None)
+
+    def build(self, input_shape):
+        if not self.base_layer.built:
+            self.base_layer.build(input_shape)
+        self._check_quantization_mode()
+        self.linear = linear_equation_of(self.base_layer)
+        if self.projection_registry is None:
+            first = next(iter(self.adapter_vectors.values())).config
+            self.projection_registry = ProjectionRegistry(
+                rank=first.rank,
+                in_max=self.linear.in_dim,
+                out_max=self.linear.out_dim,
+                seed=first.seed,
+                save_projection=first.save_projection,
+                name="projection_registry",
+            )
+        for name, vectors in self.adapter_vectors.items():
+            self._make_vectors(name, vectors)
+        self.built = True
+
+    def _make_vectors(self, name, vectors):
+        # The "default" adapter's vectors keep the names they had before
+        # layers held several adapters; others carry their adapter's name.
+        suffix = "" if name == "default" else f"_{name}"
+        vectors.lambda_d = self.add_weight(
+            name=f"pvera_lambda_d{suffix}",
+            shape=(2 * vectors.config.rank,),
+            initializer=keras.initializers.Constant(vectors.config.d_initial),
+            trainable=True,
+        )
+        vectors.lambda_b = self.add_weight(
+            name=f"pvera_lambda_b{suffix}",
+            shape=(self.linear.out_dim,),
+            initializer="zeros",
+            trainable=True,
+        )
+        self._apply_trainability()
+
+    def add_adapter(self, adapter_name, config):
+        """Adds a named adapter (not active until `set_active_adapter`).
+
+        Args:
+            adapter_name: A new name (a non-empty string).
+            config: Its `PVeRAConfig` (its `seed` is this layer's noise seed
+                for it).
+
+        Raises:
+            ValueError: If the name exists, or the layer is merged.
+        """
+        _check_adapter_name(adapter_name)
+        if adapter_name in self.adapter_vectors:
+            raise ValueError(
+                f"Layer {self.name!r} already has an adapter named "
+                f"{adapter_name!r}. Adapters: {list(self.adapter_vectors)}"
+            )
+        self._check_not_merged("add an adapter")
+        vectors = AdapterVectors(config)
+        self.adapter_vectors[adapter_name] = vectors
+        if self.built:
+            with keras_internals.unlocked(self):
+                self._make_vectors(adapter_name, vectors)
+
+    def delete_adapter(self, adapter_name):
+        """Removes a named adapter and its variables.
+
+        Args:
+            adapter_name: One of `adapter_names`.
+
+        Raises:
+            ValueError: If there is no such adapter, or it is merged.
+        """
+        vectors = self._vectors_named(adapter_name)
+        if self.merged_adapter == adapter_name:
+            self._check_not_merged("delete the merged adapter")
+        for variable in vectors.weights:
+            if variable is not None:
+                keras_internals.untrack_variable(self, variable)
+        del self.adapter_vectors[adapter_name]
+        if self.active_adapter == adapter_name:
+            self.active_adapter = None
+
+    def set_active_adapter(self, adapter_name):
+        """Makes `adapter_name` the adapter that runs and trains.
+
+        Args:
+            adapter_name: A name, or `None` (or a name this layer does not
+                hold) to run the base layer alone.
+
+        Raises:
+            ValueError: If an adapter is merged into the kernel.
+        """
+        if adapter_name != self.active_adapter:
+            self._check_not_merged("switch adapters")
+        self.active_adapter = (
+            adapter_name if adapter_name in self.adapter_vectors else None
+        )
+        if self.active_adapter is not None:
+            self.dropout_layer.rate = self.config.dropout
+        self._apply_trainability()
+
+    @property
+    def adapter_names(self):
+        """The names of this layer's adapters, in the order they were added."""
+        return list(self.adapter_vectors)
+
+    def _vectors_named(self, adapter_name):
+        if adapter_name not in self.adapter_vectors:
+            raise ValueError(
+                f"Layer {self.name!r} has no adapter named {adapter_name!r}. "
+                f"Adapters: {list(self.adapter_vectors)}"
+            )
+        return self.adapter_vectors[adapter_name]
+
+    def _active_vectors(self):
+        if self.active_adapter is None:
+            raise ValueError(
+                f"Layer {self.name!r} has no active adapter. Adapters: "
+                f"{list(self.adapter_vectors)}"
+            )
+        return self.adapter_vectors[self.active_adapter]
+
+    def _check_not_merged(self, action):
+        if self.merged_adapter is not None:
+            raise ValueError(
+                f"Cannot {action} while adapter {self.merged_adapter!r} is "
+                f"merged into the kernel of layer {self.name!r}. Call "
+                "`model.unmerge_adapter()` first."
+            )
+
+    @property
+    def config(self):
+        """The active adapter's `PVeRAConfig`."""
+        return self._active_vectors().config
+
+    @property
+    def lambda_d(self):
+        """The active adapter's `lambda_d` variable, shape `(2 * rank,)`."""
+        return self._active_vectors().lambda_d
+
+    @property
+    def lambda_b(self):
+        """The active adapter's `lambda_b` variable, shape `(out,)`."""
+        return self._active_vectors().lambda_b
+
+    @property
+    def rank(self):
+        """The active adapter's rank (its other settings: `config`)."""
+        return self.config.rank
+
+    @property
+    def sample_at_inference(self):
+        """Whether inference samples the active adapter's latent code."""
+        return self.config.sample_at_inference
+
+    @sample_at_inference.setter
+    def sample_at_inference(self, value):
+        vectors = self._active_vectors()
+        vectors.config = vectors.config.replace(sample_at_inference=bool(value))
+
+    @property
+    def trainable(self):
+        """Whether the active adapter's vectors train (the base never does)."""
+        return keras.layers.Layer.trainable.fget(self)
+
+    @trainable.setter
+    def trainable(self, value):
+        # Keras' setter sets every sublayer and variable: set them back, so
+        # that toggling `trainable` never thaws the base layer.
+        keras.layers.Layer.trainable.fset(self, value)
+        self._apply_trainability()
+
+    def _apply_trainability(self):
+        self.base_layer.trainable = False
+        if self.projection_registry is not None:
+            self.projection_registry.trainable = False
+        for name, vectors in self.adapter_vectors.items():
+            for variable in vectors.weights:
+                if variable is not None:
+                    variable.trainable = self.trainable and name == self.active_adapter
+
+    def _check_quantization_mode(self):
+        base = self.base_layer
+        if base.quantization_mode not in (None, "int8", "float8"):
+            raise ValueError(
+                "PVeRA adapts float, int8 and float8 layers. Layer "
+                f"{base.name!r} is quantized with "
+                f"mode={base.quantization_mode!r}."
+            )
+
+    @property
+    def in_dim(self):
+        """Size of the adapted layer's input (product of contracted dims)."""
+        return self.linear.in_dim
+
+    @property
+    def out_dim(self):
+        """Size of the adapted layer's output (product of kernel out dims)."""
+        return self.linear.out_dim
+
+    def _projections(self):
+        return self.projection_registry.projections(self.in_dim, self.out_dim)
+
+    def _scaled_b(self, b):
+        # (out, r) * (alpha * lambda_b) per row -> (r, out)
+        scale = ops.multiply(self.config.alpha, self.lambda_b)
+        return ops.transpose(ops.multiply(b, ops.expand_dims(scale, 1)))
+
+    def delta_kernel(self):
+        """The active mean adapter as a kernel: what merging adds to it.
+
+        Returns:
+            A tensor of the base layer's kernel shape.
+        """
+        a, b = self._projections()
+        r = self.rank
+        a_mean = ops.multiply(a[:r], ops.expand_dims(self.lambda_d[:r], 1))
+        delta = ops.matmul(ops.transpose(a_mean), self._scaled_b(b))
+        return self.linear.kernel(delta)
+
+    def latent(self, inputs, training=False):
+        """The latent mean and log-variance for `inputs`.
+
+        `lambda_d` scales the latent activations rather than `A`, so that
+        its gradient is an elementwise product, not a weight gradient.
+
+        Args:
+            inputs: The adapted layer's input.
+            training: Whether dropout is active.
+
+        Returns:
+            A tuple `(mu, logvar)`, each of shape `(..., rank)`, in float32
+            whatever the compute dtype, so that `exp(logvar)` cannot
+            overflow under a float16 policy.
+        """
+        x = self.dropout_layer(inputs, training=training)
+        h = self.projection_registry.project(x, self.linear)
+        h = ops.cast(ops.multiply(h, self.lambda_d), "float32")
+        return h[..., : self.rank], h[..., self.rank :]
+
+    def _noise(self, logvar):
+        """`eps * exp(0.5 * logvar)`, drawn and computed in float32."""
+        std = ops.exp(ops.multiply(0.5, ops.cast(logvar, "float32")))
+        eps = keras.random.normal(
+            ops.shape(std), dtype="float32", seed=self.seed_generator
+        )
+        return ops.multiply(eps, std)
+
+    def call(self, inputs, training=None):
+        base = self.base_layer
+        runs_adapter = self.adapter_enabled and self.active_adapter is not None
+        if self.merged_adapter is not None:
+            if training or (runs_adapter and self.sample_at_inference):
+                self._check_not_merged("train or sample")
+            runs_adapter = False
+        if not runs_adapter:
+            y = base(inputs)
+        elif self._folds(training):
+            y = self._folded_path(inputs)
+        else:
+            y = self._latent_path(base(inputs), inputs, training)
+        if self.activation is not None:
+            y = self.activation(y)
+        return y
+
+    def _folds(self, training):
+        """Whether this call folds the mean adapter into the kernel.
+
+        Only for mean-mode inference on a float32 (or float64) kernel: while
+        training, sampling, or on a quantized base, the adapter runs token by
+        token; in float16/bfloat16 a folded delta smaller than the kernel's
+        rounding step would be lost.
+        """
+        return not (
+            training
+            or self.sample_at_inference
+            or self.base_layer.quantization_mode is not None
+            or self.compute_dtype not in ("float32", "float64")
+        )
+
+    def _latent_path(self, y, inputs, training):
+        """Adds the adapter token by token (training, sampling, quantized or
+        low-precision bases)."""
+        mu, logvar = self.latent(inputs, training=training)
+        kl_weight = self.config.kl_weight
+        if training and kl_weight > 0:
+            self.add_loss(kl_weight * kl_divergence(mu, logvar))
+        sampling = bool(training) or self.sample_at_inference
+        z = ops.add(mu, self._noise(logvar)) if sampling else mu
+        z = ops.cast(z, self.compute_dtype)
+        _, b = self._projections()
+        scale = self.linear.output_scale(ops.multiply(self.config.alpha, self.lambda_b))
+        if scale is None:
+            return ops.add(y, self.linear.expand(z, self._scaled_b(b)))
+        adapter = self.linear.expand(z, ops.transpose(b))
+        return ops.add(y, ops.multiply(adapter, scale))
+
+    def _folded_path(self, inputs):
+        """Mean-mode inference: the adapter folded into the kernel, once a call."""
+        base = self.base_layer
+        y = self.linear(inputs, ops.add(base.kernel, self.delta_kernel()))
+        if base.bias is not None:
+            y = ops.add(y, base.bias)
+        return y
+
+    def compute_output_shape(self, input_shape):
+        return self.base_layer.compute_output_shape(input_shape)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "base_layer": keras.saving.serialize_keras_object(self.base_layer),
+                "adapters": [
+                    [name, vectors.config.to_dict()]
+                    for name, vectors in self.adapter_vectors.items()
+                ],
+                "active_adapter": self.active_adapter,
+                # The (possibly shared) registry's settings, so that a layer
+                # rebuilt from its config reads the same projections.
+                "projection_registry": (
+                    None
+                    if self.projection_registry is None
+                    else keras.saving.serialize_keras_object(self.projection_registry)
+                ),
+                "activation": keras.activations.serialize(
+                    self.activation or keras.activations.linear
+                ),
+            }
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["base_layer"] = keras.saving.deserialize_keras_object(
+            config["base_layer"]
+        )
+        if config.get("projection_registry") is not None:
+            config["projection_registry"] = keras.saving.deserialize_keras_object(
+                config["projection_registry"]
+            )
+        # Files written before layers held several adapters carry the
+        # settings at the top level: they are the one adapter "default".
+        adapters = config.pop("adapters", None)
+        active = config.pop("active_adapter", None)
+        if adapters is None:
+            return cls(**config)
+        (first_name, first), *others = adapters
+        layer = cls(
+            config=PVeRAConfig.from_dict(first), adapter_name=first_name, **config
+        )
+        for name, settings in others:
+            layer.add_adapter(name, PVeRAConfig.from_dict(settings))
+        layer.set_active_adapter(active)
+        return layer
+
+
+def _check_adapter_name(adapter_name):
+    if not isinstance(adapter_name, str) or not adapter_name or "/" in adapter_name:
+        raise ValueError(
+            "An adapter name must be a non-empty string without '/'. "
+            f"Received: adapter_name={adapter_name!r}"
+        )

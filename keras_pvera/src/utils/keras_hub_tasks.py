@@ -1,0 +1,83 @@
+"""KerasHub tasks, recognised without importing keras-hub.
+
+keras-hub imports TensorFlow, so it stays an optional dependency: a model
+is a KerasHub task only if keras-hub was imported already (it made the
+model). A task's raw inputs (strings, images) run through its
+preprocessor with `tf.data`, as the task's own `fit` does.
+"""
+
+import sys
+
+import keras
+
+from keras_pvera.src.utils import keras_internals
+
+
+def keras_hub_task(model):
+    """Whether `model` is a KerasHub `Task` (keras-hub is not imported here).
+
+    Args:
+        model: A Keras model.
+
+    Returns:
+        True for a `keras_hub.models.Task` (a classifier, a causal LM...).
+    """
+    keras_hub = sys.modules.get("keras_hub")
+    task_class = getattr(getattr(keras_hub, "models", None), "Task", None)
+    return task_class is not None and isinstance(model, task_class)
+
+
+def task_of(model):
+    """The KerasHub task a `PVeRAModel` adapts, or `None`."""
+    base = keras_internals.own_attribute(model, "base_model")
+    return base if base is not None and keras_hub_task(base) else None
+
+
+def task_with_preprocessor(model):
+    """The adapted KerasHub task, if it has a preprocessor; else `None`."""
+    task = task_of(model)
+    if task is None or getattr(task, "preprocessor", None) is None:
+        return None
+    return task
+
+
+def preprocessed(model, x, y=None, sample_weight=None, batch_size=None, shuffle=False):
+    """`x` (with `y`, `sample_weight`) as batches of the task's inputs.
+
+    Args:
+        model: A `PVeRAModel`.
+        x: Raw inputs, as for the task's `fit` (strings, images, a dict of
+            them), or a `tf.data.Dataset` of raw batches.
+        y, sample_weight: Labels and weights, if any.
+        batch_size: Batch size for array inputs (default 32).
+        shuffle: Whether to shuffle array inputs (each epoch).
+
+    Returns:
+        A `tf.data.Dataset` of preprocessed batches, or `None` when the model
+        is not a KerasHub task with a preprocessor (inputs are used as given).
+
+    Raises:
+        ValueError: For `y` or `sample_weight` given with a dataset.
+    """
+    task = task_with_preprocessor(model)
+    if task is None or x is None:
+        return None
+    import tensorflow as tf
+
+    if isinstance(x, tf.data.Dataset):
+        if y is not None or sample_weight is not None:
+            raise ValueError(
+                "When `x` is a tf.data.Dataset, `y` and `sample_weight` come "
+                f"from it. Received: y={type(y).__name__}, "
+                f"sample_weight={type(sample_weight).__name__}"
+            )
+        dataset = x
+    else:
+        data = keras.utils.pack_x_y_sample_weight(x, y, sample_weight)
+        dataset = tf.data.Dataset.from_tensor_slices(data)
+        if shuffle:
+            dataset = dataset.shuffle(int(dataset.cardinality()))
+        dataset = dataset.batch(batch_size or 32)
+    return dataset.map(
+        task.preprocess_samples, num_parallel_calls=tf.data.AUTOTUNE
+    ).prefetch(tf.data.AUTOTUNE)

@@ -1,0 +1,271 @@
+"""Every private Keras attribute keras_pvera reads or writes, in one place.
+
+Keras has no public API to swap a layer inside a built model, to add a
+variable to a built layer, or to reach a `Dense` layer's raw kernel when
+Keras' own LoRA is on. These small functions do it, each saying which
+private attribute of Keras 3 (checked against 3.12 to 3.15) it relies on, so
+that a Keras upgrade that moves one breaks here and nowhere else.
+"""
+
+import contextlib
+
+import keras
+from keras.src.trainers import data_adapters
+
+# Attributes that hold a layer's bookkeeping, not its structure: walking a
+# layer's sublayers skips them (they hold the same layers again, graph nodes,
+# or TensorFlow's checkpoint records).
+BOOKKEEPING_ATTRIBUTES = frozenset(
+    [
+        "_layers",
+        "_tracker",
+        "_inbound_nodes",
+        "_outbound_nodes",
+        "_operations",
+        "_functional",
+        "_operations_by_depth",
+        "_nodes_by_depth",
+        "_nodes",
+        "_losses_override",
+        "_nnx_op_mapping",
+        "nnx_operations",
+    ]
+)
+
+
+def is_graph(layer):
+    """Whether `layer` is a Functional model (it has `_nodes_by_depth`)."""
+    return isinstance(layer, keras.Model) and hasattr(layer, "_nodes_by_depth")
+
+
+def graph_of(layer):
+    """The Functional graph that runs `layer`, if any.
+
+    A Sequential model runs an internal Functional model held in
+    `_functional`; a Functional model is its own graph.
+    """
+    if isinstance(layer, keras.Sequential):
+        return layer._functional
+    if is_graph(layer):
+        return layer
+    return None
+
+
+def graph_operations(graph):
+    """The graph's operations, in order (`Functional._operations`)."""
+    return graph._operations
+
+
+def graph_operation_lists(graph):
+    """Every list of a graph that holds its operations.
+
+    `_operations` and the per-depth lists of `_operations_by_depth` (only in
+    some Keras versions).
+    """
+    lists = [graph._operations]
+    lists.extend(getattr(graph, "_operations_by_depth", {}).values())
+    return lists
+
+
+def graph_nodes(graph):
+    """Every node of a Functional graph (`_nodes_by_depth`)."""
+    return [node for nodes in graph._nodes_by_depth.values() for node in nodes]
+
+
+def move_nodes(old, new):
+    """Gives `new` the graph nodes of `old` (`_inbound_nodes`, `_outbound_nodes`).
+
+    Keras reads a layer's nodes when it serializes a Functional model.
+    """
+    new._inbound_nodes = old._inbound_nodes
+    new._outbound_nodes = old._outbound_nodes
+
+
+def internal_functional(layer):
+    """A Sequential model's internal Functional model (`_functional`), or None."""
+    return getattr(layer, "_functional", None)
+
+
+def tracked_layers(layer):
+    """The list of sublayers Keras tracks for `layer` (`_layers`), or None."""
+    return getattr(layer, "_layers", None)
+
+
+def held_attributes(layer):
+    """`(attribute name, value)` of a layer's attributes that may hold layers.
+
+    Bookkeeping attributes are left out. On the torch backend, sublayers
+    live in torch's module registry (`_modules`): they come under their
+    attribute names, where the registry stands among the attributes, so
+    that the names are the same on every backend. Attributes whose names
+    start with `_self_` are TensorFlow's checkpoint records (lists and
+    dicts), left out, unless one holds a layer directly (such as KerasHub's
+    `_self_attention_layer`).
+    """
+    modules = vars(layer).get("_modules")
+    modules = modules if isinstance(modules, dict) else {}
+    items = {}
+    for name, value in vars(layer).items():
+        if name == "_modules":
+            items.update(modules)
+        elif name not in modules:
+            items[name] = value
+    for name, value in items.items():
+        if name in BOOKKEEPING_ATTRIBUTES or name.startswith("__"):
+            continue
+        if name.startswith("_self_") and not isinstance(value, keras.layers.Layer):
+            continue
+        yield name, value
+
+
+def producer_of(tensor):
+    """The layer that produced a symbolic tensor (`_keras_history`)."""
+    return tensor._keras_history[0]
+
+
+def graph_producer_of(tensor):
+    """The layer a graph now runs to produce a symbolic tensor, and which output.
+
+    `_keras_history` holds the layer that first produced the tensor; the
+    graph's node (`_inbound_nodes[node_index]`) holds the layer that runs
+    now, which `model_surgery.replace_layers` changes when it wraps one.
+
+    Returns:
+        A tuple `(layer, index)`: the layer and the index of the tensor
+        among that layer's outputs.
+    """
+    operation, node_index, tensor_index = tensor._keras_history
+    return operation._inbound_nodes[node_index].operation, tensor_index
+
+
+@contextlib.contextmanager
+def unlocked(layer):
+    """Lets a built layer accept new variables or sublayers (`_tracker`)."""
+    tracker = getattr(layer, "_tracker", None)
+    locked = bool(tracker and tracker.locked)
+    if locked:
+        tracker.unlock()
+    try:
+        yield
+    finally:
+        if locked:
+            tracker.lock()
+
+
+def untrack_variable(layer, variable):
+    """Removes a variable from a layer (`Layer._untrack_variable`)."""
+    layer._untrack_variable(variable)
+
+
+def kernel_variable(layer):
+    """The raw kernel variable of a Dense/EinsumDense layer (`_kernel`).
+
+    `layer.kernel` adds Keras' LoRA update when LoRA is enabled; merging and
+    sizing need the stored variable itself.
+    """
+    return layer._kernel
+
+
+def float_source_policy(policy):
+    """The float policy under a quantized one (`_source_name`).
+
+    `"int8_from_float32"` gives `"float32"`.
+    """
+    return keras.dtype_policies.get(policy._source_name)
+
+
+def parent_path(layer):
+    """The variable-path prefix Keras gave a layer (`_parent_path`)."""
+    return getattr(layer, "_parent_path", None)
+
+
+def set_parent_path(layer, path):
+    """Names a wrapper's variables beside the wrapped layer's (`_parent_path`)."""
+    layer._parent_path = path
+
+
+def own_loss_ids(layer):
+    """Ids of the losses a layer itself added in the last call.
+
+    `_loss_ids` (losses collected by a stateless scope, as on JAX, where the
+    model's `losses` are then handed to `compute_loss` as a list) and
+    `_losses` (eager losses), without those of its sublayers.
+    """
+    return set(layer._loss_ids) | {id(t) for t in layer._losses}
+
+
+def own_attribute(layer, name):
+    """`layer`'s own attribute `name`, or `None`, never through `__getattr__`.
+
+    Reads the instance's `__dict__`, and on torch the module registry
+    (`_modules`) where sublayers live, so that a class forwarding missing
+    attributes (an adapted KerasHub task) is not asked.
+    """
+    value = vars(layer).get(name)
+    if value is None:
+        value = (vars(layer).get("_modules") or {}).get(name)
+    return value
+
+
+def evaluates_cached_validation(fit_kwargs):
+    """Whether `fit` is evaluating its validation data (`_use_cached_eval_dataset`).
+
+    Keras' `fit` calls `evaluate` with this private argument on data it
+    has prepared already.
+    """
+    return bool(fit_kwargs.get("_use_cached_eval_dataset"))
+
+
+def data_adapter(x, batch_size):
+    """Keras' data adapter for prediction inputs `x` (`get_data_adapter`).
+
+    The dispatch `model.predict` uses over arrays, `tf.data`, `PyDataset`,
+    a torch `DataLoader` and generators (`keras.src.trainers.data_adapters`,
+    not exported).
+    """
+    return data_adapters.get_data_adapter(x, batch_size=batch_size, shuffle=False)
+
+
+def is_torch_data_loader(x):
+    """Whether Keras reads `x` as a torch `DataLoader` (`is_torch_dataloader`)."""
+    return data_adapters.is_torch_dataloader(x)
+
+
+def drop_compiled_functions(model):
+    """Makes `model` trace its train, test and predict steps anew.
+
+    JAX and TensorFlow bake Python state (which layers run, whether they
+    sample) into the compiled steps. A KerasHub generative task also
+    compiles its own `generate` loop, held by the task (or, for an adapted
+    task, by its `base_model`): dropped too.
+    """
+    model.train_function = model.predict_function = model.test_function = None
+    for holder in (model, getattr(model, "base_model", None)):
+        if getattr(holder, "generate_function", None) is not None:
+            holder.generate_function = None
+
+
+def deserialize_model(config):
+    """Rebuilds a model from `keras.saving.serialize_keras_object`'s output.
+
+    As `keras.saving.deserialize_keras_object`, except for the compile
+    state of a model whose class overrides `compile` (a KerasHub task):
+    Keras cannot restore it and warns that `compile()` was not called,
+    although such a task compiles itself with its defaults when built. The
+    warning would reach every user who loads or merges an adapted task, so
+    its `compile_config` is left out there; a model with Keras' own
+    `compile` is compiled from it as Keras would.
+
+    Args:
+        config: A serialized model (a dict with `class_name` and `config`).
+
+    Returns:
+        The rebuilt model.
+    """
+    config = dict(config)
+    compile_config = config.pop("compile_config", None)
+    model = keras.saving.deserialize_keras_object(config)
+    if compile_config and type(model).compile is keras.Model.compile:
+        model.compile_from_config(compile_config)
+        model.compiled = True
+    return model

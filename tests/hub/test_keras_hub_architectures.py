@@ -1,0 +1,1351 @@
+"""PVeRA on a matrix of KerasHub architectures: a usage catalogue.
+
+Each architecture is built tiny (hidden size 16, 1 or 2 layers, a
+vocabulary of 64, images of 28 or 32 pixels) from its constructor
+arguments, with random weights and nothing downloaded, as the model a user
+would adapt: a text classifier for encoders, a `CausalLM` for decoders, a
+`Seq2SeqLM` for BART and T5, an image classifier for ViT and MiT, and the
+backbone where KerasHub 0.32 has no task (ELECTRA, Whisper) or for feature
+extractors (DINOv2, DINOv3, CLIP, SAM). Checks 1 to 7 build every task
+without a preprocessor, so inputs are token ids and images; check 8 builds
+the 21 text tasks again with their preprocessor, as `from_preset` gives it,
+over an in-memory WordPiece, byte-pair or SentencePiece tokenizer, and feeds
+them raw text. Each check is one test function parametrized over the cases
+(`CASES`), and reads as the way to do that step with such a model:
+
+1. `apply` with the default targets keeps the base model's outputs;
+2. `fit` trains the adapter vectors and a task's head, nothing else;
+3. an adapter file loads onto a second build of the base model;
+4. Monte Carlo passes differ;
+5. `merge` and `merge_adapter` match the adapted model;
+6. `generate` runs through the adapters, and sampled generations differ
+   (generative tasks only);
+7. `.keras` files round trip, in this process and in a fresh one (one
+   architecture of each kind, and three text tasks with their
+   preprocessor);
+8. after a text task's preprocessor has run on raw text, adapter files
+   (and PEFT's, where its tables map the targets) and `.keras` files round
+   trip, with the tokenizer's vocabulary, and `merge` and `merge_adapter`
+   match the adapted model; on one task of each kind (BERT, Gemma, T5),
+   `fit`, `predict_with_uncertainty` and the merged task's `predict` take
+   the raw text.
+
+Not applicable: generation for models without `generate` (classifiers and
+backbones); `predict_with_uncertainty` for SAM's backbone, one of whose
+outputs has no batch axis (sampled `predict` calls instead); a preprocessor
+for backbones without a task (ELECTRA, Whisper), vision models and
+PaliGemma (image and text).
+"""
+
+import dataclasses
+import functools
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import warnings
+from collections.abc import Callable
+
+import keras
+import numpy as np
+import pytest
+
+import keras_pvera
+from keras_pvera.src.surgery.layer_selection import LINEAR_LAYERS
+from keras_pvera.src.surgery.layer_selection import adaptable_layers
+from keras_pvera.src.surgery.layer_selection import layer_addresses
+from keras_pvera.src.surgery.layer_selection import layers_at
+from keras_pvera.src.surgery.layer_selection import seen_as
+
+keras_hub = pytest.importorskip("keras_hub")
+models = keras_hub.models
+
+# Minutes on JAX: outside the fast tier (`-m "not slow"`); CI runs it.
+pytestmark = [pytest.mark.slow, pytest.mark.architecture_matrix]
+
+VOCABULARY = 64
+LENGTH = 8
+IMAGE = 28
+
+
+# Inputs: functions of (rows, seed) giving what the model is called on.
+
+
+def token_inputs(*extra):
+    """Token ids, and for each name in `extra` (`"padding_mask"`,
+    `"segment_ids"`) a mask of ones or ids of zeros."""
+
+    def make(rows, seed):
+        rng = np.random.default_rng(seed)
+        inputs = {
+            "token_ids": rng.integers(1, VOCABULARY, (rows, LENGTH)).astype("int32")
+        }
+        for name in extra:
+            fill = np.ones if name == "padding_mask" else np.zeros
+            inputs[name] = fill((rows, LENGTH), "int32")
+        return inputs
+
+    return make
+
+
+def image_inputs(size=IMAGE, key=None):
+    def make(rows, seed):
+        rng = np.random.default_rng(seed)
+        images = rng.uniform(size=(rows, size, size, 3)).astype("float32")
+        return images if key is None else {key: images}
+
+    return make
+
+
+def seq2seq_inputs(rows, seed):
+    rng = np.random.default_rng(seed)
+    return {
+        "encoder_token_ids": rng.integers(1, VOCABULARY, (rows, LENGTH)).astype(
+            "int32"
+        ),
+        "encoder_padding_mask": np.ones((rows, LENGTH), "int32"),
+        "decoder_token_ids": rng.integers(1, VOCABULARY, (rows, LENGTH)).astype(
+            "int32"
+        ),
+        "decoder_padding_mask": np.ones((rows, LENGTH), "int32"),
+    }
+
+
+def whisper_inputs(rows, seed):
+    rng = np.random.default_rng(seed)
+    return {
+        "encoder_features": rng.normal(size=(rows, 16, 8)).astype("float32"),
+        "decoder_token_ids": rng.integers(1, VOCABULARY, (rows, LENGTH)).astype(
+            "int32"
+        ),
+        "decoder_padding_mask": np.ones((rows, LENGTH), "int32"),
+    }
+
+
+def image_and_token_inputs(*extra):
+    def make(rows, seed):
+        inputs = token_inputs(*extra)(rows, seed)
+        inputs["images"] = image_inputs()(rows, seed)
+        return inputs
+
+    return make
+
+
+def sam_inputs(rows, seed):
+    rng = np.random.default_rng(seed)
+    return {
+        "images": rng.uniform(size=(rows, 32, 32, 3)).astype("float32"),
+        "points": rng.uniform(0, 32, (rows, 1, 2)).astype("float32"),
+        "labels": np.ones((rows, 1), "float32"),
+        "boxes": rng.uniform(0, 32, (rows, 1, 2, 2)).astype("float32"),
+        "masks": np.zeros((rows, 0, 32, 32, 1), "float32"),
+    }
+
+
+# Text: raw strings, and in-memory tokenizers of the three kinds KerasHub's
+# text tasks use (WordPiece, byte-pair, SentencePiece) whose token ids are all
+# below VOCABULARY, for the tasks built with their preprocessor.
+
+TEXTS = ["the cat sat on the mat", "a dog ran", "the dog sat on a cat", "a cat ran"]
+WORDS = sorted({word for text in TEXTS for word in text.split()})
+# The special tokens these architectures' tokenizers look up, by kind.
+WORD_PIECE_SPECIAL_TOKENS = (
+    "[PAD] [UNK] [CLS] [SEP] [MASK] <pad> <unk> <cls> <eos> <mask>"
+)
+BYTE_PAIR_SPECIAL_TOKENS = (
+    "<pad> <s> </s> <mask> <|endoftext|> <|im_end|> <|begin_of_text|> "
+    "<|end_of_text|> <|eot_id|> <|start_header_id|> <|end_header_id|>"
+)
+SENTENCE_PIECE_SPECIAL_TOKENS = (
+    "[CLS] [SEP] [PAD] [MASK] <bos> <eos> <|endoftext|> <img> <start_of_image> "
+    "<end_of_image>"
+)
+
+
+def byte_pair_vocabulary():
+    """Every letter of `WORDS`, and each word, after GPT-2's leading-space
+    marker `Ġ` or alone (the first word of a text), built by a chain of
+    merges."""
+    special_tokens = BYTE_PAIR_SPECIAL_TOKENS.split()
+    vocabulary = {token: i for i, token in enumerate(special_tokens)}
+    for character in "Ġ" + "".join(sorted(set("".join(WORDS)))):
+        vocabulary.setdefault(character, len(vocabulary))
+    merges = []
+    for start in ("Ġ", ""):
+        for word in WORDS:
+            token = start
+            for character in word:
+                if token and f"{token} {character}" not in merges:
+                    merges.append(f"{token} {character}")
+                token += character
+                vocabulary.setdefault(token, len(vocabulary))
+    assert len(vocabulary) <= VOCABULARY
+    return vocabulary, merges
+
+
+@functools.cache
+def sentence_piece_proto():
+    """A byte-pair SentencePiece model of `TEXTS`, trained in memory."""
+    import sentencepiece
+
+    proto = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(TEXTS),
+        model_writer=proto,
+        model_type="bpe",
+        vocab_size=40,  # below VOCABULARY
+        pad_id=0,
+        unk_id=1,
+        bos_id=2,
+        eos_id=3,
+        pad_piece="<pad>",
+        unk_piece="<unk>",
+        bos_piece="<s>",
+        eos_piece="</s>",
+        user_defined_symbols=SENTENCE_PIECE_SPECIAL_TOKENS.split(),
+        minloglevel=2,
+    )
+    return proto.getvalue()
+
+
+def text_tokenizer(tokenizer_class):
+    """An instance of a KerasHub tokenizer class, made in memory."""
+    if issubclass(tokenizer_class, keras_hub.tokenizers.WordPieceTokenizer):
+        return tokenizer_class(vocabulary=WORD_PIECE_SPECIAL_TOKENS.split() + WORDS)
+    if issubclass(tokenizer_class, keras_hub.tokenizers.BytePairTokenizer):
+        vocabulary, merges = byte_pair_vocabulary()
+        return tokenizer_class(vocabulary=vocabulary, merges=merges)
+    return tokenizer_class(proto=sentence_piece_proto())
+
+
+def text_task(task_class, backbone, preprocessor, **kwargs):
+    """`task_class` on `backbone`, with its preprocessor (`preprocessor=True`:
+    as `from_preset` attaches it, over an in-memory tokenizer) or none."""
+    if preprocessor:
+        preprocessor_class = task_class.preprocessor_cls
+        tokenizer = text_tokenizer(preprocessor_class.tokenizer_cls)
+        if issubclass(task_class, models.Seq2SeqLM):
+            lengths = dict(
+                encoder_sequence_length=LENGTH, decoder_sequence_length=LENGTH
+            )
+        else:
+            lengths = dict(sequence_length=LENGTH)
+        preprocessor = preprocessor_class(tokenizer=tokenizer, **lengths)
+    else:
+        preprocessor = None
+    return task_class(backbone=backbone, preprocessor=preprocessor, **kwargs)
+
+
+def raw_text(case, rows=4):
+    """Raw inputs of a task built with its preprocessor, and labels (`None`
+    for generative tasks, whose preprocessor makes next-token labels)."""
+    texts = TEXTS[:rows]
+    if case.kind == "encoder-decoder":
+        return {"encoder_text": texts, "decoder_text": texts[::-1]}, None
+    if case.name == "gemma3":
+        return {"prompts": texts, "responses": texts[::-1]}, None
+    if case.kind == "encoder":
+        return texts, np.arange(rows) % 2
+    return texts, None
+
+
+def network_inputs(task, x):
+    """What a task's network is called on for raw inputs `x`: its
+    preprocessor's output, without the labels it makes for generative tasks."""
+    outputs = task.preprocessor(x)
+    return outputs[0] if isinstance(outputs, tuple) else outputs
+
+
+def tokenized(task):
+    """The token ids of each of `TEXTS` by the task's tokenizer."""
+    tokenizer = task.preprocessor.tokenizer
+    return [keras.ops.convert_to_numpy(tokenizer(text)).tolist() for text in TEXTS]
+
+
+# Builders: a tiny model with random weights, the same weights every call.
+
+
+def seeded(build):
+    def wrapper(**kwargs):
+        keras.utils.set_random_seed(0)
+        return build(**kwargs)
+
+    wrapper.__name__ = build.__name__
+    return wrapper
+
+
+TEXT = dict(vocabulary_size=VOCABULARY, num_layers=2, hidden_dim=16)
+DECODER = dict(TEXT, intermediate_dim=32, num_query_heads=2, num_key_value_heads=1)
+
+
+@seeded
+def bert(preprocessor=False):
+    backbone = models.BertBackbone(
+        **TEXT, num_heads=2, intermediate_dim=32, max_sequence_length=LENGTH
+    )
+    return text_task(models.BertTextClassifier, backbone, preprocessor, num_classes=2)
+
+
+@seeded
+def roberta(preprocessor=False):
+    backbone = models.RobertaBackbone(
+        **TEXT, num_heads=2, intermediate_dim=32, max_sequence_length=LENGTH
+    )
+    return text_task(
+        models.RobertaTextClassifier, backbone, preprocessor, num_classes=2
+    )
+
+
+@seeded
+def distil_bert(preprocessor=False):
+    backbone = models.DistilBertBackbone(
+        **TEXT, num_heads=2, intermediate_dim=32, max_sequence_length=LENGTH
+    )
+    return text_task(
+        models.DistilBertTextClassifier, backbone, preprocessor, num_classes=2
+    )
+
+
+@seeded
+def albert(preprocessor=False):
+    backbone = models.AlbertBackbone(
+        **TEXT,
+        num_heads=2,
+        embedding_dim=8,
+        intermediate_dim=32,
+        max_sequence_length=LENGTH,
+    )
+    return text_task(models.AlbertTextClassifier, backbone, preprocessor, num_classes=2)
+
+
+@seeded
+def deberta_v3(preprocessor=False):
+    backbone = models.DebertaV3Backbone(
+        **TEXT,
+        num_heads=2,
+        intermediate_dim=32,
+        max_sequence_length=LENGTH,
+        bucket_size=4,
+    )
+    return text_task(
+        models.DebertaV3TextClassifier, backbone, preprocessor, num_classes=2
+    )
+
+
+@seeded
+def roformer_v2(preprocessor=False):
+    backbone = models.RoformerV2Backbone(
+        **TEXT, num_heads=2, intermediate_dim=32, head_size=8
+    )
+    return text_task(
+        models.RoformerV2TextClassifier, backbone, preprocessor, num_classes=2
+    )
+
+
+@seeded
+def esm(preprocessor=False):
+    backbone = models.ESMBackbone(
+        **TEXT, num_heads=2, intermediate_dim=32, max_sequence_length=LENGTH
+    )
+    return text_task(models.ESMProteinClassifier, backbone, preprocessor, num_classes=2)
+
+
+@seeded
+def electra():
+    # KerasHub 0.32 has no ELECTRA task: the backbone.
+    return models.ElectraBackbone(
+        vocab_size=VOCABULARY,
+        num_layers=2,
+        num_heads=2,
+        hidden_dim=16,
+        embedding_dim=8,
+        intermediate_dim=32,
+        max_sequence_length=LENGTH,
+    )
+
+
+@seeded
+def gpt2(preprocessor=False):
+    backbone = models.GPT2Backbone(
+        **TEXT, num_heads=2, intermediate_dim=32, max_sequence_length=16
+    )
+    return text_task(models.GPT2CausalLM, backbone, preprocessor)
+
+
+@seeded
+def opt(preprocessor=False):
+    backbone = models.OPTBackbone(
+        **TEXT, num_heads=2, intermediate_dim=32, max_sequence_length=16
+    )
+    return text_task(models.OPTCausalLM, backbone, preprocessor)
+
+
+@seeded
+def llama3(preprocessor=False):
+    return text_task(
+        models.Llama3CausalLM, models.Llama3Backbone(**DECODER), preprocessor
+    )
+
+
+@seeded
+def mixtral(preprocessor=False):
+    backbone = models.MixtralBackbone(
+        **DECODER, num_experts=4, top_k=2, sliding_window=LENGTH
+    )
+    return text_task(models.MixtralCausalLM, backbone, preprocessor)
+
+
+@seeded
+def gemma(preprocessor=False):
+    backbone = models.GemmaBackbone(**DECODER, head_dim=8)
+    return text_task(models.GemmaCausalLM, backbone, preprocessor)
+
+
+@seeded
+def gemma3(preprocessor=False):
+    # Text only: no vision encoder, so `image_size` is unused.
+    backbone = models.Gemma3Backbone(
+        **DECODER, head_dim=8, image_size=IMAGE, vision_encoder=None
+    )
+    return text_task(models.Gemma3CausalLM, backbone, preprocessor)
+
+
+@seeded
+def phi3(preprocessor=False):
+    backbone = models.Phi3Backbone(
+        **DECODER, max_sequence_length=16, pretraining_sequence_length=16
+    )
+    return text_task(models.Phi3CausalLM, backbone, preprocessor)
+
+
+@seeded
+def qwen3(preprocessor=False):
+    backbone = models.Qwen3Backbone(**DECODER, head_dim=8)
+    return text_task(models.Qwen3CausalLM, backbone, preprocessor)
+
+
+@seeded
+def qwen3_moe(preprocessor=False):
+    backbone = models.Qwen3MoeBackbone(
+        **DECODER, head_dim=8, moe_intermediate_dim=8, num_experts=4, top_k=2
+    )
+    return text_task(models.Qwen3MoeCausalLM, backbone, preprocessor)
+
+
+@seeded
+def falcon(preprocessor=False):
+    backbone = models.FalconBackbone(**TEXT, num_attention_heads=2, intermediate_dim=32)
+    return text_task(models.FalconCausalLM, backbone, preprocessor)
+
+
+@seeded
+def gpt_neox(preprocessor=False):
+    backbone = models.GPTNeoXBackbone(
+        **TEXT, num_heads=2, intermediate_dim=32, max_sequence_length=16
+    )
+    return text_task(models.GPTNeoXCausalLM, backbone, preprocessor)
+
+
+@seeded
+def bloom(preprocessor=False):
+    backbone = models.BloomBackbone(**TEXT, num_heads=2, intermediate_dim=32)
+    return text_task(models.BloomCausalLM, backbone, preprocessor)
+
+
+@seeded
+def bart(preprocessor=False):
+    backbone = models.BartBackbone(
+        **TEXT, num_heads=2, intermediate_dim=32, max_sequence_length=16
+    )
+    return text_task(models.BartSeq2SeqLM, backbone, preprocessor)
+
+
+@seeded
+def t5(preprocessor=False):
+    backbone = models.T5Backbone(**TEXT, num_heads=2, intermediate_dim=32)
+    return text_task(models.T5Seq2SeqLM, backbone, preprocessor)
+
+
+@seeded
+def whisper():
+    # KerasHub 0.32 has no Whisper task: the backbone.
+    return models.WhisperBackbone(
+        **TEXT,
+        num_heads=2,
+        intermediate_dim=32,
+        num_mels=8,
+        max_encoder_sequence_length=16,
+        max_decoder_sequence_length=16,
+    )
+
+
+@seeded
+def vit():
+    backbone = models.ViTBackbone(
+        image_shape=(IMAGE, IMAGE, 3),
+        patch_size=14,
+        num_layers=2,
+        num_heads=2,
+        hidden_dim=16,
+        mlp_dim=32,
+    )
+    return models.ViTImageClassifier(backbone, num_classes=2, preprocessor=None)
+
+
+@seeded
+def mit():
+    backbone = models.MiTBackbone(
+        layerwise_depths=[1, 1],
+        num_layers=2,
+        layerwise_num_heads=[1, 2],
+        layerwise_sr_ratios=[2, 1],
+        max_drop_path_rate=0.0,
+        layerwise_patch_sizes=[7, 3],
+        layerwise_strides=[4, 2],
+        hidden_dims=[8, 16],
+        image_shape=(32, 32, 3),
+    )
+    return models.MiTImageClassifier(backbone, num_classes=2, preprocessor=None)
+
+
+@seeded
+def dinov2():
+    return models.DINOV2Backbone(
+        patch_size=14,
+        num_layers=2,
+        hidden_dim=16,
+        num_heads=2,
+        intermediate_dim=32,
+        image_shape=(IMAGE, IMAGE, 3),
+    )
+
+
+@seeded
+def dinov3():
+    return models.DINOV3Backbone(
+        patch_size=14,
+        num_layers=2,
+        hidden_dim=16,
+        num_heads=2,
+        intermediate_dim=32,
+        num_register_tokens=1,
+        image_shape=(IMAGE, IMAGE, 3),
+    )
+
+
+@seeded
+def clip():
+    return models.CLIPBackbone(
+        vision_encoder=models.CLIPVisionEncoder(
+            patch_size=14,
+            hidden_dim=16,
+            num_layers=2,
+            num_heads=2,
+            intermediate_dim=32,
+            image_shape=(IMAGE, IMAGE, 3),
+        ),
+        text_encoder=models.CLIPTextEncoder(
+            vocabulary_size=VOCABULARY,
+            embedding_dim=16,
+            hidden_dim=16,
+            num_layers=2,
+            num_heads=2,
+            intermediate_dim=32,
+            max_sequence_length=LENGTH,
+        ),
+        projection_dim=8,
+    )
+
+
+@seeded
+def sam():
+    return models.SAMBackbone(
+        image_encoder=models.ViTDetBackbone(
+            hidden_size=16,
+            num_layers=2,
+            intermediate_dim=32,
+            num_heads=2,
+            global_attention_layer_indices=[1],
+            patch_size=16,
+            num_output_channels=8,
+            window_size=2,
+            image_shape=(32, 32, 3),
+        ),
+        prompt_encoder=keras_hub.layers.SAMPromptEncoder(
+            hidden_size=8,
+            image_embedding_size=(2, 2),
+            input_image_size=(32, 32),
+            mask_in_channels=16,
+        ),
+        mask_decoder=keras_hub.layers.SAMMaskDecoder(
+            num_layers=1,
+            hidden_size=8,
+            intermediate_dim=16,
+            num_heads=2,
+            embedding_dim=8,
+            num_multimask_outputs=3,
+            iou_head_depth=2,
+            iou_head_hidden_dim=8,
+        ),
+    )
+
+
+@seeded
+def pali_gemma():
+    backbone = models.PaliGemmaBackbone(
+        **DECODER,
+        image_size=IMAGE,
+        head_dim=8,
+        vit_patch_size=14,
+        vit_num_heads=2,
+        vit_hidden_dim=16,
+        vit_num_layers=1,
+        vit_intermediate_dim=32,
+    )
+    return models.PaliGemmaCausalLM(backbone=backbone, preprocessor=None)
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One architecture: how to build it tiny, and what `target=None` adapts.
+
+    Attributes:
+        name: The architecture.
+        kind: `"encoder"`, `"decoder"`, `"encoder-decoder"` or `"vision"`.
+        build: Builds the model (the same random weights on every call).
+        inputs: `(rows, seed) -> inputs` the model is called on.
+        targets: What `target=None` adapts: the layers' names, or the
+            attributes holding them where Keras names them `dense_<n>`.
+        adapted: How many layers `target=None` adapts.
+        fallback: Whether those are attention projections found by name
+            (the backbone's `default_lora_layer_names()` match no layer;
+            `apply` warns).
+        generative: Whether the task has `generate()`.
+        output: For a backbone with several outputs, the one `fit` trains.
+        batched_outputs: Whether every output has the batch on its first
+            axis (`predict_with_uncertainty` needs it).
+        text: Whether `build(preprocessor=True)` gives the text task with
+            its preprocessor (over an in-memory tokenizer), which takes raw
+            text (`raw_text`).
+    """
+
+    name: str
+    kind: str
+    build: Callable[[], keras.Model]
+    inputs: Callable[[int, int], object]
+    targets: tuple
+    adapted: int
+    fallback: bool = False
+    generative: bool = False
+    output: str | None = None
+    batched_outputs: bool = True
+    text: bool = False
+
+    def __str__(self):
+        return self.name
+
+
+QUERY_VALUE = ("query", "value")
+TOKENS = token_inputs("padding_mask")
+
+CASES = [
+    # Encoders: text classifiers (the head trains in full).
+    Case(
+        "bert",
+        "encoder",
+        bert,
+        token_inputs("padding_mask", "segment_ids"),
+        QUERY_VALUE,
+        4,
+        text=True,
+    ),
+    Case("roberta", "encoder", roberta, TOKENS, QUERY_VALUE, 4, text=True),
+    Case("distil_bert", "encoder", distil_bert, TOKENS, QUERY_VALUE, 4, text=True),
+    # ALBERT shares one transformer layer between its 2 layers.
+    Case(
+        "albert",
+        "encoder",
+        albert,
+        token_inputs("padding_mask", "segment_ids"),
+        QUERY_VALUE,
+        2,
+        text=True,
+    ),
+    Case("deberta_v3", "encoder", deberta_v3, TOKENS, QUERY_VALUE, 4, text=True),
+    Case(
+        "roformer_v2",
+        "encoder",
+        roformer_v2,
+        token_inputs("segment_ids"),
+        ("q_dense_layer", "v_dense_layer"),
+        4,
+        fallback=True,
+        text=True,
+    ),
+    Case(
+        "esm",
+        "encoder",
+        esm,
+        token_inputs(),
+        ("q_dense_layer", "v_dense_layer"),
+        4,
+        fallback=True,
+        text=True,
+    ),
+    # KerasHub 0.32 has no ELECTRA task: the backbone.
+    Case(
+        "electra",
+        "encoder",
+        electra,
+        token_inputs("padding_mask", "segment_ids"),
+        QUERY_VALUE,
+        4,
+        output="pooled_output",
+    ),
+    # Decoders: causal LMs.
+    Case("gpt2", "decoder", gpt2, TOKENS, QUERY_VALUE, 4, generative=True, text=True),
+    Case("opt", "decoder", opt, TOKENS, QUERY_VALUE, 4, generative=True, text=True),
+    Case(
+        "llama3", "decoder", llama3, TOKENS, QUERY_VALUE, 4, generative=True, text=True
+    ),
+    Case(
+        "mixtral",
+        "decoder",
+        mixtral,
+        TOKENS,
+        QUERY_VALUE,
+        4,
+        generative=True,
+        text=True,
+    ),
+    Case("gemma", "decoder", gemma, TOKENS, QUERY_VALUE, 4, generative=True, text=True),
+    Case(
+        "gemma3", "decoder", gemma3, TOKENS, QUERY_VALUE, 4, generative=True, text=True
+    ),
+    Case("phi3", "decoder", phi3, TOKENS, QUERY_VALUE, 4, generative=True, text=True),
+    Case("qwen3", "decoder", qwen3, TOKENS, QUERY_VALUE, 4, generative=True, text=True),
+    Case(
+        "qwen3_moe",
+        "decoder",
+        qwen3_moe,
+        TOKENS,
+        QUERY_VALUE,
+        4,
+        generative=True,
+        text=True,
+    ),
+    Case(
+        "falcon",
+        "decoder",
+        falcon,
+        TOKENS,
+        ("query_dense", "value_dense"),
+        4,
+        generative=True,
+        text=True,
+    ),
+    # One fused query/key/value projection per block, adapted as one layer.
+    Case(
+        "gpt_neox",
+        "decoder",
+        gpt_neox,
+        TOKENS,
+        ("query_key_value",),
+        2,
+        fallback=True,
+        generative=True,
+        text=True,
+    ),
+    Case(
+        "bloom",
+        "decoder",
+        bloom,
+        TOKENS,
+        ("query_dense", "value_dense"),
+        4,
+        generative=True,
+        text=True,
+    ),
+    # Encoder-decoders: self- and cross-attention of both stacks.
+    Case(
+        "bart",
+        "encoder-decoder",
+        bart,
+        seq2seq_inputs,
+        QUERY_VALUE,
+        12,
+        generative=True,
+        text=True,
+    ),
+    Case(
+        "t5",
+        "encoder-decoder",
+        t5,
+        seq2seq_inputs,
+        ("query_projector", "value_projector"),
+        12,
+        fallback=True,
+        generative=True,
+        text=True,
+    ),
+    # KerasHub 0.32 has no Whisper task: the backbone.
+    Case(
+        "whisper",
+        "encoder-decoder",
+        whisper,
+        whisper_inputs,
+        QUERY_VALUE,
+        12,
+        output="decoder_sequence_output",
+    ),
+    # Vision: image classifiers (the head trains in full) and backbones.
+    Case("vit", "vision", vit, image_inputs(), QUERY_VALUE, 4),
+    # MiT names its attention projections `q`, `k`, `v` (layers `dense_<n>`).
+    Case("mit", "vision", mit, image_inputs(32), ("q", "v"), 4, fallback=True),
+    Case("dinov2", "vision", dinov2, image_inputs(key="images"), QUERY_VALUE, 4),
+    Case(
+        "dinov3",
+        "vision",
+        dinov3,
+        image_inputs(key="pixel_values"),
+        ("q_proj", "v_proj"),
+        4,
+        fallback=True,
+    ),
+    # Both towers; fit trains on the image-text similarities.
+    Case(
+        "clip",
+        "vision",
+        clip,
+        image_and_token_inputs(),
+        QUERY_VALUE,
+        8,
+        output="vision_logits",
+    ),
+    # The image encoder's fused `qkv`; the mask decoder is not called by the
+    # backbone, so its layers are skipped (`apply` warns).
+    Case(
+        "sam",
+        "vision",
+        sam,
+        sam_inputs,
+        ("qkv",),
+        2,
+        fallback=True,
+        output="image_embeddings",
+        batched_outputs=False,  # `prompt_dense_positional_embeddings`
+    ),
+    # The Gemma decoder's query/value and the vision tower's.
+    Case(
+        "pali_gemma",
+        "vision",
+        pali_gemma,
+        image_and_token_inputs("padding_mask", "response_mask"),
+        ("query", "query_proj", "value", "value_proj"),
+        6,
+        generative=True,
+    ),
+]
+
+CASE_BY_NAME = {case.name: case for case in CASES}
+GENERATIVE = [case for case in CASES if case.generative]
+FALLBACK_WARNING = "has none of its KerasHub default LoRA layers"
+
+
+def adapt(case, base=None, **settings):
+    """`keras_pvera.apply` with the default targets (`target=None`)."""
+    base = case.build() if base is None else base
+    with warnings.catch_warnings():
+        # Expected notes (see test_default_targets): fallback targets, and
+        # SAM's mask decoder, which its backbone never calls.
+        warnings.filterwarnings("ignore", message=f".*{FALLBACK_WARNING}")
+        warnings.filterwarnings("ignore", message=".*chosen layers are not built")
+        return keras_pvera.apply(base, rank=4, **settings)
+
+
+def vectors(model):
+    return [
+        w
+        for layer in model.adapted_layers.values()
+        for w in (layer.lambda_d, layer.lambda_b)
+    ]
+
+
+def head_weights(model):
+    """The weights of the layers trained in full (a task's head)."""
+    layers = layers_at(model.base_model, model.trainable_paths)
+    return [w for layer in layers.values() for w in layer.weights]
+
+
+def randomize(model, seed=0, scale=1.0):
+    """Random adapter vectors (`scale` times N(0, 1)) and a moved head."""
+    rng = np.random.default_rng(seed)
+    for weight in vectors(model):
+        weight.assign(scale * rng.normal(size=weight.shape).astype("float32"))
+    for weight in head_weights(model):
+        value = keras.ops.convert_to_numpy(weight)
+        weight.assign(value + 0.1 * rng.normal(size=value.shape).astype(value.dtype))
+    return model
+
+
+def numpy_outputs(outputs):
+    """Outputs as `{name: array}` (`{"output": array}` for a single one)."""
+    if isinstance(outputs, dict):
+        return {k: keras.ops.convert_to_numpy(v) for k, v in outputs.items()}
+    return {"output": keras.ops.convert_to_numpy(outputs)}
+
+
+def assert_same_outputs(actual, expected, rtol=0.0, atol=0.0):
+    actual, expected = numpy_outputs(actual), numpy_outputs(expected)
+    assert actual.keys() == expected.keys()
+    for key in expected:
+        np.testing.assert_allclose(
+            actual[key], expected[key], rtol=rtol, atol=atol, err_msg=key
+        )
+
+
+def assert_different_outputs(first, second):
+    first, second = numpy_outputs(first), numpy_outputs(second)
+    assert any(not np.allclose(first[k], second[k]) for k in first)
+
+
+def target_names(model):
+    """What each adapted layer is called: its name, or, where Keras named it
+    `dense_<n>`, the attribute holding it (`q`, `kv`, `qkv`)."""
+    addresses = layer_addresses(model.base_model, list(model.adapted_layers))
+    names = set()
+    for path, (address, _) in addresses.items():
+        name = path.split("/")[-1]
+        if re.fullmatch(r"dense(_\d+)?", name):
+            name = address.split("/")[-1].split("[")[0].lstrip("_")
+        names.add(name)
+    return tuple(sorted(names))
+
+
+def linear_layer_count(model):
+    return sum(
+        isinstance(seen_as(layer), LINEAR_LAYERS)
+        for _, layer in adaptable_layers(model)
+    )
+
+
+# 1. Right after `apply`, the adapted model computes the base model's outputs.
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_default_targets_keep_the_base_outputs(case):
+    base = case.build()
+    x = case.inputs(4, 0)
+    expected = base.predict(x, verbose=0)
+    total = linear_layer_count(base)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = keras_pvera.apply(base, rank=4)  # target=None: the defaults
+    notes = [str(w.message) for w in caught if FALLBACK_WARNING in str(w.message)]
+    assert len(notes) == int(case.fallback), notes
+    assert target_names(model) == case.targets
+    assert len(model.adapted_layers) == case.adapted
+    assert 0 < case.adapted < total
+    # lambda_b starts at 0 and sampling is off at inference.
+    assert_same_outputs(model.predict(x, verbose=0), expected)
+
+
+# 2. `fit` trains the adapter vectors and a task's head, nothing else.
+
+
+def training_data(case, model, x):
+    """Labels and a loss for a short honest fine-tune of this kind of model."""
+    task = model.base_model
+    rows = len(keras.tree.flatten(x)[0])
+    next_tokens = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    if isinstance(task, (models.TextClassifier, models.ImageClassifier)):
+        return np.arange(rows) % 2, next_tokens
+    if isinstance(task, models.Seq2SeqLM):
+        return np.roll(x["decoder_token_ids"], -1, axis=1), next_tokens
+    if isinstance(task, models.CausalLM):
+        return np.roll(x["token_ids"], -1, axis=1), next_tokens
+    # A backbone: regress one of its outputs onto random targets.
+    outputs = numpy_outputs(model.predict(x, verbose=0))
+    key = case.output or "output"
+    rng = np.random.default_rng(7)
+    target = rng.normal(size=outputs[key].shape).astype("float32")
+    if case.output is None:
+        return target, "mse"
+    return {key: target}, {key: "mse"}
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_fit_trains_only_the_vectors_and_the_head(case):
+    model = adapt(case)
+    x = case.inputs(4, 0)
+    y, loss = training_data(case, model, x)
+    trained = vectors(model) + head_weights(model)
+    assert {id(w) for w in model.trainable_weights} == {id(w) for w in trained}
+    if isinstance(model.base_model, (models.TextClassifier, models.ImageClassifier)):
+        assert model.trainable_paths  # the classifier head trains in full
+    before = {id(w): keras.ops.convert_to_numpy(w).copy() for w in model.weights}
+
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss=loss)
+    model.fit(x, y, epochs=2, batch_size=4, verbose=0)
+
+    def changed(weight):
+        return not np.array_equal(
+            keras.ops.convert_to_numpy(weight), before[id(weight)]
+        )
+
+    # Every adapted layer learns (in BART's first encoder layers the query's
+    # lambda_d gradient is below float32 resolution after two steps, so
+    # each layer's pair of vectors is checked), and the head trains.
+    for path, layer in model.adapted_layers.items():
+        assert changed(layer.lambda_b) or changed(layer.lambda_d), path
+    assert any(changed(layer.lambda_d) for layer in model.adapted_layers.values())
+    for weight in head_weights(model):
+        assert changed(weight), weight.path
+    trained_ids = {id(w) for w in trained}
+    for weight in model.weights:
+        if id(weight) not in trained_ids:
+            np.testing.assert_array_equal(
+                keras.ops.convert_to_numpy(weight),
+                before[id(weight)],
+                err_msg=weight.path,
+            )
+
+
+# 3. An adapter file loads onto a second base model built in the same process.
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_adapter_file_loads_onto_a_second_build(case, tmp_path):
+    first = case.build()
+    model = randomize(adapt(case, first))
+    x = case.inputs(4, 1)
+    expected = model.predict(x, verbose=0)
+    path = tmp_path / f"{case.name}.safetensors"
+    keras_pvera.save_adapter(model, path)
+
+    second = case.build()  # Keras names it `<name>_1`
+    assert second.name != first.name
+    base_outputs = second.predict(x, verbose=0)
+    loaded = keras_pvera.load_adapter(second, path)
+    assert len(loaded.adapted_layers) == case.adapted
+    assert_different_outputs(base_outputs, expected)
+    assert_same_outputs(loaded.predict(x, verbose=0), expected)
+
+
+# 4. Monte Carlo passes differ once the vectors are trained (here: random).
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_monte_carlo_passes_differ(case):
+    model = randomize(adapt(case), scale=0.5)
+    x = case.inputs(2, 2)
+    deterministic = model.predict(x, verbose=0)
+    if case.batched_outputs:
+        result = keras_pvera.predict_with_uncertainty(
+            model, x, n=3, seed=0, return_samples=True, verbose=0
+        )
+        samples, mean = numpy_outputs(result.samples), numpy_outputs(result.mean)
+    else:
+        # An output without a batch axis has no sample per example: sampled
+        # `predict` calls give the passes instead.
+        with pytest.raises(ValueError, match="batch on its first axis"):
+            keras_pvera.predict_with_uncertainty(model, x, n=3, verbose=0)
+        model.sample_at_inference = True
+        passes = [numpy_outputs(model.predict(x, verbose=0)) for _ in range(3)]
+        model.sample_at_inference = False
+        samples = {k: np.stack([p[k] for p in passes]) for k in passes[0]}
+        mean = {k: v.mean(axis=0) for k, v in samples.items()}
+    key = case.output or "output"
+    assert samples[key].shape[0] == 3
+    assert not np.allclose(samples[key][0], samples[key][1])
+    assert not np.allclose(samples[key][1], samples[key][2])
+    assert np.all(np.isfinite(mean[key]))
+    # Sampling is off again afterwards.
+    assert_same_outputs(model.predict(x, verbose=0), deterministic)
+
+
+# 5. Merging folds the mean adapter into the kernels.
+
+# Bound on max |merged - adapted| / (1 + max |adapted|), float32, random
+# vectors of unit scale. Measured over these cases: 0 on torch and
+# TensorFlow (with sampling off the adapted layer also runs its folded
+# kernel), at most 1.0e-6 on JAX (CLIP's scaled logits; XLA fuses the two
+# graphs differently).
+MERGE_TOLERANCE = 1e-5
+
+
+def relative_error(actual, expected):
+    return np.max(np.abs(actual - expected)) / (1 + np.max(np.abs(expected)))
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_merge_matches_the_adapted_model(case):
+    model = randomize(adapt(case))
+    x = case.inputs(4, 3)
+    expected = numpy_outputs(model.predict(x, verbose=0))
+    with model.disable_adapter():
+        base_outputs = numpy_outputs(model.predict(x, verbose=0))
+
+    merged = keras_pvera.merge(model)  # a plain model of the base's class
+    assert type(merged) is type(model.base_model)
+    assert not any(
+        isinstance(layer, keras_pvera.PVeRADense)
+        for _, layer in adaptable_layers(merged)
+    )
+    model.merge_adapter()  # in place
+    in_place = numpy_outputs(model.predict(x, verbose=0))
+    model.unmerge_adapter()
+    for outputs in (numpy_outputs(merged.predict(x, verbose=0)), in_place):
+        for key, value in expected.items():
+            error = relative_error(outputs[key], value)
+            assert error <= MERGE_TOLERANCE, (key, error)
+    assert_different_outputs(expected, base_outputs)
+
+
+# 6. Generation runs through the adapters; sampled generations differ.
+
+
+PROMPT_LENGTH = 6  # 3 prompt tokens, 3 generated
+
+
+def prompt(case, rows=4):
+    """Token-id inputs of `generate` for a task without a preprocessor."""
+    rng = np.random.default_rng(5)
+    length = PROMPT_LENGTH
+    if case.kind == "encoder-decoder":
+        decoder_ids = np.zeros((rows, length), "int32")
+        decoder_ids[:, 0] = 1  # a start token; the rest is generated
+        return {
+            "encoder_token_ids": rng.integers(2, VOCABULARY, (rows, length)).astype(
+                "int32"
+            ),
+            "encoder_padding_mask": np.ones((rows, length), bool),
+            "decoder_token_ids": decoder_ids,
+            "decoder_padding_mask": decoder_ids > 0,
+        }
+    token_ids = np.zeros((rows, length), "int32")
+    token_ids[:, :3] = rng.integers(2, VOCABULARY, (rows, 3))
+    inputs = {"token_ids": token_ids, "padding_mask": token_ids > 0}
+    if case.name == "pali_gemma":
+        inputs["images"] = image_inputs()(rows, 5)
+    if case.name == "gemma3":
+        # Gemma 3's generate returns the `images` it gets, and KerasHub fails
+        # on `None`: a text-only prompt carries zero images per row, as
+        # Gemma3CausalLMPreprocessor's output does.
+        inputs["images"] = np.zeros((rows, 0, IMAGE, IMAGE, 3), "float32")
+    return inputs
+
+
+def generated(outputs):
+    key = "decoder_token_ids" if "decoder_token_ids" in outputs else "token_ids"
+    return outputs[key]
+
+
+@pytest.mark.parametrize("case", GENERATIVE, ids=str)
+def test_generate_through_the_adapters(case):
+    task = case.build()
+    task.compile(sampler="greedy")  # only PVeRA's noise varies
+    p = prompt(case)
+    base = generated(task.generate(p, stop_token_ids=None))
+    model = adapt(case, task)
+    np.testing.assert_array_equal(
+        generated(model.generate(p, stop_token_ids=None)), base
+    )
+
+    rng = np.random.default_rng(3)
+    for layer in model.adapted_layers.values():
+        # Large, finite noise: each draw moves the logits by a lot.
+        layer.lambda_b.assign(
+            5 * rng.normal(size=layer.lambda_b.shape).astype("float32")
+        )
+        layer.lambda_d.assign(np.full(layer.lambda_d.shape, 1.5, "float32"))
+    mean = generated(model.generate(p, stop_token_ids=None))
+    assert not np.array_equal(mean, base)
+    np.testing.assert_array_equal(
+        generated(model.generate(p, stop_token_ids=None)), mean
+    )
+
+    model.sample_at_inference = True
+    first, second = (generated(model.generate(p, stop_token_ids=None)) for _ in "12")
+    assert not np.array_equal(first, second)
+    model.sample_at_inference = False
+
+
+# 7. `.keras` files: one architecture of each kind, in this process and in a
+# fresh one.
+
+SAVED = ["bert", "gpt2", "bart", "vit"]
+
+
+@pytest.mark.parametrize("name", SAVED)
+def test_keras_file_round_trip(name, tmp_path):
+    case = CASE_BY_NAME[name]
+    model = randomize(adapt(case))
+    x = case.inputs(4, 4)
+    expected = model.predict(x, verbose=0)
+    path = str(tmp_path / f"{name}.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    assert len(loaded.adapted_layers) == case.adapted
+    assert type(loaded.base_model) is type(model.base_model)
+    assert_same_outputs(loaded.predict(x, verbose=0), expected)
+    if case.generative:
+        loaded.base_model.compile(sampler="greedy")
+        model.base_model.compile(sampler="greedy")
+        p = prompt(case)
+        np.testing.assert_array_equal(
+            generated(loaded.generate(p, stop_token_ids=None)),
+            generated(model.generate(p, stop_token_ids=None)),
+        )
+
+
+@pytest.mark.slow
+def test_keras_files_load_in_a_fresh_process(tmp_path):
+    """A fresh process rebuilds each base from its saved configuration and
+    finds the adapted layers again (by name, else by address); text tasks
+    saved after their preprocessor ran (`_text`) get their tokenizer back."""
+    saved = ["gpt2", "bart", "vit", "bert_text", "gemma_text", "bart_text"]
+    for key in saved:
+        name = key.removesuffix("_text")
+        case = CASE_BY_NAME[name]
+        if key.endswith("_text"):
+            model = randomize(adapt(case, case.build(preprocessor=True)))
+            x = network_inputs(model, raw_text(case)[0])
+            x = {k: keras.ops.convert_to_numpy(v) for k, v in x.items()}
+            expected = keras.ops.convert_to_numpy(model(x))
+            (tmp_path / f"{key}_tokenized.json").write_text(
+                json.dumps(tokenized(model))
+            )
+        else:
+            model = randomize(adapt(case))
+            x = case.inputs(4, 4)
+            expected = model.predict(x, verbose=0)
+        model.save(str(tmp_path / f"{key}.keras"))
+        np.savez(
+            tmp_path / f"{key}_inputs.npz", **x if isinstance(x, dict) else {"": x}
+        )
+        np.save(tmp_path / f"{key}_expected.npy", expected)
+    script = f"""
+import json, numpy as np, keras, keras_pvera
+for key in {saved!r}:
+    model = keras.models.load_model(f"{tmp_path}/{{key}}.keras")
+    inputs = dict(np.load(f"{tmp_path}/{{key}}_inputs.npz"))
+    inputs = inputs.get("", inputs)  # an array saved under ""
+    expected = np.load(f"{tmp_path}/{{key}}_expected.npy")
+    if key.endswith("_text"):
+        outputs = keras.ops.convert_to_numpy(model(inputs))
+        tokenizer = model.preprocessor.tokenizer
+        ids = [keras.ops.convert_to_numpy(tokenizer(t)).tolist() for t in {TEXTS!r}]
+        with open(f"{tmp_path}/{{key}}_tokenized.json") as file:
+            same = ids == json.load(file)
+    else:
+        outputs, same = model.predict(inputs, verbose=0), True
+    print(key, len(model.adapted_layers), np.abs(outputs - expected).max(), same)
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = {line.split()[0]: line.split()[1:] for line in result.stdout.splitlines()}
+    for key in saved:
+        adapted, error, same_tokens = lines[key]
+        assert int(adapted) == CASE_BY_NAME[key.removesuffix("_text")].adapted
+        assert float(error) <= 1e-6, (key, error)
+        assert same_tokens == "True", key
+
+
+# 8. Text tasks with their preprocessor, after it has run on raw text:
+# adapter files, `.keras` files, `merge` and `merge_adapter`; and on one task
+# of each kind, `fit`, `predict_with_uncertainty` and the merged task's
+# `predict` on raw text.
+
+TEXT_TASKS = [case for case in CASES if case.text]
+# KerasHub preprocesses raw text in a tf.data pipeline that it traces on
+# every call (a second or more; over ten with a byte-pair tokenizer), so the
+# other text tasks call their preprocessor directly instead, which builds it
+# just as a first `fit` or `predict` does.
+RAW_TEXT_WORKFLOW = {"bert", "gemma", "t5"}  # a classifier, a causal LM, a seq2seq LM
+# The text tasks whose default targets PEFT's module-name tables map
+# (`keras_pvera.peft_module_names.SPECS`), so their adapters save as PEFT
+# files. GPT-2 has a table, but its `query` and `value` come out of one
+# fused torch module, `c_attn`.
+PEFT_FILES = set(
+    "bert roberta distil_bert albert llama3 mixtral gemma gemma3 qwen3 bart".split()
+)
+
+
+@pytest.mark.parametrize("case", TEXT_TASKS, ids=str)
+def test_text_task_with_its_preprocessor(case, tmp_path):
+    """A preprocessor builds its packer when it first runs, so the adapted
+    task then holds a sublayer that the task rebuilt from its configuration
+    (by `merge`, or when a file is loaded) does not have yet; and its
+    tokenizer's vocabulary is an asset, not a weight."""
+    model = adapt(case, case.build(preprocessor=True))
+    x, y = raw_text(case)
+    raw = case.name in RAW_TEXT_WORKFLOW
+    if raw:
+        model.compile(
+            optimizer=keras.optimizers.Adam(1e-2),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        )
+        model.fit(x, y, epochs=1, batch_size=4, verbose=0)
+        # lambda_b starts at 0, so the first step moves it (not lambda_d).
+        for path, layer in model.adapted_layers.items():
+            assert np.any(keras.ops.convert_to_numpy(layer.lambda_b) != 0), path
+    tokens = network_inputs(model, x)
+    randomize(model, scale=0.5)
+    expected = numpy_outputs(model(tokens))
+    if raw:
+        result = keras_pvera.predict_with_uncertainty(
+            model, x, n=3, seed=0, return_samples=True, verbose=0
+        )
+        samples = numpy_outputs(result.samples)["output"]
+        assert samples.shape == (3,) + expected["output"].shape
+        assert not np.allclose(samples[0], samples[1])
+        assert np.all(np.isfinite(numpy_outputs(result.mean)["output"]))
+
+    # Adapter files, onto a second build whose preprocessor has run.
+    path = tmp_path / "adapter.safetensors"
+    keras_pvera.save_adapter(model, path)
+    second = case.build(preprocessor=True)
+    network_inputs(second, x)
+    loaded = keras_pvera.load_adapter(second, path)
+    assert_same_outputs(loaded(tokens), expected)
+    if case.name in PEFT_FILES:
+        keras_pvera.save_peft_adapter(model, tmp_path / "peft")
+        third = case.build(preprocessor=True)
+        network_inputs(third, x)
+        loaded = keras_pvera.load_peft_adapter(third, tmp_path / "peft")
+        assert_same_outputs(loaded(tokens), expected)
+
+    # The tokenizers rebuilt from a file and by `merge` have the vocabulary.
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    assert tokenized(loaded) == tokenized(model)
+    assert_same_outputs(loaded(tokens), expected)
+
+    merged = keras_pvera.merge(model)
+    assert tokenized(merged) == tokenized(model)
+    model.merge_adapter()
+    in_place = numpy_outputs(model(tokens))
+    model.unmerge_adapter()
+    outputs = [numpy_outputs(merged(tokens)), in_place]
+    if raw:
+        if case.kind == "encoder-decoder":
+            # KerasHub's Seq2SeqLMPreprocessor leaves its sequence lengths
+            # out of its configuration (keras-hub 0.32): rebuilt, it has
+            # the default 1024.
+            merged.preprocessor.encoder_sequence_length = LENGTH
+            merged.preprocessor.decoder_sequence_length = LENGTH
+        # The merged task's own preprocessor, on raw text.
+        outputs.append(numpy_outputs(merged.predict(x, verbose=0)))
+    for output in outputs:
+        error = relative_error(output["output"], expected["output"])
+        assert error <= MERGE_TOLERANCE, error
