@@ -79,8 +79,6 @@ class InputBatches:
     def __init__(self, x, array_batch_size):
         if x is None:
             raise ValueError("`x` is required. Received: x=None")
-        self.x = x
-        self.array_batch_size = int(array_batch_size)
         if isinstance(x, keras.utils.PyDataset):
             if x.num_batches is None:
                 raise ValueError(
@@ -92,15 +90,15 @@ class InputBatches:
         elif isinstance(x, (np.ndarray, list, tuple, dict)) or (
             hasattr(x, "shape") and hasattr(x, "__getitem__")
         ):
-            self.arrays = keras.tree.map_structure(np.asarray, x)
-            if not _has_batch_axis(self.arrays):
+            arrays = keras.tree.map_structure(np.asarray, x)
+            if not _has_batch_axis(arrays):
                 raise ValueError(
                     "Expected arrays, or a list, tuple or dict of arrays, "
                     "each with a batch dimension. Received: x of type "
                     f"{type(x).__name__}"
                 )
-            num_rows(self.arrays)  # Raises for unequal lengths.
-            x = self.arrays
+            num_rows(arrays)  # Raises for unequal lengths.
+            x = arrays
         elif hasattr(x, "__iter__"):
             if not keras_internals.is_torch_data_loader(x):
                 # Keras reads generators of tuples; batches of `x` alone,
@@ -113,7 +111,7 @@ class InputBatches:
                 f"batches. Received: x of type {type(x).__name__}"
             )
         # Keras' own dispatch, as `model.predict` reads these inputs.
-        self.adapter = keras_internals.data_adapter(x, self.array_batch_size)
+        self.adapter = keras_internals.data_adapter(x, int(array_batch_size))
 
     def __len__(self):
         count = self.num_batches
