@@ -332,6 +332,36 @@ def test_the_seed_makes_sampling_reproducible():
     assert not np.allclose(sample(1), sample(2))
 
 
+def test_the_noise_seed_chooses_the_noise_and_not_the_projections():
+    def sample(noise_seed):
+        layer = PVeRADense(
+            keras.layers.Dense(3, kernel_initializer="ones"),
+            rank=4,
+            seed=1,
+            noise_seed=noise_seed,
+        )
+        layer.build((None, 5))
+        randomize_lambdas(layer)
+        x = np.ones((2, 5), "float32")
+        return layer, to_numpy(layer(x, training=True))
+
+    default, default_sample = sample(None)
+    assert default.noise_seed == 1  # None takes the adapter's seed.
+    other, other_sample = sample(9)
+    np.testing.assert_array_equal(
+        to_numpy(default.projection_registry.projection_a),
+        to_numpy(other.projection_registry.projection_a),
+    )
+    assert not np.allclose(default_sample, other_sample)
+    np.testing.assert_array_equal(sample(9)[1], other_sample)
+    # A config written before `noise_seed` existed: its seed was the noise seed.
+    old_config = other.get_config()
+    del old_config["noise_seed"]
+    assert PVeRADense.from_config(old_config).noise_seed == 1
+    with pytest.raises(ValueError, match="noise_seed=-1"):
+        PVeRADense(keras.layers.Dense(3), noise_seed=-1)
+
+
 def test_config_round_trip_keeps_activation_and_settings():
     base = keras.layers.Dense(3, activation="relu", name="head")
     layer = PVeRADense(

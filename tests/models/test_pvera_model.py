@@ -364,6 +364,32 @@ def test_sampling_at_inference_can_be_switched_on_and_off():
     np.testing.assert_array_equal(model.predict(x, verbose=0), mean)
 
 
+def test_the_sampling_switch_is_stored_once_in_the_layers(tmp_path):
+    model = keras_pvera.apply(mlp(), rank=4)
+    layers = list(model.adapted_layers.values())
+    model.sample_at_inference = True
+    assert all(layer.sample_at_inference for layer in layers)
+    assert model.pvera_config.sample_at_inference
+    model.sample_at_inference = False
+    layers[0].sample_at_inference = True  # One layer on: the model reports it.
+    assert model.sample_at_inference and model.pvera_config.sample_at_inference
+    path = str(tmp_path / "sampling.keras")
+    model.save(path)
+    assert keras.models.load_model(path).sample_at_inference
+
+
+def test_the_seed_means_the_adapter_seed_in_every_config():
+    model = keras_pvera.apply(mlp(), rank=4, seed=7)
+    layers = list(model.adapted_layers.values())
+    assert {layer.config.seed for layer in layers} == {7}
+    assert model.projection_registry.seed == 7
+    # Each layer draws its noise from its own stream, saved with the layer.
+    noise_seeds = [layer.noise_seed for layer in layers]
+    assert len(set(noise_seeds)) == len(layers) and 7 not in noise_seeds
+    rebuilt = PVeRADense.from_config(layers[0].get_config())
+    assert rebuilt.noise_seed == noise_seeds[0] and rebuilt.config.seed == 7
+
+
 def test_summary_lists_adapted_layers_and_parameter_counts():
     model = keras_pvera.apply(mlp(), rank=4)
     lines = []

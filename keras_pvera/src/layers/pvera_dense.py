@@ -43,6 +43,7 @@ from keras_pvera.src.layers.projections import ProjectionRegistry
 from keras_pvera.src.layers.pvera_config import PVeRAConfig
 from keras_pvera.src.layers.pvera_config import split_settings
 from keras_pvera.src.layers.seeds import derive_seed
+from keras_pvera.src.utils import checks
 from keras_pvera.src.utils import keras_internals
 
 
@@ -216,8 +217,7 @@ class AdapterVectors:
     A plain object (not a Keras layer): the layer owns the variables.
 
     Args:
-        config: The adapter's `PVeRAConfig` (its `seed` is this layer's
-            noise seed).
+        config: The adapter's `PVeRAConfig`.
         lambda_d: The `(2 * rank,)` variable, or `None` before the layer is
             built.
         lambda_b: The `(out,)` variable, or `None` before the layer is built.
@@ -256,13 +256,18 @@ class PVeRADense(keras.layers.Layer):
     Args:
         base_layer: A `keras.layers.Dense` or `keras.layers.EinsumDense`.
         config: A `PVeRAConfig` for the first adapter (its `seed` seeds the
-            sampling noise, and the projections when this layer makes its
-            own); `None` for the defaults.
+            projections when this layer makes its own); `None` for the
+            defaults.
         projection_registry: A shared `ProjectionRegistry`, or `None` to make
             one sized for this layer.
         activation: The activation applied after the adapter; `None` takes
             the base layer's (which is then removed from the base layer).
         adapter_name: The first adapter's name.
+        noise_seed: The seed of this layer's sampling noise and input
+            dropout (one stream per layer, whichever adapter is active);
+            `None` takes `config.seed`. `keras_pvera.apply` gives each
+            layer its own, derived from the adapter's seed and the layer's
+            index.
         **kwargs: PVeRA settings by name (`rank`, `alpha`, `d_initial`,
             `dropout`, `kl_weight`, `sample_at_inference`, `seed`,
             `save_projection`; they override `config`'s), and base layer
@@ -296,6 +301,7 @@ class PVeRADense(keras.layers.Layer):
         projection_registry=None,
         activation=None,
         adapter_name="default",
+        noise_seed=None,
         **kwargs,
     ):
         if not isinstance(base_layer, (keras.layers.Dense, keras.layers.EinsumDense)):
@@ -323,11 +329,21 @@ class PVeRADense(keras.layers.Layer):
         if activation is keras.activations.linear:
             activation = None
         self.activation = activation
+        if noise_seed is None:
+            noise_seed = config.seed
+        if not checks.is_integer(noise_seed) or noise_seed < 0:
+            raise ValueError(
+                "`noise_seed` must be a non-negative integer or None. "
+                f"Received: noise_seed={noise_seed!r}"
+            )
+        self.noise_seed = int(noise_seed)
         # Dropout and noise draw from distinct streams, in this layer's dtype.
         self.dropout_layer = keras.layers.Dropout(
-            config.dropout, seed=derive_seed(config.seed, 1), dtype=self.dtype_policy
+            config.dropout,
+            seed=derive_seed(self.noise_seed, 1),
+            dtype=self.dtype_policy,
         )
-        self.seed_generator = keras.random.SeedGenerator(config.seed)
+        self.seed_generator = keras.random.SeedGenerator(self.noise_seed)
         self.adapter_vectors = {adapter_name: AdapterVectors(config)}
         self.active_adapter = adapter_name
         self.adapter_enabled = True
@@ -378,8 +394,7 @@ class PVeRADense(keras.layers.Layer):
 
         Args:
             adapter_name: A new name (a non-empty string).
-            config: Its `PVeRAConfig` (its `seed` is this layer's noise seed
-                for it).
+            config: Its `PVeRAConfig`.
 
         Raises:
             ValueError: If the name exists, or the layer is merged.
@@ -652,6 +667,7 @@ class PVeRADense(keras.layers.Layer):
                     for name, vectors in self.adapter_vectors.items()
                 ],
                 "active_adapter": self.active_adapter,
+                "noise_seed": self.noise_seed,
                 # The (possibly shared) registry's settings, so that a layer
                 # rebuilt from its config reads the same projections.
                 "projection_registry": (

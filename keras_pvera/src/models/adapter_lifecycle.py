@@ -228,15 +228,17 @@ class AdapterLifecycle:
 
     @property
     def sample_at_inference(self):
-        """Whether inference samples the latent code (Monte Carlo passes)."""
+        """Whether inference samples the latent code (Monte Carlo passes).
+
+        Stored in the active adapter's layers; on when any of them samples.
+        Setting it sets every one of them.
+        """
         return self.pvera_config.sample_at_inference
 
     @sample_at_inference.setter
     def sample_at_inference(self, value):
         if value:
             self._check_not_merged("sample")
-        record = self.adapter_registry.adapters[self.active_adapter]
-        record.config = record.config.replace(sample_at_inference=bool(value))
         for layer in self.adapted_layers.values():
             layer.sample_at_inference = bool(value)
         self._changed()

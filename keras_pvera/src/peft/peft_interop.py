@@ -39,7 +39,6 @@ from keras_pvera.src.saving import safetensors_io
 from keras_pvera.src.saving.adapter_state import AdapterState
 from keras_pvera.src.saving.adapter_state import adapter_state_of
 from keras_pvera.src.saving.adapter_state import restore_adapter
-from keras_pvera.src.saving.adapter_state import same_arrays
 from keras_pvera.src.surgery import layer_walk
 from keras_pvera.src.surgery.layer_selection import LINEAR_LAYERS
 from keras_pvera.src.surgery.layer_selection import adaptable_layers
@@ -294,14 +293,13 @@ def save_peft_adapter(
         tensors["base_model.pvera_B"] = np.asarray(state.projections[1], "float32")
     else:
         (_, in_max), (out_max, _) = state.projection_shapes()
-        torch_made = torch_projections(state.config.seed, state.rank, in_max, out_max)
-        if not same_arrays(state.projections, torch_made):
-            raise ValueError(
-                "With save_projection=False PEFT regenerates the projections "
-                "with torch from projection_prng_key="
-                f"{state.config.seed}, but this model's projections are "
-                "others. Save with save_projection=True."
-            )
+        state.require_seed_made(
+            state.projections,
+            "With save_projection=False PEFT regenerates the projections "
+            "with torch from projection_prng_key",
+            "Save with save_projection=True.",
+            seed_made=torch_projections(state.config.seed, state.rank, in_max, out_max),
+        )
     config = {
         "peft_type": "PVERA",
         "r": state.rank,

@@ -36,7 +36,6 @@ from keras_pvera.src.saving import safetensors_io
 from keras_pvera.src.saving.adapter_state import AdapterState
 from keras_pvera.src.saving.adapter_state import adapter_state_of
 from keras_pvera.src.saving.adapter_state import restore_adapter
-from keras_pvera.src.saving.adapter_state import same_arrays
 from keras_pvera.src.utils import checks
 
 FORMAT = "keras_pvera.adapter"
@@ -85,15 +84,12 @@ def save_adapter(model, path, adapter=None):
     """
     state = adapter_state_of(model, adapter)
     if not state.config.save_projection:
-        seed_made = state.seed_projections()
-        if not same_arrays(state.projections, seed_made):
-            raise ValueError(
-                "This model was adapted with save_projection=False, but its "
-                "projections are not the ones its seed "
-                f"{state.config.seed} generates (they were loaded from a "
-                "file), so a file without them would load wrong. Adapt the "
-                "base model with save_projection=True."
-            )
+        state.require_seed_made(
+            state.projections,
+            "This model was adapted with save_projection=False, so the file "
+            "holds no projections",
+            "Adapt the base model with save_projection=True.",
+        )
         state.projections = None
     tensors, metadata = encode_adapter(state)
     safetensors_io.write_safetensors(path, tensors, metadata)

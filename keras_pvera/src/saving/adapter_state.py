@@ -78,6 +78,31 @@ class AdapterState:
         (_, in_max), (out_max, _) = self.projection_shapes()
         return generate_projections(self.config.seed, self.rank, in_max, out_max)
 
+    def require_seed_made(self, projections, because, remedy, seed_made=None):
+        """Raises unless `projections` are the ones this adapter's seed makes.
+
+        Projections that are not saved are made again from the seed, so any
+        others would come back wrong.
+
+        Args:
+            projections: The `(A, B)` arrays to check.
+            because: Why they must be seed-made (the error's first words).
+            remedy: What the user can do instead.
+            seed_made: The pair to compare with; `None` for the one Keras
+                generates (`seed_projections()`). PEFT files pass torch's.
+
+        Raises:
+            ValueError: If they differ.
+        """
+        if seed_made is None:
+            seed_made = self.seed_projections()
+        if not same_arrays(projections, seed_made):
+            raise ValueError(
+                f"{because}, so the projections must be the ones seed "
+                f"{self.config.seed} generates, but these are others (loaded "
+                f"from a file). {remedy}"
+            )
+
 
 def check_adapter_state(state):
     """Checks that a state is complete and consistent in itself.
@@ -309,13 +334,11 @@ def _check_adapted_model(model, state, name):
             f"layers need {state.projection_shapes()}."
         )
     if state.projections is None:
-        if not same_arrays(_projections_of(model), state.seed_projections()):
-            raise ValueError(
-                "The adapter holds no projections, so it needs the ones "
-                f"seed {state.config.seed} generates, but this model's "
-                "projections are others (loaded from a file). Load the "
-                "adapter onto the base model instead."
-            )
+        state.require_seed_made(
+            _projections_of(model),
+            "The adapter holds no projections",
+            "Load the adapter onto the base model instead.",
+        )
     elif len(model.adapter_names) > 1 and not same_arrays(
         state.projections, _projections_of(model)
     ):
@@ -324,8 +347,7 @@ def _check_adapted_model(model, state, name):
             f"other adapters {model.adapter_names} share. Load it onto the "
             "base model instead."
         )
-    if state.projections is not None and not registry.save_projection:
-        _check_seed_made(state)
+    _check_saveable(state, registry.save_projection)
 
 
 def _check_base_model(model, state):
@@ -370,19 +392,16 @@ def _check_base_model(model, state):
                 f"{model.name!r} has no such layer."
             )
         _check_weights(path, weights, layers[path])
-    if state.projections is not None and not state.config.save_projection:
-        _check_seed_made(state)
+    _check_saveable(state, state.config.save_projection)
 
 
-def _check_seed_made(state):
-    # A model with save_projection=False regenerates its projections from
-    # the seed when saved and loaded: any others would come back wrong.
-    if not same_arrays(state.projections, state.seed_projections()):
-        raise ValueError(
-            "The adapter's projections are not the ones seed "
-            f"{state.config.seed} generates, but the model saves none "
-            "(save_projection=False): they would be lost on saving. Adapt "
-            "the base model with save_projection=True."
+def _check_saveable(state, save_projection):
+    # A model that saves no projections makes them again from the seed.
+    if state.projections is not None and not save_projection:
+        state.require_seed_made(
+            state.projections,
+            "The model saves no projections (save_projection=False)",
+            "Adapt the base model with save_projection=True.",
         )
 
 

@@ -48,11 +48,33 @@ def check_base_model(model):
 
 
 class AdapterRecord:
-    """A named adapter of a model: its settings and the paths it adapts."""
+    """A named adapter of a model: its settings and the paths it adapts.
 
-    def __init__(self, config, paths):
-        self.config = config
+    The sampling switch is stored in the adapter's layers, which read it in
+    every call; `config` reports it from them.
+
+    Args:
+        name: The adapter's name.
+        config: Its `PVeRAConfig`.
+        paths: Paths of the layers it adapts.
+        wrappers: The registry's `{path: PVeRADense}` (read, not copied).
+    """
+
+    def __init__(self, name, config, paths, wrappers):
+        self.name = name
+        self.settings = config.replace(sample_at_inference=False)
         self.paths = list(paths)
+        self.wrappers = wrappers
+
+    @property
+    def config(self):
+        """The adapter's `PVeRAConfig`; `sample_at_inference` is on when any
+        of its layers samples."""
+        sampling = any(
+            self.wrappers[path].adapter_vectors[self.name].config.sample_at_inference
+            for path in self.paths
+        )
+        return self.settings.replace(sample_at_inference=sampling)
 
 
 class AdapterRegistry:
@@ -130,11 +152,7 @@ class AdapterRegistry:
         undo, new = [], {}
         try:
             for i, (path, layer) in enumerate(targets.items()):
-                layer_config = config.replace(
-                    seed=derive_seed(config.seed, i),
-                    target=None,
-                    trainable_layers=None,
-                )
+                layer_config = config.replace(target=None, trainable_layers=None)
                 if isinstance(layer, PVeRADense):
                     layer.add_adapter(name, layer_config)
                     undo.append(lambda w=layer: w.delete_adapter(name))
@@ -152,6 +170,7 @@ class AdapterRegistry:
                     config=layer_config,
                     projection_registry=registry,
                     adapter_name=name,
+                    noise_seed=derive_seed(config.seed, i),
                     name=layer.name,
                 )
             swap_back = model_surgery.replace_layers(
@@ -165,7 +184,7 @@ class AdapterRegistry:
                 wrapper.set_active_adapter(self.active)
             self.wrappers.update(new)
             self.registry = registry
-            self.adapters[name] = AdapterRecord(config, targets)
+            self.adapters[name] = AdapterRecord(name, config, targets, self.wrappers)
             self.trainable_paths = list(trainable)
             self.freeze()
         except Exception:

@@ -515,9 +515,6 @@ def adapted_layers_of(model):
 
 
 def _set_sampling(model, adapters, flags):
-    if isinstance(getattr(type(model), "sample_at_inference", None), property):
-        # A PVeRAModel switches its layers and drops its compiled functions.
-        model.sample_at_inference = any(flags)
     for layer, flag in zip(adapters, flags, strict=True):
         layer.sample_at_inference = flag
     keras_internals.drop_compiled_functions(model)
@@ -533,7 +530,6 @@ def _sampling_at_inference(model, adapters, seed):
     layers) and gets its previous state back afterwards, so the run leaves
     the model's own noise streams as they were.
     """
-    model_flag = getattr(model, "sample_at_inference", None)
     layer_flags = [layer.sample_at_inference for layer in adapters]
     generators = [layer.seed_generator for layer in adapters]
     saved_states = [np.array(ops.convert_to_numpy(g.state.value)) for g in generators]
@@ -546,13 +542,7 @@ def _sampling_at_inference(model, adapters, seed):
     finally:
         for generator, state in zip(generators, saved_states, strict=True):
             generator.state.assign(state)
-        if isinstance(model_flag, bool) and isinstance(
-            getattr(type(model), "sample_at_inference", None), property
-        ):
-            model.sample_at_inference = model_flag
-        for layer, flag in zip(adapters, layer_flags, strict=True):
-            layer.sample_at_inference = flag
-        keras_internals.drop_compiled_functions(model)
+        _set_sampling(model, adapters, layer_flags)
 
 
 def _repeat(array, copies):
