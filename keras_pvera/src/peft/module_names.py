@@ -41,6 +41,9 @@ import importlib.metadata
 import math
 import re
 
+import numpy as np
+
+from keras_pvera.src.layers.pvera_dense import LinearEquation
 from keras_pvera.src.surgery import layer_walk
 
 NAMINGS = ("transformers5", "legacy")
@@ -753,14 +756,10 @@ def kernel_matrix(kernel, layout, equation=None):
     >>> kernel_matrix(kernel, "heads", "btd,ndh->btnh").shape
     (3, 8)
     """
-    import numpy as np
-
     if layout not in LAYOUTS:
         raise ValueError(f"`layout` must be one of {LAYOUTS}. Received: {layout!r}")
     if equation is None:
         return np.asarray(kernel)
-    from keras_pvera.src.layers.pvera_dense import LinearEquation
-
     linear = LinearEquation(equation, kernel.shape)
     # to_kernel_order maps (in dims..., out dims...) axes to kernel axes.
     order = [linear.to_kernel_order.index(axis) for axis in range(kernel.ndim)]

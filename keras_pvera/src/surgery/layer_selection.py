@@ -9,7 +9,6 @@ saved files so that they load where Keras names layers otherwise. A
 """
 
 import re
-import sys
 import warnings
 
 import keras
@@ -193,8 +192,7 @@ ATTENTION_PROJECTIONS = (
 
 def keras_hub_backbones(model):
     """The KerasHub backbones in `model` (itself included), outermost first."""
-    keras_hub = sys.modules.get("keras_hub")
-    backbone_class = getattr(getattr(keras_hub, "models", None), "Backbone", None)
+    backbone_class = keras_hub_tasks.keras_hub_model_class("Backbone")
     if backbone_class is None:
         return []
     layers = [model] + [layer for _, layer in layer_walk.iter_layers(model)]

@@ -13,6 +13,19 @@ import keras
 from keras_pvera.src.utils import keras_internals
 
 
+def keras_hub_model_class(name):
+    """`keras_hub.models.<name>` if keras-hub is imported, else `None`.
+
+    A model cannot be a KerasHub one unless keras-hub is imported already,
+    so this never imports it (which would import TensorFlow).
+
+    Args:
+        name: A class name, such as `"Task"` or `"Backbone"`.
+    """
+    keras_hub = sys.modules.get("keras_hub")
+    return getattr(getattr(keras_hub, "models", None), name, None)
+
+
 def keras_hub_task(model):
     """Whether `model` is a KerasHub `Task` (keras-hub is not imported here).
 
@@ -22,8 +35,7 @@ def keras_hub_task(model):
     Returns:
         True for a `keras_hub.models.Task` (a classifier, a causal LM...).
     """
-    keras_hub = sys.modules.get("keras_hub")
-    task_class = getattr(getattr(keras_hub, "models", None), "Task", None)
+    task_class = keras_hub_model_class("Task")
     return task_class is not None and isinstance(model, task_class)
 
 
