@@ -208,71 +208,11 @@ def decode_adapter(tensors, metadata, source="the file"):
             a missing or malformed entry, a missing, unexpected or misshapen
             tensor.
     """
-    if metadata.get("format") != FORMAT:
-        hint = ""
-        if any(name.startswith("base_model.") for name in tensors):
-            hint = (
-                " It looks like a PEFT adapter: read its folder with "
-                "keras_pvera.load_peft_adapter."
-            )
-        raise ValueError(
-            f"{source} is not a keras_pvera adapter file: its metadata has "
-            f"format={metadata.get('format')!r}, expected {FORMAT!r}.{hint}"
-        )
-    try:
-        header = json.loads(metadata["keras_pvera"])
-        version = header["format_version"]
-        settings = header["settings"]
-        layer_rows = header["layers"]
-        trainable_rows = header["trainable_layers"]
-    except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(
-            f"{source} has malformed keras_pvera metadata ({type(e).__name__}: {e})."
-        ) from None
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise ValueError(
-            f"{source} has format_version={version!r}; this keras_pvera "
-            f"reads version {FORMAT_VERSION} and older. Upgrade keras_pvera."
-        )
-    if not isinstance(settings, dict):
-        raise ValueError(f"{source} has malformed settings: {settings!r}")
-    for name in ADAPTER_SETTING_NAMES:
-        if name not in settings:
-            raise ValueError(f"{source} has no setting {name!r}.")
-    try:
-        config = PVeRAConfig.from_dict(
-            {name: settings[name] for name in ADAPTER_SETTING_NAMES}
-        )
-    except ValueError as e:
-        raise ValueError(f"{source} has a bad setting: {e}") from None
-    layers = _decode_layers(layer_rows, source)
-    trainable_shapes = _decode_trainable(trainable_rows, source)
+    config, header = _decode_header(tensors, metadata, source)
+    layers = _decode_layers(header["layers"], source)
+    trainable_shapes = _decode_trainable(header["trainable_layers"], source)
     addresses = _decode_addresses(header.get("addresses", {}), source)
-    rank = config.rank
-
-    expected = {
-        "pvera_lambda_d": (len(layers), 2 * rank),
-        "pvera_lambda_b": (sum(out_dim for _, out_dim in layers.values()),),
-    }
-    if config.save_projection:
-        in_max = max(in_dim for in_dim, _ in layers.values())
-        out_max = max(out_dim for _, out_dim in layers.values())
-        expected["pvera_A"] = (2 * rank, in_max)
-        expected["pvera_B"] = (out_max, rank)
-    for k, shapes in enumerate(trainable_shapes.values()):
-        for j, shape in enumerate(shapes):
-            expected[f"trainable/{k}/{j}"] = shape
-    for name, shape in expected.items():
-        if name not in tensors:
-            raise ValueError(f"{source} is missing tensor {name!r}.")
-        if tuple(tensors[name].shape) != shape:
-            raise ValueError(
-                f"{source}: tensor {name!r} has shape "
-                f"{tuple(tensors[name].shape)}, its metadata says {shape}."
-            )
-    for name in tensors:
-        if name not in expected:
-            raise ValueError(f"{source} has an unexpected tensor {name!r}.")
+    _check_tensors(tensors, _tensor_shapes(config, layers, trainable_shapes), source)
 
     lambda_d, lambda_b, offset = {}, {}, 0
     for i, (path, (_, out_dim)) in enumerate(layers.items()):
@@ -295,6 +235,81 @@ def decode_adapter(tensors, metadata, source="the file"):
         trainable=trainable,
         addresses=addresses,
     )
+
+
+def _decode_header(tensors, metadata, source):
+    """The file's `PVeRAConfig` and its checked `keras_pvera` header."""
+    if metadata.get("format") != FORMAT:
+        hint = ""
+        if any(name.startswith("base_model.") for name in tensors):
+            hint = (
+                " It looks like a PEFT adapter: read its folder with "
+                "keras_pvera.load_peft_adapter."
+            )
+        raise ValueError(
+            f"{source} is not a keras_pvera adapter file: its metadata has "
+            f"format={metadata.get('format')!r}, expected {FORMAT!r}.{hint}"
+        )
+    try:
+        header = json.loads(metadata["keras_pvera"])
+        version = header["format_version"]
+        settings = header["settings"]
+        for key in ("layers", "trainable_layers"):
+            if key not in header:
+                raise KeyError(key)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(
+            f"{source} has malformed keras_pvera metadata ({type(e).__name__}: {e})."
+        ) from None
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ValueError(
+            f"{source} has format_version={version!r}; this keras_pvera "
+            f"reads version {FORMAT_VERSION} and older. Upgrade keras_pvera."
+        )
+    if not isinstance(settings, dict):
+        raise ValueError(f"{source} has malformed settings: {settings!r}")
+    for name in ADAPTER_SETTING_NAMES:
+        if name not in settings:
+            raise ValueError(f"{source} has no setting {name!r}.")
+    try:
+        config = PVeRAConfig.from_dict(
+            {name: settings[name] for name in ADAPTER_SETTING_NAMES}
+        )
+    except ValueError as e:
+        raise ValueError(f"{source} has a bad setting: {e}") from None
+    return config, header
+
+
+def _tensor_shapes(config, layers, trainable_shapes):
+    """`{tensor name: shape}` of everything a file for these layers holds."""
+    rank = config.rank
+    expected = {
+        "pvera_lambda_d": (len(layers), 2 * rank),
+        "pvera_lambda_b": (sum(out_dim for _, out_dim in layers.values()),),
+    }
+    if config.save_projection:
+        in_max = max(in_dim for in_dim, _ in layers.values())
+        out_max = max(out_dim for _, out_dim in layers.values())
+        expected["pvera_A"] = (2 * rank, in_max)
+        expected["pvera_B"] = (out_max, rank)
+    for k, shapes in enumerate(trainable_shapes.values()):
+        for j, shape in enumerate(shapes):
+            expected[f"trainable/{k}/{j}"] = shape
+    return expected
+
+
+def _check_tensors(tensors, expected, source):
+    for name, shape in expected.items():
+        if name not in tensors:
+            raise ValueError(f"{source} is missing tensor {name!r}.")
+        if tuple(tensors[name].shape) != shape:
+            raise ValueError(
+                f"{source}: tensor {name!r} has shape "
+                f"{tuple(tensors[name].shape)}, its metadata says {shape}."
+            )
+    for name in tensors:
+        if name not in expected:
+            raise ValueError(f"{source} has an unexpected tensor {name!r}.")
 
 
 def _decode_addresses(addresses, source):
