@@ -22,6 +22,8 @@ from keras_pvera.src.peft.peft_interop import save_peft_adapter
 from keras_pvera.src.saving.adapter_files import load_adapter
 from keras_pvera.src.saving.adapter_files import save_adapter
 from keras_pvera.src.saving.merging import merge
+from keras_pvera.src.uncertainty.diagnosis import UncertaintyDiagnosis
+from keras_pvera.src.uncertainty.diagnosis import diagnose_uncertainty
 from keras_pvera.src.uncertainty.metrics import ExpectedCalibrationError
 from keras_pvera.src.uncertainty.metrics import calibration_bins
 from keras_pvera.src.uncertainty.metrics import expected_calibration_error
@@ -38,10 +40,12 @@ __all__ = [
     "PVeRAConfig",
     "PVeRAModel",
     "ProjectionRegistry",
+    "UncertaintyDiagnosis",
     "UncertaintyResult",
     "apply",
     "calibrate",
     "calibration_bins",
+    "diagnose_uncertainty",
     "expected_calibration_error",
     "generate_projections",
     "kl_divergence",

@@ -489,29 +489,55 @@ def _reads_logits(summary, from_logits, what):
 
 
 def adapted_layers_of(model):
-    """The `PVeRADense` layers of `model`, each once, in model order.
+    """The active `PVeRADense` layers of `model` by path, each once, in order.
+
+    Paths are those of `model.adapted_layers` for a `PVeRAModel` (within
+    its base model); for another model, where its walk finds them.
 
     Args:
         model: A Keras model.
 
     Returns:
-        A list of `PVeRADense` layers.
+        A dict `{path: PVeRADense}`.
 
     Raises:
         ValueError: If `model` has none.
     """
-    adapters = [
-        layer
-        for _, layer in layer_walk.pvera_layers(model)
-        if layer.active_adapter is not None
-    ]
-    if not adapters:
+    adapted = getattr(model, "adapted_layers", None)
+    if not isinstance(adapted, dict):
+        adapted = {
+            path: layer
+            for path, layer in layer_walk.pvera_layers(model)
+            if layer.active_adapter is not None
+        }
+    if not adapted:
         raise ValueError(
             f"Model {getattr(model, 'name', model)!r} has no PVeRA layers, so "
             "its passes cannot differ. Adapt it first: "
             "`model = keras_pvera.apply(model, ...)`."
         )
-    return adapters
+    return adapted
+
+
+def _sampling_flags(adapted, sampled_layers):
+    """Which of `adapted` sample: all, or the paths in `sampled_layers`."""
+    if sampled_layers is None:
+        return [True] * len(adapted)
+    if isinstance(sampled_layers, str) or not all(
+        isinstance(path, str) for path in sampled_layers
+    ):
+        raise ValueError(
+            "`sampled_layers` must be a list of adapted layer paths, such as "
+            f"{list(adapted)[:3]}. Received: sampled_layers={sampled_layers!r}"
+        )
+    unknown = [path for path in sampled_layers if path not in adapted]
+    if unknown or not sampled_layers:
+        raise ValueError(
+            f"`sampled_layers` must name adapted layers; {unknown or 'none'} "
+            f"are not among them: {list(adapted)[:20]}. Received: "
+            f"sampled_layers={sampled_layers!r}"
+        )
+    return [path in sampled_layers for path in adapted]
 
 
 def _set_sampling(model, adapters, flags):
@@ -521,8 +547,9 @@ def _set_sampling(model, adapters, flags):
 
 
 @contextlib.contextmanager
-def _sampling_at_inference(model, adapters, seed):
-    """Switches sampling at inference on, and restores everything after.
+def _sampling_at_inference(model, adapters, seed, flags):
+    """Switches sampling at inference on (per layer: `flags`), and restores
+    everything after.
 
     Compiled predict functions are dropped on entry and exit (JAX and
     TensorFlow bake the switch into them). Each layer's noise generator
@@ -534,7 +561,7 @@ def _sampling_at_inference(model, adapters, seed):
     generators = [layer.seed_generator for layer in adapters]
     saved_states = [np.array(ops.convert_to_numpy(g.state.value)) for g in generators]
     try:
-        _set_sampling(model, adapters, [True] * len(adapters))
+        _set_sampling(model, adapters, flags)
         states = seed_generator_states(seed, len(generators), saved_states[0].dtype)
         for generator, state in zip(generators, states, strict=True):
             generator.state.assign(state)
@@ -619,6 +646,7 @@ def predict_with_uncertainty(
     level=0.95,
     seed=None,
     return_samples=False,
+    sampled_layers=None,
     verbose="auto",
 ):
     """Predicts `n` times with PVeRA's sampling on; returns the statistics.
@@ -653,6 +681,9 @@ def predict_with_uncertainty(
         return_samples: Whether the result keeps the samples (leading axis
             `n`). All samples are held in memory during the run either way;
             without this, only the statistics are kept afterwards.
+        sampled_layers: Paths of the adapted layers that sample (keys of
+            `model.adapted_layers`); the others use their latent mean.
+            `None` (the default) samples in all of them.
         verbose: `"auto"` or 1 (progress bar), 2 (one line at the end) or 0
             (silent), as for `model.predict`.
 
@@ -666,8 +697,8 @@ def predict_with_uncertainty(
         values can be). A `PVeRAModel` outputs what its base model does.
 
     Raises:
-        ValueError: For a bad `n`, `batch_size`, `level`, `seed` or
-            `verbose`, empty inputs, a model without PVeRA layers,
+        ValueError: For a bad `n`, `batch_size`, `level`, `seed`,
+            `sampled_layers` or `verbose`, empty inputs, a model without PVeRA layers,
             adapter weights holding NaN or infinity, or a model output
             without the batch on its first axis.
 
@@ -695,7 +726,9 @@ def predict_with_uncertainty(
     if seed is None:
         seed = random.randint(0, 2**31 - 1)
     verbose = _check_verbose(verbose)
-    adapters = adapted_layers_of(model)
+    adapted = adapted_layers_of(model)
+    flags = _sampling_flags(adapted, sampled_layers)
+    adapters = list(adapted.values())
     if callable(getattr(model, "check_finite", None)):
         model.check_finite()
     # A KerasHub task's raw inputs (strings, images) through its preprocessor.
@@ -711,7 +744,7 @@ def predict_with_uncertainty(
             batches.num_batches, verbose=verbose, unit_name="step"
         )
     outputs, drawn = None, []
-    with _sampling_at_inference(model, adapters, seed):
+    with _sampling_at_inference(model, adapters, seed, flags):
         for step, batch in enumerate(batches):
             if num_rows(batch) > 0:
                 outputs, leaves = _draw_samples(model, batch, n, max_rows)
