@@ -56,12 +56,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
+import scipy.optimize  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
 from sklearn.metrics import roc_auc_score  # noqa: E402
 from sklearn.model_selection import train_test_split  # noqa: E402
 
 import keras_pvera  # noqa: E402
-from keras_pvera.src.uncertainty.temperature_scaling import fit_temperature  # noqa: E402
 
 MC_SAMPLES = 30
 ENSEMBLE_SIZE = 5
@@ -233,6 +233,22 @@ def tempered(prediction_p, temperature):
     log_p -= log_p.max(-1, keepdims=True)
     p = np.exp(log_p)
     return p / p.sum(-1, keepdims=True)
+
+
+def fit_temperature(prediction_p, labels):
+    """Temperature scaling for a plain Keras model's probabilities (what
+    `keras_pvera.calibrate` does for a PVeRA model): the `T` in [0.01, 100]
+    minimising the NLL of `tempered(p, T)`, by SciPy's bounded search on
+    `log T` (the NLL is unimodal in it)."""
+
+    def nll(log_t):
+        p = tempered(prediction_p, np.exp(log_t))
+        return -np.mean(np.log(np.clip(p[np.arange(len(labels)), labels], 1e-12, 1)))
+
+    found = scipy.optimize.minimize_scalar(
+        nll, bounds=(np.log(0.01), np.log(100.0)), method="bounded"
+    )
+    return float(np.exp(found.x))
 
 
 # ------------------------------------------------------------------ tasks
@@ -624,9 +640,7 @@ def run_methods(task, seed, n):
                 dropout_model = model
     methods[f"Keras LoRA r{LORA_RANK}"] = (members[0], lora_params)
     val = members[0]["val"].p
-    temperature = fit_temperature(
-        np.log(np.clip(val, 1e-12, 1))[None], task.labels["val"]
-    )
+    temperature = fit_temperature(val, task.labels["val"])
     methods[f"Keras LoRA r{LORA_RANK} + temperature"] = (
         {k: Prediction(tempered(v.p, temperature)) for k, v in members[0].items()},
         lora_params,
