@@ -250,7 +250,7 @@ def _verdict(measure, in_spread, out_spread, layer_spread, auroc, entropy_auroc)
             " Pass out-of-distribution inputs to learn whether the spread "
             "separates them."
         )
-    entropy = "" if entropy_auroc is None else f" (entropy: {entropy_auroc:.2f})"
+    entropy = "" if entropy_auroc is None else f", by entropy {entropy_auroc:.2f}"
     if auroc >= SEPARATES:
         judgement = f"The spread separates the two sets: AUROC {auroc:.2f}{entropy}."
     elif auroc >= WEAKLY_SEPARATES:
@@ -264,8 +264,8 @@ def _verdict(measure, in_spread, out_spread, layer_spread, auroc, entropy_auroc)
         )
     else:
         judgement = (
-            f"The spread is inverted: in-distribution inputs vary more "
-            f"(AUROC {auroc:.2f}{entropy}); do not read it as uncertainty."
+            "The spread is inverted, in-distribution inputs vary more: "
+            f"AUROC {auroc:.2f}{entropy}; do not read it as uncertainty."
         )
     if entropy_auroc is not None and entropy_auroc > auroc + 0.05:
         judgement += " Predictive entropy ranks them better here."
