@@ -1,15 +1,13 @@
 """What an adapted model reports about itself.
 
-Parameter counts, the summary table, the check that no adapter vector has
-diverged, and the KL terms of the last training step. `PVeRAModel` exposes
-each as a method of the same name.
+Parameter counts, the summary table, and the check that no adapter vector
+has diverged. `PVeRAModel` exposes each as a method of the same name.
 """
 
 import numpy as np
 from keras import ops
 
 from keras_pvera.src.surgery import layer_selection
-from keras_pvera.src.utils import keras_internals
 
 
 class ModelSummary:
@@ -150,22 +148,3 @@ class ModelSummary:
         trainable params: 24 || all params: 347 || trainable%: 6.9164
         """
         print(self.pvera_summary().splitlines()[-1])
-
-
-def kl_terms(model):
-    """The KL terms the active adapter's layers added in this forward pass.
-
-    Each adapted layer adds `kl_weight * KL` with `add_loss` while training;
-    they are picked out of the model's losses by identity, so the wrapped
-    base layer's own losses (an activity regularizer) are left out.
-
-    Args:
-        model: A `PVeRAModel`.
-
-    Returns:
-        A list of scalar tensors.
-    """
-    ids = set()
-    for layer in model.adapted_layers.values():
-        ids.update(keras_internals.own_loss_ids(layer))
-    return [t for t in model.losses if id(t) in ids]

@@ -184,7 +184,7 @@ class PVeRAModel(AdapterLifecycle, model_summary.ModelSummary, keras.Model):
         loss = super().compute_loss(x, y, y_pred, sample_weight, **kw)
         kl_weight = self.pvera_config.kl_weight if self.active_adapter else 0
         if kl_weight > 0 and kw.get("training", True):
-            terms = model_summary.kl_terms(self)
+            terms = _kl_terms(self)
             if terms:
                 self.kl_tracker.update_state(
                     ops.divide(ops.sum(ops.stack(terms)), kl_weight)
@@ -313,3 +313,16 @@ class PVeRAModel(AdapterLifecycle, model_summary.ModelSummary, keras.Model):
         if active != model.active_adapter:
             model.adapter_registry.set_active(active)
         return model
+
+
+def _kl_terms(model):
+    """The KL terms the active adapter's layers added in this forward pass.
+
+    Each adapted layer adds `kl_weight * KL` with `add_loss` while training;
+    they are picked out of the model's losses by identity, so the wrapped
+    base layer's own losses (an activity regularizer) are left out.
+    """
+    ids = set()
+    for layer in model.adapted_layers.values():
+        ids.update(keras_internals.own_loss_ids(layer))
+    return [t for t in model.losses if id(t) in ids]
