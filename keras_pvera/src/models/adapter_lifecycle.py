@@ -155,8 +155,13 @@ class AdapterLifecycle:
     def _renew_optimizer(self):
         optimizer = getattr(self, "optimizer", None)
         if optimizer is not None and optimizer.built:
+            renewed = optimizer.__class__.from_config(optimizer.get_config())
+            # Built for the variables that train now, as a loaded model's
+            # optimizer is: a file saved now then loads without a warning.
+            self._changed()
+            renewed.build(self.trainable_variables)
             with keras_internals.unlocked(self):
-                self.optimizer = optimizer.__class__.from_config(optimizer.get_config())
+                self.optimizer = renewed
 
     def delete_adapter(self, adapter_name):
         """Deletes an adapter, as PEFT does.

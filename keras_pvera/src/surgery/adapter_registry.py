@@ -186,7 +186,6 @@ class AdapterRegistry:
                     noise_seed=derive_seed(config.seed, i),
                     name=layer.name,
                 )
-            new_copies = {}
             if not self.in_place:
                 for path, layer in trainable.items():
                     if path not in self.copies:
