@@ -4,6 +4,7 @@ unload, merge and unmerge in place, and a base that stays frozen."""
 import os
 import subprocess
 import sys
+import warnings
 
 import keras
 import numpy as np
@@ -125,9 +126,9 @@ def test_adapters_must_fit_the_shared_registry():
         model.add_adapter("c", rank=4, seed=1, target=["inner"])
     with pytest.raises(ValueError, match="already has an adapter named 'default'"):
         model.add_adapter("default", rank=4, seed=1, target=["hidden"])
-    with pytest.raises(ValueError, match="trainable_layers"):
+    with pytest.raises(ValueError, match="both a PVeRA target and in"):
         model.add_adapter(
-            "d", rank=4, seed=1, target=["hidden"], trainable_layers=["head"]
+            "d", rank=4, seed=1, target=["hidden"], trainable_layers=["hidden"]
         )
     assert model.adapter_names == ["default"]
     assert model.adapted_layers["hidden"].adapter_names == ["default"]
@@ -144,15 +145,14 @@ def test_delete_adapter_removes_its_vectors_and_unwraps_its_own_layers():
     expected = model.predict(x, verbose=0)
     model.add_adapter("second", rank=4, target=["hidden", "outer"])
     model.set_adapter("second")
-    model.delete_adapter("second")
-    assert model.adapter_names == ["default"] and model.active_adapter is None
+    # As PEFT: deleting the active adapter makes a remaining one active.
+    with pytest.warns(UserWarning, match="Setting active adapter to default"):
+        model.delete_adapter("second")
+    assert model.adapter_names == ["default"] and model.active_adapter == "default"
     layers = dict(adaptable_layers(model.base_model))
     assert type(layers["block/outer"]) is keras.layers.Dense
     assert not any("second" in v.path for v in model.weights)
-    model.set_adapter("default")
     np.testing.assert_array_equal(model.predict(x, verbose=0), expected)
-    with pytest.raises(ValueError, match="only adapter"):
-        model.delete_adapter("default")
     with pytest.raises(ValueError, match="No adapter named 'missing'"):
         model.set_adapter("missing")
 
@@ -315,10 +315,11 @@ def test_training_sampling_and_switching_are_refused_while_merged():
     with pytest.raises(ValueError, match="merged"):
         model.predict_with_uncertainty(data(2)[0], n=2, verbose=0)
     with pytest.raises(ValueError, match="merged"):
-        model.set_adapter("second")
-    with pytest.raises(ValueError, match="merged"):
         model(data(2)[0], training=True)
-    model.unmerge_adapter()
+    # As PEFT: switching adapters unmerges first, with a warning.
+    with pytest.warns(UserWarning, match="Unmerging the model first"):
+        model.set_adapter("second")
+    assert model.merged_adapters == [] and model.active_adapter == "second"
     fit(model, epochs=1)
 
 
@@ -347,7 +348,11 @@ def expected_trainable(model):
         v.path
         for layer in model.adapted_layers.values()
         for v in (layer.lambda_d, layer.lambda_b)
-    ) + sorted(w.path for w in model.base_model.get_layer("head").weights)
+    ) + sorted(
+        # The head's copy for the adapter: the original stays frozen.
+        w.path
+        for w in model.base_model.get_layer("head").copies["default"].weights
+    )
 
 
 def test_trainable_toggles_never_thaw_the_base():
@@ -399,3 +404,244 @@ def test_switching_adapters_between_fits_trains_each_in_turn():
     hidden = model.adapted_layers["hidden"].adapter_vectors["default"]
     for a, b in zip(values(hidden.weights), default, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+# As PEFT does it (issue 18). Each test below states PEFT 0.21's behaviour;
+# tests/peft/test_peft_lifecycle.py runs PEFT beside to compare outputs.
+
+
+def eager(model, x):
+    return keras.ops.convert_to_numpy(model(x, training=False))
+
+
+def kernels_of(model):
+    return {
+        path: keras.ops.convert_to_numpy(layer.base_layer.kernel).copy()
+        for path, layer in model.adapter_registry.wrappers.items()
+    }
+
+
+def test_disable_adapter_on_a_merged_model_gives_the_base_outputs():
+    x, _ = data(7)
+    base = base_model()
+    expected = eager(base, x)
+    model = keras_pvera.apply(base, rank=4, target="all")
+    randomize(model)
+    adapted = eager(model, x)
+    model.merge_adapter()
+    with model.disable_adapter():
+        # PEFT takes the merged deltas out (it unmerges); so does this, on
+        # the fly: the kernels stay merged.
+        np.testing.assert_allclose(eager(model, x), expected, atol=1e-5)
+        np.testing.assert_allclose(model.predict(x, verbose=0), expected, atol=1e-5)
+    assert model.merged_adapters == ["default"]
+    np.testing.assert_allclose(eager(model, x), adapted, atol=1e-5)
+
+
+def head_model():
+    keras.utils.set_random_seed(0)
+    return keras.Sequential(
+        [
+            keras.Input((6,)),
+            keras.layers.Dense(8, activation="relu", name="hidden"),
+            keras.layers.Dense(3, name="head"),
+        ],
+        name="classifier",
+    )
+
+
+def test_each_adapter_trains_its_own_copy_of_a_layer_trained_in_full(tmp_path):
+    x, _ = data(16)
+    base = head_model()
+    original = [
+        keras.ops.convert_to_numpy(w).copy() for w in base.get_layer("head").weights
+    ]
+    base_out = eager(base, x)
+    model = keras_pvera.apply(
+        base, rank=4, target=["hidden"], trainable_layers=["head"]
+    )
+    model.add_adapter("second", rank=4, target=["hidden"], trainable_layers=["head"])
+    head = model.base_model.get_layer("head")
+    # PEFT's modules_to_save: the original, frozen, and one copy per adapter.
+    assert head.adapter_names == ["default", "second"]
+    fit(model, epochs=2)
+    for a, b in zip(values(head.original_layer.weights), original, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(values(head.copies["default"].weights)[0], original[0])
+    np.testing.assert_array_equal(values(head.copies["second"].weights)[0], original[0])
+    trained = eager(model, x)
+    with model.disable_adapter():
+        # The base model back, head included, after training.
+        np.testing.assert_array_equal(eager(model, x), base_out)
+    model.set_adapter("second")  # Its head is still the original's copy.
+    np.testing.assert_allclose(eager(model, x), base_out, atol=1e-6)
+    model.set_adapter("default")
+    np.testing.assert_array_equal(eager(model, x), trained)
+
+    model.save(tmp_path / "heads.keras")
+    with warnings.catch_warnings():
+        # Switching adapters renewed the optimizer, built as a loaded one.
+        warnings.simplefilter("error", UserWarning)
+        loaded = keras.saving.load_model(tmp_path / "heads.keras")
+    np.testing.assert_allclose(eager(loaded, x), trained, atol=1e-6)
+    with loaded.disable_adapter():
+        np.testing.assert_allclose(eager(loaded, x), base_out, atol=1e-6)
+
+    keras_pvera.save_adapter(model, tmp_path / "default.safetensors")
+    on_base = keras_pvera.load_adapter(head_model(), tmp_path / "default.safetensors")
+    np.testing.assert_allclose(eager(on_base, x), trained, atol=1e-6)
+
+
+def test_an_adapter_without_the_layer_runs_the_original_and_two_cannot_share_it():
+    x, _ = data(5)
+    base = head_model()
+    base_out = eager(base, x)
+    model = keras_pvera.apply(
+        base, rank=4, target=["hidden"], trainable_layers=["head"]
+    )
+    head = model.base_model.get_layer("head")
+    head.copies["default"].kernel.assign(np.ones((8, 3), "float32"))
+    model.add_adapter("plain", rank=4, target=["hidden"])  # No head of its own.
+    model.add_adapter("other", rank=4, target=["hidden"], trainable_layers=["head"])
+    model.set_adapter("plain")
+    np.testing.assert_array_equal(eager(model, x), base_out)  # lambda_b is 0.
+    assert sorted(v.name for v in model.trainable_weights) == [
+        "pvera_lambda_b_plain",
+        "pvera_lambda_d_plain",
+    ]
+    with pytest.raises(ValueError, match="only one of them can be active"):
+        model.set_adapter(["default", "other"])
+    assert model.active_adapter == "plain"
+    # Unloading keeps the active adapter's head, as PEFT's unload does.
+    model.set_adapter("default")
+    unloaded = model.unload()
+    assert unloaded.get_layer("head") is head.original_layer
+    np.testing.assert_array_equal(
+        keras.ops.convert_to_numpy(unloaded.get_layer("head").kernel), np.ones((8, 3))
+    )
+
+
+def test_leaving_disable_adapter_restores_each_layer_and_nothing_trains_inside():
+    model = keras_pvera.apply(
+        base_model(), rank=4, target=["hidden", "inner"], trainable_layers=["head"]
+    )
+    hidden = model.adapted_layers["hidden"]
+    with model.disable_adapter():
+        # PEFT: no adapter weight requires grad inside the context.
+        assert model.trainable_weights == []
+    assert len(model.trainable_weights) == 6
+    hidden.adapter_enabled = False  # A mixed state.
+    assert len(model.trainable_weights) == 4
+    with pytest.warns(UserWarning, match="some adapter layers that are enabled"):
+        with model.disable_adapter():
+            pass
+    assert not hidden.adapter_enabled
+    assert model.adapted_layers["block/inner"].adapter_enabled
+    hidden.adapter_enabled = True
+    assert len(model.trainable_weights) == 6
+
+
+def test_deleting_adapters_as_peft_does():
+    x, _ = data(5)
+    base = base_model()
+    base_out = eager(base, x)
+    model = keras_pvera.apply(base, rank=4, target=["hidden"])
+    model.add_adapter("b", rank=4, target=["hidden"])
+    model.add_adapter("a", rank=4, target=["hidden"])
+    randomize(model, "b", seed=2)
+    model.set_adapter("b")
+    # PEFT makes the first remaining adapter, in sorted order, active.
+    with pytest.warns(UserWarning, match="Setting active adapter to a"):
+        model.delete_adapter("b")
+    assert model.active_adapter == "a"
+    model.delete_adapter("default")  # Not active: no warning, no change.
+    assert model.active_adapter == "a"
+    model.delete_adapter("a")  # The last one: allowed, the base model runs.
+    assert model.adapter_names == [] and model.active_adapter is None
+    np.testing.assert_array_equal(eager(model, x), base_out)
+    with pytest.raises(ValueError, match="no adapter left to save"):
+        model.get_config()
+    model.add_adapter("again", rank=4, target=["hidden"])
+    assert model.active_adapter == "again"
+
+
+def test_a_second_merge_warns_and_changes_nothing():
+    model = keras_pvera.apply(base_model(), rank=4, target="all")
+    randomize(model)
+    model.merge_adapter()
+    merged = kernels_of(model)
+    with pytest.warns(UserWarning, match="All adapters are already merged"):
+        model.merge_adapter()
+    for path, kernel in kernels_of(model).items():
+        np.testing.assert_array_equal(kernel, merged[path])
+    model.unmerge_adapter()
+    with pytest.warns(UserWarning, match="Already unmerged"):
+        model.unmerge_adapter()
+
+
+def test_several_active_adapters_add_up_and_merge_at_once_or_in_turn(tmp_path):
+    x, _ = data(7)
+    base = base_model()
+    base_out = eager(base, x)
+    model = keras_pvera.apply(base, rank=4, target=["hidden", "inner"])
+    model.add_adapter("second", rank=4, target=["hidden", "outer"])
+    randomize(model, "default", seed=1)
+    randomize(model, "second", seed=2)
+    kernels = kernels_of(model)
+    first = eager(model, x)
+    model.set_adapter("second")
+    second = eager(model, x)
+
+    # A single layer: the adapters' outputs add up (as PEFT's forward loop).
+    hidden = model.adapted_layers["hidden"]
+    h = keras.ops.convert_to_numpy(base.get_layer("hidden").base_layer(x))
+    model.set_adapter(["default", "second"])
+    assert model.active_adapters == ["default", "second"]
+    assert model.active_adapter == ["default", "second"]
+    both_hidden = keras.ops.convert_to_numpy(hidden.base_layer(x))
+    np.testing.assert_array_equal(h, both_hidden)
+    both = eager(model, x)
+    assert np.abs(both - first).max() > 1e-3 and np.abs(both - second).max() > 1e-3
+    assert len(model.trainable_weights) == 8  # Both adapters' vectors.
+    per_token = hidden._latent_path(h, x, False, "default")
+    per_token = hidden._latent_path(per_token, x, False, "second")
+    folded = hidden._folded_path(x)
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(folded),
+        keras.ops.convert_to_numpy(per_token),
+        atol=1e-5,
+    )
+
+    model.merge_adapter(adapter_names=["default", "second"])
+    assert model.merged_adapters == ["default", "second"]
+    np.testing.assert_allclose(eager(model, x), both, atol=1e-5)
+    with model.disable_adapter():
+        np.testing.assert_allclose(eager(model, x), base_out, atol=1e-5)
+    model.unmerge_adapter()
+    for path, kernel in kernels_of(model).items():
+        np.testing.assert_allclose(kernel, kernels[path], atol=1e-6)
+
+    model.merge_adapter(["default"])
+    with pytest.warns(UserWarning, match="additionally merging second"):
+        model.merge_adapter(["second"])
+    np.testing.assert_allclose(eager(model, x), both, atol=1e-5)
+    model.unmerge_adapter()
+    with pytest.raises(TypeError, match="should be a list of strings"):
+        model.merge_adapter("default")
+
+    model.save(tmp_path / "both.keras")
+    loaded = keras.saving.load_model(tmp_path / "both.keras")
+    assert loaded.active_adapters == ["default", "second"]
+    np.testing.assert_allclose(eager(loaded, x), both, atol=1e-5)
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(keras_pvera.merge(loaded)(x)), both, atol=1e-5
+    )
+
+
+def test_merge_refuses_non_finite_vectors_by_default():
+    model = keras_pvera.apply(base_model(), rank=4, target="all")
+    model.adapted_layers["block/inner"].lambda_b.assign(np.full(8, np.nan, "float32"))
+    with pytest.raises(ValueError, match="\\['block/inner'\\]"):
+        keras_pvera.merge(model)
+    merged = keras_pvera.merge(model, safe_merge=False)  # Asked for: done.
+    assert np.isnan(keras.ops.convert_to_numpy(merged(data(2)[0]))).any()

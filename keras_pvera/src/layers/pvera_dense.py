@@ -247,11 +247,13 @@ class PVeRADense(keras.layers.Layer):
     adapted layer starts equal to the base layer. The base layer's activation
     moves to this layer, so the adapter is added before it.
 
-    A layer can hold several named adapters (`add_adapter`); one is active
-    at a time (`set_active_adapter`), and only its vectors train. With no
-    active adapter, with the adapter disabled (`adapter_enabled = False`) or
-    merged into the kernel (`merged_adapter`), the layer computes exactly
-    the base layer's output.
+    A layer can hold several named adapters (`add_adapter`); those made
+    active (`set_active_adapter`, one name or several) run, their outputs
+    adding up, and only their vectors train. With no active adapter or with
+    the adapters disabled (`adapter_enabled = False`), the layer computes the
+    base layer's output (exactly, unless adapters are merged into the kernel:
+    then their deltas are taken out on the fly). Adapters merged into the
+    kernel (`merged_adapters`) run as the kernel.
 
     Args:
         base_layer: A `keras.layers.Dense` or `keras.layers.EinsumDense`.
@@ -345,9 +347,10 @@ class PVeRADense(keras.layers.Layer):
         )
         self.seed_generator = keras.random.SeedGenerator(self.noise_seed)
         self.adapter_vectors = {adapter_name: AdapterVectors(config)}
-        self.active_adapter = adapter_name
-        self.adapter_enabled = True
-        self.merged_adapter = None
+        # Names as tuples: Keras would track (and copy) lists.
+        self.active_names = (adapter_name,)
+        self.enabled = True
+        self.merged_names = ()
         self.base_layer.trainable = False
         if base_layer.built:
             self.build(None)
@@ -422,33 +425,108 @@ class PVeRADense(keras.layers.Layer):
             ValueError: If there is no such adapter, or it is merged.
         """
         vectors = self._vectors_named(adapter_name)
-        if self.merged_adapter == adapter_name:
-            self._check_not_merged("delete the merged adapter")
+        if adapter_name in self.merged_names:
+            raise ValueError(
+                f"Cannot delete adapter {adapter_name!r} while it is merged "
+                f"into the kernel of layer {self.name!r}. Call "
+                "`model.unmerge_adapter()` first."
+            )
         for variable in vectors.weights:
             if variable is not None:
                 keras_internals.untrack_variable(self, variable)
         del self.adapter_vectors[adapter_name]
-        if self.active_adapter == adapter_name:
-            self.active_adapter = None
+        self.active_names = tuple(n for n in self.active_names if n != adapter_name)
 
     def set_active_adapter(self, adapter_name):
-        """Makes `adapter_name` the adapter that runs and trains.
+        """Makes `adapter_name` the adapter (or adapters) that run and train.
 
         Args:
-            adapter_name: A name, or `None` (or a name this layer does not
-                hold) to run the base layer alone.
+            adapter_name: A name, a list of names (their outputs add up), or
+                `None` (or names this layer does not hold) to run the base
+                layer alone.
 
         Raises:
             ValueError: If an adapter is merged into the kernel.
         """
-        if adapter_name != self.active_adapter:
+        names = _as_names(adapter_name)
+        held = tuple(n for n in names if n in self.adapter_vectors)
+        if held != self.active_names:
             self._check_not_merged("switch adapters")
-        self.active_adapter = (
-            adapter_name if adapter_name in self.adapter_vectors else None
-        )
-        if self.active_adapter is not None:
-            self.dropout_layer.rate = self.config.dropout
+        self.active_names = held
+        if held:
+            self.dropout_layer.rate = self.adapter_vectors[held[0]].config.dropout
         self._apply_trainability()
+
+    @property
+    def active_adapters(self):
+        """The names of the adapters that run and train, a list."""
+        return list(self.active_names)
+
+    @property
+    def active_adapter(self):
+        """The active adapter's name; `None` if none, a list if several."""
+        if len(self.active_names) > 1:
+            return list(self.active_names)
+        return self.active_names[0] if self.active_names else None
+
+    @property
+    def adapter_enabled(self):
+        """Whether the active adapters run (PEFT's `enable_adapters`).
+
+        Set it to `False` to compute the base layer's output; the adapters'
+        vectors then do not train either.
+        """
+        return self.enabled
+
+    @adapter_enabled.setter
+    def adapter_enabled(self, value):
+        self.enabled = bool(value)
+        self._apply_trainability()
+
+    @property
+    def merged_adapters(self):
+        """The names of the adapters merged into the kernel, in merge order."""
+        return list(self.merged_names)
+
+    @property
+    def merged_adapter(self):
+        """The merged adapter's name; `None` if none, a list if several."""
+        if len(self.merged_names) > 1:
+            return list(self.merged_names)
+        return self.merged_names[0] if self.merged_names else None
+
+    def merge(self, adapter_names=None):
+        """Folds adapters' mean into the kernel (PEFT's layer `merge`).
+
+        Args:
+            adapter_names: Names to merge; `None` for the active adapters.
+                Names already merged, or that this layer does not hold, are
+                skipped.
+
+        Returns:
+            The list of names merged by this call.
+        """
+        names = self.active_names if adapter_names is None else adapter_names
+        todo = [
+            n
+            for n in _as_names(names)
+            if n in self.adapter_vectors and n not in self.merged_names
+        ]
+        kernel = keras_internals.kernel_variable(self.base_layer)
+        for name in todo:
+            delta = ops.cast(self.delta_kernel(name), kernel.dtype)
+            kernel.assign(ops.add(kernel, delta))
+            self.merged_names = (*self.merged_names, name)
+        return todo
+
+    def unmerge(self):
+        """Takes every merged adapter back out of the kernel, last first."""
+        kernel = keras_internals.kernel_variable(self.base_layer)
+        while self.merged_names:
+            *rest, name = self.merged_names
+            self.merged_names = tuple(rest)
+            delta = ops.cast(self.delta_kernel(name), kernel.dtype)
+            kernel.assign(ops.subtract(kernel, delta))
 
     @property
     def adapter_names(self):
@@ -463,25 +541,30 @@ class PVeRADense(keras.layers.Layer):
             )
         return self.adapter_vectors[adapter_name]
 
+    def _active_vectors_name(self):
+        self._active_vectors()
+        return self.active_names[0]
+
     def _active_vectors(self):
-        if self.active_adapter is None:
+        # With several active adapters, the first one's.
+        if not self.active_names:
             raise ValueError(
                 f"Layer {self.name!r} has no active adapter. Adapters: "
                 f"{list(self.adapter_vectors)}"
             )
-        return self.adapter_vectors[self.active_adapter]
+        return self.adapter_vectors[self.active_names[0]]
 
     def _check_not_merged(self, action):
-        if self.merged_adapter is not None:
+        if self.merged_names:
             raise ValueError(
-                f"Cannot {action} while adapter {self.merged_adapter!r} is "
+                f"Cannot {action} while adapters {list(self.merged_names)} are "
                 f"merged into the kernel of layer {self.name!r}. Call "
                 "`model.unmerge_adapter()` first."
             )
 
     @property
     def config(self):
-        """The active adapter's `PVeRAConfig`."""
+        """The active adapter's `PVeRAConfig` (the first's, if several)."""
         return self._active_vectors().config
 
     @property
@@ -501,13 +584,19 @@ class PVeRADense(keras.layers.Layer):
 
     @property
     def sample_at_inference(self):
-        """Whether inference samples the active adapter's latent code."""
-        return self.config.sample_at_inference
+        """Whether inference samples the active adapters' latent codes."""
+        self._active_vectors()
+        return any(
+            self.adapter_vectors[n].config.sample_at_inference
+            for n in self.active_names
+        )
 
     @sample_at_inference.setter
     def sample_at_inference(self, value):
-        vectors = self._active_vectors()
-        vectors.config = vectors.config.replace(sample_at_inference=bool(value))
+        self._active_vectors()
+        for name in self.active_names:
+            vectors = self.adapter_vectors[name]
+            vectors.config = vectors.config.replace(sample_at_inference=bool(value))
 
     @property
     def trainable(self):
@@ -528,7 +617,9 @@ class PVeRADense(keras.layers.Layer):
         for name, vectors in self.adapter_vectors.items():
             for variable in vectors.weights:
                 if variable is not None:
-                    variable.trainable = self.trainable and name == self.active_adapter
+                    variable.trainable = (
+                        self.trainable and self.enabled and name in self.active_names
+                    )
 
     def _check_quantization_mode(self):
         base = self.base_layer
@@ -552,24 +643,34 @@ class PVeRADense(keras.layers.Layer):
     def _projections(self):
         return self.projection_registry.projections(self.in_dim, self.out_dim)
 
-    def _scaled_b(self, b):
+    def _vectors(self, adapter):
+        if adapter is None:
+            return self._active_vectors()
+        return self._vectors_named(adapter)
+
+    def _scaled_b(self, b, vectors):
         # (out, r) * (alpha * lambda_b) per row -> (r, out)
-        scale = ops.multiply(self.config.alpha, self.lambda_b)
+        scale = ops.multiply(vectors.config.alpha, vectors.lambda_b)
         return ops.transpose(ops.multiply(b, ops.expand_dims(scale, 1)))
 
-    def delta_kernel(self):
-        """The active mean adapter as a kernel: what merging adds to it.
+    def delta_kernel(self, adapter=None):
+        """An adapter's mean as a kernel: what merging adds to it.
+
+        Args:
+            adapter: The adapter's name; `None` for the active one (the
+                first, if several).
 
         Returns:
             A tensor of the base layer's kernel shape.
         """
+        vectors = self._vectors(adapter)
         a, b = self._projections()
-        r = self.rank
-        a_mean = ops.multiply(a[:r], ops.expand_dims(self.lambda_d[:r], 1))
-        delta = ops.matmul(ops.transpose(a_mean), self._scaled_b(b))
+        r = vectors.config.rank
+        a_mean = ops.multiply(a[:r], ops.expand_dims(vectors.lambda_d[:r], 1))
+        delta = ops.matmul(ops.transpose(a_mean), self._scaled_b(b, vectors))
         return self.linear.kernel(delta)
 
-    def latent(self, inputs, training=False):
+    def latent(self, inputs, training=False, adapter=None):
         """The latent mean and log-variance for `inputs`.
 
         `lambda_d` scales the latent activations rather than `A`, so that
@@ -578,16 +679,29 @@ class PVeRADense(keras.layers.Layer):
         Args:
             inputs: The adapted layer's input.
             training: Whether dropout is active.
+            adapter: The adapter's name; `None` for the active one (the
+                first, if several).
 
         Returns:
             A tuple `(mu, logvar)`, each of shape `(..., rank)`, in float32
             whatever the compute dtype, so that `exp(logvar)` cannot
             overflow under a float16 policy.
         """
-        x = self.dropout_layer(inputs, training=training)
+        vectors = self._vectors(adapter)
+        x = self._dropout(inputs, vectors.config.dropout, training)
         h = self.projection_registry.project(x, self.linear)
-        h = ops.cast(ops.multiply(h, self.lambda_d), "float32")
-        return h[..., : self.rank], h[..., self.rank :]
+        h = ops.cast(ops.multiply(h, vectors.lambda_d), "float32")
+        rank = vectors.config.rank
+        return h[..., :rank], h[..., rank:]
+
+    def _dropout(self, inputs, rate, training):
+        # What `keras.layers.Dropout` does, at each adapter's own rate, from
+        # the one stream of this layer's dropout layer.
+        # (A dropout layer made at rate 0 has no stream: the noise's then.)
+        if not training or rate <= 0:
+            return inputs
+        seed = getattr(self.dropout_layer, "seed_generator", self.seed_generator)
+        return keras.random.dropout(inputs, rate, seed=seed)
 
     def _noise(self, logvar):
         """`eps * exp(0.5 * logvar)`, drawn and computed in float32."""
@@ -599,57 +713,80 @@ class PVeRADense(keras.layers.Layer):
 
     def call(self, inputs, training=None):
         base = self.base_layer
-        runs_adapter = self.adapter_enabled and self.active_adapter is not None
-        if self.merged_adapter is not None:
-            if training or (runs_adapter and self.sample_at_inference):
+        names = self.active_names if self.enabled else ()
+        if self.merged_names:
+            sampling = any(
+                self.adapter_vectors[n].config.sample_at_inference for n in names
+            )
+            if training or sampling:
                 self._check_not_merged("train or sample")
-            runs_adapter = False
-        if not runs_adapter:
+            if not self.enabled:
+                # The base output: the merged deltas taken out on the fly.
+                y = self._with_kernel(inputs, self.merged_names, ops.subtract)
+                return self._activate(y)
+            names = ()
+        if not names:
             y = base(inputs)
-        elif self._folds(training):
-            y = self._folded_path(inputs)
+        elif self._folds(training, names):
+            y = self._folded_path(inputs, names)
         else:
-            y = self._latent_path(base(inputs), inputs, training)
-        if self.activation is not None:
-            y = self.activation(y)
-        return y
+            y = base(inputs)
+            for name in names:
+                y = self._latent_path(y, inputs, training, name)
+        return self._activate(y)
 
-    def _folds(self, training):
-        """Whether this call folds the mean adapter into the kernel.
+    def _activate(self, y):
+        return y if self.activation is None else self.activation(y)
+
+    def _folds(self, training, names=None):
+        """Whether this call folds the mean adapters into the kernel.
 
         Only for mean-mode inference on a float32 (or float64) kernel: while
         training, sampling, or on a quantized base, the adapter runs token by
         token; in float16/bfloat16 a folded delta smaller than the kernel's
         rounding step would be lost.
         """
+        names = self.active_names if names is None else names
         return not (
             training
-            or self.sample_at_inference
+            or any(self.adapter_vectors[n].config.sample_at_inference for n in names)
             or self.base_layer.quantization_mode is not None
             or self.compute_dtype not in ("float32", "float64")
         )
 
-    def _latent_path(self, y, inputs, training):
-        """Adds the adapter token by token (training, sampling, quantized or
-        low-precision bases)."""
-        mu, logvar = self.latent(inputs, training=training)
-        kl_weight = self.config.kl_weight
-        if training and kl_weight > 0:
-            self.add_loss(kl_weight * kl_divergence(mu, logvar))
-        sampling = bool(training) or self.sample_at_inference
+    def _latent_path(self, y, inputs, training, name=None):
+        """Adds one adapter (`None`: the active one) token by token
+        (training, sampling, quantized or low-precision bases)."""
+        name = self._active_vectors_name() if name is None else name
+        vectors = self.adapter_vectors[name]
+        config = vectors.config
+        mu, logvar = self.latent(inputs, training=training, adapter=name)
+        if training and config.kl_weight > 0:
+            self.add_loss(config.kl_weight * kl_divergence(mu, logvar))
+        sampling = bool(training) or config.sample_at_inference
         z = ops.add(mu, self._noise(logvar)) if sampling else mu
         z = ops.cast(z, self.compute_dtype)
         _, b = self._projections()
-        scale = self.linear.output_scale(ops.multiply(self.config.alpha, self.lambda_b))
+        scale = self.linear.output_scale(ops.multiply(config.alpha, vectors.lambda_b))
         if scale is None:
-            return ops.add(y, self.linear.expand(z, self._scaled_b(b)))
+            return ops.add(y, self.linear.expand(z, self._scaled_b(b, vectors)))
         adapter = self.linear.expand(z, ops.transpose(b))
         return ops.add(y, ops.multiply(adapter, scale))
 
-    def _folded_path(self, inputs):
-        """Mean-mode inference: the adapter folded into the kernel, once a call."""
+    def _folded_path(self, inputs, names=None):
+        """Mean-mode inference: the adapters (`None`: the active ones)
+        folded into the kernel, once a call."""
+        names = self.active_names if names is None else names
+        return self._with_kernel(inputs, names, ops.add)
+
+    def _with_kernel(self, inputs, names, combine):
+        """Mean-mode inference with the adapters `names` added to (or taken
+        from) the kernel, once a call."""
         base = self.base_layer
-        y = self.linear(inputs, ops.add(base.kernel, self.delta_kernel()))
+        kernel = base.kernel
+        for name in names:
+            kernel = combine(kernel, self.delta_kernel(name))
+        y = self.linear(inputs, kernel)
         if base.bias is not None:
             y = ops.add(y, base.bias)
         return y
@@ -667,6 +804,7 @@ class PVeRADense(keras.layers.Layer):
                     for name, vectors in self.adapter_vectors.items()
                 ],
                 "active_adapter": self.active_adapter,
+                "adapter_enabled": self.enabled,
                 "noise_seed": self.noise_seed,
                 # The (possibly shared) registry's settings, so that a layer
                 # rebuilt from its config reads the same projections.
@@ -696,6 +834,7 @@ class PVeRADense(keras.layers.Layer):
         # settings at the top level: they are the one adapter "default".
         adapters = config.pop("adapters", None)
         active = config.pop("active_adapter", None)
+        enabled = config.pop("adapter_enabled", True)
         if adapters is None:
             return cls(**config)
         (first_name, first), *others = adapters
@@ -705,7 +844,17 @@ class PVeRADense(keras.layers.Layer):
         for name, settings in others:
             layer.add_adapter(name, PVeRAConfig.from_dict(settings))
         layer.set_active_adapter(active)
+        layer.adapter_enabled = enabled
         return layer
+
+
+def _as_names(adapter_name):
+    """`None`, a name or a list of names, as a tuple of names."""
+    if adapter_name is None:
+        return ()
+    if isinstance(adapter_name, str):
+        return (adapter_name,)
+    return tuple(adapter_name)
 
 
 def _check_adapter_name(adapter_name):

@@ -1,16 +1,18 @@
 """The adapter lifecycle of a `PVeRAModel`, as PEFT has it.
 
-Several named adapters on one model (one active at a time: only its
-vectors run and train), the base model back (`disable_adapter`, `unload`),
-and merging in place (`merge_adapter`, `unmerge_adapter`). Also what keeps
-the base frozen whatever `trainable` toggles a user makes. The structural
-work is `adapter_registry.AdapterRegistry`'s; this is the model's public face of it.
+Several named adapters on one model (one or several active: they run,
+their outputs add up, and only their vectors train), the base model back
+(`disable_adapter`, `unload`), and merging in place (`merge_adapter`,
+`unmerge_adapter`, one adapter or several, at once or one after another).
+Also what keeps the base frozen whatever `trainable` toggles a user makes.
+The structural work is `adapter_registry.AdapterRegistry`'s; this is the
+model's public face of it. Where PEFT warns and goes on, so does this.
 """
 
 import contextlib
+import warnings
 
 import keras
-import numpy as np
 from keras import ops
 
 from keras_pvera.src.layers.pvera_config import PVeRAConfig
@@ -31,6 +33,9 @@ class AdapterLifecycle:
     >>> model.set_adapter("other")
     >>> model.adapter_names, model.active_adapter
     (['default', 'other'], 'other')
+    >>> model.set_adapter(["default", "other"])  # Their outputs add up.
+    >>> model.active_adapters
+    ['default', 'other']
     >>> with model.disable_adapter():
     ...     pass  # The model computes the base model's outputs here.
     >>> model.unload() is base
@@ -43,36 +48,50 @@ class AdapterLifecycle:
         return list(self.adapter_registry.adapters)
 
     @property
+    def active_adapters(self):
+        """The names of the adapters that run and train, a list (PEFT's
+        `active_adapters`)."""
+        return list(self.adapter_registry.active)
+
+    @property
     def active_adapter(self):
-        """The name of the adapter that runs and trains, or `None`."""
-        return self.adapter_registry.active
+        """The name of the adapter that runs and trains; `None` if none, the
+        list of names if several are active."""
+        active = self.adapter_registry.active
+        if len(active) > 1:
+            return list(active)
+        return active[0] if active else None
 
     @property
     def pvera_config(self):
-        """The active adapter's `PVeRAConfig`."""
-        if self.active_adapter is None:
+        """The active adapter's `PVeRAConfig` (the first's, if several)."""
+        if not self.active_adapters:
             raise ValueError(
                 "The model has no active adapter. Call `model.set_adapter(name)` "
                 f"with one of {self.adapter_names}."
             )
-        return self.adapter_registry.adapters[self.active_adapter].config
+        return self.adapter_registry.adapters[self.active_adapters[0]].config
 
     @property
     def trainable_paths(self):
-        """Paths of the layers trained in full beside the adapters."""
+        """Paths of the layers trained in full beside the adapters (by any
+        adapter; each trains its own copy)."""
         return list(self.adapter_registry.trainable_paths)
 
     @property
     def adapted_layers(self):
-        """`{path: PVeRADense}` of the layers the active adapter adapts."""
-        return self.adapter_registry.layers_of(self.active_adapter)
+        """`{path: PVeRADense}` of the layers the active adapters adapt."""
+        return self.adapter_registry.layers_of(self.active_adapters)
 
     def add_adapter(self, adapter_name, config=None, **settings):
         """Adds a named adapter (PEFT's `add_adapter`); it is not made active.
 
         Every adapter shares the model's projections, so it needs the first
         adapter's `seed`, `rank` and `save_projection`, and layers no larger
-        than the first adapter's; `trainable_layers` are shared by all.
+        than the first adapter's. Each adapter trains its own copy of its
+        `trainable_layers` (PEFT's `modules_to_save`), made from the
+        original layer; `None` trains none (a KerasHub task's head, as for
+        the first adapter).
 
         Args:
             adapter_name: A new name.
@@ -89,77 +108,164 @@ class AdapterLifecycle:
         self._check_not_merged("add an adapter")
         config = PVeRAConfig.from_settings(config, **settings)
         self.adapter_registry.add(adapter_name, config, paths, trainable)
-        self.adapter_registry.set_active(self.active_adapter)
+        self.adapter_registry.set_active(self.active_adapters)
         self._track_kl(config)
         self._changed()
 
     def set_adapter(self, adapter_name):
-        """Makes `adapter_name` the one adapter that runs and trains.
+        """Makes `adapter_name` the adapter (or adapters) that run and train.
 
-        A compiled model gets a fresh optimizer of the same configuration: a
+        Several adapters at once (a list; PEFT's `base_model.set_adapter`)
+        run together: their outputs add up, and all their vectors train. A
+        layer trained in full runs the copy of the one active adapter that
+        trains it; two active adapters cannot both train one.
+
+        As in PEFT, a merged model is unmerged first, with a warning. A
+        compiled model gets a fresh optimizer of the same configuration: a
         Keras optimizer serves the one set of variables it was built for.
+
+        Args:
+            adapter_name: A name, or a list of names.
+
+        Raises:
+            ValueError: For an unknown name, an empty list, or two adapters
+                training one layer in full.
         """
-        self._check_adapter(adapter_name)
-        self._check_not_merged("switch adapters")
-        if adapter_name != self.active_adapter:
-            self.adapter_registry.set_active(adapter_name)
+        names = [adapter_name] if isinstance(adapter_name, str) else adapter_name
+        if not isinstance(names, (list, tuple)) or not names:
+            raise ValueError(
+                "`set_adapter` takes an adapter name or a non-empty list of "
+                f"names from {self.adapter_names}. Received: "
+                f"adapter_name={adapter_name!r}"
+            )
+        for name in names:
+            self._check_adapter(name)
+        if self.merged_adapters:
+            warnings.warn(
+                "Adapter cannot be set when the model is merged. Unmerging "
+                "the model first.",
+                stacklevel=2,
+            )
+            self.unmerge_adapter()
+        if list(names) != self.active_adapters:
+            self.adapter_registry.set_active(list(names))
             self._renew_optimizer()
         self._changed()
 
     def _renew_optimizer(self):
         optimizer = getattr(self, "optimizer", None)
         if optimizer is not None and optimizer.built:
+            renewed = optimizer.__class__.from_config(optimizer.get_config())
+            # Built for the variables that train now, as a loaded model's
+            # optimizer is: a file saved now then loads without a warning.
+            self._changed()
+            renewed.build(self.trainable_variables)
             with keras_internals.unlocked(self):
-                self.optimizer = optimizer.__class__.from_config(optimizer.get_config())
+                self.optimizer = renewed
 
     def delete_adapter(self, adapter_name):
-        """Deletes an adapter; deleting the active one leaves none active."""
+        """Deletes an adapter, as PEFT does.
+
+        Deleting an active adapter leaves the other active ones; if none is
+        left, the first remaining adapter in sorted order becomes active,
+        with a warning (PEFT's choice). Deleting the last adapter leaves a
+        model with none, computing the base model's outputs; `add_adapter`
+        adds one again, and `unload` gives the base model back.
+
+        Args:
+            adapter_name: One of `adapter_names`.
+
+        Raises:
+            ValueError: For an unknown name, or an adapter merged into the
+                kernels (`unmerge_adapter` first).
+        """
         self._check_adapter(adapter_name)
-        if len(self.adapter_names) == 1:
+        if adapter_name in self.merged_adapters:
             raise ValueError(
-                f"{adapter_name!r} is the model's only adapter. Call "
-                "`model.unload()` to get the base model back instead."
+                f"Cannot delete adapter(s) {[adapter_name]} while they are "
+                "merged. Please unmerge them first: `model.unmerge_adapter()`."
             )
-        self._check_not_merged("delete an adapter")
+        was_active = adapter_name in self.active_adapters
         self.adapter_registry.delete(adapter_name)
+        remaining = sorted(self.adapter_names)
+        if was_active and not self.active_adapters and remaining:
+            warnings.warn(
+                f"Adapter {adapter_name} was active which is now deleted. "
+                f"Setting active adapter to {remaining[0]}.",
+                stacklevel=2,
+            )
+            self.adapter_registry.set_active([remaining[0]])
         self._renew_optimizer()
         self._changed()
 
     @contextlib.contextmanager
     def disable_adapter(self):
-        """Within this context, the model computes the base model's outputs."""
-        wrappers = list(self.adapter_registry.wrappers.values())
-        for wrapper in wrappers:
-            wrapper.adapter_enabled = False
+        """Within this context, the model computes the base model's outputs.
+
+        As in PEFT: adapters merged into the kernels are taken out of the
+        computation (on the fly here; the kernels stay merged), layers
+        trained in full run their original weights, and nothing trains but
+        what trains without adapters (`trainable_weights` lists no adapter
+        vector or trained copy). Leaving the context puts each layer back as
+        it was; a model whose layers were partly disabled before warns, as
+        PEFT does.
+        """
+        layers = [
+            *self.adapter_registry.wrappers.values(),
+            *self.adapter_registry.copies.values(),
+        ]
+        before = [layer.adapter_enabled for layer in layers]
+        if len(set(before)) > 1:
+            warnings.warn(
+                "The model contains some adapter layers that are enabled and "
+                "others that are disabled. This is most likely unintentional. "
+                "After exiting the disable_adapter context, each layer is "
+                "enabled or disabled as it was before.",
+                stacklevel=3,
+            )
+        for layer in layers:
+            layer.adapter_enabled = False
         self._changed()
         try:
             yield self
         finally:
-            for wrapper in wrappers:
-                wrapper.adapter_enabled = True
+            for layer, enabled in zip(layers, before, strict=True):
+                layer.adapter_enabled = enabled
             self._changed()
 
     def unload(self):
-        """Takes every adapter out and returns the base model as it was."""
+        """Takes every adapter out and returns the base model.
+
+        The base model's own layers are back in place (unmerged), except
+        that a layer trained in full keeps the weights of the active
+        adapter's copy, as PEFT's `unload` keeps it.
+        """
         self._check_not_merged("unload")
         self.adapter_registry.unload()
         self._changed()
         return self.base_model
 
-    def merge_adapter(self, safe_merge=False):
-        """Folds the active adapter's mean into the base kernels, in place.
+    def merge_adapter(self, adapter_names=None, safe_merge=False):
+        """Folds adapters' means into the base kernels, in place (PEFT's
+        `merge_adapter`, same arguments).
 
-        Afterwards the adapted layers run their base layers alone, so mean
+        Afterwards the merged layers run their base layers alone, so mean
         predictions are unchanged (within float rounding); training and
-        sampling are refused until `unmerge_adapter`.
+        sampling are refused until `unmerge_adapter`. Adapters already
+        merged are skipped, with PEFT's warnings: merging again changes
+        nothing, and merging others adds them.
 
         Args:
+            adapter_names: A list of adapter names; `None` for the active
+                adapters.
             safe_merge: Whether to refuse (naming the layers) when a merged
                 kernel would hold NaN or infinity; nothing changes then.
 
         Raises:
-            ValueError: With no active adapter, for a quantized base layer,
-                or (with `safe_merge`) non-finite kernels.
+            TypeError: If `adapter_names` is not a list (PEFT's check).
+            ValueError: With nothing to merge (no active adapter), for an
+                unknown name, a quantized base layer, or (with `safe_merge`)
+                non-finite kernels.
 
         Example:
 
@@ -174,40 +280,69 @@ class AdapterLifecycle:
         True
         >>> model.unmerge_adapter()
         """
-        self._check_not_merged("merge again")
-        if self.active_adapter is None:
-            raise ValueError(
-                "The model has no active adapter to merge. Call "
-                f"`model.set_adapter(name)` with one of {self.adapter_names}."
+        if adapter_names is None:
+            names = self.active_adapters
+            if not names:
+                raise ValueError(
+                    "The model has no active adapter to merge. Call "
+                    f"`model.set_adapter(name)` with one of {self.adapter_names}, "
+                    "or pass `adapter_names`."
+                )
+        elif isinstance(adapter_names, (list, tuple)):
+            names = list(adapter_names)
+            for name in names:
+                self._check_adapter(name)
+        else:
+            raise TypeError(
+                f"adapter_names should be a list of strings, got {adapter_names!r}."
             )
-        deltas = adapter_deltas(self, safe_merge)
-        for layer in self.adapted_layers.values():
-            kernel = keras_internals.kernel_variable(layer.base_layer)
-            kernel.assign(ops.add(kernel, ops.cast(deltas[id(layer)], kernel.dtype)))
-            layer.merged_adapter = self.active_adapter
+        merged = self.merged_adapters
+        todo = [n for n in names if n not in merged]
+        if merged and not todo:
+            warnings.warn(
+                "All adapters are already merged, nothing to do.", stacklevel=2
+            )
+            return
+        if merged:
+            warnings.warn(
+                f"Already following adapters were merged {','.join(merged)}. "
+                f"You are now additionally merging {','.join(todo)}.",
+                stacklevel=2,
+            )
+        adapter_deltas(self, safe_merge, todo)  # Checks before any change.
+        for layer in self.adapter_registry.wrappers.values():
+            layer.merge(todo)
         self._changed()
 
     def unmerge_adapter(self):
-        """Takes a merged adapter back out of the base kernels.
+        """Takes every merged adapter back out of the base kernels (PEFT's
+        `unmerge_adapter`), last merged first.
 
-        Raises:
-            ValueError: If no adapter is merged.
+        With nothing merged, it warns and does nothing, as PEFT does.
         """
-        if self.merged_adapter is None:
-            raise ValueError("No adapter is merged: there is nothing to unmerge.")
-        for layer in self.adapted_layers.values():
-            layer.merged_adapter = None
-            kernel = keras_internals.kernel_variable(layer.base_layer)
-            delta = ops.cast(layer.delta_kernel(), kernel.dtype)
-            kernel.assign(ops.subtract(kernel, delta))
+        if not self.merged_adapters:
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
+            return
+        for layer in self.adapter_registry.wrappers.values():
+            layer.unmerge()
         self._changed()
 
     @property
+    def merged_adapters(self):
+        """The names of the adapters merged into the kernels, in merge order."""
+        names = [
+            n for w in self.adapter_registry.wrappers.values() for n in w.merged_names
+        ]
+        return list(dict.fromkeys(names))
+
+    @property
     def merged_adapter(self):
-        """The name of the adapter merged into the kernels, or `None`."""
-        return next(
-            (w.merged_adapter for w in self.adapter_registry.wrappers.values()), None
-        )
+        """The name of the adapter merged into the kernels; `None` if none,
+        the list of names if several."""
+        merged = self.merged_adapters
+        if len(merged) > 1:
+            return merged
+        return merged[0] if merged else None
 
     def _check_adapter(self, adapter_name):
         if adapter_name not in self.adapter_registry.adapters:
@@ -216,9 +351,9 @@ class AdapterLifecycle:
             )
 
     def _check_not_merged(self, action):
-        if self.merged_adapter is not None:
+        if self.merged_adapters:
             raise ValueError(
-                f"Cannot {action} while adapter {self.merged_adapter!r} is "
+                f"Cannot {action} while adapters {self.merged_adapters} are "
                 "merged into the base kernels. Call `model.unmerge_adapter()`."
             )
 
@@ -230,10 +365,14 @@ class AdapterLifecycle:
     def sample_at_inference(self):
         """Whether inference samples the latent code (Monte Carlo passes).
 
-        Stored in the active adapter's layers; on when any of them samples.
+        Stored in the active adapters' layers; on when any of them samples.
         Setting it sets every one of them.
         """
-        return self.pvera_config.sample_at_inference
+        _ = self.pvera_config  # Raises with no active adapter.
+        return any(
+            self.adapter_registry.adapters[n].config.sample_at_inference
+            for n in self.active_adapters
+        )
 
     @sample_at_inference.setter
     def sample_at_inference(self, value):
@@ -281,30 +420,40 @@ class AdapterLifecycle:
     )
 
 
-def adapter_deltas(model, safe_merge):
-    """`{id(wrapper): delta_kernel}` of `model`'s active adapter, checked.
+def adapter_deltas(model, safe_merge, adapter_names=None):
+    """`{id(wrapper): delta_kernel}` of adapters not yet merged, checked.
 
-    Empty when no adapter is active or one is merged already. Used by
+    The sum, per layer, of the deltas of `adapter_names` (`None`: the active
+    adapters) that the layer holds and has not merged. Used by
     `merge_adapter` and by `keras_pvera.merge`.
 
     Raises:
         ValueError: For a quantized base layer, or (with `safe_merge`) a
-            kernel that would hold NaN or infinity.
+            kernel that would hold NaN or infinity (one reduction a layer).
     """
-    if model.active_adapter is None or model.merged_adapter is not None:
-        return {}
+    names = model.active_adapters if adapter_names is None else adapter_names
     deltas, bad = {}, []
-    for path, layer in model.adapted_layers.items():
+    for path, layer in model.adapter_registry.layers_of(list(names)).items():
+        todo = [
+            n
+            for n in names
+            if n in layer.adapter_vectors and n not in layer.merged_names
+        ]
+        if not todo or id(layer) in deltas:
+            continue
         if layer.base_layer.quantization_mode is not None:
             raise ValueError(
                 f"Layer {path!r} is quantized "
                 f"(mode={layer.base_layer.quantization_mode!r}); merging "
                 "folds the adapter into float kernels. Merge before quantizing."
             )
-        deltas[id(layer)] = layer.delta_kernel()
+        delta = layer.delta_kernel(todo[0])
+        for name in todo[1:]:
+            delta = ops.add(delta, layer.delta_kernel(name))
+        deltas[id(layer)] = delta
         if safe_merge:
-            kernel = ops.add(layer.base_layer.kernel, deltas[id(layer)])
-            if not np.all(np.isfinite(ops.convert_to_numpy(kernel))):
+            kernel = ops.add(layer.base_layer.kernel, delta)
+            if not bool(ops.convert_to_numpy(ops.all(ops.isfinite(kernel)))):
                 bad.append(path)
     if bad:
         raise ValueError(

@@ -95,7 +95,7 @@ class ModelSummary:
         lines = []
         for name in self.adapter_names:
             config = self.adapter_registry.adapters[name].config
-            state = "active" if name == self.active_adapter else "inactive"
+            state = "active" if name in self.active_adapters else "inactive"
             lines.append(
                 f"PVeRA adapter {name!r} ({state}): rank={config.rank}, "
                 f"seed={config.seed}, alpha={config.alpha:g}, "
@@ -109,8 +109,9 @@ class ModelSummary:
             f"B {tuple(registry.projection_b.shape)}"
             f"{'' if registry.save_projection else unsaved}"
         )
-        if self.merged_adapter is not None:
-            lines.append(f"Merged into the kernels: {self.merged_adapter!r}")
+        if self.merged_adapters:
+            merged = ", ".join(repr(n) for n in self.merged_adapters)
+            lines.append(f"Merged into the kernels: {merged}")
         layers = self.adapted_layers  # {} with no active adapter
         lines.append(f"{len(layers)} adapted layers:")
         width = max((len(p) for p in layers), default=0)
@@ -123,8 +124,9 @@ class ModelSummary:
         if self.trainable_paths:
             in_full = layer_selection.layers_at(self.base_model, self.trainable_paths)
             counts = [
-                f"{path} ({sum(int(np.prod(w.shape)) for w in layer.weights):,})"
+                f"{path} ({sum(int(np.prod(w.shape)) for w in seen.weights):,})"
                 for path, layer in in_full.items()
+                for seen in [layer_selection.seen_as(layer)]
             ]
             lines.append(f"Trained in full: {', '.join(counts)}")
         trainable, total = self.parameter_counts()

@@ -2,7 +2,7 @@
 
 `apply` adapts a model's layers (through `adapter_registry.AdapterRegistry`) and returns
 a `PVeRAModel`, a plain Keras model that trains with `fit`, reports the KL
-term as `kl_loss`, holds several named adapters (one active at a time), and
+term as `kl_loss`, holds several named adapters (one or several active), and
 saves to `.keras`: the base model's configuration as it was before
 adaptation, each adapter's settings and adapted paths, then every weight.
 """
@@ -76,10 +76,11 @@ class PVeRAModel(AdapterLifecycle, model_summary.ModelSummary, keras.Model):
 
     Calls the adapted base model; adds `kl_loss` to training logs when the
     active adapter's `kl_weight > 0`; holds named adapters (`add_adapter`,
-    `set_adapter`, `delete_adapter`; one is active at a time and only its
-    vectors train); gives the base model back (`disable_adapter`, `unload`);
-    merges in place (`merge_adapter`, `unmerge_adapter`); saves to `.keras`
-    (loading needs only `import keras_pvera`).
+    `set_adapter`, `delete_adapter`; the active ones run, their outputs
+    adding up, and only their vectors train); gives the base model back
+    (`disable_adapter`, `unload`); merges in place (`merge_adapter`,
+    `unmerge_adapter`); saves to `.keras` (loading needs only
+    `import keras_pvera`).
 
     Args:
         base_model: The Keras model to adapt (changed in place).
@@ -88,8 +89,11 @@ class PVeRAModel(AdapterLifecycle, model_summary.ModelSummary, keras.Model):
         adapter_name: The first adapter's name.
         adapted_paths: Paths of the adapted layers, instead of selecting
             them (loading).
-        trainable_paths: Paths of the layers trained in full, instead of
-            selecting them (loading).
+        trainable_paths: Paths of the layers the first adapter trains in
+            full, instead of selecting them (loading).
+        trained_in_place: Whether layers trained in full train in place,
+            shared by every adapter (files written before each adapter
+            trained its own copy); new models keep one copy per adapter.
         base_model_config: The serialized base model before adaptation.
         calibration: Temperature scaling, as `keras_pvera.calibrate` sets
             it (`{"temperature": T, "from_logits": bool}`), or `None`.
@@ -118,6 +122,7 @@ class PVeRAModel(AdapterLifecycle, model_summary.ModelSummary, keras.Model):
         trainable_paths=None,
         base_model_config=None,
         calibration=None,
+        trained_in_place=False,
         **kwargs,
     ):
         settings, kwargs = split_settings(kwargs)
@@ -129,7 +134,9 @@ class PVeRAModel(AdapterLifecycle, model_summary.ModelSummary, keras.Model):
                 base_model_config = keras.saving.serialize_keras_object(base_model)
             except Exception as e:  # Only needed to save; kept for the error.
                 base_model_config = {"error": f"{type(e).__name__}: {e}"}
-        adapter_registry = adapter_registry_lib.AdapterRegistry(base_model)
+        adapter_registry = adapter_registry_lib.AdapterRegistry(
+            base_model, in_place=trained_in_place
+        )
         adapter_registry.add(adapter_name, config, adapted_paths, trainable_paths)
         if kwargs.get("name") is None:
             kwargs["name"] = f"pvera_{base_model.name}"
@@ -182,7 +189,7 @@ class PVeRAModel(AdapterLifecycle, model_summary.ModelSummary, keras.Model):
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, **kw):
         loss = super().compute_loss(x, y, y_pred, sample_weight, **kw)
-        kl_weight = self.pvera_config.kl_weight if self.active_adapter else 0
+        kl_weight = self.pvera_config.kl_weight if self.active_adapters else 0
         if kl_weight > 0 and kw.get("training", True):
             terms = _kl_terms(self)
             if terms:
@@ -255,16 +262,30 @@ class PVeRAModel(AdapterLifecycle, model_summary.ModelSummary, keras.Model):
                 "Give the base model a complete `get_config`, or save the "
                 "adapter weights only."
             )
+        if not self.adapter_names:
+            raise ValueError(
+                "The model has no adapter left to save (all were deleted). "
+                "Add one with `model.add_adapter(...)`, or save the base "
+                "model: `model.unload().save(...)`."
+            )
+        registry = self.adapter_registry
         return {
             "name": self.name,
             "trainable": self.trainable,
             "base_model_config": self.base_model_config,
+            # Each adapter with the layers it adapts and those it trains in
+            # full (its own copies); `trained_in_place` for files written
+            # before copies.
             "adapters": [
-                [name, record.config.to_dict(), record.paths]
-                for name, record in self.adapter_registry.adapters.items()
+                [name, record.config.to_dict(), record.paths, record.trainable_paths]
+                for name, record in registry.adapters.items()
             ],
-            "active_adapter": self.active_adapter,
-            "trainable_paths": self.trainable_paths,
+            "active_adapter": self.active_adapters,
+            "adapters_enabled": [
+                layer.adapter_enabled
+                for layer in [*registry.wrappers.values(), *registry.copies.values()]
+            ],
+            "trained_in_place": registry.in_place,
             "calibration": self.calibration,
             # Finds the layers again where Keras names them otherwise.
             "layer_addresses": layer_selection.layer_addresses(
@@ -288,30 +309,47 @@ class PVeRAModel(AdapterLifecycle, model_summary.ModelSummary, keras.Model):
             settings, config = split_settings(config)
             config["adapters"] = [["default", settings, config.pop("adapted_paths")]]
         adapters = config.pop("adapters")
+        # Written before each adapter trained its own copies of the layers
+        # trained in full: one list, shared, trained in place.
+        shared = config.pop("trainable_paths", None)
+        if shared is not None:
+            config["trained_in_place"] = True
+            adapters = [[n, s, paths, shared] for n, s, paths in adapters]
         # Paths as the rebuilt base names its layers (`bert_backbone_1/...`).
-        saved = [p for _, _, paths in adapters for p in paths]
-        saved += config.get("trainable_paths", [])
+        saved = [p for _, _, paths, in_full in adapters for p in paths + in_full]
         where = layer_selection.resolve_paths(
             base, list(dict.fromkeys(saved)), config.pop("layer_addresses", None)
         )
-        adapters = [[n, s, [where[p] for p in paths]] for n, s, paths in adapters]
-        if "trainable_paths" in config:
-            config["trainable_paths"] = [where[p] for p in config["trainable_paths"]]
-        (name, settings, paths), *others = adapters
+        adapters = [
+            [n, s, [where[p] for p in paths], [where[p] for p in in_full]]
+            for n, s, paths, in_full in adapters
+        ]
+        (name, settings, paths, in_full), *others = adapters
         active = config.pop("active_adapter", name)
+        enabled = config.pop("adapters_enabled", None)
         model = cls(
             base,
             PVeRAConfig.from_dict(settings),
             adapter_name=name,
             adapted_paths=paths,
+            trainable_paths=in_full,
             **config,
         )
-        for other, settings, paths in others:
+        for other, settings, paths, in_full in others:
             model.add_adapter(
-                other, PVeRAConfig.from_dict(settings), adapted_paths=paths
+                other,
+                PVeRAConfig.from_dict(settings),
+                adapted_paths=paths,
+                trainable_paths=in_full,
             )
-        if active != model.active_adapter:
+        active = [active] if isinstance(active, str) else active
+        if active != model.active_adapters:
             model.adapter_registry.set_active(active)
+        if enabled is not None:
+            registry = model.adapter_registry
+            layers = [*registry.wrappers.values(), *registry.copies.values()]
+            for layer, on in zip(layers, enabled, strict=True):
+                layer.adapter_enabled = on
         return model
 
 

@@ -23,7 +23,6 @@ from keras_pvera.src.layers.pvera_dense import linear_equation_of
 from keras_pvera.src.models.pvera_model import PVeRAModel
 from keras_pvera.src.surgery import layer_walk
 from keras_pvera.src.surgery.layer_selection import LINEAR_LAYERS
-from keras_pvera.src.surgery.layer_selection import adaptable_layers
 from keras_pvera.src.surgery.layer_selection import layer_addresses
 from keras_pvera.src.surgery.layer_selection import resolve_paths
 
@@ -180,9 +179,10 @@ def adapter_state_of(model, adapter=None):
         raise ValueError(
             f"The model has no adapter named {name!r}. Adapters: {model.adapter_names}"
         )
-    config = model.adapter_registry.adapters[name].config
+    record = model.adapter_registry.adapters[name]
+    config = record.config
     wrappers = model.adapter_registry.layers_of(name)
-    layers = dict(adaptable_layers(model.base_model))
+    in_full = model.adapter_registry.trained_in_full(name)
     registry = model.projection_registry
     return AdapterState(
         config=config.replace(target=None, trainable_layers=None),
@@ -202,12 +202,10 @@ def adapter_state_of(model, adapter=None):
             _to_numpy(registry.projection_b),
         ),
         trainable={
-            path: [_to_numpy(w) for w in layers[path].weights]
-            for path in model.trainable_paths
+            path: [_to_numpy(w) for w in layer.weights]
+            for path, layer in in_full.items()
         },
-        addresses=layer_addresses(
-            model.base_model, list(wrappers) + model.trainable_paths
-        ),
+        addresses=layer_addresses(model.base_model, list(wrappers) + list(in_full)),
     )
 
 
@@ -317,12 +315,10 @@ def _check_adapted_model(model, state, name):
     for path, layer in wrappers.items():
         if state.layers[path] != (layer.in_dim, layer.out_dim):
             raise ValueError(_size_mismatch(path, state.layers[path], layer))
-    _check_same_paths(
-        "layer trained in full", list(state.trainable), model.trainable_paths
-    )
-    layers = dict(adaptable_layers(model.base_model))
+    in_full = model.adapter_registry.trained_in_full(name)
+    _check_same_paths("layer trained in full", list(state.trainable), list(in_full))
     for path, weights in state.trainable.items():
-        _check_weights(path, weights, layers[path])
+        _check_weights(path, weights, in_full[path])
     registry = model.projection_registry
     shapes = (
         tuple(registry.projection_a.shape),
@@ -456,9 +452,9 @@ def _assign(model, state, name):
         registry = model.projection_registry
         _set(registry.projection_a, state.projections[0])
         _set(registry.projection_b, state.projections[1])
-    layers = dict(adaptable_layers(model.base_model))
+    in_full = model.adapter_registry.trained_in_full(name)
     for path, arrays in state.trainable.items():
-        for weight, array in zip(layers[path].weights, arrays, strict=False):
+        for weight, array in zip(in_full[path].weights, arrays, strict=False):
             _set(weight, array)
 
 

@@ -11,7 +11,8 @@ adaptation (so no keras_pvera class is inside and activations are the
 original ones), copies into it every weight of the adapted model and the
 assets of layers that keep state beside their weights (a KerasHub
 tokenizer's vocabulary, which `.keras` files store as assets too), and adds
-each adapter's `delta_kernel()` to its layer's kernel. The result has the
+each active adapter's `delta_kernel()` to its layer's kernel; a layer trained
+in full gets the weights of the active adapter's copy. The result has the
 base model's architecture, so it runs as fast as the base model and saves
 and loads as `.keras` without keras_pvera.
 """
@@ -21,22 +22,26 @@ import tempfile
 from keras import ops
 
 from keras_pvera.src.layers.pvera_dense import PVeRADense
+from keras_pvera.src.layers.trained_copies import TrainedCopies
 from keras_pvera.src.models.adapter_lifecycle import adapter_deltas
 from keras_pvera.src.models.pvera_model import PVeRAModel
 from keras_pvera.src.surgery import layer_walk
 from keras_pvera.src.utils import keras_internals
 
 
-def merge(model, safe_merge=False):
-    """Returns a plain Keras model with the active mean adapter folded in.
+def merge(model, safe_merge=True):
+    """Returns a plain Keras model with the active mean adapters folded in.
 
-    The predictions of the merged model equal the adapted model's mean
+    PEFT's `merge_and_unload`, leaving the adapted model as it is. The
+    predictions of the merged model equal the adapted model's mean
     predictions (sampling off). The adapted model is not changed.
 
     Args:
         model: A `PVeRAModel` (what `keras_pvera.apply` returns).
         safe_merge: Whether to check every folded kernel for NaN and
             infinity first, and refuse (naming the layers) if any has them.
+            On by default (PEFT's default is off): the check costs one
+            reduction per layer, and a NaN model is never wanted.
 
     Returns:
         A new Keras model of the base model's architecture, holding no
@@ -46,8 +51,8 @@ def merge(model, safe_merge=False):
         TypeError: If `model` is not a `PVeRAModel`.
         ValueError: If the base model could not be serialized, if an adapted
             layer is quantized, if the rebuilt model's layers do not line
-            up with the adapted model's, or (with `safe_merge`) if a merged
-            kernel would hold NaN or infinity.
+            up with the adapted model's, or (with `safe_merge`, the default)
+            if a merged kernel would hold NaN or infinity.
 
     Example:
 
@@ -58,7 +63,7 @@ def merge(model, safe_merge=False):
     >>> adapted = keras_pvera.apply(base, rank=4)
     >>> for layer in adapted.adapted_layers.values():
     ...     _ = layer.lambda_b.assign(np.ones(layer.out_dim))
-    >>> merged = merge(adapted, safe_merge=True)
+    >>> merged = merge(adapted)
     >>> x = np.ones((2, 8), "float32")
     >>> bool(np.allclose(merged.predict(x, verbose=0),
     ...                  adapted.predict(x, verbose=0), atol=1e-5))
@@ -77,7 +82,7 @@ def merge(model, safe_merge=False):
             "complete `get_config`."
         )
     deltas = adapter_deltas(model, safe_merge)
-    merged = keras_internals.deserialize_model(_plain_copy(config))
+    merged = keras_internals.deserialize_model(config)
     if not merged.built:
         raise ValueError(
             f"The rebuilt base model {merged.name!r} is not built, so its "
@@ -92,6 +97,11 @@ def merge(model, safe_merge=False):
                 base_kernel = keras_internals.kernel_variable(adapted.base_layer)
                 delta = ops.cast(deltas[id(adapted)], kernel.dtype)
                 kernel.assign(ops.add(base_kernel, delta))
+        elif isinstance(adapted, TrainedCopies):
+            # The active adapter's copy, sublayers and all.
+            _copy_weights(
+                path, adapted.current_layer().weights, plain.weights, assigned
+            )
         else:
             _copy_own_weights(path, adapted, plain, assigned)
             _copy_assets(adapted, plain)
@@ -102,17 +112,6 @@ def merge(model, safe_merge=False):
             "model to a weight of the adapted model."
         )
     return merged
-
-
-def _plain_copy(value):
-    # The stored configuration may be wrapped in Keras' attribute-tracking
-    # containers; rebuild it from plain dicts, lists and tuples.
-    if isinstance(value, dict):
-        return {key: _plain_copy(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        items = [_plain_copy(item) for item in value]
-        return tuple(items) if isinstance(value, tuple) else items
-    return value
 
 
 def _paired_layers(adapted_root, plain_root):
@@ -138,7 +137,7 @@ def _paired_layers(adapted_root, plain_root):
 
     def visit(adapted, plain, path):
         yield path, adapted, plain
-        if isinstance(adapted, PVeRADense):
+        if isinstance(adapted, (PVeRADense, TrainedCopies)):
             return
         adapted_children, plain_children = children(adapted), children(plain)
         if len(adapted_children) != len(plain_children):
@@ -150,7 +149,13 @@ def _paired_layers(adapted_root, plain_root):
             )
         for a, p in zip(adapted_children, plain_children, strict=False):
             seen.update((id(a), id(p)))
-            expected = a.base_layer if isinstance(a, PVeRADense) else a
+            expected = (
+                a.base_layer
+                if isinstance(a, PVeRADense)
+                else a.original_layer
+                if isinstance(a, TrainedCopies)
+                else a
+            )
             if type(expected) is not type(p):
                 raise ValueError(
                     f"Sublayer {a.name!r} of {path or adapted.name!r} is a "
@@ -191,11 +196,13 @@ def _own_weights(layer):
 
 
 def _copy_own_weights(path, source, target, assigned):
-    source_weights = _own_weights(source)
-    target_weights = _own_weights(target)
+    _copy_weights(path, _own_weights(source), _own_weights(target), assigned)
+
+
+def _copy_weights(path, source_weights, target_weights, assigned):
     if len(source_weights) != len(target_weights):
         raise ValueError(
-            f"Layer {path or source.name!r} has {len(source_weights)} weights "
+            f"Layer {path!r} has {len(source_weights)} weights "
             f"in the adapted model but {len(target_weights)} in the rebuilt "
             "one."
         )

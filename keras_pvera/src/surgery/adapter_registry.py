@@ -2,7 +2,9 @@
 
 `AdapterRegistry` is the record of what PVeRA changed in one base model: which
 layers it wrapped in `PVeRADense` layers, the named adapters each wrapper
-holds, which layers train in full (`trainable_layers`), and what it froze.
+holds, which layers each adapter trains in full (`trainable_layers`: each in
+a `TrainedCopies` holding the original and one copy per adapter), which
+adapters are active, and what it froze.
 It wraps the layers `layer_selection` finds, swaps the wrappers in
 (`model_surgery`),
 freezes the rest, and undoes all of that on failure, on `delete`, and on
@@ -15,6 +17,7 @@ from keras_pvera.src.layers.projections import ProjectionRegistry
 from keras_pvera.src.layers.pvera_dense import PVeRADense
 from keras_pvera.src.layers.pvera_dense import linear_equation_of
 from keras_pvera.src.layers.seeds import derive_seed
+from keras_pvera.src.layers.trained_copies import TrainedCopies
 from keras_pvera.src.surgery import layer_walk
 from keras_pvera.src.surgery import model_surgery
 from keras_pvera.src.surgery.layer_selection import layers_at
@@ -58,13 +61,15 @@ class AdapterRecord:
         config: Its `PVeRAConfig`.
         paths: Paths of the layers it adapts.
         wrappers: The registry's `{path: PVeRADense}` (read, not copied).
+        trainable_paths: Paths of the layers it trains in full.
     """
 
-    def __init__(self, name, config, paths, wrappers):
+    def __init__(self, name, config, paths, wrappers, trainable_paths=()):
         self.name = name
         self.settings = config.replace(sample_at_inference=False)
         self.paths = list(paths)
         self.wrappers = wrappers
+        self.trainable_paths = list(trainable_paths)
 
     @property
     def config(self):
@@ -82,6 +87,9 @@ class AdapterRegistry:
 
     Args:
         model: The base Keras model (changed in place).
+        in_place: Whether layers trained in full train in place, shared by
+            every adapter, as before keras_pvera kept one copy per adapter
+            (models loaded from files written then).
 
     Example:
 
@@ -98,13 +106,15 @@ class AdapterRegistry:
     ['kernel', 'bias', 'kernel', 'bias']
     """
 
-    def __init__(self, model):
+    def __init__(self, model, in_place=False):
         self.model = model
+        self.in_place = in_place
         self.registry = None
         self.wrappers = {}
+        # path -> TrainedCopies of the layers trained in full.
+        self.copies = {}
         self.adapters = {}
-        self.trainable_paths = []
-        self.active = None
+        self.active = []
         # id(base layer) -> its trainable flag before it was wrapped
         self.base_trainable = {}
         # (layer or variable, its trainable flag before PVeRA froze it)
@@ -140,7 +150,10 @@ class AdapterRegistry:
         else:
             targets = layers_at(self.model, paths, "adapted layer")
         trainable = self._select_trainable(config, trainable_paths, targets)
-        overlap = sorted(set(targets) & set(trainable))
+        in_full = set(trainable) | set(self.trainable_paths)
+        overlap = sorted(
+            (set(targets) & in_full) | (set(trainable) & set(self.wrappers))
+        )
         if overlap:
             raise ValueError(
                 f"Layer {overlap[0]!r} is both a PVeRA target and in "
@@ -149,7 +162,7 @@ class AdapterRegistry:
             )
         registry = self.registry or _make_registry(config, targets)
         self._check_fits(name, config, registry, targets)
-        undo, new = [], {}
+        undo, new, new_copies = [], {}, {}
         try:
             for i, (path, layer) in enumerate(targets.items()):
                 layer_config = config.replace(target=None, trainable_layers=None)
@@ -173,47 +186,83 @@ class AdapterRegistry:
                     noise_seed=derive_seed(config.seed, i),
                     name=layer.name,
                 )
-            swap_back = model_surgery.replace_layers(
-                self.model, {targets[p]: w for p, w in new.items()}
-            )
+            if not self.in_place:
+                for path, layer in trainable.items():
+                    if path not in self.copies:
+                        self.base_trainable[id(layer)] = layer.trainable
+                        undo.append(
+                            lambda lyr=layer, t=layer.trainable: setattr(
+                                lyr, "trainable", t
+                            )
+                        )
+                        new_copies[path] = TrainedCopies(layer)
+                    holder = self.copies.get(path) or new_copies[path]
+                    holder.add_copy(name)
+                    undo.append(lambda h=holder: h.delete_copy(name))
+            replacements = {targets[p]: w for p, w in new.items()}
+            replacements.update({trainable[p]: c for p, c in new_copies.items()})
+            swap_back = model_surgery.replace_layers(self.model, replacements)
             undo.append(swap_back)
             if first:
-                self.active = name
-            for wrapper in new.values():
+                self.active = [name]
+            for layer in [*new.values(), *new_copies.values()]:
                 # A new wrapper starts with `name` active: match the model.
-                wrapper.set_active_adapter(self.active)
+                layer.set_active_adapter(self.active)
             self.wrappers.update(new)
+            self.copies.update(new_copies)
             self.registry = registry
-            self.adapters[name] = AdapterRecord(name, config, targets, self.wrappers)
-            self.trainable_paths = list(trainable)
+            if self.in_place and self.adapters:
+                trainable = layers_at(self.model, self.trainable_paths)
+            self.adapters[name] = AdapterRecord(
+                name, config, targets, self.wrappers, trainable
+            )
             self.freeze()
         except Exception:
             for path in new:
                 self.wrappers.pop(path, None)
+            for path in new_copies:
+                self.copies.pop(path, None)
             self.adapters.pop(name, None)
             if first:
-                self.active = None
+                self.active = []
             for step in reversed(undo):
                 step()
             raise
 
     def _select_trainable(self, config, trainable_paths, targets):
+        """`{path: layer}` (originals, not copies) the adapter trains in full."""
         if trainable_paths is not None:
-            return layers_at(self.model, trainable_paths, "trainable layer")
-        if config.trainable_layers is None:
-            if self.adapters:
-                return layers_at(self.model, self.trainable_paths)
-            # A KerasHub task's head trains by default (not where adapted).
+            chosen = layers_at(self.model, trainable_paths, "trainable layer")
+        elif self.in_place and self.adapters and config.trainable_layers is None:
+            chosen = layers_at(self.model, self.trainable_paths)
+        elif config.trainable_layers is None:
+            # A KerasHub task's head trains by default (not where adapted),
+            # for every adapter: PEFT adds a task's classifier to each
+            # adapter's modules_to_save.
             head = task_head(self.model)
-            return {p: layer for p, layer in head.items() if p not in targets}
-        chosen = select_layers(self.model, config.trainable_layers, "trainable_layers")
-        if self.adapters and list(chosen) != self.trainable_paths:
-            raise ValueError(
-                "`trainable_layers` are shared by every adapter of a model "
-                f"(now {self.trainable_paths}); a new adapter cannot change "
-                f"them. Received: trainable_layers={config.trainable_layers!r}"
+            chosen = {p: layer for p, layer in head.items() if p not in targets}
+        else:
+            chosen = select_layers(
+                self.model, config.trainable_layers, "trainable_layers"
             )
-        return chosen
+        if self.in_place and self.adapters and list(chosen) != self.trainable_paths:
+            raise ValueError(
+                "This model was saved before each adapter trained its own "
+                "copy of the layers trained in full, so they are shared by "
+                f"every adapter (now {self.trainable_paths}); a new adapter "
+                "cannot change them. Received: "
+                f"trainable_layers={config.trainable_layers!r}"
+            )
+        return {
+            p: layer.original_layer if isinstance(layer, TrainedCopies) else layer
+            for p, layer in chosen.items()
+        }
+
+    @property
+    def trainable_paths(self):
+        """Paths of the layers some adapter trains in full, in model order."""
+        paths = [p for r in self.adapters.values() for p in r.trainable_paths]
+        return list(dict.fromkeys(paths))
 
     def _check_fits(self, name, config, registry, targets):
         for setting in ("seed", "rank", "save_projection"):
@@ -248,32 +297,74 @@ class AdapterRegistry:
             if not wrapper.adapter_names:
                 emptied[path] = wrapper
         self._unwrap(emptied)
-        if self.active == name:
-            self.active = None
+        emptied = {}
+        for path, holder in self.copies.items():
+            holder.delete_copy(name)
+            if not holder.adapter_names:
+                emptied[path] = holder
+        self._unwrap_copies(emptied, keep_trained=False)
+        self.active = [n for n in self.active if n != name]
 
-    def set_active(self, name):
-        """Makes `name` (or `None`: no adapter) the adapter that runs and trains."""
-        for wrapper in self.wrappers.values():
-            wrapper.set_active_adapter(name)
-        self.active = name
+    def set_active(self, names):
+        """Makes `names` (a list; empty: none) the adapters that run and train.
+
+        Raises:
+            ValueError: If two of them train one layer in full (each has its
+                own copy; one layer runs one), before anything changes.
+        """
+        names = [] if names is None else [names] if isinstance(names, str) else names
+        for path, holder in self.copies.items():
+            held = [n for n in names if n in holder.copies]
+            if len(held) > 1:
+                raise ValueError(
+                    f"Adapters {held} each train their own copy of layer "
+                    f"{path!r}; only one of them can be active at a time (as "
+                    "in PEFT's modules_to_save). Received: "
+                    f"adapter_name={names!r}"
+                )
+        for layer in [*self.wrappers.values(), *self.copies.values()]:
+            layer.set_active_adapter(names)
+        self.active = list(names)
 
     def layers_of(self, name):
-        """`{path: wrapper}` of the layers adapter `name` adapts (none: {})."""
-        if name is None:
-            return {}
-        return {path: self.wrappers[path] for path in self.adapters[name].paths}
+        """`{path: wrapper}` of the layers adapter `name` (a name or a list of
+        names) adapts (`None` or none: {})."""
+        names = [] if name is None else [name] if isinstance(name, str) else name
+        return {
+            path: self.wrappers[path] for n in names for path in self.adapters[n].paths
+        }
+
+    def trained_in_full(self, name):
+        """`{path: layer}` adapter `name` trains in full: its own copies (the
+        shared layers of a model saved before copies)."""
+        paths = self.adapters[name].trainable_paths
+        if self.in_place:
+            return layers_at(self.model, paths)
+        return {path: self.copies[path].copies[name] for path in paths}
 
     def trainable_ids(self):
-        """Ids of the variables that may train: the active adapter's vectors
-        and the weights of the layers trained in full."""
-        ids = self._trained_in_full_ids()
+        """Ids of the variables that may train: the active adapters' vectors
+        and copies of layers trained in full, unless disabled."""
+        ids = self._trained_in_full_ids(self.active)
         for wrapper in self.layers_of(self.active).values():
-            ids.update((id(wrapper.lambda_d), id(wrapper.lambda_b)))
+            if wrapper.adapter_enabled:
+                for name in self.active:
+                    if name in wrapper.adapter_vectors:
+                        ids.update(id(w) for w in wrapper.adapter_vectors[name].weights)
         return ids
 
-    def _trained_in_full_ids(self):
-        layers = layers_at(self.model, self.trainable_paths).values()
-        return {id(w) for layer in layers for w in layer.weights}
+    def _trained_in_full_ids(self, names):
+        if self.in_place:
+            layers = layers_at(self.model, self.trainable_paths).values()
+            return {id(w) for layer in layers for w in layer.weights}
+        return {
+            id(w)
+            for holder in self.copies.values()
+            if holder.adapter_enabled
+            for name in names
+            if name in holder.copies
+            for w in holder.copies[name].weights
+        }
 
     def freeze(self):
         """Freezes everything but adapter vectors and `trainable_layers`.
@@ -283,7 +374,13 @@ class AdapterRegistry:
         holding adapters keep `trainable=True` with their own weights
         frozen. Called again, it puts back what a `trainable` toggle thawed.
         """
-        keep = self._trained_in_full_ids()
+        keep = self._trained_in_full_ids(list(self.adapters))
+        keep.update(
+            id(w)
+            for holder in self.copies.values()
+            for copy in holder.copies.values()
+            for w in copy.weights
+        )
         keep.update(
             id(w)
             for wrapper in self.wrappers.values()
@@ -292,7 +389,7 @@ class AdapterRegistry:
         )
         recorded = {id(item) for item, _ in self.frozen}
         for _, layer in layer_walk.iter_layers(self.model):
-            if isinstance(layer, PVeRADense):
+            if isinstance(layer, (PVeRADense, TrainedCopies)):
                 layer.trainable = layer.trainable  # Freezes its base again.
             elif layer.trainable and not any(id(w) in keep for w in layer.weights):
                 self._set_untrainable(layer, recorded)
@@ -308,13 +405,34 @@ class AdapterRegistry:
 
     def unload(self):
         """Takes every adapter out: the original layers, activations and
-        trainable flags are back in place."""
+        trainable flags are back in place. A layer trained in full gets the
+        weights of the active adapter's copy (as PEFT's `unload` keeps it)."""
         self._unwrap(self.wrappers)
+        self._unwrap_copies(self.copies, keep_trained=True)
         for item, was_trainable in reversed(self.frozen):
             item.trainable = was_trainable
         self.frozen = []
         self.adapters = {}
-        self.active = None
+        self.active = []
+
+    def _unwrap_copies(self, holders, keep_trained):
+        if not holders:
+            return
+        for holder in holders.values():
+            if keep_trained and holder.current_layer() is not holder.original_layer:
+                for target, source in zip(
+                    holder.original_layer.weights,
+                    holder.current_layer().weights,
+                    strict=True,
+                ):
+                    target.assign(source)
+        model_surgery.replace_layers(
+            self.model, {h: h.original_layer for h in holders.values()}
+        )
+        for path, holder in list(holders.items()):
+            original = holder.original_layer
+            original.trainable = self.base_trainable.pop(id(original), True)
+            self.copies.pop(path, None)
 
     def _unwrap(self, wrappers):
         if not wrappers:

@@ -5,7 +5,8 @@ Selectors (names, regex, callables, `"all"`), KerasHub's default targets
 projections by name, never a silent `"all"`), a KerasHub task's head, and
 layer addresses: the chain of attributes that holds a layer, recorded in
 saved files so that they load where Keras names layers otherwise. A
-`PVeRADense` is seen as the layer it wraps, at the same path.
+`PVeRADense` is seen as the layer it wraps, and a `TrainedCopies` as its
+original layer, at the same path.
 """
 
 import re
@@ -14,10 +15,14 @@ import warnings
 import keras
 
 from keras_pvera.src.layers.pvera_dense import PVeRADense
+from keras_pvera.src.layers.trained_copies import TrainedCopies
 from keras_pvera.src.surgery import layer_walk
 from keras_pvera.src.utils import keras_hub_tasks
 
 LINEAR_LAYERS = (keras.layers.Dense, keras.layers.EinsumDense)
+
+# Layers keras_pvera puts in a model's place, each seen as the layer it holds.
+WRAPPERS = (PVeRADense, TrainedCopies)
 
 # KerasHub's default LoRA targets (`Backbone.enable_lora`).
 KERAS_HUB_TARGETS = ("query", "value", "query_dense", "value_dense")
@@ -26,9 +31,9 @@ KERAS_HUB_TARGETS = ("query", "value", "query_dense", "value_dense")
 def adaptable_layers(model):
     """`(path, layer)` of a model's layers, each wrapper seen as one layer.
 
-    The insides of a `PVeRADense` (its base layer, dropout, registry) are
-    left out, so that a second adapter selects wrapped layers by the base
-    layer's name at the same path.
+    The insides of a `PVeRADense` (its base layer, dropout, registry) and
+    of a `TrainedCopies` are left out, so that a second adapter selects
+    wrapped layers by the base layer's name at the same path.
 
     Args:
         model: A Keras model.
@@ -41,7 +46,7 @@ def adaptable_layers(model):
         if inside and path.startswith(inside):
             continue
         found.append((path, layer))
-        inside = f"{path}/" if isinstance(layer, PVeRADense) else ()
+        inside = f"{path}/" if isinstance(layer, WRAPPERS) else ()
     return found
 
 
@@ -97,11 +102,16 @@ def select_layers(model, selector, what="target"):
 
 
 def _not_wrapper(layer):
-    return not isinstance(layer, PVeRADense)
+    return not isinstance(layer, WRAPPERS)
 
 
 def seen_as(layer):
-    return layer.base_layer if isinstance(layer, PVeRADense) else layer
+    """The layer a wrapper stands for (a base or original layer), else itself."""
+    if isinstance(layer, PVeRADense):
+        return layer.base_layer
+    if isinstance(layer, TrainedCopies):
+        return layer.original_layer
+    return layer
 
 
 def _candidates(layers):
@@ -284,7 +294,9 @@ def _all_linear(model, layers):
     return {
         p: layer
         for p, layer in layers
-        if isinstance(seen_as(layer), LINEAR_LAYERS) and id(layer) not in excluded
+        if isinstance(seen_as(layer), LINEAR_LAYERS)
+        and id(layer) not in excluded
+        and not isinstance(layer, TrainedCopies)  # Trained in full already.
     }
 
 

@@ -262,10 +262,27 @@ def deserialize_model(config):
     Returns:
         The rebuilt model.
     """
-    config = dict(config)
+    # A copy: Keras' `from_config` pops what it reads, and the caller keeps
+    # the configuration (a loaded model merges from it later).
+    config = plain_copy(config)
     compile_config = config.pop("compile_config", None)
     model = keras.saving.deserialize_keras_object(config)
     if compile_config and type(model).compile is keras.Model.compile:
         model.compile_from_config(compile_config)
         model.compiled = True
     return model
+
+
+def plain_copy(value):
+    """A copy of a configuration made of plain dicts, lists and tuples.
+
+    A stored configuration may be wrapped in Keras' attribute-tracking
+    containers (whose trackers point back at a layer); this copies the
+    values only.
+    """
+    if isinstance(value, dict):
+        return {key: plain_copy(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        items = [plain_copy(item) for item in value]
+        return tuple(items) if isinstance(value, tuple) else items
+    return value
