@@ -138,8 +138,16 @@ def test_block_offsets_and_refusals():
         "encoder.layer.2.attention.attention.key"
     )
     assert VIT.keras_path("vit.layers.x.mlp.fc1") is None
-    keras_path, reason = GPT2.find("transformer.h.3.attn.c_attn")
-    assert keras_path is None and "fused query/key/value" in reason
+    # GPT-2's fused c_attn is KerasHub's query, key and value: a fused group.
+    assert GPT2.find("transformer.h.3.attn.c_attn") == (None, None)
+    assert GPT2.find_fused("transformer.h.3.attn.c_attn") == tuple(
+        f"transformer_layer_3/self_attention/{part}"
+        for part in ("query", "key", "value")
+    )
+    assert GPT2.hf_fused_module(GPT2.find_fused("h.1.attn.c_attn"), "transformer.") == (
+        "transformer.h.1.attn.c_attn"
+    )
+    assert GPT2.hf_fused_module(GPT2.find_fused("h.1.attn.c_attn")[::-1]) is None
     assert GPT2.find("h.0.attn.c_proj") == (
         "transformer_layer_0/self_attention/attention_output",
         None,
@@ -690,3 +698,126 @@ def test_peft_loaded_adapter_round_trips_through_keras_pvera_files(
         np.abs(keras_bert_outputs(again) - peft_bert_outputs(hf, peft)).max()
         <= TOLERANCE
     )
+
+
+# GPT-2's fused c_attn: PEFT's default target for GPT-2.
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(hf, tmp_path_factory):
+    torch, transformers = hf
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        vocab_size=100,
+        n_embd=HIDDEN,
+        n_layer=LAYERS,
+        n_head=HEADS,
+        n_positions=64,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    folder = tmp_path_factory.mktemp("hf_gpt2")
+    transformers.GPT2LMHeadModel(config).save_pretrained(folder)
+    return folder
+
+
+def peft_gpt2_logits(hf, model):
+    torch, _ = hf
+    model.eval()
+    with torch.no_grad():
+        out = model(
+            input_ids=torch.tensor(TOKENS),
+            attention_mask=torch.ones(TOKENS.shape, dtype=torch.long),
+        )
+    return out.logits.numpy()
+
+
+def keras_gpt2(folder):
+    backbone = keras_hub.models.GPT2Backbone.from_preset(str(folder))
+    return keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)
+
+
+def keras_gpt2_logits(model):
+    inputs = {"token_ids": TOKENS, "padding_mask": np.ones(TOKENS.shape, bool)}
+    return np.asarray(model.predict(inputs, verbose=0), "float32")
+
+
+def gpt2_parts(model, i):
+    backbone = model.base_model.backbone.name
+    return [
+        f"{backbone}/transformer_layer_{i}/self_attention/{part}"
+        for part in ("query", "key", "value")
+    ]
+
+
+@pytest.mark.slow
+def test_gpt2_default_c_attn_adapter_both_ways(hf, gpt2_dir, tmp_path, record_property):
+    """PEFT's defaults adapt GPT-2's fused c_attn: KerasHub's query, key and
+    value become one fused group, and the adapter goes back to PEFT."""
+    transformers = hf[1]
+    peft = peft_model(hf, gpt2_dir, transformers.GPT2LMHeadModel, r=8)
+    assert peft.peft_config["default"].target_modules == {"c_attn"}
+    expected = peft_gpt2_logits(hf, peft)
+    with peft.disable_adapter():
+        assert np.abs(expected - peft_gpt2_logits(hf, peft)).max() > 1e-2
+    peft.save_pretrained(tmp_path / "adapter")
+
+    model = keras_pvera.load_peft_adapter(keras_gpt2(gpt2_dir), tmp_path / "adapter")
+    assert model.pvera_config.fused_groups == tuple(
+        tuple(gpt2_parts(model, i)) for i in range(LAYERS)
+    )
+    actual = keras_gpt2_logits(model)
+    to_keras = float(np.abs(actual - expected).max())
+    record_property("peft_to_keras", to_keras)
+    assert to_keras <= TOLERANCE
+
+    keras_pvera.save_peft_adapter(model, tmp_path / "back")
+    saved = safetensors.numpy.load_file(
+        str(tmp_path / "back" / "adapter_model.safetensors")
+    )
+    written = safetensors.numpy.load_file(
+        str(tmp_path / "adapter" / "adapter_model.safetensors")
+    )
+    assert sorted(saved) == sorted(written)
+    for key, array in written.items():
+        np.testing.assert_array_equal(saved[key], array)
+    back = peft_load(hf, gpt2_dir, transformers.GPT2LMHeadModel, tmp_path / "back")
+    to_peft = float(np.abs(peft_gpt2_logits(hf, back) - actual).max())
+    record_property("keras_to_peft", to_peft)
+    assert to_peft <= TOLERANCE
+
+
+@pytest.mark.slow
+def test_gpt2_c_attn_adapter_trained_in_keras_loads_in_peft(hf, gpt2_dir, tmp_path):
+    """Trained in Keras, the group keeps one lambda_d, as PEFT's adapter."""
+    transformers = hf[1]
+    peft = peft_model(hf, gpt2_dir, transformers.GPT2LMHeadModel, r=8)
+    peft.save_pretrained(tmp_path / "adapter")
+    model = keras_pvera.load_peft_adapter(keras_gpt2(gpt2_dir), tmp_path / "adapter")
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-2),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    inputs = {"token_ids": TOKENS, "padding_mask": np.ones(TOKENS.shape, bool)}
+    model.fit(inputs, TOKENS, epochs=2, batch_size=2, verbose=0)
+    layers = [model.adapted_layers[p] for p in gpt2_parts(model, 0)]
+    assert layers[1].lambda_d is layers[0].lambda_d is layers[2].lambda_d
+    expected = keras_gpt2_logits(model)
+
+    keras_pvera.save_peft_adapter(model, tmp_path / "back")
+    back = peft_load(hf, gpt2_dir, transformers.GPT2LMHeadModel, tmp_path / "back")
+    assert np.abs(peft_gpt2_logits(hf, back) - expected).max() <= TOLERANCE
+
+
+def test_gpt2_part_saved_alone_names_the_fused_group(tmp_path):
+    backbone = keras_hub.models.GPT2Backbone(
+        vocabulary_size=50,
+        num_layers=1,
+        num_heads=2,
+        hidden_dim=8,
+        intermediate_dim=16,
+        max_sequence_length=8,
+    )
+    model = keras_pvera.apply(backbone, rank=2, target=["query", "value"])
+    with pytest.raises(ValueError, match="fused group"):
+        keras_pvera.save_peft_adapter(model, tmp_path / "adapter")

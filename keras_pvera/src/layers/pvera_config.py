@@ -49,6 +49,15 @@ class PVeRAConfig:
             of a KerasHub task (its own layers with weights outside its
             backbone and preprocessor, such as `TextClassifier`'s
             `logits`), nothing for other models; `[]`: nothing.
+        fused_groups: Groups of adapted layers that are one fused linear map
+            in the original model, such as GPT-2's `c_attn`, which KerasHub
+            splits into `query`, `key` and `value`: a list of lists of layer
+            paths, each in the fused map's output order. The layers of a
+            group share one latent (one `lambda_d` variable and one noise
+            draw, as the fused map has) and read consecutive row ranges of
+            `B` and of the fused `lambda_b`, so the group computes exactly
+            PEFT's adapter of the fused module. Every path must be adapted.
+            `None` (the default): no groups. `load_peft_adapter` sets it.
 
     Raises:
         ValueError: For a bad value, naming it.
@@ -72,6 +81,7 @@ class PVeRAConfig:
     save_projection: bool = True
     sample_at_inference: bool = False
     trainable_layers: object = None
+    fused_groups: object = None
 
     def __post_init__(self):
         if not checks.is_integer(self.rank) or self.rank < 1:
@@ -107,6 +117,7 @@ class PVeRAConfig:
                 )
         for name in ("target", "trainable_layers"):
             _check_selector(name, getattr(self, name))
+        _check_fused_groups(self.fused_groups)
         # Plain Python numbers, so that configs compare and serialize alike.
         set_value = object.__setattr__
         set_value(self, "rank", int(self.rank))
@@ -119,6 +130,9 @@ class PVeRAConfig:
             value = getattr(self, name)
             if isinstance(value, (list, tuple, set)):
                 set_value(self, name, tuple(value))
+        if self.fused_groups is not None:
+            groups = tuple(tuple(group) for group in self.fused_groups)
+            set_value(self, "fused_groups", groups or None)
 
     def replace(self, **changes):
         """A copy with some settings changed (and checked).
@@ -152,6 +166,8 @@ class PVeRAConfig:
                 config[name] = None
             elif isinstance(value, tuple):
                 config[name] = list(value)
+        if self.fused_groups is not None:
+            config["fused_groups"] = [list(group) for group in self.fused_groups]
         return config
 
     @classmethod
@@ -225,6 +241,71 @@ def split_settings(kwargs):
     settings = {k: v for k, v in kwargs.items() if k in SETTING_NAMES}
     rest = {k: v for k, v in kwargs.items() if k not in SETTING_NAMES}
     return settings, rest
+
+
+def fused_offsets(fused_groups, out_dims):
+    """Each grouped layer's first row in its fused map, and the map's size.
+
+    Args:
+        fused_groups: A config's `fused_groups` (or `None`).
+        out_dims: A dict from layer path to its output size.
+
+    Returns:
+        A dict from each grouped path to `(offset, group)`: the layer reads
+        rows `[offset, offset + out)` of `B` and of the group's `lambda_b`;
+        `group` is the tuple of the group's paths.
+
+    Example:
+
+    >>> fused_offsets([["q", "k"]], {"q": 4, "k": 4, "o": 4})
+    {'q': (0, ('q', 'k')), 'k': (4, ('q', 'k'))}
+    """
+    offsets = {}
+    for group in fused_groups or ():
+        offset = 0
+        for path in group:
+            offsets[path] = (offset, tuple(group))
+            offset += out_dims[path]
+    return offsets
+
+
+def projection_out_max(fused_groups, out_dims):
+    """The rows of `B` that the layers need: fused groups read theirs in a row.
+
+    Args:
+        fused_groups: A config's `fused_groups` (or `None`).
+        out_dims: A dict from layer path to its output size.
+
+    Returns:
+        An integer: the largest `offset + out` over the layers.
+    """
+    offsets = fused_offsets(fused_groups, out_dims)
+    return max(offsets.get(path, (0, None))[0] + out for path, out in out_dims.items())
+
+
+def _check_fused_groups(groups):
+    if groups is None:
+        return
+    message = (
+        "`fused_groups` must be None or a list of lists of at least two layer "
+        "paths, each path in one group at most, for example "
+        "[['block_0/attention/query', 'block_0/attention/key', "
+        f"'block_0/attention/value']]. Received: fused_groups={groups!r}"
+    )
+    if isinstance(groups, (str, bytes)) or not isinstance(groups, (list, tuple)):
+        raise ValueError(message)
+    seen = set()
+    for group in groups:
+        if (
+            isinstance(group, (str, bytes))
+            or not isinstance(group, (list, tuple))
+            or len(group) < 2
+            or not all(isinstance(path, str) for path in group)
+            or seen & set(group)
+            or len(set(group)) != len(group)
+        ):
+            raise ValueError(message)
+        seen.update(group)
 
 
 def _check_selector(name, value):

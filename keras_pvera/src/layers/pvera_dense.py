@@ -221,12 +221,19 @@ class AdapterVectors:
         lambda_d: The `(2 * rank,)` variable, or `None` before the layer is
             built.
         lambda_b: The `(out,)` variable, or `None` before the layer is built.
+
+    A layer of a fused group (`PVeRAConfig.fused_groups`) reads rows
+    `[out_offset, out_offset + out)` of `B`; all but the group's first layer
+    hold the first layer's `lambda_d` (`shared_lambda_d` is then true) and do
+    not track it, so it is saved and trained once.
     """
 
     def __init__(self, config, lambda_d=None, lambda_b=None):
         self.config = config
         self.lambda_d = lambda_d
         self.lambda_b = lambda_b
+        self.out_offset = 0
+        self.shared_lambda_d = False
 
     @property
     def weights(self):
@@ -424,7 +431,7 @@ class PVeRADense(keras.layers.Layer):
         vectors = self._vectors_named(adapter_name)
         if self.merged_adapter == adapter_name:
             self._check_not_merged("delete the merged adapter")
-        for variable in vectors.weights:
+        for variable in vectors.weights[vectors.shared_lambda_d :]:
             if variable is not None:
                 keras_internals.untrack_variable(self, variable)
         del self.adapter_vectors[adapter_name]
@@ -449,6 +456,49 @@ class PVeRADense(keras.layers.Layer):
         if self.active_adapter is not None:
             self.dropout_layer.rate = self.config.dropout
         self._apply_trainability()
+
+    def join_fused_group(self, adapter_name, out_offset, first=None):
+        """Makes adapter `adapter_name` one part of a fused linear map.
+
+        The layer then reads rows `[out_offset, out_offset + out)` of `B`,
+        and, unless it is the group's first layer, uses `first`'s `lambda_d`
+        variable (its own is dropped). With the group's layers reading the
+        same input and drawing the same noise (same `noise_seed`), the
+        group computes one latent sample, as the fused map's adapter does.
+        Called by the adapter registry for `PVeRAConfig.fused_groups`.
+
+        Args:
+            adapter_name: One of `adapter_names`.
+            out_offset: This layer's first row in the fused map.
+            first: The group's first `PVeRADense` (`None` for that layer).
+
+        Raises:
+            ValueError: If `first` draws other noise (another
+                `noise_seed`), or its `lambda_d` has another shape.
+        """
+        vectors = self._vectors_named(adapter_name)
+        vectors.out_offset = int(out_offset)
+        if first is None:
+            return
+        if first.noise_seed != self.noise_seed:
+            raise ValueError(
+                f"Layers {first.name!r} and {self.name!r} of a fused group "
+                "must draw the same noise, but were wrapped with noise seeds "
+                f"{first.noise_seed} and {self.noise_seed} (by an earlier "
+                "adapter that did not group them). Adapt the base model again "
+                "with the group in the first adapter."
+            )
+        shared = first.adapter_vectors[adapter_name].lambda_d
+        if tuple(shared.shape) != tuple(vectors.lambda_d.shape):
+            raise ValueError(
+                f"Layer {first.name!r}'s lambda_d has shape "
+                f"{tuple(shared.shape)}; layer {self.name!r} needs "
+                f"{tuple(vectors.lambda_d.shape)}."
+            )
+        if not vectors.shared_lambda_d:
+            keras_internals.untrack_variable(self, vectors.lambda_d)
+        vectors.lambda_d = shared
+        vectors.shared_lambda_d = True
 
     @property
     def adapter_names(self):
@@ -550,7 +600,9 @@ class PVeRADense(keras.layers.Layer):
         return self.linear.out_dim
 
     def _projections(self):
-        return self.projection_registry.projections(self.in_dim, self.out_dim)
+        return self.projection_registry.projections(
+            self.in_dim, self.out_dim, self._active_vectors().out_offset
+        )
 
     def _scaled_b(self, b):
         # (out, r) * (alpha * lambda_b) per row -> (r, out)
@@ -634,7 +686,9 @@ class PVeRADense(keras.layers.Layer):
         low-precision bases)."""
         mu, logvar = self.latent(inputs, training=training)
         kl_weight = self.config.kl_weight
-        if training and kl_weight > 0:
+        # A fused group has one latent: its first layer adds its KL term.
+        shared = self._active_vectors().shared_lambda_d
+        if training and kl_weight > 0 and not shared:
             self.add_loss(kl_weight * kl_divergence(mu, logvar))
         sampling = bool(training) or self.sample_at_inference
         z = ops.add(mu, self._noise(logvar)) if sampling else mu

@@ -294,7 +294,10 @@ class PVeRAModel(AdapterLifecycle, model_summary.ModelSummary, keras.Model):
         where = layer_selection.resolve_paths(
             base, list(dict.fromkeys(saved)), config.pop("layer_addresses", None)
         )
-        adapters = [[n, s, [where[p] for p in paths]] for n, s, paths in adapters]
+        adapters = [
+            [n, _fused_at(s, where), [where[p] for p in paths]]
+            for n, s, paths in adapters
+        ]
         if "trainable_paths" in config:
             config["trainable_paths"] = [where[p] for p in config["trainable_paths"]]
         (name, settings, paths), *others = adapters
@@ -313,3 +316,11 @@ class PVeRAModel(AdapterLifecycle, model_summary.ModelSummary, keras.Model):
         if active != model.active_adapter:
             model.adapter_registry.set_active(active)
         return model
+
+
+def _fused_at(settings, where):
+    """Settings with their `fused_groups` under the rebuilt model's paths."""
+    groups = settings.get("fused_groups")
+    if not groups:
+        return settings
+    return {**settings, "fused_groups": [[where[p] for p in g] for g in groups]}
