@@ -245,8 +245,9 @@ class AdapterRegistry:
             if linear.in_dim > registry.in_max or out_end > registry.out_max:
                 raise ValueError(
                     f"Adapter {name!r} targets {path!r} ({linear.in_dim} -> "
-                    f"{linear.out_dim}, rows up to {out_end} of B), larger "
-                    "than the shared projections "
+                    f"{linear.out_dim})"
+                    + (f" reading rows up to {out_end} of B" if path in fused else "")
+                    + ", larger than the shared projections "
                     f"({registry.in_max} -> {registry.out_max}) made for the "
                     "first adapter's layers. Target layers no larger than "
                     "those, or adapt the base model again with all targets."
