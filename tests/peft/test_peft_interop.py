@@ -729,7 +729,7 @@ def peft_gpt2_logits(hf, model):
             input_ids=torch.tensor(TOKENS),
             attention_mask=torch.ones(TOKENS.shape, dtype=torch.long),
         )
-    return out.logits.numpy()
+    return out.logits.float().numpy()
 
 
 def keras_gpt2(folder):
@@ -821,3 +821,46 @@ def test_gpt2_part_saved_alone_names_the_fused_group(tmp_path):
     model = keras_pvera.apply(backbone, rank=2, target=["query", "value"])
     with pytest.raises(ValueError, match="fused group"):
         keras_pvera.save_peft_adapter(model, tmp_path / "adapter")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_base_keeps_a_float32_adapter(
+    hf, gpt2_dir, tmp_path, dtype, record_property
+):
+    """PEFT's autocast_adapter_dtype (its default): over a float16/bfloat16
+    base the vectors stay float32 and the adapter runs in float32."""
+    torch, transformers = hf
+    peft = peft_model(hf, gpt2_dir, transformers.GPT2LMHeadModel, r=8)
+    peft.save_pretrained(tmp_path / "adapter")
+    base = transformers.GPT2LMHeadModel.from_pretrained(
+        gpt2_dir, dtype=getattr(torch, dtype)
+    )
+    from peft import PeftModel
+
+    half = PeftModel.from_pretrained(base, str(tmp_path / "adapter"))
+    assert half.base_model.model.transformer.h[0].attn.c_attn.pvera_lambda_d[
+        "default"
+    ].dtype == (torch.float32)
+    expected = peft_gpt2_logits(hf, half)
+
+    backbone = keras_hub.models.GPT2Backbone.from_preset(str(gpt2_dir), dtype=dtype)
+    model = keras_pvera.load_peft_adapter(
+        keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None),
+        tmp_path / "adapter",
+    )
+    for layer in model.adapted_layers.values():
+        assert layer.lambda_d.dtype == layer.lambda_b.dtype == "float32"
+        assert layer.base_layer.kernel.dtype == dtype
+    inputs = {"token_ids": TOKENS, "padding_mask": np.ones(TOKENS.shape, bool)}
+    logits = model(inputs)
+    assert keras.backend.standardize_dtype(logits.dtype) == dtype
+    difference = float(
+        np.abs(
+            keras.ops.convert_to_numpy(keras.ops.cast(logits, "float32")) - expected
+        ).max()
+    )
+    record_property(f"{dtype}_difference", difference)
+    # Both round in half precision, in other orders: a few steps of it.
+    step = float(np.finfo(np.float16).eps) if dtype == "float16" else 2.0**-7
+    assert difference <= 4 * step * float(np.abs(expected).max())

@@ -189,16 +189,23 @@ class LinearEquation:
 
 
 def _float_policy(dtype):
-    """The float policy of `dtype`: `"int8_from_float32"` gives `"float32"`.
+    """The wrapper's policy for a base layer's: float32 vectors, base compute.
 
-    The wrapper computes in the base layer's float policy; a quantized policy
-    would make Keras dispatch the wrapper's own call to quantized kernels it
-    does not have (the wrapped layer runs its quantized call itself).
+    `"int8_from_float32"` gives `"float32"`: a quantized policy would make
+    Keras dispatch the wrapper's own call to quantized kernels it does not
+    have (the wrapped layer runs its quantized call itself). A float16 or
+    bfloat16 base gives `"mixed_float16"` / `"mixed_bfloat16"`: the vectors
+    are float32, as PEFT's `autocast_adapter_dtype=True` (its default) keeps
+    them over a half-precision base, so training updates smaller than half
+    precision's step are not lost, and the wrapper still computes, and
+    returns, the base's dtype.
     """
     policy = keras.dtype_policies.get(dtype)
-    if getattr(policy, "quantization_mode", None) is None:
-        return policy
-    return keras_internals.float_source_policy(policy)
+    if getattr(policy, "quantization_mode", None) is not None:
+        policy = keras_internals.float_source_policy(policy)
+    if policy.variable_dtype in ("float16", "bfloat16"):
+        return keras.dtype_policies.get(f"mixed_{policy.variable_dtype}")
+    return policy
 
 
 def linear_equation_of(layer):
@@ -323,6 +330,13 @@ class PVeRADense(keras.layers.Layer):
         kwargs.setdefault("name", base_layer.name)
         kwargs["dtype"] = _float_policy(kwargs.get("dtype", base_layer.dtype_policy))
         super().__init__(**kwargs)
+        # Over a float16/bfloat16 base the adapter runs in float32 (PEFT's
+        # autocast_adapter_dtype): its variables are not cast to the base's
+        # dtype, and its output is rounded once, after the sum.
+        self.adapter_dtype = self.compute_dtype
+        if self.dtype_policy.name in ("mixed_float16", "mixed_bfloat16"):
+            self.autocast = False
+            self.adapter_dtype = "float32"
         # Variables are named beside the base layer's own, e.g.
         # "encoder/query/pvera_lambda_d" next to "encoder/query/kernel".
         keras_internals.set_parent_path(self, keras_internals.parent_path(base_layer))
@@ -636,7 +650,7 @@ class PVeRADense(keras.layers.Layer):
             whatever the compute dtype, so that `exp(logvar)` cannot
             overflow under a float16 policy.
         """
-        x = self.dropout_layer(inputs, training=training)
+        x = ops.cast(self.dropout_layer(inputs, training=training), self.adapter_dtype)
         h = self.projection_registry.project(x, self.linear)
         h = ops.cast(ops.multiply(h, self.lambda_d), "float32")
         return h[..., : self.rank], h[..., self.rank :]
@@ -692,13 +706,16 @@ class PVeRADense(keras.layers.Layer):
             self.add_loss(kl_weight * kl_divergence(mu, logvar))
         sampling = bool(training) or self.sample_at_inference
         z = ops.add(mu, self._noise(logvar)) if sampling else mu
-        z = ops.cast(z, self.compute_dtype)
+        z = ops.cast(z, self.adapter_dtype)
         _, b = self._projections()
         scale = self.linear.output_scale(ops.multiply(self.config.alpha, self.lambda_b))
         if scale is None:
-            return ops.add(y, self.linear.expand(z, self._scaled_b(b)))
-        adapter = self.linear.expand(z, ops.transpose(b))
-        return ops.add(y, ops.multiply(adapter, scale))
+            adapter = self.linear.expand(z, self._scaled_b(b))
+        else:
+            adapter = ops.multiply(self.linear.expand(z, ops.transpose(b)), scale)
+        if self.adapter_dtype == self.compute_dtype:
+            return ops.add(y, adapter)
+        return ops.cast(ops.add(ops.cast(y, self.adapter_dtype), adapter), y.dtype)
 
     def _folded_path(self, inputs):
         """Mean-mode inference: the adapter folded into the kernel, once a call."""
