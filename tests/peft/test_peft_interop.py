@@ -864,3 +864,41 @@ def test_half_precision_base_keeps_a_float32_adapter(
     # Both round in half precision, in other orders: a few steps of it.
     step = float(np.finfo(np.float16).eps) if dtype == "float16" else 2.0**-7
     assert difference <= 4 * step * float(np.abs(expected).max())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("is_trainable", [None, False, True])
+def test_is_trainable_as_peft(hf, bert_dir, tmp_path, is_trainable):
+    """PEFT's from_pretrained loads for inference unless is_trainable=True."""
+    transformers = hf[1]
+    from peft import PeftModel
+
+    peft_model(
+        hf, bert_dir, transformers.BertModel, r=4, target_modules=["query", "value"]
+    ).save_pretrained(tmp_path / "adapter")
+    kwargs = {} if is_trainable is None else {"is_trainable": is_trainable}
+    loaded = PeftModel.from_pretrained(
+        transformers.BertModel.from_pretrained(bert_dir),
+        str(tmp_path / "adapter"),
+        **kwargs,
+    )
+    trained = [n for n, p in loaded.named_parameters() if p.requires_grad]
+    model = keras_pvera.load_peft_adapter(
+        keras_hub.models.BertBackbone.from_preset(str(bert_dir)),
+        tmp_path / "adapter",
+        **kwargs,
+    )
+    assert len(model.trainable_weights) == len(trained)
+    assert all("lambda" in n for n in trained)
+    assert model.trainable is bool(is_trainable)
+
+    # It stays so in a saved model.
+    model.save(tmp_path / "model.keras")
+    again = keras.saving.load_model(tmp_path / "model.keras")
+    assert len(again.trainable_weights) == len(trained)
+
+
+def test_is_trainable_must_be_a_bool(tmp_path):
+    folder = write_peft_folder(tmp_path / "adapter", bert_query_value_tensors())
+    with pytest.raises(ValueError, match="is_trainable='no'"):
+        keras_pvera.load_peft_adapter(keras_bert(), folder, is_trainable="no")

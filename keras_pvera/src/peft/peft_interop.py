@@ -54,7 +54,7 @@ _SAVED_KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.(?P<kind>weight|bia
 _PROJECTION_KEYS = ("base_model.pvera_A", "base_model.pvera_B")
 
 
-def load_peft_adapter(model, path, adapter=None):
+def load_peft_adapter(model, path, adapter=None, is_trainable=False):
     """Loads a PEFT PVeRA adapter folder onto a KerasHub model.
 
     Applies PVeRA to the KerasHub layers that match the adapter's modules
@@ -79,6 +79,13 @@ def load_peft_adapter(model, path, adapter=None):
             holds an adapter, it is read from there. On a `PVeRAModel`, the
             adapter is added under this name (PEFT's
             `load_adapter(path, adapter_name)`); `None` means `"default"`.
+        is_trainable: PEFT's `is_trainable`, with PEFT's default `False`:
+            an adapter loaded for inference only, whose vectors (and layers
+            trained in full) do not train: the returned model has
+            `trainable=False` (set `model.trainable = True`, or load with
+            `is_trainable=True`, to train it). Applies when the loaded
+            adapter is the active one; another adapter does not train
+            until made active anyway.
 
     Returns:
         The adapted `PVeRAModel`.
@@ -112,7 +119,20 @@ def load_peft_adapter(model, path, adapter=None):
     >>> model = keras_pvera.load_peft_adapter(bert(), folder)
     >>> model.pvera_config.rank, len(model.adapted_layers)  # query and value
     (4, 2)
+
+    As PEFT's `from_pretrained`, it loads for inference unless told otherwise:
+
+    >>> model.trainable, len(model.trainable_weights)
+    (False, 0)
+    >>> model = keras_pvera.load_peft_adapter(bert(), folder, is_trainable=True)
+    >>> len(model.trainable_weights)  # lambda_d and lambda_b of both layers
+    4
     """
+    if not isinstance(is_trainable, bool):
+        raise ValueError(
+            f"`is_trainable` must be True or False. Received: "
+            f"is_trainable={is_trainable!r}"
+        )
     adapter = "default" if adapter is None else adapter
     if os.path.isfile(os.path.join(path, adapter, CONFIG_FILE)):
         path = os.path.join(path, adapter)
@@ -198,7 +218,10 @@ def load_peft_adapter(model, path, adapter=None):
         trainable=trainable,
     )
     state.projections = _projections(config, tensors, state, path)
-    return restore_adapter(model, state, adapter)
+    adapted = restore_adapter(model, state, adapter)
+    if adapted.active_adapter == adapter:
+        adapted.trainable = is_trainable
+    return adapted
 
 
 def save_peft_adapter(
