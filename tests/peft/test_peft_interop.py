@@ -902,3 +902,75 @@ def test_is_trainable_must_be_a_bool(tmp_path):
     folder = write_peft_folder(tmp_path / "adapter", bert_query_value_tensors())
     with pytest.raises(ValueError, match="is_trainable='no'"):
         keras_pvera.load_peft_adapter(keras_bert(), folder, is_trainable="no")
+
+
+@pytest.mark.slow
+def test_generator_seed_round_trips_and_seeds_the_noise(hf, bert_dir, tmp_path):
+    """PEFT's generator_seed seeds its sampling generators; None leaves them
+    unseeded (torch's global generator). keras_pvera seeds its noise from
+    generator_seed when set, else from the projection seed: always seeded."""
+    transformers = hf[1]
+    outputs = {}
+    for generator_seed in (None, 3, 4):
+        folder = tmp_path / f"adapter_{generator_seed}"
+        peft = peft_model(
+            hf,
+            bert_dir,
+            transformers.BertModel,
+            r=4,
+            target_modules=["query", "value"],
+            sample_at_inference=True,
+            generator_seed=generator_seed,
+        )
+        generator = peft.base_model.model.encoder.layer[0].attention.self.query
+        assert (generator.pvera_generator["default"] is None) == (
+            generator_seed is None
+        )
+        peft.save_pretrained(folder)
+        model = keras_pvera.load_peft_adapter(
+            keras_hub.models.BertBackbone.from_preset(str(bert_dir)), folder
+        )
+        assert model.pvera_config.generator_seed == generator_seed
+        keras_pvera.save_peft_adapter(model, tmp_path / f"back_{generator_seed}")
+        written = json.loads(
+            (tmp_path / f"back_{generator_seed}" / "adapter_config.json").read_text()
+        )
+        assert written["generator_seed"] == generator_seed
+        outputs[generator_seed] = [keras_bert_outputs(model) for _ in range(2)]
+    for draws in outputs.values():
+        assert np.abs(draws[0] - draws[1]).max() > 1e-4  # it samples
+    # The same adapter with another generator seed draws other noise.
+    assert np.abs(outputs[3][0] - outputs[4][0]).max() > 1e-4
+
+
+@pytest.mark.parametrize("seed", [0, 5])
+def test_generator_seed_repeats_the_noise(seed):
+    """Same generator_seed, same samples; the projections stay `seed`'s."""
+    x = np.random.default_rng(0).normal(size=(3, 8)).astype("float32")
+
+    def samples(generator_seed):
+        keras.utils.set_random_seed(1)
+        base = keras.Sequential([keras.Input((8,)), keras.layers.Dense(6, name="d")])
+        model = keras_pvera.apply(
+            base,
+            rank=2,
+            target=["d"],
+            seed=seed,
+            generator_seed=generator_seed,
+            sample_at_inference=True,
+        )
+        layer = model.adapted_layers["d"]
+        layer.lambda_b.assign(np.ones(6, "float32"))
+        layer.lambda_d.assign(np.ones(4, "float32"))
+        a = keras.ops.convert_to_numpy(model.projection_registry.projection_a)
+        return a, [keras.ops.convert_to_numpy(model(x)) for _ in range(2)]
+
+    a1, first = samples(seed + 10)
+    a2, again = samples(seed + 10)
+    a3, other = samples(seed + 11)
+    np.testing.assert_array_equal(a1, a3)
+    for one, two in zip(first, again, strict=True):
+        np.testing.assert_array_equal(one, two)
+    assert np.abs(first[0] - other[0]).max() > 1e-4
+    with pytest.raises(ValueError, match="generator_seed=-1"):
+        keras_pvera.PVeRAConfig(generator_seed=-1)

@@ -33,6 +33,12 @@ class PVeRAConfig:
             such layers, else `"all"`.
         seed: Seed of the shared projections and of the sampling noise (PEFT's
             `projection_prng_key`), a non-negative integer.
+        generator_seed: Seed of the sampling noise instead of `seed` (PEFT's
+            `generator_seed`), a non-negative integer; `None` (the default):
+            the noise is seeded from `seed`. The noise is always seeded, so
+            runs repeat; PEFT's `None` draws from torch's global generator
+            instead, which no seed of a PEFT file records. Each adapted
+            layer draws its own stream, derived from this seed.
         alpha: Output scale of the adapters (PEFT has none: 1).
         d_initial: Initial value of `lambda_d` (PEFT's `d_initial`).
         dropout: Dropout rate on the adapters' input, in `[0, 1)` (PEFT's
@@ -74,6 +80,7 @@ class PVeRAConfig:
     rank: int = 256
     target: object = None
     seed: int = 0
+    generator_seed: object = None
     alpha: float = 1.0
     d_initial: float = 0.1
     dropout: float = 0.0
@@ -92,6 +99,13 @@ class PVeRAConfig:
         if not checks.is_integer(self.seed) or self.seed < 0:
             raise ValueError(
                 f"`seed` must be a non-negative integer. Received: seed={self.seed!r}"
+            )
+        if self.generator_seed is not None and (
+            not checks.is_integer(self.generator_seed) or self.generator_seed < 0
+        ):
+            raise ValueError(
+                "`generator_seed` must be a non-negative integer or None. "
+                f"Received: generator_seed={self.generator_seed!r}"
             )
         for name in ("alpha", "d_initial"):
             value = getattr(self, name)
@@ -122,6 +136,8 @@ class PVeRAConfig:
         set_value = object.__setattr__
         set_value(self, "rank", int(self.rank))
         set_value(self, "seed", int(self.seed))
+        if self.generator_seed is not None:
+            set_value(self, "generator_seed", int(self.generator_seed))
         for name in ("alpha", "d_initial", "dropout", "kl_weight"):
             set_value(self, name, float(getattr(self, name)))
         for name in ("save_projection", "sample_at_inference"):

@@ -279,9 +279,9 @@ class PVeRADense(keras.layers.Layer):
         adapter_name: The first adapter's name.
         noise_seed: The seed of this layer's sampling noise and input
             dropout (one stream per layer, whichever adapter is active);
-            `None` takes `config.seed`. `keras_pvera.apply` gives each
-            layer its own, derived from the adapter's seed and the layer's
-            index.
+            `None` takes `config.generator_seed`, or `config.seed` when
+            that is `None`. `keras_pvera.apply` gives each layer its own,
+            derived from that seed and the layer's index.
         **kwargs: PVeRA settings by name (`rank`, `alpha`, `d_initial`,
             `dropout`, `kl_weight`, `sample_at_inference`, `seed`,
             `save_projection`; they override `config`'s), and base layer
@@ -352,6 +352,8 @@ class PVeRADense(keras.layers.Layer):
         self.activation = activation
         if noise_seed is None:
             noise_seed = config.seed
+            if config.generator_seed is not None:
+                noise_seed = config.generator_seed
         if not checks.is_integer(noise_seed) or noise_seed < 0:
             raise ValueError(
                 "`noise_seed` must be a non-negative integer or None. "

@@ -210,6 +210,7 @@ def load_peft_adapter(model, path, adapter=None, is_trainable=False):
             d_initial=config["d_initial"],
             dropout=config["pvera_dropout"],
             sample_at_inference=config["sample_at_inference"],
+            generator_seed=config["generator_seed"],
             fused_groups=groups or None,
         ),
         layers={p: state_layers[p] for p in paths},
@@ -369,7 +370,7 @@ def save_peft_adapter(
         "init_weights": True,
         "layers_to_transform": None,
         "layers_pattern": None,
-        "generator_seed": None,
+        "generator_seed": state.config.generator_seed,
         "base_model_name_or_path": None,
         "revision": None,
         "task_type": None,
@@ -432,6 +433,7 @@ def read_peft_config(path):
         "sample_at_inference": False,
         "bias": "none",
         "modules_to_save": None,
+        "generator_seed": None,
     }
     config = {**defaults, **config}
     rank = config["r"]
@@ -442,6 +444,16 @@ def read_peft_config(path):
         raise ValueError(
             f"{config_path!r} has a bad projection_prng_key={key!r}; "
             "expected a non-negative integer."
+        )
+    generator_seed = config["generator_seed"]
+    if generator_seed is not None and (
+        isinstance(generator_seed, bool)
+        or not isinstance(generator_seed, int)
+        or generator_seed < 0
+    ):
+        raise ValueError(
+            f"{config_path!r} has a bad generator_seed={generator_seed!r}; "
+            "expected a non-negative integer or null."
         )
     if config["bias"] != "none":
         raise ValueError(

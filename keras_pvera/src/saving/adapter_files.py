@@ -237,8 +237,8 @@ def decode_adapter(tensors, metadata, source="the file"):
         )
     if not isinstance(settings, dict):
         raise ValueError(f"{source} has malformed settings: {settings!r}")
-    # Files written before fused groups have none.
-    settings = {"fused_groups": None, **settings}
+    # Files written before fused groups and generator seeds have none.
+    settings = {"fused_groups": None, "generator_seed": None, **settings}
     for name in ADAPTER_SETTING_NAMES:
         if name not in settings:
             raise ValueError(f"{source} has no setting {name!r}.")

@@ -153,7 +153,8 @@ class AdapterRegistry:
         registry = self.registry or _make_registry(config, targets)
         self._check_fits(name, config, registry, targets)
         # A fused group's layers draw the same noise: its first layer's seed.
-        seeds = {path: derive_seed(config.seed, i) for i, path in enumerate(targets)}
+        noise = config.seed if config.generator_seed is None else config.generator_seed
+        seeds = {path: derive_seed(noise, i) for i, path in enumerate(targets)}
         for path, (_, group) in fused.items():
             seeds[path] = seeds[group[0]]
         undo, new = [], {}
