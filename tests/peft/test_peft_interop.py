@@ -196,6 +196,7 @@ def test_query_layout_matches_torch_linear(tmp_path):
             "peft_type='LORA'",
         ),
         (lambda t, c: c.update(bias="all"), ValueError, "bias='all'"),
+        (lambda t, c: c.update(bias="lora_only"), ValueError, "knows 'none'"),
         (
             lambda t, c: (
                 c.update(modules_to_save=["classifier"]),
@@ -974,3 +975,86 @@ def test_generator_seed_repeats_the_noise(seed):
     assert np.abs(first[0] - other[0]).max() > 1e-4
     with pytest.raises(ValueError, match="generator_seed=-1"):
         keras_pvera.PVeRAConfig(generator_seed=-1)
+
+
+@pytest.mark.slow
+def test_layers_to_transform_and_pattern(hf, gpt2_dir, tmp_path):
+    """PEFT's layers_to_transform / layers_pattern pick blocks by number;
+    its file names the modules in full, which is what keras_pvera reads."""
+    transformers = hf[1]
+    peft = peft_model(
+        hf,
+        gpt2_dir,
+        transformers.GPT2LMHeadModel,
+        r=8,
+        layers_to_transform=[1],
+        layers_pattern="h",
+    )
+    expected = peft_gpt2_logits(hf, peft)
+    peft.save_pretrained(tmp_path / "adapter")
+
+    model = keras_pvera.load_peft_adapter(keras_gpt2(gpt2_dir), tmp_path / "adapter")
+    assert list(model.adapted_layers) == gpt2_parts(model, 1)
+    actual = keras_gpt2_logits(model)
+    assert np.abs(actual - expected).max() <= TOLERANCE
+
+    # The same selection made in Keras: a regex over layer paths.
+    again = keras_pvera.apply(
+        keras_gpt2(gpt2_dir),
+        rank=8,
+        target=r".*transformer_layer_1/self_attention/(query|key|value)",
+    )
+    assert [p.split("/", 1)[1] for p in again.adapted_layers] == [
+        p.split("/", 1)[1] for p in gpt2_parts(model, 1)
+    ]
+
+    keras_pvera.save_peft_adapter(model, tmp_path / "back")
+    config = json.loads((tmp_path / "back" / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["transformer.h.1.attn.c_attn"]
+    back = peft_load(hf, gpt2_dir, transformers.GPT2LMHeadModel, tmp_path / "back")
+    assert np.abs(peft_gpt2_logits(hf, back) - actual).max() <= TOLERANCE
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bias", ["pvera_only", "all"])
+def test_trained_biases_are_refused_with_peft_s_reason(hf, bert_dir, tmp_path, bias):
+    """PEFT's bias='pvera_only' / 'all' train and save base-model biases,
+    so its disable_adapter() no longer gives the base model: keras_pvera,
+    which keeps the base frozen, refuses such files and says why."""
+    torch, transformers = hf
+    tokens = torch.tensor(TOKENS)
+    base = transformers.BertModel.from_pretrained(bert_dir).eval()
+    with torch.no_grad():
+        reference = base(input_ids=tokens).last_hidden_state.numpy()
+    peft = peft_model(
+        hf,
+        bert_dir,
+        transformers.BertModel,
+        r=4,
+        target_modules=["query", "value"],
+        bias=bias,
+    )
+    trained = {n for n, p in peft.named_parameters() if p.requires_grad}
+    assert any(n.endswith("base_layer.bias") for n in trained)
+    optimizer = torch.optim.Adam([p for p in peft.parameters() if p.requires_grad])
+    peft.train()
+    for _ in range(3):
+        loss = (peft(input_ids=tokens).last_hidden_state - 1).square().mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    peft.eval()
+    with torch.no_grad(), peft.disable_adapter():
+        disabled = peft(input_ids=tokens).last_hidden_state.numpy()
+    assert np.abs(disabled - reference).max() > 1e-5
+    peft.save_pretrained(tmp_path / "adapter")
+    saved = safetensors.numpy.load_file(
+        str(tmp_path / "adapter" / "adapter_model.safetensors")
+    )
+    assert any(k.endswith(".bias") for k in saved)
+
+    model = keras_hub.models.BertBackbone.from_preset(str(bert_dir))
+    before = numpy_weights(model)
+    with pytest.raises(ValueError, match="disable_adapter"):
+        keras_pvera.load_peft_adapter(model, tmp_path / "adapter")
+    assert_untouched(model, before)

@@ -455,10 +455,26 @@ def read_peft_config(path):
             f"{config_path!r} has a bad generator_seed={generator_seed!r}; "
             "expected a non-negative integer or null."
         )
-    if config["bias"] != "none":
+    if config["bias"] not in ("none", "all", "pvera_only"):
         raise ValueError(
-            f"{config_path!r} trains biases (bias={config['bias']!r}); "
-            "keras_pvera reads adapters with bias='none' only."
+            f"{config_path!r} has bias={config['bias']!r}; PEFT's PVeRA "
+            "knows 'none', 'all' and 'pvera_only'."
+        )
+    if config["bias"] != "none":
+        trained = (
+            "every bias of the model (LayerNorms' too)"
+            if config["bias"] == "all"
+            else "the adapted modules' own biases (`<module>.base_layer.bias`)"
+        )
+        raise ValueError(
+            f"{config_path!r} has bias={config['bias']!r}: PEFT trained "
+            f"{trained} beside the vectors and saved them, changing the base "
+            "model itself (PEFT's disable_adapter() then no longer gives the "
+            "base model's outputs). keras_pvera keeps the base model frozen, "
+            "so that disabling or unloading an adapter gives the base model "
+            "exactly, and reads adapters with bias='none' only. Train with "
+            "bias='none' in PEFT, or set the biases into the base model "
+            "before loading."
         )
     saved = config["modules_to_save"]
     if saved is not None and (
