@@ -179,3 +179,13 @@ def test_group_of_layers_not_adapted_is_refused():
         keras_pvera.apply(
             base, rank=RANK, target=r"split/(query|key)", fused_groups=[GROUP]
         )
+
+
+def test_a_fused_adapter_does_not_load_into_separate_layers(tmp_path):
+    fused, split = adapted_pair(2)
+    keras_pvera.save_adapter(split, tmp_path / "grouped.safetensors")
+    separate = keras_pvera.apply(
+        split_model(fused_model()), rank=RANK, seed=2, target=r"split/.*"
+    )
+    with pytest.raises(ValueError, match="fused groups"):
+        keras_pvera.load_adapter(separate, tmp_path / "grouped.safetensors")

@@ -333,6 +333,13 @@ def _check_adapted_model(model, state, name):
                 f"differs from the model's {setting}={getattr(config, setting)!r} "
                 f"(adapter {name!r})."
             )
+    if config.fused_groups != state.config.fused_groups:
+        raise ValueError(
+            f"The adapter's fused groups {state.config.fused_groups!r} differ "
+            f"from the model's {config.fused_groups!r} (adapter {name!r}): a "
+            "fused group computes one latent, separate layers one each. "
+            "Load the adapter onto the base model instead."
+        )
     wrappers = model.adapter_registry.layers_of(name)
     _check_same_paths("adapted layer", list(state.layers), list(wrappers))
     for path, layer in wrappers.items():
