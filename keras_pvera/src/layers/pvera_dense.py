@@ -447,7 +447,9 @@ class PVeRADense(keras.layers.Layer):
         vectors = self._vectors_named(adapter_name)
         if self.merged_adapter == adapter_name:
             self._check_not_merged("delete the merged adapter")
-        for variable in vectors.weights[vectors.shared_lambda_d :]:
+        # A fused group's shared lambda_d belongs to its first layer.
+        owned = vectors.weights[1:] if vectors.shared_lambda_d else vectors.weights
+        for variable in owned:
             if variable is not None:
                 keras_internals.untrack_variable(self, variable)
         del self.adapter_vectors[adapter_name]
