@@ -422,15 +422,32 @@ def test_spec_matches_converter(case, record_property):
         if type(module).__name__ not in ("Linear", "Conv1D"):
             continue
         keras_path, refusal = spec.find(module_name)
+        weight = module.weight.detach().numpy()
+        layout = "conv1d" if type(module).__name__ == "Conv1D" else "transposed"
+        torch_matrix = weight if layout == "conv1d" else weight.T
+        parts = spec.find_fused(module_name)
+        if parts is not None:
+            # A fused module (GPT-2's c_attn): its parts' kernels side by side.
+            matrices = [
+                kernel_matrix(
+                    keras.ops.convert_to_numpy(layers[part].kernel),
+                    layout,
+                    getattr(layers[part], "equation", None),
+                )
+                for part in parts
+            ]
+            np.testing.assert_array_equal(
+                np.concatenate(matrices, axis=1), torch_matrix, err_msg=module_name
+            )
+            assert spec.hf_fused_module(parts, case.prefix) == module_name
+            mapped += 1
+            continue
         if keras_path is None:
             assert refusal is not None or not module_name.startswith(case.prefix), (
                 module_name
             )
             continue
         layer = layers[keras_path]
-        weight = module.weight.detach().numpy()
-        layout = "conv1d" if type(module).__name__ == "Conv1D" else "transposed"
-        torch_matrix = weight if layout == "conv1d" else weight.T
         kernel = keras.ops.convert_to_numpy(layer.kernel)
         equation = getattr(layer, "equation", None)
         np.testing.assert_array_equal(

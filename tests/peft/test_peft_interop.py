@@ -138,8 +138,16 @@ def test_block_offsets_and_refusals():
         "encoder.layer.2.attention.attention.key"
     )
     assert VIT.keras_path("vit.layers.x.mlp.fc1") is None
-    keras_path, reason = GPT2.find("transformer.h.3.attn.c_attn")
-    assert keras_path is None and "fused query/key/value" in reason
+    # GPT-2's fused c_attn is KerasHub's query, key and value: a fused group.
+    assert GPT2.find("transformer.h.3.attn.c_attn") == (None, None)
+    assert GPT2.find_fused("transformer.h.3.attn.c_attn") == tuple(
+        f"transformer_layer_3/self_attention/{part}"
+        for part in ("query", "key", "value")
+    )
+    assert GPT2.hf_fused_module(GPT2.find_fused("h.1.attn.c_attn"), "transformer.") == (
+        "transformer.h.1.attn.c_attn"
+    )
+    assert GPT2.hf_fused_module(GPT2.find_fused("h.1.attn.c_attn")[::-1]) is None
     assert GPT2.find("h.0.attn.c_proj") == (
         "transformer_layer_0/self_attention/attention_output",
         None,
@@ -188,6 +196,7 @@ def test_query_layout_matches_torch_linear(tmp_path):
             "peft_type='LORA'",
         ),
         (lambda t, c: c.update(bias="all"), ValueError, "bias='all'"),
+        (lambda t, c: c.update(bias="lora_only"), ValueError, "knows 'none'"),
         (
             lambda t, c: (
                 c.update(modules_to_save=["classifier"]),
@@ -690,3 +699,363 @@ def test_peft_loaded_adapter_round_trips_through_keras_pvera_files(
         np.abs(keras_bert_outputs(again) - peft_bert_outputs(hf, peft)).max()
         <= TOLERANCE
     )
+
+
+# GPT-2's fused c_attn: PEFT's default target for GPT-2.
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(hf, tmp_path_factory):
+    torch, transformers = hf
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        vocab_size=100,
+        n_embd=HIDDEN,
+        n_layer=LAYERS,
+        n_head=HEADS,
+        n_positions=64,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    folder = tmp_path_factory.mktemp("hf_gpt2")
+    transformers.GPT2LMHeadModel(config).save_pretrained(folder)
+    return folder
+
+
+def peft_gpt2_logits(hf, model):
+    torch, _ = hf
+    model.eval()
+    with torch.no_grad():
+        out = model(
+            input_ids=torch.tensor(TOKENS),
+            attention_mask=torch.ones(TOKENS.shape, dtype=torch.long),
+        )
+    return out.logits.float().numpy()
+
+
+def keras_gpt2(folder):
+    backbone = keras_hub.models.GPT2Backbone.from_preset(str(folder))
+    return keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)
+
+
+def keras_gpt2_logits(model):
+    inputs = {"token_ids": TOKENS, "padding_mask": np.ones(TOKENS.shape, bool)}
+    return np.asarray(model.predict(inputs, verbose=0), "float32")
+
+
+def gpt2_parts(model, i):
+    backbone = model.base_model.backbone.name
+    return [
+        f"{backbone}/transformer_layer_{i}/self_attention/{part}"
+        for part in ("query", "key", "value")
+    ]
+
+
+@pytest.mark.slow
+def test_gpt2_default_c_attn_adapter_both_ways(hf, gpt2_dir, tmp_path, record_property):
+    """PEFT's defaults adapt GPT-2's fused c_attn: KerasHub's query, key and
+    value become one fused group, and the adapter goes back to PEFT."""
+    transformers = hf[1]
+    peft = peft_model(hf, gpt2_dir, transformers.GPT2LMHeadModel, r=8)
+    assert peft.peft_config["default"].target_modules == {"c_attn"}
+    expected = peft_gpt2_logits(hf, peft)
+    with peft.disable_adapter():
+        assert np.abs(expected - peft_gpt2_logits(hf, peft)).max() > 1e-2
+    peft.save_pretrained(tmp_path / "adapter")
+
+    model = keras_pvera.load_peft_adapter(keras_gpt2(gpt2_dir), tmp_path / "adapter")
+    assert model.pvera_config.fused_groups == tuple(
+        tuple(gpt2_parts(model, i)) for i in range(LAYERS)
+    )
+    actual = keras_gpt2_logits(model)
+    to_keras = float(np.abs(actual - expected).max())
+    record_property("peft_to_keras", to_keras)
+    assert to_keras <= TOLERANCE
+
+    keras_pvera.save_peft_adapter(model, tmp_path / "back")
+    saved = safetensors.numpy.load_file(
+        str(tmp_path / "back" / "adapter_model.safetensors")
+    )
+    written = safetensors.numpy.load_file(
+        str(tmp_path / "adapter" / "adapter_model.safetensors")
+    )
+    assert sorted(saved) == sorted(written)
+    for key, array in written.items():
+        np.testing.assert_array_equal(saved[key], array)
+    back = peft_load(hf, gpt2_dir, transformers.GPT2LMHeadModel, tmp_path / "back")
+    to_peft = float(np.abs(peft_gpt2_logits(hf, back) - actual).max())
+    record_property("keras_to_peft", to_peft)
+    assert to_peft <= TOLERANCE
+
+
+@pytest.mark.slow
+def test_gpt2_c_attn_adapter_trained_in_keras_loads_in_peft(hf, gpt2_dir, tmp_path):
+    """Trained in Keras, the group keeps one lambda_d, as PEFT's adapter."""
+    transformers = hf[1]
+    peft = peft_model(hf, gpt2_dir, transformers.GPT2LMHeadModel, r=8)
+    peft.save_pretrained(tmp_path / "adapter")
+    model = keras_pvera.load_peft_adapter(keras_gpt2(gpt2_dir), tmp_path / "adapter")
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-2),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    inputs = {"token_ids": TOKENS, "padding_mask": np.ones(TOKENS.shape, bool)}
+    model.fit(inputs, TOKENS, epochs=2, batch_size=2, verbose=0)
+    layers = [model.adapted_layers[p] for p in gpt2_parts(model, 0)]
+    assert layers[1].lambda_d is layers[0].lambda_d is layers[2].lambda_d
+    expected = keras_gpt2_logits(model)
+
+    keras_pvera.save_peft_adapter(model, tmp_path / "back")
+    back = peft_load(hf, gpt2_dir, transformers.GPT2LMHeadModel, tmp_path / "back")
+    assert np.abs(peft_gpt2_logits(hf, back) - expected).max() <= TOLERANCE
+
+
+def test_gpt2_part_saved_alone_names_the_fused_group(tmp_path):
+    backbone = keras_hub.models.GPT2Backbone(
+        vocabulary_size=50,
+        num_layers=1,
+        num_heads=2,
+        hidden_dim=8,
+        intermediate_dim=16,
+        max_sequence_length=8,
+    )
+    model = keras_pvera.apply(backbone, rank=2, target=["query", "value"])
+    with pytest.raises(ValueError, match="fused group"):
+        keras_pvera.save_peft_adapter(model, tmp_path / "adapter")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_base_keeps_a_float32_adapter(
+    hf, gpt2_dir, tmp_path, dtype, record_property
+):
+    """PEFT's autocast_adapter_dtype (its default): over a float16/bfloat16
+    base the vectors stay float32 and the adapter runs in float32."""
+    torch, transformers = hf
+    peft = peft_model(hf, gpt2_dir, transformers.GPT2LMHeadModel, r=8)
+    peft.save_pretrained(tmp_path / "adapter")
+    base = transformers.GPT2LMHeadModel.from_pretrained(
+        gpt2_dir, dtype=getattr(torch, dtype)
+    )
+    from peft import PeftModel
+
+    half = PeftModel.from_pretrained(base, str(tmp_path / "adapter"))
+    assert half.base_model.model.transformer.h[0].attn.c_attn.pvera_lambda_d[
+        "default"
+    ].dtype == (torch.float32)
+    expected = peft_gpt2_logits(hf, half)
+
+    backbone = keras_hub.models.GPT2Backbone.from_preset(str(gpt2_dir), dtype=dtype)
+    model = keras_pvera.load_peft_adapter(
+        keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None),
+        tmp_path / "adapter",
+    )
+    for layer in model.adapted_layers.values():
+        assert layer.lambda_d.dtype == layer.lambda_b.dtype == "float32"
+        assert layer.base_layer.kernel.dtype == dtype
+    inputs = {"token_ids": TOKENS, "padding_mask": np.ones(TOKENS.shape, bool)}
+    logits = model(inputs)
+    assert keras.backend.standardize_dtype(logits.dtype) == dtype
+    difference = float(
+        np.abs(
+            keras.ops.convert_to_numpy(keras.ops.cast(logits, "float32")) - expected
+        ).max()
+    )
+    record_property(f"{dtype}_difference", difference)
+    # Both round in half precision, in other orders: a few steps of it.
+    step = float(np.finfo(np.float16).eps) if dtype == "float16" else 2.0**-7
+    assert difference <= 4 * step * float(np.abs(expected).max())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("is_trainable", [None, False, True])
+def test_is_trainable_as_peft(hf, bert_dir, tmp_path, is_trainable):
+    """PEFT's from_pretrained loads for inference unless is_trainable=True."""
+    transformers = hf[1]
+    from peft import PeftModel
+
+    peft_model(
+        hf, bert_dir, transformers.BertModel, r=4, target_modules=["query", "value"]
+    ).save_pretrained(tmp_path / "adapter")
+    kwargs = {} if is_trainable is None else {"is_trainable": is_trainable}
+    loaded = PeftModel.from_pretrained(
+        transformers.BertModel.from_pretrained(bert_dir),
+        str(tmp_path / "adapter"),
+        **kwargs,
+    )
+    trained = [n for n, p in loaded.named_parameters() if p.requires_grad]
+    model = keras_pvera.load_peft_adapter(
+        keras_hub.models.BertBackbone.from_preset(str(bert_dir)),
+        tmp_path / "adapter",
+        **kwargs,
+    )
+    assert len(model.trainable_weights) == len(trained)
+    assert all("lambda" in n for n in trained)
+    assert model.trainable is bool(is_trainable)
+
+    # It stays so in a saved model.
+    model.save(tmp_path / "model.keras")
+    again = keras.saving.load_model(tmp_path / "model.keras")
+    assert len(again.trainable_weights) == len(trained)
+
+
+def test_is_trainable_must_be_a_bool(tmp_path):
+    folder = write_peft_folder(tmp_path / "adapter", bert_query_value_tensors())
+    with pytest.raises(ValueError, match="is_trainable='no'"):
+        keras_pvera.load_peft_adapter(keras_bert(), folder, is_trainable="no")
+
+
+@pytest.mark.slow
+def test_generator_seed_round_trips_and_seeds_the_noise(hf, bert_dir, tmp_path):
+    """PEFT's generator_seed seeds its sampling generators; None leaves them
+    unseeded (torch's global generator). keras_pvera seeds its noise from
+    generator_seed when set, else from the projection seed: always seeded."""
+    transformers = hf[1]
+    outputs = {}
+    for generator_seed in (None, 3, 4):
+        folder = tmp_path / f"adapter_{generator_seed}"
+        peft = peft_model(
+            hf,
+            bert_dir,
+            transformers.BertModel,
+            r=4,
+            target_modules=["query", "value"],
+            sample_at_inference=True,
+            generator_seed=generator_seed,
+        )
+        generator = peft.base_model.model.encoder.layer[0].attention.self.query
+        assert (generator.pvera_generator["default"] is None) == (
+            generator_seed is None
+        )
+        peft.save_pretrained(folder)
+        model = keras_pvera.load_peft_adapter(
+            keras_hub.models.BertBackbone.from_preset(str(bert_dir)), folder
+        )
+        assert model.pvera_config.generator_seed == generator_seed
+        keras_pvera.save_peft_adapter(model, tmp_path / f"back_{generator_seed}")
+        written = json.loads(
+            (tmp_path / f"back_{generator_seed}" / "adapter_config.json").read_text()
+        )
+        assert written["generator_seed"] == generator_seed
+        outputs[generator_seed] = [keras_bert_outputs(model) for _ in range(2)]
+    for draws in outputs.values():
+        assert np.abs(draws[0] - draws[1]).max() > 1e-4  # it samples
+    # The same adapter with another generator seed draws other noise.
+    assert np.abs(outputs[3][0] - outputs[4][0]).max() > 1e-4
+
+
+@pytest.mark.parametrize("seed", [0, 5])
+def test_generator_seed_repeats_the_noise(seed):
+    """Same generator_seed, same samples; the projections stay `seed`'s."""
+    x = np.random.default_rng(0).normal(size=(3, 8)).astype("float32")
+
+    def samples(generator_seed):
+        keras.utils.set_random_seed(1)
+        base = keras.Sequential([keras.Input((8,)), keras.layers.Dense(6, name="d")])
+        model = keras_pvera.apply(
+            base,
+            rank=2,
+            target=["d"],
+            seed=seed,
+            generator_seed=generator_seed,
+            sample_at_inference=True,
+        )
+        layer = model.adapted_layers["d"]
+        layer.lambda_b.assign(np.ones(6, "float32"))
+        layer.lambda_d.assign(np.ones(4, "float32"))
+        a = keras.ops.convert_to_numpy(model.projection_registry.projection_a)
+        return a, [keras.ops.convert_to_numpy(model(x)) for _ in range(2)]
+
+    a1, first = samples(seed + 10)
+    a2, again = samples(seed + 10)
+    a3, other = samples(seed + 11)
+    np.testing.assert_array_equal(a1, a3)
+    for one, two in zip(first, again, strict=True):
+        np.testing.assert_array_equal(one, two)
+    assert np.abs(first[0] - other[0]).max() > 1e-4
+    with pytest.raises(ValueError, match="generator_seed=-1"):
+        keras_pvera.PVeRAConfig(generator_seed=-1)
+
+
+@pytest.mark.slow
+def test_layers_to_transform_and_pattern(hf, gpt2_dir, tmp_path):
+    """PEFT's layers_to_transform / layers_pattern pick blocks by number;
+    its file names the modules in full, which is what keras_pvera reads."""
+    transformers = hf[1]
+    peft = peft_model(
+        hf,
+        gpt2_dir,
+        transformers.GPT2LMHeadModel,
+        r=8,
+        layers_to_transform=[1],
+        layers_pattern="h",
+    )
+    expected = peft_gpt2_logits(hf, peft)
+    peft.save_pretrained(tmp_path / "adapter")
+
+    model = keras_pvera.load_peft_adapter(keras_gpt2(gpt2_dir), tmp_path / "adapter")
+    assert list(model.adapted_layers) == gpt2_parts(model, 1)
+    actual = keras_gpt2_logits(model)
+    assert np.abs(actual - expected).max() <= TOLERANCE
+
+    # The same selection made in Keras: a regex over layer paths.
+    again = keras_pvera.apply(
+        keras_gpt2(gpt2_dir),
+        rank=8,
+        # docs/peft.md's regex (no "|": it sits in a table).
+        target=r".*transformer_layer_1/self_attention/[kqv][a-z]*",
+    )
+    assert [p.split("/", 1)[1] for p in again.adapted_layers] == [
+        p.split("/", 1)[1] for p in gpt2_parts(model, 1)
+    ]
+
+    keras_pvera.save_peft_adapter(model, tmp_path / "back")
+    config = json.loads((tmp_path / "back" / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["transformer.h.1.attn.c_attn"]
+    back = peft_load(hf, gpt2_dir, transformers.GPT2LMHeadModel, tmp_path / "back")
+    assert np.abs(peft_gpt2_logits(hf, back) - actual).max() <= TOLERANCE
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bias", ["pvera_only", "all"])
+def test_trained_biases_are_refused_with_peft_s_reason(hf, bert_dir, tmp_path, bias):
+    """PEFT's bias='pvera_only' / 'all' train and save base-model biases,
+    so its disable_adapter() no longer gives the base model: keras_pvera,
+    which keeps the base frozen, refuses such files and says why."""
+    torch, transformers = hf
+    tokens = torch.tensor(TOKENS)
+    base = transformers.BertModel.from_pretrained(bert_dir).eval()
+    with torch.no_grad():
+        reference = base(input_ids=tokens).last_hidden_state.numpy()
+    peft = peft_model(
+        hf,
+        bert_dir,
+        transformers.BertModel,
+        r=4,
+        target_modules=["query", "value"],
+        bias=bias,
+    )
+    trained = {n for n, p in peft.named_parameters() if p.requires_grad}
+    assert any(n.endswith("base_layer.bias") for n in trained)
+    optimizer = torch.optim.Adam([p for p in peft.parameters() if p.requires_grad])
+    peft.train()
+    for _ in range(3):
+        loss = (peft(input_ids=tokens).last_hidden_state - 1).square().mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    peft.eval()
+    with torch.no_grad(), peft.disable_adapter():
+        disabled = peft(input_ids=tokens).last_hidden_state.numpy()
+    assert np.abs(disabled - reference).max() > 1e-5
+    peft.save_pretrained(tmp_path / "adapter")
+    saved = safetensors.numpy.load_file(
+        str(tmp_path / "adapter" / "adapter_model.safetensors")
+    )
+    assert any(k.endswith(".bias") for k in saved)
+
+    model = keras_hub.models.BertBackbone.from_preset(str(bert_dir))
+    before = numpy_weights(model)
+    with pytest.raises(ValueError, match="disable_adapter"):
+        keras_pvera.load_peft_adapter(model, tmp_path / "adapter")
+    assert_untouched(model, before)

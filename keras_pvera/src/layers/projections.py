@@ -160,30 +160,35 @@ class ProjectionRegistry(keras.layers.Layer):
             entries.append((x, key, product))
         return product
 
-    def projections(self, in_dim, out_dim):
-        """Returns the slices `A[:, :in_dim]` and `B[:out_dim, :]`.
+    def projections(self, in_dim, out_dim, out_offset=0):
+        """Returns the slices `A[:, :in_dim]` and `B[out_offset:][:out_dim, :]`.
 
         Args:
             in_dim: Input size of the adapted layer (at most `in_max`).
-            out_dim: Output size of the adapted layer (at most `out_max`).
+            out_dim: Output size of the adapted layer.
+            out_offset: First row of `B` the layer reads: 0, or the layer's
+                row offset in a fused map (`PVeRAConfig.fused_groups`).
+                `out_offset + out_dim` is at most `out_max`.
 
         Returns:
             A tuple of tensors of shapes `(2 * rank, in_dim)` and
             `(out_dim, rank)`.
         """
-        if in_dim > self.in_max or out_dim > self.out_max:
+        end = out_offset + out_dim
+        if in_dim > self.in_max or end > self.out_max:
             raise ValueError(
-                f"A layer of size {in_dim} -> {out_dim} does not fit this "
-                f"registry's projections ({self.in_max} -> {self.out_max}); "
-                "build the registry with in_max >= in_dim and "
-                "out_max >= out_dim."
+                f"A layer of size {in_dim} -> {out_dim} reading rows "
+                f"[{out_offset}, {end}) of B does not fit this registry's "
+                f"projections ({self.in_max} -> {self.out_max}); build the "
+                "registry with in_max >= in_dim and out_max >= "
+                "out_offset + out_dim."
             )
         a = self.projection_a
         b = self.projection_b
         if in_dim < self.in_max:
             a = a[:, :in_dim]
-        if out_dim < self.out_max:
-            b = b[:out_dim, :]
+        if out_offset or end < self.out_max:
+            b = b[out_offset:end, :]
         return a, b
 
     def save_own_variables(self, store):

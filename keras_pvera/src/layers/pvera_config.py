@@ -33,6 +33,12 @@ class PVeRAConfig:
             such layers, else `"all"`.
         seed: Seed of the shared projections and of the sampling noise (PEFT's
             `projection_prng_key`), a non-negative integer.
+        generator_seed: Seed of the sampling noise instead of `seed` (PEFT's
+            `generator_seed`), a non-negative integer; `None` (the default):
+            the noise is seeded from `seed`. The noise is always seeded, so
+            runs repeat; PEFT's `None` draws from torch's global generator
+            instead, which no seed of a PEFT file records. Each adapted
+            layer draws its own stream, derived from this seed.
         alpha: Output scale of the adapters (PEFT has none: 1).
         d_initial: Initial value of `lambda_d` (PEFT's `d_initial`).
         dropout: Dropout rate on the adapters' input, in `[0, 1)` (PEFT's
@@ -49,6 +55,15 @@ class PVeRAConfig:
             of a KerasHub task (its own layers with weights outside its
             backbone and preprocessor, such as `TextClassifier`'s
             `logits`), nothing for other models; `[]`: nothing.
+        fused_groups: Groups of adapted layers that are one fused linear map
+            in the original model, such as GPT-2's `c_attn`, which KerasHub
+            splits into `query`, `key` and `value`: a list of lists of layer
+            paths, each in the fused map's output order. The layers of a
+            group share one latent (one `lambda_d` variable and one noise
+            draw, as the fused map has) and read consecutive row ranges of
+            `B` and of the fused `lambda_b`, so the group computes exactly
+            PEFT's adapter of the fused module. Every path must be adapted.
+            `None` (the default): no groups. `load_peft_adapter` sets it.
 
     Raises:
         ValueError: For a bad value, naming it.
@@ -65,6 +80,7 @@ class PVeRAConfig:
     rank: int = 256
     target: object = None
     seed: int = 0
+    generator_seed: object = None
     alpha: float = 1.0
     d_initial: float = 0.1
     dropout: float = 0.0
@@ -72,6 +88,7 @@ class PVeRAConfig:
     save_projection: bool = True
     sample_at_inference: bool = False
     trainable_layers: object = None
+    fused_groups: object = None
 
     def __post_init__(self):
         if not checks.is_integer(self.rank) or self.rank < 1:
@@ -82,6 +99,13 @@ class PVeRAConfig:
         if not checks.is_integer(self.seed) or self.seed < 0:
             raise ValueError(
                 f"`seed` must be a non-negative integer. Received: seed={self.seed!r}"
+            )
+        if self.generator_seed is not None and (
+            not checks.is_integer(self.generator_seed) or self.generator_seed < 0
+        ):
+            raise ValueError(
+                "`generator_seed` must be a non-negative integer or None. "
+                f"Received: generator_seed={self.generator_seed!r}"
             )
         for name in ("alpha", "d_initial"):
             value = getattr(self, name)
@@ -107,10 +131,13 @@ class PVeRAConfig:
                 )
         for name in ("target", "trainable_layers"):
             _check_selector(name, getattr(self, name))
+        _check_fused_groups(self.fused_groups)
         # Plain Python numbers, so that configs compare and serialize alike.
         set_value = object.__setattr__
         set_value(self, "rank", int(self.rank))
         set_value(self, "seed", int(self.seed))
+        if self.generator_seed is not None:
+            set_value(self, "generator_seed", int(self.generator_seed))
         for name in ("alpha", "d_initial", "dropout", "kl_weight"):
             set_value(self, name, float(getattr(self, name)))
         for name in ("save_projection", "sample_at_inference"):
@@ -119,6 +146,9 @@ class PVeRAConfig:
             value = getattr(self, name)
             if isinstance(value, (list, tuple, set)):
                 set_value(self, name, tuple(value))
+        if self.fused_groups is not None:
+            groups = tuple(tuple(group) for group in self.fused_groups)
+            set_value(self, "fused_groups", groups or None)
 
     def replace(self, **changes):
         """A copy with some settings changed (and checked).
@@ -152,6 +182,8 @@ class PVeRAConfig:
                 config[name] = None
             elif isinstance(value, tuple):
                 config[name] = list(value)
+        if self.fused_groups is not None:
+            config["fused_groups"] = [list(group) for group in self.fused_groups]
         return config
 
     @classmethod
@@ -225,6 +257,71 @@ def split_settings(kwargs):
     settings = {k: v for k, v in kwargs.items() if k in SETTING_NAMES}
     rest = {k: v for k, v in kwargs.items() if k not in SETTING_NAMES}
     return settings, rest
+
+
+def fused_offsets(fused_groups, out_dims):
+    """Each grouped layer's first row in its fused map, and the map's size.
+
+    Args:
+        fused_groups: A config's `fused_groups` (or `None`).
+        out_dims: A dict from layer path to its output size.
+
+    Returns:
+        A dict from each grouped path to `(offset, group)`: the layer reads
+        rows `[offset, offset + out)` of `B` and of the group's `lambda_b`;
+        `group` is the tuple of the group's paths.
+
+    Example:
+
+    >>> fused_offsets([["q", "k"]], {"q": 4, "k": 4, "o": 4})
+    {'q': (0, ('q', 'k')), 'k': (4, ('q', 'k'))}
+    """
+    offsets = {}
+    for group in fused_groups or ():
+        offset = 0
+        for path in group:
+            offsets[path] = (offset, tuple(group))
+            offset += out_dims[path]
+    return offsets
+
+
+def projection_out_max(fused_groups, out_dims):
+    """The rows of `B` that the layers need: fused groups read theirs in a row.
+
+    Args:
+        fused_groups: A config's `fused_groups` (or `None`).
+        out_dims: A dict from layer path to its output size.
+
+    Returns:
+        An integer: the largest `offset + out` over the layers.
+    """
+    offsets = fused_offsets(fused_groups, out_dims)
+    return max(offsets.get(path, (0, None))[0] + out for path, out in out_dims.items())
+
+
+def _check_fused_groups(groups):
+    if groups is None:
+        return
+    message = (
+        "`fused_groups` must be None or a list of lists of at least two layer "
+        "paths, each path in one group at most, for example "
+        "[['block_0/attention/query', 'block_0/attention/key', "
+        f"'block_0/attention/value']]. Received: fused_groups={groups!r}"
+    )
+    if isinstance(groups, (str, bytes)) or not isinstance(groups, (list, tuple)):
+        raise ValueError(message)
+    seen = set()
+    for group in groups:
+        if (
+            isinstance(group, (str, bytes))
+            or not isinstance(group, (list, tuple))
+            or len(group) < 2
+            or not all(isinstance(path, str) for path in group)
+            or seen & set(group)
+            or len(set(group)) != len(group)
+        ):
+            raise ValueError(message)
+        seen.update(group)
 
 
 def _check_selector(name, value):

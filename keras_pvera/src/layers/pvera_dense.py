@@ -189,16 +189,23 @@ class LinearEquation:
 
 
 def _float_policy(dtype):
-    """The float policy of `dtype`: `"int8_from_float32"` gives `"float32"`.
+    """The wrapper's policy for a base layer's: float32 vectors, base compute.
 
-    The wrapper computes in the base layer's float policy; a quantized policy
-    would make Keras dispatch the wrapper's own call to quantized kernels it
-    does not have (the wrapped layer runs its quantized call itself).
+    `"int8_from_float32"` gives `"float32"`: a quantized policy would make
+    Keras dispatch the wrapper's own call to quantized kernels it does not
+    have (the wrapped layer runs its quantized call itself). A float16 or
+    bfloat16 base gives `"mixed_float16"` / `"mixed_bfloat16"`: the vectors
+    are float32, as PEFT's `autocast_adapter_dtype=True` (its default) keeps
+    them over a half-precision base, so training updates smaller than half
+    precision's step are not lost, and the wrapper still computes, and
+    returns, the base's dtype.
     """
     policy = keras.dtype_policies.get(dtype)
-    if getattr(policy, "quantization_mode", None) is None:
-        return policy
-    return keras_internals.float_source_policy(policy)
+    if getattr(policy, "quantization_mode", None) is not None:
+        policy = keras_internals.float_source_policy(policy)
+    if policy.variable_dtype in ("float16", "bfloat16"):
+        return keras.dtype_policies.get(f"mixed_{policy.variable_dtype}")
+    return policy
 
 
 def linear_equation_of(layer):
@@ -221,12 +228,19 @@ class AdapterVectors:
         lambda_d: The `(2 * rank,)` variable, or `None` before the layer is
             built.
         lambda_b: The `(out,)` variable, or `None` before the layer is built.
+
+    A layer of a fused group (`PVeRAConfig.fused_groups`) reads rows
+    `[out_offset, out_offset + out)` of `B`; all but the group's first layer
+    hold the first layer's `lambda_d` (`shared_lambda_d` is then true) and do
+    not track it, so it is saved and trained once.
     """
 
     def __init__(self, config, lambda_d=None, lambda_b=None):
         self.config = config
         self.lambda_d = lambda_d
         self.lambda_b = lambda_b
+        self.out_offset = 0
+        self.shared_lambda_d = False
 
     @property
     def weights(self):
@@ -267,9 +281,9 @@ class PVeRADense(keras.layers.Layer):
         adapter_name: The first adapter's name.
         noise_seed: The seed of this layer's sampling noise and input
             dropout (one stream per layer, whichever adapter is active);
-            `None` takes `config.seed`. `keras_pvera.apply` gives each
-            layer its own, derived from the adapter's seed and the layer's
-            index.
+            `None` takes `config.generator_seed`, or `config.seed` when
+            that is `None`. `keras_pvera.apply` gives each layer its own,
+            derived from that seed and the layer's index.
         **kwargs: PVeRA settings by name (`rank`, `alpha`, `d_initial`,
             `dropout`, `kl_weight`, `sample_at_inference`, `seed`,
             `save_projection`; they override `config`'s), and base layer
@@ -318,6 +332,13 @@ class PVeRADense(keras.layers.Layer):
         kwargs.setdefault("name", base_layer.name)
         kwargs["dtype"] = _float_policy(kwargs.get("dtype", base_layer.dtype_policy))
         super().__init__(**kwargs)
+        # Over a float16/bfloat16 base the adapter runs in float32 (PEFT's
+        # autocast_adapter_dtype): its variables are not cast to the base's
+        # dtype, and its output is rounded once, after the sum.
+        self.adapter_dtype = self.compute_dtype
+        if self.dtype_policy.name in ("mixed_float16", "mixed_bfloat16"):
+            self.autocast = False
+            self.adapter_dtype = "float32"
         # Variables are named beside the base layer's own, e.g.
         # "encoder/query/pvera_lambda_d" next to "encoder/query/kernel".
         keras_internals.set_parent_path(self, keras_internals.parent_path(base_layer))
@@ -333,6 +354,8 @@ class PVeRADense(keras.layers.Layer):
         self.activation = activation
         if noise_seed is None:
             noise_seed = config.seed
+            if config.generator_seed is not None:
+                noise_seed = config.generator_seed
         if not checks.is_integer(noise_seed) or noise_seed < 0:
             raise ValueError(
                 "`noise_seed` must be a non-negative integer or None. "
@@ -431,7 +454,9 @@ class PVeRADense(keras.layers.Layer):
                 f"into the kernel of layer {self.name!r}. Call "
                 "`model.unmerge_adapter()` first."
             )
-        for variable in vectors.weights:
+        # A fused group's shared lambda_d belongs to its first layer.
+        owned = vectors.weights[1:] if vectors.shared_lambda_d else vectors.weights
+        for variable in owned:
             if variable is not None:
                 keras_internals.untrack_variable(self, variable)
         del self.adapter_vectors[adapter_name]
@@ -456,6 +481,49 @@ class PVeRADense(keras.layers.Layer):
         if held:
             self.dropout_layer.rate = self.adapter_vectors[held[0]].config.dropout
         self._apply_trainability()
+
+    def join_fused_group(self, adapter_name, out_offset, first=None):
+        """Makes adapter `adapter_name` one part of a fused linear map.
+
+        The layer then reads rows `[out_offset, out_offset + out)` of `B`,
+        and, unless it is the group's first layer, uses `first`'s `lambda_d`
+        variable (its own is dropped). With the group's layers reading the
+        same input and drawing the same noise (same `noise_seed`), the
+        group computes one latent sample, as the fused map's adapter does.
+        Called by the adapter registry for `PVeRAConfig.fused_groups`.
+
+        Args:
+            adapter_name: One of `adapter_names`.
+            out_offset: This layer's first row in the fused map.
+            first: The group's first `PVeRADense` (`None` for that layer).
+
+        Raises:
+            ValueError: If `first` draws other noise (another
+                `noise_seed`), or its `lambda_d` has another shape.
+        """
+        vectors = self._vectors_named(adapter_name)
+        vectors.out_offset = int(out_offset)
+        if first is None:
+            return
+        if first.noise_seed != self.noise_seed:
+            raise ValueError(
+                f"Layers {first.name!r} and {self.name!r} of a fused group "
+                "must draw the same noise, but were wrapped with noise seeds "
+                f"{first.noise_seed} and {self.noise_seed} (by an earlier "
+                "adapter that did not group them). Adapt the base model again "
+                "with the group in the first adapter."
+            )
+        shared = first.adapter_vectors[adapter_name].lambda_d
+        if tuple(shared.shape) != tuple(vectors.lambda_d.shape):
+            raise ValueError(
+                f"Layer {first.name!r}'s lambda_d has shape "
+                f"{tuple(shared.shape)}; layer {self.name!r} needs "
+                f"{tuple(vectors.lambda_d.shape)}."
+            )
+        if not vectors.shared_lambda_d:
+            keras_internals.untrack_variable(self, vectors.lambda_d)
+        vectors.lambda_d = shared
+        vectors.shared_lambda_d = True
 
     @property
     def active_adapters(self):
@@ -640,8 +708,12 @@ class PVeRADense(keras.layers.Layer):
         """Size of the adapted layer's output (product of kernel out dims)."""
         return self.linear.out_dim
 
-    def _projections(self):
-        return self.projection_registry.projections(self.in_dim, self.out_dim)
+    def _projections(self, vectors):
+        """`(A, B)` for an adapter: `B`'s rows from its `out_offset` (a part
+        of a fused map reads its own rows)."""
+        return self.projection_registry.projections(
+            self.in_dim, self.out_dim, vectors.out_offset
+        )
 
     def _vectors(self, adapter):
         if adapter is None:
@@ -664,7 +736,7 @@ class PVeRADense(keras.layers.Layer):
             A tensor of the base layer's kernel shape.
         """
         vectors = self._vectors(adapter)
-        a, b = self._projections()
+        a, b = self._projections(vectors)
         r = vectors.config.rank
         a_mean = ops.multiply(a[:r], ops.expand_dims(vectors.lambda_d[:r], 1))
         delta = ops.matmul(ops.transpose(a_mean), self._scaled_b(b, vectors))
@@ -689,6 +761,7 @@ class PVeRADense(keras.layers.Layer):
         """
         vectors = self._vectors(adapter)
         x = self._dropout(inputs, vectors.config.dropout, training)
+        x = ops.cast(x, self.adapter_dtype)
         h = self.projection_registry.project(x, self.linear)
         h = ops.cast(ops.multiply(h, vectors.lambda_d), "float32")
         rank = vectors.config.rank
@@ -761,17 +834,21 @@ class PVeRADense(keras.layers.Layer):
         vectors = self.adapter_vectors[name]
         config = vectors.config
         mu, logvar = self.latent(inputs, training=training, adapter=name)
-        if training and config.kl_weight > 0:
+        # A fused group has one latent: its first layer adds its KL term.
+        if training and config.kl_weight > 0 and not vectors.shared_lambda_d:
             self.add_loss(config.kl_weight * kl_divergence(mu, logvar))
         sampling = bool(training) or config.sample_at_inference
         z = ops.add(mu, self._noise(logvar)) if sampling else mu
-        z = ops.cast(z, self.compute_dtype)
-        _, b = self._projections()
+        z = ops.cast(z, self.adapter_dtype)
+        _, b = self._projections(vectors)
         scale = self.linear.output_scale(ops.multiply(config.alpha, vectors.lambda_b))
         if scale is None:
-            return ops.add(y, self.linear.expand(z, self._scaled_b(b, vectors)))
-        adapter = self.linear.expand(z, ops.transpose(b))
-        return ops.add(y, ops.multiply(adapter, scale))
+            adapter = self.linear.expand(z, self._scaled_b(b, vectors))
+        else:
+            adapter = ops.multiply(self.linear.expand(z, ops.transpose(b)), scale)
+        if self.adapter_dtype == self.compute_dtype:
+            return ops.add(y, adapter)
+        return ops.cast(ops.add(ops.cast(y, self.adapter_dtype), adapter), y.dtype)
 
     def _folded_path(self, inputs, names=None):
         """Mean-mode inference: the adapters (`None`: the active ones)

@@ -321,7 +321,12 @@ class PVeRAModel(AdapterLifecycle, model_summary.ModelSummary, keras.Model):
             base, list(dict.fromkeys(saved)), config.pop("layer_addresses", None)
         )
         adapters = [
-            [n, s, [where[p] for p in paths], [where[p] for p in in_full]]
+            [
+                n,
+                _fused_at(s, where),
+                [where[p] for p in paths],
+                [where[p] for p in in_full],
+            ]
             for n, s, paths, in_full in adapters
         ]
         (name, settings, paths, in_full), *others = adapters
@@ -364,3 +369,11 @@ def _kl_terms(model):
     for layer in model.adapted_layers.values():
         ids.update(keras_internals.own_loss_ids(layer))
     return [t for t in model.losses if id(t) in ids]
+
+
+def _fused_at(settings, where):
+    """Settings with their `fused_groups` under the rebuilt model's paths."""
+    groups = settings.get("fused_groups")
+    if not groups:
+        return settings
+    return {**settings, "fused_groups": [[where[p] for p in g] for g in groups]}

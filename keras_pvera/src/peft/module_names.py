@@ -25,9 +25,12 @@ converters port kernels in one of these ways, all of which keep that:
 - `"conv1d"`: GPT-2's `Conv1D` stores its weight `(in, out)` already and the
   kernel is that weight, reshaped.
 
-A torch module that KerasHub splits or fuses differently (GPT-2's fused
-`c_attn`), computes without a Dense layer (tied `lm_head`), or keeps as one
-batched tensor (MoE experts) is a `Refusal`.
+A torch module that KerasHub splits into several layers whose outputs
+concatenate to the module's (GPT-2's fused `c_attn`: `query`, `key`,
+`value`) is a `FusedMap`: its adapter becomes a fused group of the parts
+(`PVeRAConfig.fused_groups`). A torch module that KerasHub computes without
+a Dense layer (tied `lm_head`), or keeps as one batched tensor (MoE experts)
+is a `Refusal`.
 
 Module names depend on the transformers version: transformers 5 names ViT's,
 DeiT's and DINOv2's attention projections `attention.q_proj/k_proj/v_proj/
@@ -84,6 +87,28 @@ def _fill(template, numbers):
     return _PLACEHOLDER.sub(field, template)
 
 
+def match_template(template, name):
+    """The block numbers a `{i}` template gives a name, or `None`.
+
+    Example:
+
+    >>> match_template("h.{i}.attn.c_attn", "h.3.attn.c_attn")
+    {'i': 3}
+    """
+    return _match(template, name)
+
+
+def fill_template(template, numbers):
+    """A `{i}` template with its block numbers filled in.
+
+    Example:
+
+    >>> fill_template("transformer_layer_{i}/self_attention", {"i": 3})
+    'transformer_layer_3/self_attention'
+    """
+    return _fill(template, numbers)
+
+
 @dataclasses.dataclass(frozen=True)
 class LinearMap:
     """A torch linear module and the KerasHub layer holding the same map.
@@ -109,6 +134,42 @@ class LinearMap:
 
     def hf_names(self):
         return (self.hf,) if self.legacy is None else (self.hf, self.legacy)
+
+
+@dataclasses.dataclass(frozen=True)
+class FusedMap:
+    """A torch linear module that KerasHub splits into several layers.
+
+    The module's output rows are the parts' outputs one after another, in
+    `keras` order (GPT-2's `c_attn`: query, key, value), each part laid out
+    as `layout` says.
+
+    Args:
+        hf: The module name template, relative to the base model.
+        keras: The KerasHub layer path templates of the parts, in the
+            module's output order.
+        layout: How the converter lays each part's weight, one of `LAYOUTS`.
+    """
+
+    hf: str
+    keras: tuple
+    layout: str = "transposed"
+
+    def keras_paths(self, hf_module):
+        """The parts' paths for a module name, or `None` if it does not match."""
+        numbers = _match(self.hf, hf_module)
+        if numbers is None:
+            return None
+        return tuple(_fill(part, numbers) for part in self.keras)
+
+    def hf_name(self, keras_paths):
+        """The module name of the parts' paths, or `None`."""
+        numbers = _match(self.keras[0], keras_paths[0])
+        if numbers is None or tuple(keras_paths) != tuple(
+            _fill(part, numbers) for part in self.keras
+        ):
+            return None
+        return _fill(self.hf, numbers)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,6 +235,7 @@ class ArchitectureSpec:
         linear: The `LinearMap`s.
         refused: The `Refusal`s.
         heads: The `TaskHead`s.
+        fused: The `FusedMap`s.
     """
 
     backbone: str
@@ -182,6 +244,43 @@ class ArchitectureSpec:
     linear: tuple
     refused: tuple = ()
     heads: tuple = ()
+    fused: tuple = ()
+
+    def find_fused(self, hf_module):
+        """The KerasHub paths of a fused module's parts, or `None`.
+
+        Example:
+
+        >>> GPT2.find_fused("transformer.h.1.attn.c_attn")[0]
+        'transformer_layer_1/self_attention/query'
+        """
+        for prefix in self.model_prefixes:
+            if not hf_module.startswith(prefix):
+                continue
+            for entry in self.fused:
+                paths = entry.keras_paths(hf_module[len(prefix) :])
+                if paths is not None:
+                    return paths
+        return None
+
+    def hf_fused_module(self, keras_paths, model_prefix=""):
+        """The fused module name of its parts' KerasHub paths, or `None`.
+
+        Example:
+
+        >>> GPT2.hf_fused_module([f"transformer_layer_0/self_attention/{n}"
+        ...                       for n in ("query", "key", "value")])
+        'h.0.attn.c_attn'
+        """
+        for entry in self.fused:
+            name = entry.hf_name(keras_paths)
+            if name is not None:
+                return model_prefix + name
+        return None
+
+    def layouts(self):
+        """The layouts of this architecture's mapped modules."""
+        return {entry.layout for entry in self.linear + self.fused}
 
     def find(self, hf_module):
         """The `LinearMap` and KerasHub path of a module name, or a refusal.
@@ -443,16 +542,21 @@ GPT2 = ArchitectureSpec(
         ),
         layout="conv1d",
     ),
-    refused=(
-        Refusal(
+    refused=(_LM_HEAD,),
+    # The causal LM's head is the tied embedding: no layer of its own, but
+    # its modules carry GPT2LMHeadModel's prefix.
+    heads=(TaskHead("GPT2CausalLM", "GPT2LMHeadModel", "transformer.", (), ()),),
+    # KerasHub's converter splits c_attn's (hidden, 3 * hidden) weight by
+    # columns into query, key and value, in that order.
+    fused=(
+        FusedMap(
             "h.{i}.attn.c_attn",
-            "splits this fused query/key/value Conv1D into three "
-            "EinsumDense layers (query, key, value); PEFT's one adapter "
-            "over the fused map shares one latent and uses rows "
-            "[0, 3 * hidden) of B, which three adapters over the parts "
-            "(each using rows [0, hidden)) cannot reproduce",
+            tuple(
+                f"transformer_layer_{{i}}/self_attention/{part}"
+                for part in ("query", "key", "value")
+            ),
+            layout="conv1d",
         ),
-        _LM_HEAD,
     ),
 )
 

@@ -34,7 +34,9 @@ from keras_pvera.src.layers.pvera_dense import linear_equation_of
 from keras_pvera.src.models.pvera_model import PVeRAModel
 from keras_pvera.src.peft.module_names import NAMINGS
 from keras_pvera.src.peft.module_names import default_naming
+from keras_pvera.src.peft.module_names import fill_template
 from keras_pvera.src.peft.module_names import find_spec
+from keras_pvera.src.peft.module_names import match_template
 from keras_pvera.src.saving import safetensors_io
 from keras_pvera.src.saving.adapter_state import AdapterState
 from keras_pvera.src.saving.adapter_state import adapter_state_of
@@ -52,7 +54,7 @@ _SAVED_KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.(?P<kind>weight|bia
 _PROJECTION_KEYS = ("base_model.pvera_A", "base_model.pvera_B")
 
 
-def load_peft_adapter(model, path, adapter=None):
+def load_peft_adapter(model, path, adapter=None, is_trainable=False):
     """Loads a PEFT PVeRA adapter folder onto a KerasHub model.
 
     Applies PVeRA to the KerasHub layers that match the adapter's modules
@@ -77,6 +79,13 @@ def load_peft_adapter(model, path, adapter=None):
             holds an adapter, it is read from there. On a `PVeRAModel`, the
             adapter is added under this name (PEFT's
             `load_adapter(path, adapter_name)`); `None` means `"default"`.
+        is_trainable: PEFT's `is_trainable`, with PEFT's default `False`:
+            an adapter loaded for inference only, whose vectors (and layers
+            trained in full) do not train: the returned model has
+            `trainable=False` (set `model.trainable = True`, or load with
+            `is_trainable=True`, to train it). Applies when the loaded
+            adapter is the active one; another adapter does not train
+            until made active anyway.
 
     Returns:
         The adapted `PVeRAModel`.
@@ -110,7 +119,20 @@ def load_peft_adapter(model, path, adapter=None):
     >>> model = keras_pvera.load_peft_adapter(bert(), folder)
     >>> model.pvera_config.rank, len(model.adapted_layers)  # query and value
     (4, 2)
+
+    As PEFT's `from_pretrained`, it loads for inference unless told otherwise:
+
+    >>> model.trainable, len(model.trainable_weights)
+    (False, 0)
+    >>> model = keras_pvera.load_peft_adapter(bert(), folder, is_trainable=True)
+    >>> len(model.trainable_weights)  # lambda_d and lambda_b of both layers
+    4
     """
+    if not isinstance(is_trainable, bool):
+        raise ValueError(
+            f"`is_trainable` must be True or False. Received: "
+            f"is_trainable={is_trainable!r}"
+        )
     adapter = "default" if adapter is None else adapter
     if os.path.isfile(os.path.join(path, adapter, CONFIG_FILE)):
         path = os.path.join(path, adapter)
@@ -131,8 +153,18 @@ def load_peft_adapter(model, path, adapter=None):
         for path, layer in adaptable_layers(base)
     }
     trainable = _head_weights(base, spec, saved, config, layers)
-    state_layers, lambda_d, lambda_b = {}, {}, {}
+    state_layers, lambda_d, lambda_b, groups = {}, {}, {}, []
     for module, vectors in modules.items():
+        parts = spec.find_fused(module)
+        if parts is not None:
+            # One PEFT adapter over a module KerasHub splits: a fused group.
+            group = _fused_group(module, vectors, rank, parts, keras_prefix, layers)
+            for keras_path, (sizes, vector_b) in group.items():
+                state_layers[keras_path] = sizes
+                lambda_d[keras_path] = vectors["d"]
+                lambda_b[keras_path] = vector_b
+            groups.append(list(group))
+            continue
         keras_path, refusal = spec.find(module)
         if refusal is not None:
             raise ValueError(
@@ -170,6 +202,7 @@ def load_peft_adapter(model, path, adapter=None):
     # Model order, whatever the file's order.
     order = {p: i for i, p in enumerate(layers)}
     paths = sorted(state_layers, key=order.__getitem__)
+    groups.sort(key=lambda group: order[group[0]])
     state = AdapterState(
         config=PVeRAConfig(
             rank=rank,
@@ -177,6 +210,8 @@ def load_peft_adapter(model, path, adapter=None):
             d_initial=config["d_initial"],
             dropout=config["pvera_dropout"],
             sample_at_inference=config["sample_at_inference"],
+            generator_seed=config["generator_seed"],
+            fused_groups=groups or None,
         ),
         layers={p: state_layers[p] for p in paths},
         lambda_d={p: lambda_d[p] for p in paths},
@@ -184,7 +219,10 @@ def load_peft_adapter(model, path, adapter=None):
         trainable=trainable,
     )
     state.projections = _projections(config, tensors, state, path)
-    return restore_adapter(model, state, adapter)
+    adapted = restore_adapter(model, state, adapter)
+    if adapted.active_adapter == adapter:
+        adapted.trainable = is_trainable
+    return adapted
 
 
 def save_peft_adapter(
@@ -273,7 +311,20 @@ def save_peft_adapter(
         module_prefix = head.model_prefix if head is not None else ""
     tensors, modules = _head_tensors(state, head), []
     alpha = state.config.alpha
+    grouped = {p: group for group in state.config.fused_groups or () for p in group}
     for keras_path in state.layers:
+        group = grouped.get(keras_path)
+        if group is not None:
+            if keras_path != group[0]:
+                continue  # Written with the group's first layer.
+            module = _fused_module(group, keras_prefix, spec, module_prefix)
+            modules.append(module)
+            key = f"base_model.model.{module}.pvera_lambda_"
+            tensors[key + "d"] = np.asarray(state.lambda_d[keras_path], "float32")
+            tensors[key + "b"] = np.concatenate(
+                [np.asarray(alpha * state.lambda_b[p], "float32") for p in group]
+            )
+            continue
         module = None
         if keras_path.startswith(keras_prefix):
             module = spec.hf_module(
@@ -283,6 +334,7 @@ def save_peft_adapter(
             raise ValueError(
                 f"Adapted layer {keras_path!r} has no Hugging Face equivalent "
                 f"in the {spec.backbone} table."
+                + _fused_hint(spec, keras_path[len(keras_prefix) :], keras_prefix)
             )
         modules.append(module)
         key = f"base_model.model.{module}.pvera_lambda_"
@@ -311,13 +363,14 @@ def save_peft_adapter(
         "pvera_dropout": state.config.dropout,
         "d_initial": state.config.d_initial,
         "sample_at_inference": state.config.sample_at_inference,
-        "fan_in_fan_out": False,
+        # PEFT sets it itself for Conv1D modules, warning; GPT-2's are.
+        "fan_in_fan_out": spec.layouts() == {"conv1d"},
         "bias": "none",
         "modules_to_save": (list(head.modules_to_save) if state.trainable else None),
         "init_weights": True,
         "layers_to_transform": None,
         "layers_pattern": None,
-        "generator_seed": None,
+        "generator_seed": state.config.generator_seed,
         "base_model_name_or_path": None,
         "revision": None,
         "task_type": None,
@@ -380,6 +433,7 @@ def read_peft_config(path):
         "sample_at_inference": False,
         "bias": "none",
         "modules_to_save": None,
+        "generator_seed": None,
     }
     config = {**defaults, **config}
     rank = config["r"]
@@ -391,10 +445,36 @@ def read_peft_config(path):
             f"{config_path!r} has a bad projection_prng_key={key!r}; "
             "expected a non-negative integer."
         )
-    if config["bias"] != "none":
+    generator_seed = config["generator_seed"]
+    if generator_seed is not None and (
+        isinstance(generator_seed, bool)
+        or not isinstance(generator_seed, int)
+        or generator_seed < 0
+    ):
         raise ValueError(
-            f"{config_path!r} trains biases (bias={config['bias']!r}); "
-            "keras_pvera reads adapters with bias='none' only."
+            f"{config_path!r} has a bad generator_seed={generator_seed!r}; "
+            "expected a non-negative integer or null."
+        )
+    if config["bias"] not in ("none", "all", "pvera_only"):
+        raise ValueError(
+            f"{config_path!r} has bias={config['bias']!r}; PEFT's PVeRA "
+            "knows 'none', 'all' and 'pvera_only'."
+        )
+    if config["bias"] != "none":
+        trained = (
+            "every bias of the model (LayerNorms' too)"
+            if config["bias"] == "all"
+            else "the adapted modules' own biases (`<module>.base_layer.bias`)"
+        )
+        raise ValueError(
+            f"{config_path!r} has bias={config['bias']!r}: PEFT trained "
+            f"{trained} beside the vectors and saved them, changing the base "
+            "model itself (PEFT's disable_adapter() then no longer gives the "
+            "base model's outputs). keras_pvera keeps the base model frozen, "
+            "so that disabling or unloading an adapter gives the base model "
+            "exactly, and reads adapters with bias='none' only. Train with "
+            "bias='none' in PEFT, or set the biases into the base model "
+            "before loading."
         )
     saved = config["modules_to_save"]
     if saved is not None and (
@@ -476,6 +556,73 @@ def _lambda_vectors(tensors, path, modules_to_save):
                     f"'base_model.model.{module}.pvera_lambda_{kind}'."
                 )
     return modules, saved
+
+
+def _fused_group(module, vectors, rank, parts, keras_prefix, layers):
+    """`{keras path: ((in, out), lambda_b rows)}` for a fused PEFT module."""
+    group, offset = {}, 0
+    for part in parts:
+        keras_path = keras_prefix + part
+        layer = layers.get(keras_path)
+        if not isinstance(layer, LINEAR_LAYERS):
+            raise ValueError(
+                f"PEFT module {module!r} maps to KerasHub layers "
+                f"{[keras_prefix + p for p in parts]}, but the model has no "
+                f"Dense/EinsumDense layer {keras_path!r}."
+            )
+        linear = linear_equation_of(layer)
+        group[keras_path] = [(linear.in_dim, linear.out_dim), offset]
+        offset += linear.out_dim
+    shapes = {"d": (2 * rank,), "b": (offset,)}
+    for kind, shape in shapes.items():
+        if tuple(vectors[kind].shape) != shape:
+            raise ValueError(
+                f"PEFT tensor 'base_model.model.{module}.pvera_lambda_{kind}' "
+                f"has shape {tuple(vectors[kind].shape)}; r={rank} and its "
+                f"KerasHub parts {list(group)} ({offset} outputs in all) "
+                f"need {shape}."
+            )
+    return {
+        path: (sizes, np.array(vectors["b"][start : start + sizes[1]]))
+        for path, (sizes, start) in group.items()
+    }
+
+
+def _fused_hint(spec, keras_path, keras_prefix):
+    """How to save a layer that is one part of a fused torch module."""
+    for entry in spec.fused:
+        for part in entry.keras:
+            numbers = match_template(part, keras_path)
+            if numbers is not None:
+                group = [keras_prefix + fill_template(p, numbers) for p in entry.keras]
+                return (
+                    f" It is one part of the fused torch module "
+                    f"{fill_template(entry.hf, numbers)!r}, whose PEFT adapter "
+                    "has one latent: adapt all its parts as a fused group, "
+                    f"`fused_groups=[{group}]` (load_peft_adapter does)."
+                )
+    return ""
+
+
+def _fused_module(group, keras_prefix, spec, module_prefix):
+    """The PEFT module name of a fused group's layers."""
+    module = None
+    if all(path.startswith(keras_prefix) for path in group):
+        parts = [path[len(keras_prefix) :] for path in group]
+        module = spec.hf_fused_module(parts, module_prefix)
+    if module is None:
+        raise ValueError(
+            f"Fused group {list(group)} is no fused module of the "
+            f"{spec.backbone} table"
+            + (
+                f" (those: {[e.hf for e in spec.fused]}, parts in order "
+                f"{[list(e.keras) for e in spec.fused]})."
+                if spec.fused
+                else "; PEFT would adapt its layers one by one: adapt them "
+                "without `fused_groups`."
+            )
+        )
+    return module
 
 
 def _is_saved_module(module, modules_to_save):

@@ -32,6 +32,7 @@ import numpy as np
 
 from keras_pvera.src.layers.pvera_config import ADAPTER_SETTING_NAMES
 from keras_pvera.src.layers.pvera_config import PVeRAConfig
+from keras_pvera.src.layers.pvera_config import projection_out_max
 from keras_pvera.src.saving import safetensors_io
 from keras_pvera.src.saving.adapter_state import AdapterState
 from keras_pvera.src.saving.adapter_state import adapter_state_of
@@ -268,6 +269,8 @@ def _decode_header(tensors, metadata, source):
         )
     if not isinstance(settings, dict):
         raise ValueError(f"{source} has malformed settings: {settings!r}")
+    # Files written before fused groups and generator seeds have none.
+    settings = {"fused_groups": None, "generator_seed": None, **settings}
     for name in ADAPTER_SETTING_NAMES:
         if name not in settings:
             raise ValueError(f"{source} has no setting {name!r}.")
@@ -289,7 +292,9 @@ def _tensor_shapes(config, layers, trainable_shapes):
     }
     if config.save_projection:
         in_max = max(in_dim for in_dim, _ in layers.values())
-        out_max = max(out_dim for _, out_dim in layers.values())
+        out_max = projection_out_max(
+            config.fused_groups, {p: out for p, (_, out) in layers.items()}
+        )
         expected["pvera_A"] = (2 * rank, in_max)
         expected["pvera_B"] = (out_max, rank)
     for k, shapes in enumerate(trainable_shapes.values()):

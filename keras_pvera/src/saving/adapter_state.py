@@ -19,6 +19,7 @@ import numpy as np
 
 from keras_pvera.src.layers.projections import generate_projections
 from keras_pvera.src.layers.pvera_config import PVeRAConfig
+from keras_pvera.src.layers.pvera_config import projection_out_max
 from keras_pvera.src.layers.pvera_dense import linear_equation_of
 from keras_pvera.src.models.pvera_model import PVeRAModel
 from keras_pvera.src.surgery import layer_walk
@@ -69,7 +70,9 @@ class AdapterState:
             A tuple `((2 * rank, in_max), (out_max, rank))`.
         """
         in_max = max(in_dim for in_dim, _ in self.layers.values())
-        out_max = max(out_dim for _, out_dim in self.layers.values())
+        out_max = projection_out_max(
+            self.config.fused_groups, {p: out for p, (_, out) in self.layers.items()}
+        )
         return (2 * self.rank, in_max), (out_max, self.rank)
 
     def seed_projections(self):
@@ -131,6 +134,20 @@ def check_adapter_state(state):
                     f"The adapter's `{name}` of layer {path!r} has shape "
                     f"{tuple(vectors[path].shape)}; rank {state.rank} and "
                     f"{out_dim} outputs need {shape}."
+                )
+    for group in state.config.fused_groups or ():
+        missing = [path for path in group if path not in state.layers]
+        if missing:
+            raise ValueError(
+                f"The adapter's fused group {list(group)} names layer "
+                f"{missing[0]!r}, which it does not adapt."
+            )
+        for path in group[1:]:
+            if not np.array_equal(state.lambda_d[path], state.lambda_d[group[0]]):
+                raise ValueError(
+                    f"The layers of fused group {list(group)} share one "
+                    f"`lambda_d`, but the adapter's differs between "
+                    f"{group[0]!r} and {path!r}."
                 )
     if state.projections is not None:
         for name, array, shape in zip(
@@ -286,8 +303,12 @@ def _located(model, state):
         return state
     if all(old == new for old, new in where.items()):
         return state
+    groups = state.config.fused_groups
+    if groups is not None:
+        groups = [[where[p] for p in group] for group in groups]
     return dataclasses.replace(
         state,
+        config=state.config.replace(fused_groups=groups),
         layers={where[p]: sizes for p, sizes in state.layers.items()},
         lambda_d={where[p]: v for p, v in state.lambda_d.items()},
         lambda_b={where[p]: v for p, v in state.lambda_b.items()},
@@ -310,6 +331,13 @@ def _check_adapted_model(model, state, name):
                 f"differs from the model's {setting}={getattr(config, setting)!r} "
                 f"(adapter {name!r})."
             )
+    if config.fused_groups != state.config.fused_groups:
+        raise ValueError(
+            f"The adapter's fused groups {state.config.fused_groups!r} differ "
+            f"from the model's {config.fused_groups!r} (adapter {name!r}): a "
+            "fused group computes one latent, separate layers one each. "
+            "Load the adapter onto the base model instead."
+        )
     wrappers = model.adapter_registry.layers_of(name)
     _check_same_paths("adapted layer", list(state.layers), list(wrappers))
     for path, layer in wrappers.items():

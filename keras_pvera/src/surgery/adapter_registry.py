@@ -14,6 +14,8 @@ freezes the rest, and undoes all of that on failure, on `delete`, and on
 import keras
 
 from keras_pvera.src.layers.projections import ProjectionRegistry
+from keras_pvera.src.layers.pvera_config import fused_offsets
+from keras_pvera.src.layers.pvera_config import projection_out_max
 from keras_pvera.src.layers.pvera_dense import PVeRADense
 from keras_pvera.src.layers.pvera_dense import linear_equation_of
 from keras_pvera.src.layers.seeds import derive_seed
@@ -160,11 +162,17 @@ class AdapterRegistry:
                 "`trainable_layers`; a layer is either adapted or trained "
                 "in full."
             )
+        fused = _fused_offsets(config, targets)
         registry = self.registry or _make_registry(config, targets)
         self._check_fits(name, config, registry, targets)
+        # A fused group's layers draw the same noise: its first layer's seed.
+        noise = config.seed if config.generator_seed is None else config.generator_seed
+        seeds = {path: derive_seed(noise, i) for i, path in enumerate(targets)}
+        for path, (_, group) in fused.items():
+            seeds[path] = seeds[group[0]]
         undo, new, new_copies = [], {}, {}
         try:
-            for i, (path, layer) in enumerate(targets.items()):
+            for path, layer in targets.items():
                 layer_config = config.replace(target=None, trainable_layers=None)
                 if isinstance(layer, PVeRADense):
                     layer.add_adapter(name, layer_config)
@@ -183,7 +191,7 @@ class AdapterRegistry:
                     config=layer_config,
                     projection_registry=registry,
                     adapter_name=name,
-                    noise_seed=derive_seed(config.seed, i),
+                    noise_seed=seeds[path],
                     name=layer.name,
                 )
             if not self.in_place:
@@ -208,6 +216,10 @@ class AdapterRegistry:
             for layer in [*new.values(), *new_copies.values()]:
                 # A new wrapper starts with `name` active: match the model.
                 layer.set_active_adapter(self.active)
+            wrappers = {**self.wrappers, **new}
+            for path, (offset, group) in fused.items():
+                first = None if path == group[0] else wrappers[group[0]]
+                wrappers[path].join_fused_group(name, offset, first)
             self.wrappers.update(new)
             self.copies.update(new_copies)
             self.registry = registry
@@ -276,12 +288,16 @@ class AdapterRegistry:
                     "projections cannot grow: their values depend on rank "
                     "and seed), or adapt the base model again."
                 )
+        fused = _fused_offsets(config, targets)
         for path, layer in targets.items():
             linear = linear_equation_of(seen_as(layer))
-            if linear.in_dim > registry.in_max or linear.out_dim > registry.out_max:
+            out_end = fused.get(path, (0, None))[0] + linear.out_dim
+            if linear.in_dim > registry.in_max or out_end > registry.out_max:
                 raise ValueError(
                     f"Adapter {name!r} targets {path!r} ({linear.in_dim} -> "
-                    f"{linear.out_dim}), larger than the shared projections "
+                    f"{linear.out_dim})"
+                    + (f" reading rows up to {out_end} of B" if path in fused else "")
+                    + ", larger than the shared projections "
                     f"({registry.in_max} -> {registry.out_max}) made for the "
                     "first adapter's layers. Target layers no larger than "
                     "those, or adapt the base model again with all targets."
@@ -447,12 +463,37 @@ class AdapterRegistry:
             self.wrappers.pop(path, None)
 
 
+def _out_dims(targets):
+    return {
+        path: linear_equation_of(seen_as(layer)).out_dim
+        for path, layer in targets.items()
+    }
+
+
+def _fused_offsets(config, targets):
+    """`{path: (row offset, group)}` for `config.fused_groups`, checked."""
+    for group in config.fused_groups or ():
+        missing = [path for path in group if path not in targets]
+        if missing:
+            raise ValueError(
+                f"`fused_groups` names layer {missing[0]!r}, which this "
+                f"adapter does not adapt. Adapted layers: {list(targets)[:20]}"
+            )
+        in_dims = {linear_equation_of(seen_as(targets[p])).in_dim for p in group}
+        if len(in_dims) > 1:
+            raise ValueError(
+                f"The layers of fused group {list(group)} have input sizes "
+                f"{sorted(in_dims)}; a fused map's parts read one input."
+            )
+    return fused_offsets(config.fused_groups, _out_dims(targets))
+
+
 def _make_registry(config, targets):
     linears = [linear_equation_of(seen_as(layer)) for layer in targets.values()]
     return ProjectionRegistry(
         rank=config.rank,
         in_max=max(linear.in_dim for linear in linears),
-        out_max=max(linear.out_dim for linear in linears),
+        out_max=projection_out_max(config.fused_groups, _out_dims(targets)),
         seed=config.seed,
         save_projection=config.save_projection,
         name="projection_registry",
