@@ -874,9 +874,14 @@ def vectors(model):
 
 
 def head_weights(model):
-    """The weights of the layers trained in full (a task's head)."""
+    """The weights of the layers trained in full (a task's head): those of
+    the active adapter's copy, which trains while the original stays."""
     layers = layers_at(model.base_model, model.trainable_paths)
-    return [w for layer in layers.values() for w in layer.weights]
+    running = [
+        layer.current_layer() if hasattr(layer, "current_layer") else layer
+        for layer in layers.values()
+    ]
+    return [w for layer in running for w in layer.weights]
 
 
 def randomize(model, seed=0, scale=1.0):
