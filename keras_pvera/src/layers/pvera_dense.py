@@ -760,7 +760,10 @@ class PVeRADense(keras.layers.Layer):
             overflow under a float16 policy.
         """
         vectors = self._vectors(adapter)
-        x = self._dropout(inputs, vectors.config.dropout, training)
+        # The input as the base layer sees it (rounded to a half-precision
+        # compute dtype), then the adapter's dtype (float32 over such a base).
+        x = ops.cast(inputs, self.compute_dtype)
+        x = self._dropout(x, vectors.config.dropout, training)
         x = ops.cast(x, self.adapter_dtype)
         h = self.projection_registry.project(x, self.linear)
         h = ops.cast(ops.multiply(h, vectors.lambda_d), "float32")
