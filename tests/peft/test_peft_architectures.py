@@ -30,7 +30,8 @@ from keras_pvera.src.surgery.layer_walk import iter_layers
 keras_hub = pytest.importorskip("keras_hub")
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
+pytest.importorskip("peft.tuners.pvera")  # PEFT itself, not this folder
+import peft  # noqa: E402
 
 # Each case trains PEFT on a converted model: the slow tier.
 pytestmark = [pytest.mark.slow, pytest.mark.architecture_matrix]

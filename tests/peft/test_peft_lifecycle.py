@@ -18,7 +18,10 @@ import pytest
 import keras_pvera
 
 torch = pytest.importorskip("torch")
-peft = pytest.importorskip("peft")
+# PEFT's PVeRA module, not just a `peft`: without PEFT installed, this
+# folder (tests/peft, on the test path) would import as `peft`.
+pytest.importorskip("peft.tuners.pvera")
+import peft  # noqa: E402
 
 TOLERANCE = 1e-5
 TARGETS = ["hidden", "inner"]
