@@ -503,8 +503,9 @@ def adapted_layers_of(model):
     Raises:
         ValueError: If `model` has none.
     """
-    adapted = getattr(model, "adapted_layers", None)
-    if not isinstance(adapted, dict):
+    if output_kinds.is_adapted_model(model):
+        adapted = model.adapted_layers
+    else:
         adapted = {
             path: layer
             for path, layer in layer_walk.pvera_layers(model)
