@@ -39,6 +39,7 @@ import string
 import keras
 from keras import ops
 
+from keras_pvera.src.layers import row_adapters
 from keras_pvera.src.layers.projections import ProjectionRegistry
 from keras_pvera.src.layers.pvera_config import PVeRAConfig
 from keras_pvera.src.layers.pvera_config import split_settings
@@ -662,8 +663,23 @@ class PVeRADense(keras.layers.Layer):
     @sample_at_inference.setter
     def sample_at_inference(self, value):
         self._active_vectors()
-        for name in self.active_names:
-            vectors = self.adapter_vectors[name]
+        self.set_sampling_flags({name: value for name in self.active_names})
+
+    def sampling_flags(self):
+        """`{adapter name: sample_at_inference}` for each adapter held."""
+        return {
+            name: vectors.config.sample_at_inference
+            for name, vectors in self.adapter_vectors.items()
+        }
+
+    def set_sampling_flags(self, flags):
+        """Sets `sample_at_inference` adapter by adapter.
+
+        Args:
+            flags: A dict `{adapter name: bool}` of adapters this layer holds.
+        """
+        for name, value in flags.items():
+            vectors = self._vectors_named(name)
             vectors.config = vectors.config.replace(sample_at_inference=bool(value))
 
     @property
@@ -779,16 +795,24 @@ class PVeRADense(keras.layers.Layer):
         seed = getattr(self.dropout_layer, "seed_generator", self.seed_generator)
         return keras.random.dropout(inputs, rate, seed=seed)
 
-    def _noise(self, logvar):
-        """`eps * exp(0.5 * logvar)`, drawn and computed in float32."""
+    def _noise(self, logvar, eps=None):
+        """`eps * exp(0.5 * logvar)` in float32; `eps` drawn unless given."""
+        if eps is None:
+            eps = self._standard_normal(logvar)
         std = ops.exp(ops.multiply(0.5, ops.cast(logvar, "float32")))
-        eps = keras.random.normal(
-            ops.shape(std), dtype="float32", seed=self.seed_generator
-        )
         return ops.multiply(eps, std)
+
+    def _standard_normal(self, like):
+        """A float32 draw from this layer's noise stream, shaped as `like`."""
+        return keras.random.normal(
+            ops.shape(like), dtype="float32", seed=self.seed_generator
+        )
 
     def call(self, inputs, training=None):
         base = self.base_layer
+        rows = row_adapters.current()
+        if rows is not None:
+            return self._activate(self._per_row_path(inputs, rows, training))
         names = self.active_names if self.enabled else ()
         if self.merged_names:
             sampling = any(
@@ -842,16 +866,60 @@ class PVeRADense(keras.layers.Layer):
             self.add_loss(config.kl_weight * kl_divergence(mu, logvar))
         sampling = bool(training) or config.sample_at_inference
         z = ops.add(mu, self._noise(logvar)) if sampling else mu
+        return self._add(y, self._adapter_output(z, vectors))
+
+    def _adapter_output(self, z, vectors):
+        """The adapter's output for latent codes `z`, shaped as the base's."""
         z = ops.cast(z, self.adapter_dtype)
         _, b = self._projections(vectors)
-        scale = self.linear.output_scale(ops.multiply(config.alpha, vectors.lambda_b))
+        alpha = vectors.config.alpha
+        scale = self.linear.output_scale(ops.multiply(alpha, vectors.lambda_b))
         if scale is None:
-            adapter = self.linear.expand(z, self._scaled_b(b, vectors))
-        else:
-            adapter = ops.multiply(self.linear.expand(z, ops.transpose(b)), scale)
+            return self.linear.expand(z, self._scaled_b(b, vectors))
+        return ops.multiply(self.linear.expand(z, ops.transpose(b)), scale)
+
+    def _add(self, y, adapter):
+        """`y + adapter`, summed in the adapter's dtype, returned in `y`'s."""
         if self.adapter_dtype == self.compute_dtype:
             return ops.add(y, adapter)
         return ops.cast(ops.add(ops.cast(y, self.adapter_dtype), adapter), y.dtype)
+
+    def _per_row_path(self, inputs, rows, training):
+        """Each row's own adapter (`row_adapters`): the base output, plus each
+        adapter of the batch that this layer holds, kept on its rows.
+
+        One noise draw serves every adapter (each row reads only its own),
+        so a row gets what its adapter alone would give it.
+        """
+        if training:
+            raise ValueError(
+                "Adapters picked per example (`adapter_names`) are for "
+                "inference; to train an adapter, make it active with "
+                "`model.set_adapter(name)`."
+            )
+        if self.merged_names:
+            self._check_not_merged("pick adapters per example")
+        batch, expected = inputs.shape[0], rows.indices.shape[0]
+        if None not in (batch, expected) and batch != expected:
+            raise ValueError(
+                f"Layer {self.name!r} received {batch} rows but `adapter_names` "
+                f"gives {expected}: one name per example is needed (a beam "
+                "search, which multiplies rows, cannot pick adapters per row)."
+            )
+        y = self.base_layer(inputs)
+        eps = None
+        for name in rows.names:
+            vectors = self.adapter_vectors.get(name)
+            if vectors is None:  # The base model, or an adapter not here.
+                continue
+            z, logvar = self.latent(inputs, adapter=name)
+            if vectors.config.sample_at_inference:
+                eps = self._standard_normal(logvar) if eps is None else eps
+                z = ops.add(z, self._noise(logvar, eps))
+            adapter = self._adapter_output(z, vectors)
+            mask = rows.mask(name, len(adapter.shape), adapter.dtype)
+            y = self._add(y, ops.multiply(adapter, mask))
+        return y
 
     def _folded_path(self, inputs, names=None):
         """Mean-mode inference: the adapters (`None`: the active ones)
