@@ -47,6 +47,11 @@ BASES = {
         lambda: keras.layers.EinsumDense("abc,cde->abde", (4, 2, 3)),
         (6, 4, 3),
     ),
+    # Output dims before the kept ones: adapter by adapter, under masks.
+    "einsum_output_first": (
+        lambda: keras.layers.EinsumDense("abc,cd->adb", (5, 4)),
+        (6, 4, 3),
+    ),
 }
 
 

@@ -776,15 +776,19 @@ class PVeRADense(keras.layers.Layer):
             overflow under a float16 policy.
         """
         vectors = self._vectors(adapter)
-        # The input as the base layer sees it (rounded to a half-precision
-        # compute dtype), then the adapter's dtype (float32 over such a base).
-        x = ops.cast(inputs, self.compute_dtype)
-        x = self._dropout(x, vectors.config.dropout, training)
-        x = ops.cast(x, self.adapter_dtype)
-        h = self.projection_registry.project(x, self.linear)
+        h = self._projected(inputs, vectors.config.dropout, training)
         h = ops.cast(ops.multiply(h, vectors.lambda_d), "float32")
         rank = vectors.config.rank
         return h[..., :rank], h[..., rank:]
+
+    def _projected(self, inputs, dropout, training):
+        """`x @ A.T` (before `lambda_d`), `x` after dropout at rate `dropout`."""
+        # The input as the base layer sees it (rounded to a half-precision
+        # compute dtype), then the adapter's dtype (float32 over such a base).
+        x = ops.cast(inputs, self.compute_dtype)
+        x = self._dropout(x, dropout, training)
+        x = ops.cast(x, self.adapter_dtype)
+        return self.projection_registry.project(x, self.linear)
 
     def _dropout(self, inputs, rate, training):
         # What `keras.layers.Dropout` does, at each adapter's own rate, from
@@ -885,11 +889,14 @@ class PVeRADense(keras.layers.Layer):
         return ops.cast(ops.add(ops.cast(y, self.adapter_dtype), adapter), y.dtype)
 
     def _per_row_path(self, inputs, rows, training):
-        """Each row's own adapter (`row_adapters`): the base output, plus each
-        adapter of the batch that this layer holds, kept on its rows.
+        """Each row's own adapter (`row_adapters`): the base output plus the
+        adapter of each row, from its own vectors gathered row by row.
 
-        One noise draw serves every adapter (each row reads only its own),
-        so a row gets what its adapter alone would give it.
+        Every adapter of a model shares `A`, `B` and the rank, so one
+        `x @ A.T` and one latent-to-output product serve the whole batch;
+        rows of `"__base__"` (or of an adapter this layer does not hold)
+        get zero vectors. One noise draw serves every row, so a row gets
+        what its adapter alone would give it.
         """
         if training:
             raise ValueError(
@@ -907,10 +914,70 @@ class PVeRADense(keras.layers.Layer):
                 "search, which multiplies rows, cannot pick adapters per row)."
             )
         y = self.base_layer(inputs)
+        held = [self.adapter_vectors.get(name) for name in rows.names]
+        first = next((v for v in held if v is not None), None)
+        if first is None:
+            return y
+        order = self.linear.output_scale_order
+        if (
+            len({v.out_offset for v in held if v is not None}) > 1
+            or order is None
+            or order != sorted(order)
+        ):
+            return self._per_adapter_rows(y, inputs, rows)
+        h = self._projected(inputs, 0.0, False)
+        lambda_d, scale, sampling = self._row_vectors(held, rows.indices, h)
+        h = ops.cast(ops.multiply(h, lambda_d), "float32")
+        rank = first.config.rank
+        z, logvar = h[..., :rank], h[..., rank:]
+        if sampling is not None:
+            z = ops.add(z, ops.multiply(self._noise(logvar), sampling))
+        z = ops.cast(z, self.adapter_dtype)
+        _, b = self._projections(first)
+        adapter = ops.multiply(self.linear.expand(z, ops.transpose(b)), scale)
+        return self._add(y, adapter)
+
+    def _row_vectors(self, held, indices, h):
+        """Row by row: `lambda_d` laid out to scale `h`, `alpha * lambda_b`
+        laid out to scale the output, and the 0/1 sampling switch laid out
+        to scale the noise (`None` when no row samples)."""
+        dtype = self.adapter_dtype
+        zeros_d = ops.zeros((h.shape[-1],), dtype)
+        zeros_b = ops.zeros((self.out_dim,), dtype)
+        table_d = ops.stack(
+            [zeros_d if v is None else ops.cast(v.lambda_d, dtype) for v in held]
+        )
+        table_b = ops.stack(
+            [
+                zeros_b
+                if v is None
+                else ops.cast(ops.multiply(v.config.alpha, v.lambda_b), dtype)
+                for v in held
+            ]
+        )
+        leading = (-1,) + (1,) * (len(h.shape) - 2)
+        lambda_d = ops.reshape(
+            ops.take(table_d, indices, axis=0), leading + (h.shape[-1],)
+        )
+        scale = ops.reshape(
+            ops.take(table_b, indices, axis=0), leading + tuple(self.linear.out_dims)
+        )
+        flags = [v is not None and v.config.sample_at_inference for v in held]
+        if not any(flags):
+            return lambda_d, scale, None
+        table_s = ops.convert_to_tensor(flags, "float32")
+        sampling = ops.reshape(ops.take(table_s, indices, axis=0), leading + (1,))
+        return lambda_d, scale, sampling
+
+    def _per_adapter_rows(self, y, inputs, rows):
+        """As `_per_row_path`, adapter by adapter, each kept on its rows by a
+        0/1 mask: for adapters reading different rows of `B` (fused groups
+        of one adapter only), and outputs whose dims do not end with the
+        kernel's output dims in order (a per-row scale cannot lay out)."""
         eps = None
         for name in rows.names:
             vectors = self.adapter_vectors.get(name)
-            if vectors is None:  # The base model, or an adapter not here.
+            if vectors is None:
                 continue
             z, logvar = self.latent(inputs, adapter=name)
             if vectors.config.sample_at_inference:
