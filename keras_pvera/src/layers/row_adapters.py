@@ -5,14 +5,13 @@ different adapters together. `PVeRAModel.predict(x, adapter_names=[...])`
 (and `generate`, `predict_with_uncertainty`) takes one adapter name per
 example, `BASE_MODEL` (`"__base__"`) for the base model's output.
 
-Inside such a call every `PVeRADense` layer computes the base output once,
-then, for each adapter named in the batch that the layer holds, the
-adapter's output for all rows, kept only on that adapter's rows (a 0/1 row
-mask): no per-row kernel is made. Layers that read one input share
-`x @ A.T` between the adapters (they share `A`), so an extra adapter in a
-batch costs its small `r x out` half. One noise draw per layer serves
-every adapter, so each row is what running its adapter alone on the whole
-batch would give it, Monte Carlo noise included.
+Inside such a call every `PVeRADense` layer computes the base output,
+`x @ A.T` and the latent-to-output product once for the whole batch (all
+adapters of a model share `A`, `B` and the rank), each row scaled by its
+own adapter's `lambda_d` and `alpha * lambda_b`, gathered from a table
+(zeros for the base model): no per-row kernel is made. One noise draw per
+layer serves every row, so each row is what running its adapter alone on
+the whole batch would give it, Monte Carlo noise included.
 
 The selection reaches the layers in two ways:
 - through the model's inputs: `pack` puts the per-row adapter indices
