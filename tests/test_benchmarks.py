@@ -58,3 +58,13 @@ def test_diagnose_minilm_prints_a_verdict_per_setting(capsys):
     assert "d_initial=3: accuracy" in printed and "AUROC" in printed
     assert printed.count("verdict: ") == 1
     assert "transformer_layer_" in printed  # The layers' shares are named.
+
+
+@pytest.mark.default_backend_only
+def test_adapters_by_row_benchmark_quick_run(capsys):
+    pytest.importorskip("keras_hub")
+    benchmark = load_benchmark("benchmark_adapters_by_row")
+    figures = benchmark.main(["--quick"])
+    printed = capsys.readouterr().out
+    assert "| one batch, adapter_names |" in printed
+    assert all(seconds > 0 for seconds in figures.values())

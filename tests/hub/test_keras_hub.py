@@ -578,3 +578,44 @@ def test_sampled_generate_draws_fresh_noise_on_every_backend():
     np.testing.assert_array_equal(
         model.generate(prompt, stop_token_ids=None)["token_ids"], mean
     )
+
+
+def test_each_prompt_is_continued_by_its_own_adapter_in_one_batch():
+    # A GPT-2 causal LM with its tokenizer and preprocessor, on raw strings.
+    from test_keras_hub_architectures import TEXTS
+    from test_keras_hub_architectures import gpt2
+
+    causal_lm = gpt2(preprocessor=True)
+    causal_lm.compile(sampler="greedy")
+    model = keras_pvera.apply(causal_lm, rank=4, target="all", seed=0)
+    model.add_adapter("other", rank=4, seed=0, target="all")
+    rng = np.random.default_rng(0)
+    for layer in model.adapter_registry.wrappers.values():
+        for vectors in layer.adapter_vectors.values():
+            vectors.lambda_d.assign(rng.normal(0.0, 1.0, vectors.lambda_d.shape))
+            vectors.lambda_b.assign(rng.normal(0.0, 3.0, vectors.lambda_b.shape))
+    prompts = TEXTS[:3]
+    names = ["other", "__base__", "default"]
+
+    def each_alone(run):
+        outputs = {}
+        for name in ("default", "other"):
+            model.set_adapter(name)
+            outputs[name] = run()
+        model.set_adapter("default")
+        with model.disable_adapter():
+            outputs["__base__"] = run()
+        return outputs
+
+    mixed = model.generate(prompts, max_length=12, adapter_names=names)
+    alone = each_alone(lambda: model.generate(prompts, max_length=12))
+    assert mixed == [alone[name][i] for i, name in enumerate(names)]
+    assert len({tuple(texts) for texts in alone.values()}) == 3  # They differ.
+    # `predict` preprocesses raw strings as the task does.
+    logits = model.predict(prompts, adapter_names=names, verbose=0)
+    x, _, _ = keras.utils.unpack_x_y_sample_weight(causal_lm.preprocessor(prompts))
+    alone = each_alone(lambda: keras.ops.convert_to_numpy(model(x)))
+    expected = np.stack([alone[name][i] for i, name in enumerate(names)])
+    np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="'missing'"):
+        model.generate(prompts, max_length=12, adapter_names=["missing"] * 3)

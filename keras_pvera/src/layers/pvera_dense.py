@@ -39,6 +39,7 @@ import string
 import keras
 from keras import ops
 
+from keras_pvera.src.layers import row_adapters
 from keras_pvera.src.layers.projections import ProjectionRegistry
 from keras_pvera.src.layers.pvera_config import PVeRAConfig
 from keras_pvera.src.layers.pvera_config import split_settings
@@ -662,8 +663,23 @@ class PVeRADense(keras.layers.Layer):
     @sample_at_inference.setter
     def sample_at_inference(self, value):
         self._active_vectors()
-        for name in self.active_names:
-            vectors = self.adapter_vectors[name]
+        self.set_sampling_flags({name: value for name in self.active_names})
+
+    def sampling_flags(self):
+        """`{adapter name: sample_at_inference}` for each adapter held."""
+        return {
+            name: vectors.config.sample_at_inference
+            for name, vectors in self.adapter_vectors.items()
+        }
+
+    def set_sampling_flags(self, flags):
+        """Sets `sample_at_inference` adapter by adapter.
+
+        Args:
+            flags: A dict `{adapter name: bool}` of adapters this layer holds.
+        """
+        for name, value in flags.items():
+            vectors = self._vectors_named(name)
             vectors.config = vectors.config.replace(sample_at_inference=bool(value))
 
     @property
@@ -760,15 +776,19 @@ class PVeRADense(keras.layers.Layer):
             overflow under a float16 policy.
         """
         vectors = self._vectors(adapter)
-        # The input as the base layer sees it (rounded to a half-precision
-        # compute dtype), then the adapter's dtype (float32 over such a base).
-        x = ops.cast(inputs, self.compute_dtype)
-        x = self._dropout(x, vectors.config.dropout, training)
-        x = ops.cast(x, self.adapter_dtype)
-        h = self.projection_registry.project(x, self.linear)
+        h = self._projected(inputs, vectors.config.dropout, training)
         h = ops.cast(ops.multiply(h, vectors.lambda_d), "float32")
         rank = vectors.config.rank
         return h[..., :rank], h[..., rank:]
+
+    def _projected(self, inputs, dropout, training):
+        """`x @ A.T` (before `lambda_d`), `x` after dropout at rate `dropout`."""
+        # The input as the base layer sees it (rounded to a half-precision
+        # compute dtype), then the adapter's dtype (float32 over such a base).
+        x = ops.cast(inputs, self.compute_dtype)
+        x = self._dropout(x, dropout, training)
+        x = ops.cast(x, self.adapter_dtype)
+        return self.projection_registry.project(x, self.linear)
 
     def _dropout(self, inputs, rate, training):
         # What `keras.layers.Dropout` does, at each adapter's own rate, from
@@ -779,16 +799,24 @@ class PVeRADense(keras.layers.Layer):
         seed = getattr(self.dropout_layer, "seed_generator", self.seed_generator)
         return keras.random.dropout(inputs, rate, seed=seed)
 
-    def _noise(self, logvar):
-        """`eps * exp(0.5 * logvar)`, drawn and computed in float32."""
+    def _noise(self, logvar, eps=None):
+        """`eps * exp(0.5 * logvar)` in float32; `eps` drawn unless given."""
+        if eps is None:
+            eps = self._standard_normal(logvar)
         std = ops.exp(ops.multiply(0.5, ops.cast(logvar, "float32")))
-        eps = keras.random.normal(
-            ops.shape(std), dtype="float32", seed=self.seed_generator
-        )
         return ops.multiply(eps, std)
+
+    def _standard_normal(self, like):
+        """A float32 draw from this layer's noise stream, shaped as `like`."""
+        return keras.random.normal(
+            ops.shape(like), dtype="float32", seed=self.seed_generator
+        )
 
     def call(self, inputs, training=None):
         base = self.base_layer
+        rows = row_adapters.current()
+        if rows is not None:
+            return self._activate(self._per_row_path(inputs, rows, training))
         names = self.active_names if self.enabled else ()
         if self.merged_names:
             sampling = any(
@@ -842,16 +870,123 @@ class PVeRADense(keras.layers.Layer):
             self.add_loss(config.kl_weight * kl_divergence(mu, logvar))
         sampling = bool(training) or config.sample_at_inference
         z = ops.add(mu, self._noise(logvar)) if sampling else mu
+        return self._add(y, self._adapter_output(z, vectors))
+
+    def _adapter_output(self, z, vectors):
+        """The adapter's output for latent codes `z`, shaped as the base's."""
         z = ops.cast(z, self.adapter_dtype)
         _, b = self._projections(vectors)
-        scale = self.linear.output_scale(ops.multiply(config.alpha, vectors.lambda_b))
+        alpha = vectors.config.alpha
+        scale = self.linear.output_scale(ops.multiply(alpha, vectors.lambda_b))
         if scale is None:
-            adapter = self.linear.expand(z, self._scaled_b(b, vectors))
-        else:
-            adapter = ops.multiply(self.linear.expand(z, ops.transpose(b)), scale)
+            return self.linear.expand(z, self._scaled_b(b, vectors))
+        return ops.multiply(self.linear.expand(z, ops.transpose(b)), scale)
+
+    def _add(self, y, adapter):
+        """`y + adapter`, summed in the adapter's dtype, returned in `y`'s."""
         if self.adapter_dtype == self.compute_dtype:
             return ops.add(y, adapter)
         return ops.cast(ops.add(ops.cast(y, self.adapter_dtype), adapter), y.dtype)
+
+    def _per_row_path(self, inputs, rows, training):
+        """Each row's own adapter (`row_adapters`): the base output plus the
+        adapter of each row, from its own vectors gathered row by row.
+
+        Every adapter of a model shares `A`, `B` and the rank, so one
+        `x @ A.T` and one latent-to-output product serve the whole batch;
+        rows of `"__base__"` (or of an adapter this layer does not hold)
+        get zero vectors. One noise draw serves every row, so a row gets
+        what its adapter alone would give it.
+        """
+        if training:
+            raise ValueError(
+                "Adapters picked per example (`adapter_names`) are for "
+                "inference; to train an adapter, make it active with "
+                "`model.set_adapter(name)`."
+            )
+        if self.merged_names:
+            self._check_not_merged("pick adapters per example")
+        batch, expected = inputs.shape[0], rows.indices.shape[0]
+        if None not in (batch, expected) and batch != expected:
+            raise ValueError(
+                f"Layer {self.name!r} received {batch} rows but `adapter_names` "
+                f"gives {expected}: one name per example is needed (a beam "
+                "search, which multiplies rows, cannot pick adapters per row)."
+            )
+        y = self.base_layer(inputs)
+        held = [self.adapter_vectors.get(name) for name in rows.names]
+        first = next((v for v in held if v is not None), None)
+        if first is None:
+            return y
+        order = self.linear.output_scale_order
+        if (
+            len({v.out_offset for v in held if v is not None}) > 1
+            or order is None
+            or order != sorted(order)
+        ):
+            return self._per_adapter_rows(y, inputs, rows)
+        h = self._projected(inputs, 0.0, False)
+        lambda_d, scale, sampling = self._row_vectors(held, rows.indices, h)
+        h = ops.cast(ops.multiply(h, lambda_d), "float32")
+        rank = first.config.rank
+        z, logvar = h[..., :rank], h[..., rank:]
+        if sampling is not None:
+            z = ops.add(z, ops.multiply(self._noise(logvar), sampling))
+        z = ops.cast(z, self.adapter_dtype)
+        _, b = self._projections(first)
+        adapter = ops.multiply(self.linear.expand(z, ops.transpose(b)), scale)
+        return self._add(y, adapter)
+
+    def _row_vectors(self, held, indices, h):
+        """Row by row: `lambda_d` laid out to scale `h`, `alpha * lambda_b`
+        laid out to scale the output, and the 0/1 sampling switch laid out
+        to scale the noise (`None` when no row samples)."""
+        dtype = self.adapter_dtype
+        zeros_d = ops.zeros((h.shape[-1],), dtype)
+        zeros_b = ops.zeros((self.out_dim,), dtype)
+        table_d = ops.stack(
+            [zeros_d if v is None else ops.cast(v.lambda_d, dtype) for v in held]
+        )
+        table_b = ops.stack(
+            [
+                zeros_b
+                if v is None
+                else ops.cast(ops.multiply(v.config.alpha, v.lambda_b), dtype)
+                for v in held
+            ]
+        )
+        leading = (-1,) + (1,) * (len(h.shape) - 2)
+        lambda_d = ops.reshape(
+            ops.take(table_d, indices, axis=0), leading + (h.shape[-1],)
+        )
+        scale = ops.reshape(
+            ops.take(table_b, indices, axis=0), leading + tuple(self.linear.out_dims)
+        )
+        flags = [v is not None and v.config.sample_at_inference for v in held]
+        if not any(flags):
+            return lambda_d, scale, None
+        table_s = ops.convert_to_tensor(flags, "float32")
+        sampling = ops.reshape(ops.take(table_s, indices, axis=0), leading + (1,))
+        return lambda_d, scale, sampling
+
+    def _per_adapter_rows(self, y, inputs, rows):
+        """As `_per_row_path`, adapter by adapter, each kept on its rows by a
+        0/1 mask: for adapters reading different rows of `B` (fused groups
+        of one adapter only), and outputs whose dims do not end with the
+        kernel's output dims in order (a per-row scale cannot lay out)."""
+        eps = None
+        for name in rows.names:
+            vectors = self.adapter_vectors.get(name)
+            if vectors is None:
+                continue
+            z, logvar = self.latent(inputs, adapter=name)
+            if vectors.config.sample_at_inference:
+                eps = self._standard_normal(logvar) if eps is None else eps
+                z = ops.add(z, self._noise(logvar, eps))
+            adapter = self._adapter_output(z, vectors)
+            mask = rows.mask(name, len(adapter.shape), adapter.dtype)
+            y = self._add(y, ops.multiply(adapter, mask))
+        return y
 
     def _folded_path(self, inputs, names=None):
         """Mean-mode inference: the adapters (`None`: the active ones)

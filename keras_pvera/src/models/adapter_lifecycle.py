@@ -15,6 +15,7 @@ import warnings
 import keras
 from keras import ops
 
+from keras_pvera.src.layers import row_adapters
 from keras_pvera.src.layers.pvera_config import PVeRAConfig
 from keras_pvera.src.utils import keras_internals
 
@@ -326,6 +327,42 @@ class AdapterLifecycle:
         for layer in self.adapter_registry.wrappers.values():
             layer.unmerge()
         self._changed()
+
+    # The adapter names of the batch while `adapters_by_row` is open.
+    row_adapter_names = ()
+
+    @contextlib.contextmanager
+    def adapters_by_row(self, adapter_names, num_examples):
+        """Within this context, the model runs each example's own adapter.
+
+        What `predict`, `generate` and `predict_with_uncertainty` open when
+        given `adapter_names`. Inputs must reach the model packed with the
+        indices this yields (`row_adapters.pack`), so that Keras batches
+        them with the examples. Compiled functions are dropped on entry and
+        exit (JAX and TensorFlow bake the batch's names into them).
+
+        Args:
+            adapter_names: One loaded adapter name per example, or
+                `"__base__"` for the base model.
+            num_examples: The number of examples.
+
+        Yields:
+            A tuple `(names, indices)`, as `row_adapters.index_rows` gives.
+
+        Raises:
+            ValueError: For names not loaded, a count other than
+                `num_examples`, or adapters merged into the kernels.
+        """
+        names, indices = row_adapters.index_rows(
+            adapter_names, self.adapter_names, num_examples, self.merged_adapters
+        )
+        self.row_adapter_names = names
+        keras_internals.drop_compiled_functions(self)
+        try:
+            yield names, indices
+        finally:
+            self.row_adapter_names = ()
+            keras_internals.drop_compiled_functions(self)
 
     @property
     def merged_adapters(self):

@@ -7,11 +7,13 @@ saves to `.keras`: the base model's configuration as it was before
 adaptation, each adapter's settings and adapted paths, then every weight.
 """
 
+import contextlib
 import warnings
 
 import keras
 from keras import ops
 
+from keras_pvera.src.layers import row_adapters
 from keras_pvera.src.layers.pvera_config import PVeRAConfig
 from keras_pvera.src.layers.pvera_config import split_settings
 from keras_pvera.src.models import model_summary
@@ -21,6 +23,7 @@ from keras_pvera.src.surgery import adapter_registry as adapter_registry_lib
 from keras_pvera.src.surgery import layer_selection
 from keras_pvera.src.uncertainty import monte_carlo
 from keras_pvera.src.uncertainty import temperature_scaling as calibration_lib
+from keras_pvera.src.utils import keras_hub_tasks
 from keras_pvera.src.utils import keras_internals
 
 
@@ -178,7 +181,14 @@ class PVeRAModel(AdapterLifecycle, model_summary.ModelSummary, keras.Model):
 
     def call(self, inputs, training=None):
         # Layers reading one input (attention's query and value) share x @ A.
-        with self.projection_registry.sharing_products():
+        # Packed inputs carry each example's adapter (`adapters_by_row`).
+        inputs, indices = row_adapters.unpack(inputs)
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(self.projection_registry.sharing_products())
+            if indices is not None:
+                stack.enter_context(
+                    row_adapters.selecting(self.row_adapter_names, indices)
+                )
             outputs = self.base_model(inputs, training=training)
         scaling = self.temperature_scaling
         if scaling is not None and not training:
@@ -210,10 +220,29 @@ class PVeRAModel(AdapterLifecycle, model_summary.ModelSummary, keras.Model):
             warnings.warn(str(e), stacklevel=2)
         return history
 
-    def predict(self, *args, **kwargs):
+    def predict(self, x, *args, adapter_names=None, **kwargs):
+        """As `keras.Model.predict`, and each example with its own adapter.
+
+        Args:
+            x: Inputs, as for `keras.Model.predict` (raw inputs for a
+                KerasHub task with a preprocessor).
+            *args, **kwargs: As for `keras.Model.predict`.
+            adapter_names: `None` (the active adapters run), or one loaded
+                adapter name per example (`"__base__"`: the base model), for
+                array (or raw task) inputs: every example gets what its
+                adapter alone gives it, in one pass over the batch.
+
+        Returns:
+            As `keras.Model.predict`.
+        """
         self.check_finite()
-        args, kwargs = task_workflow.predict_arguments(self, args, kwargs)
-        return super().predict(*args, **kwargs)
+        if adapter_names is None:
+            args, kwargs = task_workflow.predict_arguments(self, (x, *args), kwargs)
+            return super().predict(*args, **kwargs)
+        x = keras_hub_tasks.preprocessed_arrays(self, x)
+        num_examples = row_adapters.num_examples(x)
+        with self.adapters_by_row(adapter_names, num_examples) as (_, indices):
+            return super().predict(row_adapters.pack(x, indices), *args, **kwargs)
 
     def evaluate(self, *args, **kwargs):
         self.check_finite()

@@ -15,6 +15,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_pvera.src.layers import row_adapters
 from keras_pvera.src.layers.seeds import seed_generator_states
 from keras_pvera.src.utils import keras_hub_tasks
 from keras_pvera.src.utils import keras_internals
@@ -90,7 +91,7 @@ def task_attribute(model, name):
     return getattr(task, name)
 
 
-def generate(model, task, *args, **kwargs):
+def generate(model, task, inputs, *args, adapter_names=None, **kwargs):
     """The task's `generate`, drawing fresh adapter noise on every call.
 
     With `sample_at_inference` on, every adapted layer samples its latent
@@ -101,19 +102,41 @@ def generate(model, task, *args, **kwargs):
     current one (reproducible after `keras.utils.set_random_seed` or a
     seeded adapter).
 
+    With `adapter_names`, each prompt is continued by its own adapter in
+    one batch (the task's loop is compiled for that batch, and dropped
+    after the call). Inputs must then be one batch (a list or array of
+    prompts, or a dict of arrays), not a dataset, and the sampler must
+    keep one row per prompt (not a beam search).
+
     Args:
         model: A `PVeRAModel` adapting a KerasHub generative task.
         task: That task.
+        inputs: As for the task's `generate`.
         *args, **kwargs: As for the task's `generate`.
+        adapter_names: `None` (the active adapters run), or one loaded
+            adapter name per prompt (`"__base__"`: the base model).
 
     Returns:
         What the task's `generate` returns.
     """
-    if keras.config.backend() == "jax" and model.active_adapter is not None:
-        if model.sample_at_inference:
-            for layer in model.adapted_layers.values():
+    if keras.config.backend() == "jax":
+        layers = model.adapted_layers
+        if adapter_names is not None:
+            layers = model.adapter_registry.layers_of(
+                [n for n in set(adapter_names) if n in model.adapter_names]
+            )
+        for layer in layers.values():
+            if any(layer.sampling_flags().values()):
                 _jump(layer.seed_generator)
-    return task.generate(*args, **kwargs)
+    if adapter_names is None:
+        return task.generate(inputs, *args, **kwargs)
+    if isinstance(inputs, (list, tuple)):
+        count = row_adapters.num_examples(np.asarray(inputs))
+    else:
+        count = row_adapters.num_examples(inputs)
+    with model.adapters_by_row(adapter_names, count) as (names, indices):
+        with row_adapters.selecting(names, indices):
+            return task.generate(inputs, *args, **kwargs)
 
 
 def _jump(seed_generator):

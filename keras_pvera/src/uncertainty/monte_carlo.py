@@ -20,6 +20,7 @@ import numpy as np
 import scipy.stats
 from keras import ops
 
+from keras_pvera.src.layers import row_adapters
 from keras_pvera.src.layers.seeds import seed_generator_states
 from keras_pvera.src.surgery import layer_walk
 from keras_pvera.src.uncertainty import output_kinds
@@ -541,36 +542,50 @@ def _sampling_flags(adapted, sampled_layers):
     return [path in sampled_layers for path in adapted]
 
 
-def _set_sampling(model, adapters, flags):
-    for layer, flag in zip(adapters, flags, strict=True):
-        layer.sample_at_inference = flag
-    keras_internals.drop_compiled_functions(model)
-
-
 @contextlib.contextmanager
-def _sampling_at_inference(model, adapters, seed, flags):
-    """Switches sampling at inference on (per layer: `flags`), and restores
-    everything after.
+def _sampling_at_inference(model, adapters, seed, flags, adapter_names=None):
+    """Switches sampling at inference on (per layer: `flags`) for the
+    adapters that run (`adapter_names`, or each layer's active ones), and
+    restores everything after.
 
     Compiled predict functions are dropped on entry and exit (JAX and
     TensorFlow bake the switch into them). Each layer's noise generator
-    starts from its own state derived from `seed` (independent between
-    layers) and gets its previous state back afterwards, so the run leaves
-    the model's own noise streams as they were.
+    starts from its own state derived from `seed` and the layer's place
+    among all the model's PVeRA layers (independent between layers, and the
+    same whichever adapters run), and gets its previous state back
+    afterwards, so the run leaves the model's own noise streams as they
+    were.
     """
-    layer_flags = [layer.sample_at_inference for layer in adapters]
+    layer_flags = [layer.sampling_flags() for layer in adapters]
     generators = [layer.seed_generator for layer in adapters]
     saved_states = [np.array(ops.convert_to_numpy(g.state.value)) for g in generators]
     try:
-        _set_sampling(model, adapters, flags)
-        states = seed_generator_states(seed, len(generators), saved_states[0].dtype)
-        for generator, state in zip(generators, states, strict=True):
-            generator.state.assign(state)
+        for layer, flag in zip(adapters, flags, strict=True):
+            names = layer.active_names if adapter_names is None else adapter_names
+            held = [name for name in names if name in layer.adapter_vectors]
+            layer.set_sampling_flags(dict.fromkeys(held, flag))
+        keras_internals.drop_compiled_functions(model)
+        places = _stream_places(model, adapters)
+        states = seed_generator_states(seed, max(places) + 1, saved_states[0].dtype)
+        for generator, place in zip(generators, places, strict=True):
+            generator.state.assign(states[place])
         yield
     finally:
         for generator, state in zip(generators, saved_states, strict=True):
             generator.state.assign(state)
-        _set_sampling(model, adapters, layer_flags)
+        for layer, saved in zip(adapters, layer_flags, strict=True):
+            layer.set_sampling_flags(saved)
+        keras_internals.drop_compiled_functions(model)
+
+
+def _stream_places(model, adapters):
+    """Each of `adapters`' place among all the PVeRA layers of `model`."""
+    if output_kinds.is_adapted_model(model):
+        layers = list(model.adapter_registry.wrappers.values())
+    else:
+        layers = [layer for _, layer in layer_walk.pvera_layers(model)]
+    places = {id(layer): place for place, layer in enumerate(layers)}
+    return [places[id(layer)] for layer in adapters]
 
 
 def _repeat(array, copies):
@@ -648,6 +663,7 @@ def predict_with_uncertainty(
     seed=None,
     return_samples=False,
     sampled_layers=None,
+    adapter_names=None,
     verbose="auto",
 ):
     """Predicts `n` times with PVeRA's sampling on; returns the statistics.
@@ -685,6 +701,12 @@ def predict_with_uncertainty(
         sampled_layers: Paths of the adapted layers that sample (keys of
             `model.adapted_layers`); the others use their latent mean.
             `None` (the default) samples in all of them.
+        adapter_names: `None` (the active adapters run), or one adapter
+            name per example (`"__base__"`: the base model) for array (or
+            raw task) inputs to a model made by `keras_pvera.apply`: each
+            example's samples are those its adapter alone would give it
+            with the same `seed` and `batch_size`. The adapted layers are
+            then those of the named adapters (for `sampled_layers`).
         verbose: `"auto"` or 1 (progress bar), 2 (one line at the end) or 0
             (silent), as for `model.predict`.
 
@@ -727,35 +749,23 @@ def predict_with_uncertainty(
     if seed is None:
         seed = random.randint(0, 2**31 - 1)
     verbose = _check_verbose(verbose)
-    adapted = adapted_layers_of(model)
-    flags = _sampling_flags(adapted, sampled_layers)
-    adapters = list(adapted.values())
-    if callable(getattr(model, "check_finite", None)):
-        model.check_finite()
-    # A KerasHub task's raw inputs (strings, images) through its preprocessor.
-    preprocessed = keras_hub_tasks.preprocessed(
-        model, x, batch_size=max(1, max_rows // n)
-    )
-    if preprocessed is not None:
-        x = preprocessed
-    batches = InputBatches(x, array_batch_size=max(1, max_rows // n))
-    progbar = None
-    if verbose:
-        progbar = keras.utils.Progbar(
-            batches.num_batches, verbose=verbose, unit_name="step"
+    with contextlib.ExitStack() as stack:
+        if adapter_names is None:
+            adapted = adapted_layers_of(model)
+            # A KerasHub task's raw inputs through its preprocessor.
+            preprocessed = keras_hub_tasks.preprocessed(
+                model, x, batch_size=max(1, max_rows // n)
+            )
+            if preprocessed is not None:
+                x = preprocessed
+        else:
+            x, adapted = _inputs_by_row(stack, model, x, adapter_names)
+        flags = _sampling_flags(adapted, sampled_layers)
+        if callable(getattr(model, "check_finite", None)):
+            model.check_finite()
+        outputs, drawn = _draw_all(
+            model, x, n, max_rows, seed, adapted, flags, adapter_names, verbose
         )
-    outputs, drawn = None, []
-    with _sampling_at_inference(model, adapters, seed, flags):
-        for step, batch in enumerate(batches):
-            if num_rows(batch) > 0:
-                outputs, leaves = _draw_samples(model, batch, n, max_rows)
-                drawn.append(leaves)
-            if progbar is not None:
-                progbar.update(step + 1)
-    if not drawn:
-        raise ValueError("`x` holds no examples to predict.")
-    if progbar is not None and batches.num_batches is None:
-        progbar.update(step + 1, finalize=True)
     samples = keras.tree.pack_sequence_as(
         outputs,
         [np.concatenate(parts, axis=1) for parts in zip(*drawn, strict=True)],
@@ -766,3 +776,51 @@ def predict_with_uncertainty(
         keep_samples=return_samples,
         from_logits=output_kinds.from_logits_like(model, samples),
     )
+
+
+def _inputs_by_row(stack, model, x, adapter_names):
+    """Inputs packed with each example's adapter, and the layers that run.
+
+    Opens the model's `adapters_by_row` context on `stack`.
+    """
+    if not output_kinds.is_adapted_model(model):
+        raise ValueError(
+            "`adapter_names` picks named adapters of a model made by "
+            "`keras_pvera.apply`; received a model of type "
+            f"{type(model).__name__}."
+        )
+    x = keras_hub_tasks.preprocessed_arrays(model, x)
+    count = row_adapters.num_examples(x)
+    names, indices = stack.enter_context(model.adapters_by_row(adapter_names, count))
+    adapted = model.adapter_registry.layers_of(
+        [name for name in names if name != row_adapters.BASE_MODEL]
+    )
+    return row_adapters.pack(x, indices), adapted
+
+
+def _draw_all(model, x, n, max_rows, seed, adapted, flags, adapter_names, verbose):
+    """`n` sampled predictions of every batch of `x`: `(outputs, drawn)`,
+    one model output's structure and, per batch, its leaves' samples."""
+    names = None
+    if adapter_names is not None:
+        names = tuple(dict.fromkeys(adapter_names))
+    adapters = list(adapted.values())
+    batches = InputBatches(x, array_batch_size=max(1, max_rows // n))
+    progbar = None
+    if verbose:
+        progbar = keras.utils.Progbar(
+            batches.num_batches, verbose=verbose, unit_name="step"
+        )
+    outputs, drawn = None, []
+    with _sampling_at_inference(model, adapters, seed, flags, names):
+        for step, batch in enumerate(batches):
+            if num_rows(batch) > 0:
+                outputs, leaves = _draw_samples(model, batch, n, max_rows)
+                drawn.append(leaves)
+            if progbar is not None:
+                progbar.update(step + 1)
+    if not drawn:
+        raise ValueError("`x` holds no examples to predict.")
+    if progbar is not None and batches.num_batches is None:
+        progbar.update(step + 1, finalize=True)
+    return outputs, drawn

@@ -9,6 +9,7 @@ preprocessor with `tf.data`, as the task's own `fit` does.
 import sys
 
 import keras
+import numpy as np
 
 from keras_pvera.src.utils import keras_internals
 
@@ -93,3 +94,25 @@ def preprocessed(model, x, y=None, sample_weight=None, batch_size=None, shuffle=
     return dataset.map(
         task.preprocess_samples, num_parallel_calls=tf.data.AUTOTUNE
     ).prefetch(tf.data.AUTOTUNE)
+
+
+def preprocessed_arrays(model, x):
+    """A KerasHub task's raw inputs `x`, preprocessed, as NumPy arrays.
+
+    Args:
+        model: A `PVeRAModel` (or any model; see `preprocessed`).
+        x: Raw inputs as for the task's `predict`, not a dataset.
+
+    Returns:
+        The preprocessed inputs joined into arrays (a structure of them),
+        or `x` itself when the model has no preprocessor.
+    """
+    dataset = preprocessed(model, x)
+    if dataset is None:
+        return x
+    batches = []
+    for element in dataset.as_numpy_iterator():
+        if isinstance(element, tuple):
+            element, _, _ = keras.utils.unpack_x_y_sample_weight(element)
+        batches.append(element)
+    return keras.tree.map_structure(lambda *b: np.concatenate(b), *batches)

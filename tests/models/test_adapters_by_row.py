@@ -1,0 +1,130 @@
+"""Several adapters in one batch: `predict(x, adapter_names=[...])` and
+`predict_with_uncertainty(..., adapter_names=[...])`, one name per example."""
+
+import keras
+import numpy as np
+import pytest
+
+import keras_pvera
+
+NAMES = ["default", "other", "__base__", "other", "default", "__base__", "other"]
+
+
+def two_adapter_model(seed):
+    """ "default" adapts both layers, "other" only the hidden one; both
+    with vectors as after training."""
+    keras.utils.set_random_seed(seed)
+    base = keras.Sequential(
+        [
+            keras.Input((6,)),
+            keras.layers.Dense(8, activation="relu", name="hidden"),
+            keras.layers.Dense(3, name="head"),
+        ]
+    )
+    model = keras_pvera.apply(base, rank=4, target=["hidden", "head"], seed=seed)
+    model.add_adapter("other", rank=4, seed=seed, alpha=2.0, target=["hidden"])
+    rng = np.random.default_rng(seed)
+    for layer in model.adapter_registry.wrappers.values():
+        for vectors in layer.adapter_vectors.values():
+            vectors.lambda_d.assign(rng.normal(0.0, 0.7, vectors.lambda_d.shape))
+            vectors.lambda_b.assign(rng.normal(0.0, 0.7, vectors.lambda_b.shape))
+    x = rng.normal(size=(len(NAMES), 6)).astype("float32")
+    return model, x
+
+
+def each_alone(model, predict):
+    """`{name: predict()}` with each adapter alone active, and the base."""
+    outputs = {}
+    for name in ("default", "other"):
+        model.set_adapter(name)
+        outputs[name] = predict()
+    model.set_adapter("default")
+    with model.disable_adapter():
+        outputs["__base__"] = predict()
+    return outputs
+
+
+def rows_of(outputs, axis=0):
+    """Each example's row from the output of its adapter in `NAMES`."""
+    return np.stack(
+        [np.take(outputs[name], i, axis=axis) for i, name in enumerate(NAMES)],
+        axis=axis,
+    )
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_predict_gives_each_example_its_adapters_output(seed):
+    model, x = two_adapter_model(seed)
+    mixed = model.predict(x, adapter_names=NAMES, batch_size=3, verbose=0)
+    alone = each_alone(model, lambda: model.predict(x, verbose=0))
+    np.testing.assert_allclose(mixed, rows_of(alone), rtol=1e-5, atol=1e-5)
+    # The adapters differ, so picking the wrong one would show.
+    assert np.abs(alone["default"] - alone["other"]).min() > 1e-4
+    # Afterwards the active adapter runs for every example again (JAX and
+    # TensorFlow compiled the batch's choice into the predict function).
+    np.testing.assert_allclose(
+        model.predict(x, verbose=0), alone["default"], rtol=1e-6, atol=1e-6
+    )
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_monte_carlo_samples_are_those_of_each_adapter_alone(seed):
+    model, x = two_adapter_model(seed)
+    settings = dict(n=5, seed=seed, batch_size=10, return_samples=True, verbose=0)
+    mixed = keras_pvera.predict_with_uncertainty(
+        model, x, adapter_names=NAMES, **settings
+    )
+    alone = each_alone(
+        model,
+        lambda: keras_pvera.predict_with_uncertainty(model, x, **settings).samples,
+    )
+    np.testing.assert_allclose(
+        mixed.samples, rows_of(alone, axis=1), rtol=1e-5, atol=1e-5
+    )
+    base_rows = np.array(NAMES) == "__base__"
+    assert mixed.std[~base_rows].min() > 1e-4
+    assert mixed.std[base_rows].max() < 1e-5
+    # The layers' sampling switches are as they were.
+    assert not model.sample_at_inference
+    for layer in model.adapter_registry.wrappers.values():
+        assert not any(layer.sampling_flags().values())
+
+
+def test_names_that_do_not_fit_are_refused():
+    model, x = two_adapter_model(0)
+    with pytest.raises(ValueError, match="'missing'. Loaded adapters"):
+        model.predict(x, adapter_names=NAMES[:-1] + ["missing"], verbose=0)
+    with pytest.raises(ValueError, match="7 examples, 2 names"):
+        model.predict(x, adapter_names=["default", "other"], verbose=0)
+    with pytest.raises(ValueError, match="7 examples, 2 names"):
+        keras_pvera.predict_with_uncertainty(
+            model, x, n=2, adapter_names=["default", "other"], verbose=0
+        )
+    with pytest.raises(ValueError, match="needs inputs as arrays"):
+        model.predict(iter([x]), adapter_names=NAMES, verbose=0)
+    model.merge_adapter()
+    with pytest.raises(ValueError, match="unmerge_adapter"):
+        model.predict(x, adapter_names=NAMES, verbose=0)
+
+
+def test_adapter_names_need_a_model_made_by_apply():
+    model, x = two_adapter_model(0)
+    plain = keras.Sequential([model.base_model])
+    with pytest.raises(ValueError, match="made by `keras_pvera.apply`"):
+        keras_pvera.predict_with_uncertainty(
+            plain, x, n=2, adapter_names=NAMES, verbose=0
+        )
+
+
+def test_sampled_layers_are_among_the_batch_adapters_layers():
+    model, x = two_adapter_model(0)
+    settings = dict(n=4, seed=0, adapter_names=["other"] * len(NAMES), verbose=0)
+    # "other" adapts only the hidden layer.
+    with pytest.raises(ValueError, match="'head'"):
+        keras_pvera.predict_with_uncertainty(
+            model, x, sampled_layers=["head"], **settings
+        )
+    result = keras_pvera.predict_with_uncertainty(
+        model, x, sampled_layers=["hidden"], **settings
+    )
+    assert result.std.min() > 1e-5
