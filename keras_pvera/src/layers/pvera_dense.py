@@ -767,8 +767,10 @@ class PVeRADense(keras.layers.Layer):
         x = ops.cast(x, self.adapter_dtype)
         h = self.projection_registry.project(x, self.linear)
         h = ops.cast(ops.multiply(h, vectors.lambda_d), "float32")
-        rank = vectors.config.rank
-        return h[..., :rank], h[..., rank:]
+        # One split, not two slices: on torch its backward is one
+        # concatenation instead of two zero-filled full-size gradients.
+        mu, logvar = ops.split(h, 2, axis=-1)
+        return mu, logvar
 
     def _dropout(self, inputs, rate, training):
         # What `keras.layers.Dropout` does, at each adapter's own rate, from

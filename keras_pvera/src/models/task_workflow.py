@@ -113,7 +113,12 @@ def generate(model, task, *args, **kwargs):
         if model.sample_at_inference:
             for layer in model.adapted_layers.values():
                 _jump(layer.seed_generator)
-    return task.generate(*args, **kwargs)
+    # Layers reading one input (attention's query and value) share x @ A.
+    registry = getattr(model, "projection_registry", None)
+    if registry is None:
+        return task.generate(*args, **kwargs)
+    with registry.sharing_products():
+        return task.generate(*args, **kwargs)
 
 
 def _jump(seed_generator):
