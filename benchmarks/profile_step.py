@@ -31,11 +31,10 @@ os.environ["KERAS_BACKEND"] = "torch"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import benchmark  # noqa: E402
 import keras  # noqa: E402
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-import benchmark  # noqa: E402
 import keras_pvera  # noqa: E402
 
 
@@ -204,7 +203,7 @@ def main(argv=None):
         f"{keras.__version__}; median of {args.rounds} interleaved rounds; "
         f"load average {os.getloadavg()[0]:.2f}"
     )
-    print(f"| phase | keras_pvera | PEFT | ratio |")
+    print("| phase | keras_pvera | PEFT | ratio |")
     print("|---|---|---|---|")
     for name in ours:
         ratio = ours[name] / theirs[name] if theirs[name] > 0 else float("nan")
