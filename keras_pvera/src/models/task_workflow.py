@@ -9,6 +9,7 @@ inputs first, as the task's own methods do; everything else of the task
 `PVeRAModel`.
 """
 
+import contextlib
 import functools
 
 import keras
@@ -128,15 +129,19 @@ def generate(model, task, inputs, *args, adapter_names=None, **kwargs):
         for layer in layers.values():
             if any(layer.sampling_flags().values()):
                 _jump(layer.seed_generator)
-    if adapter_names is None:
+    # Layers reading one input (attention's query and value) share x @ A.
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(model.projection_registry.sharing_products())
+        if adapter_names is not None:
+            if isinstance(inputs, (list, tuple)):
+                count = row_adapters.num_examples(np.asarray(inputs))
+            else:
+                count = row_adapters.num_examples(inputs)
+            names, indices = stack.enter_context(
+                model.adapters_by_row(adapter_names, count)
+            )
+            stack.enter_context(row_adapters.selecting(names, indices))
         return task.generate(inputs, *args, **kwargs)
-    if isinstance(inputs, (list, tuple)):
-        count = row_adapters.num_examples(np.asarray(inputs))
-    else:
-        count = row_adapters.num_examples(inputs)
-    with model.adapters_by_row(adapter_names, count) as (names, indices):
-        with row_adapters.selecting(names, indices):
-            return task.generate(inputs, *args, **kwargs)
 
 
 def _jump(seed_generator):
