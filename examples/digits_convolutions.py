@@ -1,7 +1,7 @@
 """PVeRA on convolutions, on scikit-learn's digits (no download).
 
 A small convolutional network (8x8 digit images -> Conv2D 16 -> Conv2D 32,
-stride 2 -> 5 classes) is pretrained on digits 0-4. It is then given a new
+stride 2 -> flatten -> 5 classes) is pretrained on digits 0-4. It is then given a new
 head for digits 5-9, trained from few labels (`--labels` per digit) in two
 ways, with the convolution kernels frozen:
 
@@ -69,7 +69,7 @@ def build_network(classes=5):
     x = keras.layers.Conv2D(
         32, 3, strides=2, padding="same", activation="relu", name="conv_2"
     )(x)
-    x = keras.layers.GlobalAveragePooling2D()(x)
+    x = keras.layers.Flatten()(x)
     outputs = keras.layers.Dense(classes, activation="softmax", name="head")(x)
     return keras.Model(inputs, outputs)
 
