@@ -14,7 +14,7 @@ It prints both test accuracies, then predicts the test digits with Monte
 Carlo sampling (`keras_pvera.predict_with_uncertainty`) and draws, for
 twelve of them, the class probabilities with their 95% intervals over the
 passes, into `--output-dir` (`digits_convolutions.png`). It needs
-keras_pvera with one Keras backend, scikit-learn and matplotlib (about 45 s
+keras_pvera with one Keras backend, scikit-learn and matplotlib (about 40 s
 of CPU time on torch, imports included).
 
     KERAS_BACKEND=torch python examples/digits_convolutions.py \
