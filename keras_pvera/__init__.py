@@ -15,6 +15,7 @@ from keras_pvera.src.layers.projections import generate_projections
 from keras_pvera.src.layers.pvera_config import PVeRAConfig
 from keras_pvera.src.layers.pvera_dense import PVeRADense
 from keras_pvera.src.layers.pvera_dense import kl_divergence
+from keras_pvera.src.layers.pvera_embedding import PVeRAEmbedding
 from keras_pvera.src.models.pvera_model import PVeRAModel
 from keras_pvera.src.models.pvera_model import apply
 from keras_pvera.src.peft.peft_interop import load_peft_adapter
@@ -37,6 +38,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ExpectedCalibrationError",
     "PVeRADense",
+    "PVeRAEmbedding",
     "PVeRAConfig",
     "PVeRAModel",
     "ProjectionRegistry",

@@ -399,9 +399,11 @@ def test_bad_settings_raise_value_error_naming_them(kwargs, message):
         PVeRADense(keras.layers.Dense(3), **kwargs)
 
 
-def test_only_dense_and_einsum_dense_can_be_wrapped():
-    with pytest.raises(TypeError, match="Conv1D"):
-        PVeRADense(keras.layers.Conv1D(3, 2), rank=4)
+def test_only_the_layer_kinds_pvera_adapts_can_be_wrapped():
+    with pytest.raises(TypeError, match="DepthwiseConv2D"):
+        PVeRADense(keras.layers.DepthwiseConv2D(3), rank=4)
+    with pytest.raises(TypeError, match="PVeRAEmbedding"):
+        PVeRADense(keras.layers.Embedding(10, 4), rank=4)
 
 
 @pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])

@@ -8,6 +8,7 @@ from keras import ops
 
 from keras_pvera import PVeRAConfig
 from keras_pvera import PVeRADense
+from keras_pvera import PVeRAEmbedding
 from keras_pvera.src.layers import row_adapters
 
 NAMES = ("default", "other", "__base__")
@@ -15,7 +16,8 @@ NAMES = ("default", "other", "__base__")
 
 def two_adapter_layer(base, seed, input_shape=(None, 3)):
     """A layer holding "default" and "other", with vectors as after training."""
-    layer = PVeRADense(base, rank=4, seed=seed)
+    wrapper = PVeRAEmbedding if isinstance(base, keras.layers.Embedding) else PVeRADense
+    layer = wrapper(base, rank=4, seed=seed)
     layer.build(input_shape)
     layer.add_adapter("other", PVeRAConfig(rank=4, seed=seed, alpha=3.0))
     rng = np.random.default_rng(seed)
@@ -52,6 +54,7 @@ BASES = {
         lambda: keras.layers.EinsumDense("abc,cd->adb", (5, 4)),
         (6, 4, 3),
     ),
+    "conv2d": (lambda: keras.layers.Conv2D(4, 3, padding="same"), (6, 5, 5, 3)),
 }
 
 
@@ -157,3 +160,30 @@ def test_index_rows_checks_the_names():
         row_adapters.index_rows("default", loaded)
     with pytest.raises(ValueError, match="unmerge_adapter"):
         row_adapters.index_rows(["default"], loaded, merged=["default"])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_embedding_rows_get_their_adapter_in_both_directions(seed):
+    keras_hub = pytest.importorskip("keras_hub")
+    base = keras_hub.layers.ReversibleEmbedding(20, 5)  # Tied weights.
+    layer = two_adapter_layer(base, seed, (None, 4))
+    ids = np.random.default_rng(seed).integers(0, 20, (6, 4)).astype("int32")
+    h = np.random.default_rng(seed + 10).normal(size=(6, 4, 5)).astype("float32")
+    indices = np.array([0, 1, 2, 1, 0, 2], "int32")
+    with row_adapters.selecting(NAMES, indices):
+        forward = ops.convert_to_numpy(layer(ids))
+        logits = ops.convert_to_numpy(layer(h, reverse=True))
+    for i, name in enumerate(NAMES):
+        rows = indices == i
+        if name == "__base__":
+            expected = layer.base_layer(ids), layer.base_layer(h, reverse=True)
+        else:
+            layer.set_active_adapter(name)
+            expected = layer(ids), layer(h, reverse=True)
+            layer.set_active_adapter("default")
+        np.testing.assert_allclose(
+            forward[rows], ops.convert_to_numpy(expected[0])[rows], atol=1e-5
+        )
+        np.testing.assert_allclose(
+            logits[rows], ops.convert_to_numpy(expected[1])[rows], atol=1e-5
+        )

@@ -156,13 +156,13 @@ class ProjectionRegistry(keras.layers.Layer):
 
         Args:
             x: The adapted layer's input.
-            linear: The layer's `LinearEquation` (which axes of `x` are
-                contracted, and how).
+            linear: The layer's linear map (`LinearEquation`,
+                `ConvolutionMap` or `EmbeddingMap`: how `x` meets `A`).
 
         Returns:
             A tensor of shape `(..., 2 * rank)`.
         """
-        key = (linear.to_latent, tuple(linear.in_dims))
+        key = linear.projection_key
         entries = self._shared.entries
         records = [] if entries is None else entries.setdefault(id(x), [])
         for seen_x, seen_key, product in records:

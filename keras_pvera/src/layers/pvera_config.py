@@ -26,7 +26,9 @@ class PVeRAConfig:
             every layer of that name at any depth), a regex string matched
             against layer names and paths, a callable `(layer) -> bool`, or
             `"all"` (every Dense/EinsumDense except those producing the
-            model's outputs). `None`: in a KerasHub model, its backbones'
+            model's outputs). Names, a regex or a callable may also choose
+            `Conv1D`/`Conv2D`/`Conv3D` (groups=1) and `Embedding` layers.
+            `None`: in a KerasHub model, its backbones'
             `default_lora_layer_names()`, else (with a warning naming them)
             its attention projections, fused ones as one layer; in another
             model, `query`/`value`/`query_dense`/`value_dense` when it has

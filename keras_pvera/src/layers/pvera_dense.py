@@ -40,6 +40,9 @@ import keras
 from keras import ops
 
 from keras_pvera.src.layers import row_adapters
+from keras_pvera.src.layers.convolution_map import CONVOLUTIONS
+from keras_pvera.src.layers.convolution_map import ConvolutionMap
+from keras_pvera.src.layers.embedding_map import EmbeddingMap
 from keras_pvera.src.layers.projections import ProjectionRegistry
 from keras_pvera.src.layers.pvera_config import PVeRAConfig
 from keras_pvera.src.layers.pvera_config import split_settings
@@ -107,6 +110,7 @@ class LinearEquation:
                 f"both. Received: equation={equation!r}"
             )
         self.equation = equation
+        self.projection_key = None  # Set below.
         self.kernel_shape = tuple(int(d) for d in kernel_shape)
         contracted = [c for c in kernel_spec if c in input_spec]
         produced = [c for c in kernel_spec if c not in input_spec]
@@ -121,6 +125,9 @@ class LinearEquation:
         produced = "".join(produced)
         # x (..., in dims) -> latent (..., k), and back to y (..., out dims).
         self.to_latent = f"{input_spec},{contracted}{latent}->{kept}{latent}"
+        # Inputs with the same key share their product with `A` (see
+        # `ProjectionRegistry.project`).
+        self.projection_key = (self.to_latent, tuple(self.in_dims))
         self.from_latent = f"{kept}{latent},{latent}{produced}->{output_spec}"
         # When x ends with the contracted dims and y with the produced ones
         # (Dense, KerasHub's attention layers), plain matmuls do it faster.
@@ -169,6 +176,10 @@ class LinearEquation:
             return ops.matmul(inputs, kernel)
         return ops.einsum(self.equation, inputs, kernel)
 
+    def add_bias(self, y, bias):
+        """Adds the layer's bias to the map's output."""
+        return ops.add(y, bias)
+
     def output_scale(self, vector):
         """Lays out an `(out,)` vector to broadcast over the output `y`.
 
@@ -209,8 +220,54 @@ def _float_policy(dtype):
     return policy
 
 
+ADAPTED_LAYERS = (
+    keras.layers.Dense,
+    keras.layers.EinsumDense,
+    *CONVOLUTIONS,
+    keras.layers.Embedding,
+)
+
+SUPPORTED = (
+    "keras.layers.Dense, EinsumDense, Conv1D, Conv2D, Conv3D (groups=1) and "
+    "Embedding layers (KerasHub's ReversibleEmbedding included)"
+)
+
+
+def unsupported_reason(layer):
+    """Why PVeRA cannot adapt `layer`, or `None` when it can.
+
+    Args:
+        layer: A Keras layer.
+
+    Returns:
+        `None` for a layer of `ADAPTED_LAYERS` (a convolution with
+        `groups=1`), else a sentence naming the layer and what PVeRA adapts.
+    """
+    kind = type(layer).__name__
+    if not isinstance(layer, ADAPTED_LAYERS):
+        return f"PVeRA adapts {SUPPORTED}; layer {layer.name!r} is a {kind}."
+    if isinstance(layer, CONVOLUTIONS) and getattr(layer, "groups", 1) != 1:
+        return (
+            f"PVeRA adapts convolutions with groups=1; layer {layer.name!r} "
+            f"({kind}) has groups={layer.groups}. It adapts {SUPPORTED}."
+        )
+    return None
+
+
 def linear_equation_of(layer):
-    """The `LinearEquation` of a built `Dense` or `EinsumDense` layer."""
+    """The linear map of a built layer that PVeRA adapts.
+
+    Args:
+        layer: A built layer of `ADAPTED_LAYERS`.
+
+    Returns:
+        A `LinearEquation` (`Dense`, `EinsumDense`), `ConvolutionMap` or
+        `EmbeddingMap`.
+    """
+    if isinstance(layer, keras.layers.Embedding):
+        return EmbeddingMap(layer)
+    if isinstance(layer, CONVOLUTIONS):
+        return ConvolutionMap(layer)
     equation = (
         layer.equation
         if isinstance(layer, keras.layers.EinsumDense)
@@ -311,6 +368,9 @@ class PVeRADense(keras.layers.Layer):
     ['pvera_lambda_d', 'pvera_lambda_b']
     """
 
+    # `PVeRAEmbedding` wraps embeddings (their call takes `reverse`).
+    wraps_embeddings = False
+
     def __init__(
         self,
         base_layer,
@@ -321,12 +381,15 @@ class PVeRADense(keras.layers.Layer):
         noise_seed=None,
         **kwargs,
     ):
-        if not isinstance(base_layer, (keras.layers.Dense, keras.layers.EinsumDense)):
-            raise TypeError(
-                "PVeRADense wraps a keras.layers.Dense or "
-                "keras.layers.EinsumDense. Received: base_layer="
-                f"{base_layer!r} of type {type(base_layer).__name__}"
-            )
+        reason = unsupported_reason(base_layer)
+        if reason is None and isinstance(base_layer, keras.layers.Embedding):
+            if not self.wraps_embeddings:
+                reason = (
+                    f"Layer {base_layer.name!r} is an Embedding: wrap it in "
+                    "a PVeRAEmbedding (keras_pvera.apply does)."
+                )
+        if reason is not None:
+            raise TypeError(f"{reason} Received: base_layer={base_layer!r}")
         settings, kwargs = split_settings(kwargs)
         config = PVeRAConfig.from_settings(config, **settings)
         _check_adapter_name(adapter_name)
@@ -346,7 +409,8 @@ class PVeRADense(keras.layers.Layer):
         self.base_layer = base_layer
         self.projection_registry = projection_registry
         # The adapter is added before the activation: take it from the base.
-        if activation is None:
+        # (An Embedding has no activation.)
+        if activation is None and hasattr(base_layer, "activation"):
             activation = base_layer.activation
             base_layer.activation = keras.activations.linear
         activation = keras.activations.get(activation)
@@ -785,6 +849,11 @@ class PVeRADense(keras.layers.Layer):
 
     def _projected(self, inputs, dropout, training):
         """`x @ A.T` (before `lambda_d`), `x` after dropout at rate `dropout`."""
+        if getattr(self.linear, "reads_ids", False):
+            # Token ids: `A`'s columns, dropped token by token as a dropped
+            # one-hot input would drop them.
+            h = self.projection_registry.project(inputs, self.linear)
+            return self._dropout(h, dropout, training, per_position=True)
         # The input as the base layer sees it (rounded to a half-precision
         # compute dtype), then the adapter's dtype (float32 over such a base).
         x = ops.cast(inputs, self.compute_dtype)
@@ -792,14 +861,18 @@ class PVeRADense(keras.layers.Layer):
         x = ops.cast(x, self.adapter_dtype)
         return self.projection_registry.project(x, self.linear)
 
-    def _dropout(self, inputs, rate, training):
+    def _dropout(self, inputs, rate, training, per_position=False):
         # What `keras.layers.Dropout` does, at each adapter's own rate, from
-        # the one stream of this layer's dropout layer.
+        # the one stream of this layer's dropout layer; `per_position` drops
+        # whole vectors along the last axis.
         # (A dropout layer made at rate 0 has no stream: the noise's then.)
         if not training or rate <= 0:
             return inputs
         seed = getattr(self.dropout_layer, "seed_generator", self.seed_generator)
-        return keras.random.dropout(inputs, rate, seed=seed)
+        noise_shape = None
+        if per_position:
+            noise_shape = (*ops.shape(inputs)[:-1], 1)
+        return keras.random.dropout(inputs, rate, noise_shape=noise_shape, seed=seed)
 
     def _noise(self, logvar, eps=None):
         """`eps * exp(0.5 * logvar)` in float32; `eps` drawn unless given."""
@@ -920,7 +993,7 @@ class PVeRADense(keras.layers.Layer):
         first = next((v for v in held if v is not None), None)
         if first is None:
             return y
-        order = self.linear.output_scale_order
+        order = getattr(self.linear, "output_scale_order", None)
         if (
             len({v.out_offset for v in held if v is not None}) > 1
             or order is None
@@ -1000,13 +1073,23 @@ class PVeRADense(keras.layers.Layer):
         """Mean-mode inference with the adapters `names` added to (or taken
         from) the kernel, once a call."""
         base = self.base_layer
-        kernel = base.kernel
+        kernel = self.base_kernel
         for name in names:
             kernel = combine(kernel, self.delta_kernel(name))
         y = self.linear(inputs, kernel)
-        if base.bias is not None:
-            y = ops.add(y, base.bias)
+        bias = getattr(base, "bias", None)
+        if bias is not None:
+            y = self.linear.add_bias(y, bias)
         return y
+
+    @property
+    def base_kernel(self):
+        """The base layer's kernel (an Embedding's matrix) as it computes
+        with it, Keras' LoRA included."""
+        base = self.base_layer
+        if isinstance(base, keras.layers.Embedding):
+            return base.embeddings
+        return base.kernel
 
     def compute_output_shape(self, input_shape):
         return self.base_layer.compute_output_shape(input_shape)

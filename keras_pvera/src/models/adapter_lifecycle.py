@@ -489,7 +489,7 @@ def adapter_deltas(model, safe_merge, adapter_names=None):
             delta = ops.add(delta, layer.delta_kernel(name))
         deltas[id(layer)] = delta
         if safe_merge:
-            kernel = ops.add(layer.base_layer.kernel, delta)
+            kernel = ops.add(layer.base_kernel, delta)
             if not bool(ops.convert_to_numpy(ops.all(ops.isfinite(kernel)))):
                 bad.append(path)
     if bad:

@@ -21,6 +21,7 @@ from keras_pvera.src.layers.projections import generate_projections
 from keras_pvera.src.layers.pvera_config import PVeRAConfig
 from keras_pvera.src.layers.pvera_config import projection_out_max
 from keras_pvera.src.layers.pvera_dense import linear_equation_of
+from keras_pvera.src.layers.pvera_dense import unsupported_reason
 from keras_pvera.src.models.pvera_model import PVeRAModel
 from keras_pvera.src.surgery import layer_walk
 from keras_pvera.src.surgery.layer_selection import LINEAR_LAYERS
@@ -395,11 +396,11 @@ def _check_base_model(model, state):
                 f"layers: {_linear_paths(layers)[:20]}"
             )
         layer = layers[path]
-        if not isinstance(layer, LINEAR_LAYERS):
+        if unsupported_reason(layer) is not None:
             raise ValueError(
                 f"The adapter adapts layer {path!r}, but in model "
                 f"{model.name!r} that layer is a {type(layer).__name__}, "
-                "not a Dense or EinsumDense."
+                "which PVeRA does not adapt."
             )
         if not layer.built:
             raise ValueError(

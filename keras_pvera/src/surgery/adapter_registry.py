@@ -18,6 +18,7 @@ from keras_pvera.src.layers.pvera_config import fused_offsets
 from keras_pvera.src.layers.pvera_config import projection_out_max
 from keras_pvera.src.layers.pvera_dense import PVeRADense
 from keras_pvera.src.layers.pvera_dense import linear_equation_of
+from keras_pvera.src.layers.pvera_embedding import PVeRAEmbedding
 from keras_pvera.src.layers.seeds import derive_seed
 from keras_pvera.src.layers.trained_copies import TrainedCopies
 from keras_pvera.src.surgery import layer_walk
@@ -178,15 +179,23 @@ class AdapterRegistry:
                     layer.add_adapter(name, layer_config)
                     undo.append(lambda w=layer: w.delete_adapter(name))
                     continue
-                activation, was_trainable = layer.activation, layer.trainable
+                was_trainable = layer.trainable
                 self.base_trainable[id(layer)] = was_trainable
                 undo.append(
-                    lambda lyr=layer, a=activation, t=was_trainable: (
-                        setattr(lyr, "activation", a),
-                        setattr(lyr, "trainable", t),
-                    )
+                    lambda lyr=layer, t=was_trainable: setattr(lyr, "trainable", t)
                 )
-                new[path] = PVeRADense(
+                if hasattr(layer, "activation"):  # (An Embedding has none.)
+                    undo.append(
+                        lambda lyr=layer, a=layer.activation: setattr(
+                            lyr, "activation", a
+                        )
+                    )
+                wrapper_class = (
+                    PVeRAEmbedding
+                    if isinstance(layer, keras.layers.Embedding)
+                    else PVeRADense
+                )
+                new[path] = wrapper_class(
                     layer,
                     config=layer_config,
                     projection_registry=registry,
@@ -458,7 +467,8 @@ class AdapterRegistry:
         )
         for path, wrapper in list(wrappers.items()):
             base = wrapper.base_layer
-            base.activation = wrapper.activation or keras.activations.linear
+            if hasattr(base, "activation"):
+                base.activation = wrapper.activation or keras.activations.linear
             base.trainable = self.base_trainable.pop(id(base), True)
             self.wrappers.pop(path, None)
 

@@ -15,6 +15,7 @@ import warnings
 import keras
 
 from keras_pvera.src.layers.pvera_dense import PVeRADense
+from keras_pvera.src.layers.pvera_dense import unsupported_reason
 from keras_pvera.src.layers.trained_copies import TrainedCopies
 from keras_pvera.src.surgery import layer_walk
 from keras_pvera.src.utils import keras_hub_tasks
@@ -122,7 +123,7 @@ def _candidates(layers):
 
 
 def select_targets(model, target):
-    """The layers `target` chooses, checked: `{path: Dense/EinsumDense/wrapper}`.
+    """The layers `target` chooses, checked: `{path: adaptable layer/wrapper}`.
 
     Chosen layers that are not built (sublayers the model never calls, such
     as SAM's mask decoder under its backbone) are skipped with a warning.
@@ -136,7 +137,8 @@ def select_targets(model, target):
 
     Raises:
         ValueError: If nothing matches, or no matched layer is built.
-        TypeError: If a matched layer is not a Dense or EinsumDense.
+        TypeError: If a matched layer is none of the kinds PVeRA adapts
+            (`pvera_dense.ADAPTED_LAYERS`; a convolution with groups=1).
     """
     layers = adaptable_layers(model)
     if target is None:
@@ -151,11 +153,11 @@ def select_targets(model, target):
             f"Received: target={target!r}. Candidates: {_candidates(layers)}"
         )
     for path, layer in chosen.items():
-        if not isinstance(seen_as(layer), LINEAR_LAYERS):
+        reason = unsupported_reason(seen_as(layer))
+        if reason is not None:
             raise TypeError(
-                f"PVeRA adapts keras.layers.Dense and keras.layers.EinsumDense "
-                f"layers, but target {target!r} matches {path!r} of type "
-                f"{type(layer).__name__}."
+                f"target {target!r} matches {path!r}, which PVeRA cannot "
+                f"adapt. {reason}"
             )
     unbuilt = [path for path, layer in chosen.items() if not layer.built]
     if len(unbuilt) == len(chosen):

@@ -158,12 +158,23 @@ def untrack_variable(layer, variable):
 
 
 def kernel_variable(layer):
-    """The raw kernel variable of a Dense/EinsumDense layer (`_kernel`).
+    """The raw kernel variable of a Dense, EinsumDense or convolution layer
+    (`_kernel`), or the raw matrix of an Embedding (`_embeddings`).
 
-    `layer.kernel` adds Keras' LoRA update when LoRA is enabled; merging and
-    sizing need the stored variable itself.
+    `layer.kernel` (`layer.embeddings`) adds Keras' LoRA update when LoRA is
+    enabled; merging and sizing need the stored variable itself.
     """
+    if isinstance(layer, keras.layers.Embedding):
+        return layer._embeddings
     return layer._kernel
+
+
+def set_keras_mask(tensor, mask):
+    """Attaches a padding mask to a layer's output (`backend.set_keras_mask`,
+    as Keras' own `ReversibleEmbedding` does in its call)."""
+    from keras.src import backend
+
+    backend.set_keras_mask(tensor, mask)
 
 
 def float_source_policy(policy):

@@ -1,0 +1,131 @@
+"""`PVeRAEmbedding`: the PVeRA adapter on a frozen `Embedding` layer.
+
+The math is `PVeRADense`'s, with the token's one-hot vector as the input
+(`EmbeddingMap`: `in` is the vocabulary size, and `x @ A[:, :in].T` is a
+gather of `A`'s columns by token id). This class adds what an embedding's
+call has that a `Dense` layer's has not: the padding mask of
+`mask_zero=True`, and the reverse direction of KerasHub's
+`ReversibleEmbedding`.
+
+A tied `ReversibleEmbedding` computes logits with its own matrix
+(`reverse=True`: `logits = h @ E.T`). The adapter changes `E`, so the
+reverse direction reads the adapted matrix too, with the mean delta:
+
+    logits = h @ (E + dE).T
+           = h @ E.T + ((h * alpha * lambda_b) @ B[:dim, :]
+                        * lambda_d[:r]) @ A[:r, :vocab]
+
+computed in that order, without making the `(vocab, dim)` delta. So merging
+(`E + dE`) gives the same model in both directions. The reverse direction
+has no latent code of its own (its input is not a token), so it never
+samples: Monte Carlo noise enters through the forward lookup. An untied
+`ReversibleEmbedding` keeps its separate reverse matrix, which is not
+adapted.
+"""
+
+import keras
+from keras import ops
+
+from keras_pvera.src.layers import row_adapters
+from keras_pvera.src.layers.pvera_dense import PVeRADense
+from keras_pvera.src.utils import keras_internals
+
+
+@keras.saving.register_keras_serializable(package="keras_pvera")
+class PVeRAEmbedding(PVeRADense):
+    """PVeRA adapter around a frozen `Embedding` layer.
+
+    Everything of `PVeRADense` (named adapters, sampling, KL term, merging,
+    saving) holds; `lambda_b` has the embedding's `output_dim` values and the
+    shared `A` at least `input_dim` (vocabulary size) columns. Calling it
+    with `reverse=True` (KerasHub's `ReversibleEmbedding` with tied weights)
+    returns logits from the adapted matrix, as the module docstring says.
+
+    Args:
+        base_layer: A `keras.layers.Embedding`, or a subclass such as
+            KerasHub's `ReversibleEmbedding`.
+        **kwargs: As for `PVeRADense`.
+
+    Raises:
+        TypeError: If `base_layer` is not an `Embedding`.
+
+    Example:
+
+    >>> import numpy as np
+    >>> layer = PVeRAEmbedding(keras.layers.Embedding(100, 8), rank=4)
+    >>> tuple(layer(np.array([[1, 2, 3]])).shape)
+    (1, 3, 8)
+    """
+
+    wraps_embeddings = True
+
+    def __init__(self, base_layer, **kwargs):
+        if not isinstance(base_layer, keras.layers.Embedding):
+            raise TypeError(
+                "PVeRAEmbedding wraps a keras.layers.Embedding; use "
+                "PVeRADense for Dense, EinsumDense and convolution layers. "
+                f"Received: base_layer={base_layer!r} of type "
+                f"{type(base_layer).__name__}"
+            )
+        super().__init__(base_layer, **kwargs)
+
+    def call(self, inputs, reverse=False, training=None):
+        if reverse:
+            return self._reverse(inputs)
+        y = super().call(inputs, training=training)
+        if self.base_layer.mask_zero:
+            keras_internals.set_keras_mask(y, ops.not_equal(inputs, 0))
+        return y
+
+    def _reverse(self, inputs):
+        """Logits from the adapted matrix (a tied `ReversibleEmbedding`)."""
+        base = self.base_layer
+        if not getattr(base, "tie_weights", False):
+            return base(inputs, reverse=True)
+        rows = row_adapters.current()
+        names, sign = (self.active_names if self.enabled else ()), 1.0
+        if rows is not None:  # Each row's own adapter (`row_adapters`).
+            self._check_not_merged("pick adapters per example")
+            names = tuple(n for n in rows.names if n in self.adapter_vectors)
+        elif self.merged_names:
+            # Merged adapters are in the matrix: none to add, or (adapters
+            # disabled) the merged ones to take out.
+            names, sign = ((), 1.0) if self.enabled else (self.merged_names, -1.0)
+        if not names:
+            return base(inputs, reverse=True)
+        # The adapter adds to the logits before the base's soft cap.
+        cap = base.logit_soft_cap
+        base.logit_soft_cap = None
+        try:
+            logits = base(inputs, reverse=True)
+        finally:
+            base.logit_soft_cap = cap
+        h = ops.cast(inputs, self.adapter_dtype)
+        deltas = [self._reverse_delta(h, name) for name in names]
+        if rows is not None:
+            deltas = [
+                ops.multiply(delta, rows.mask(name, len(delta.shape), delta.dtype))
+                for name, delta in zip(names, deltas, strict=True)
+            ]
+        delta = sum(deltas)
+        logits = ops.cast(
+            ops.add(ops.cast(logits, self.adapter_dtype), ops.multiply(sign, delta)),
+            logits.dtype,
+        )
+        if cap is not None:
+            logits = ops.multiply(ops.tanh(ops.divide(logits, cap)), cap)
+        return logits
+
+    def _reverse_delta(self, h, name):
+        """`h @ dE.T` for adapter `name`, through the rank-`r` factors."""
+        vectors = self.adapter_vectors[name]
+        a, b = self._projections(vectors)
+        rank = vectors.config.rank
+        scaled = ops.multiply(h, ops.multiply(vectors.config.alpha, vectors.lambda_b))
+        latent = ops.multiply(ops.matmul(scaled, b), vectors.lambda_d[:rank])
+        return ops.matmul(latent, a[:rank])
+
+    def compute_output_shape(self, input_shape, reverse=False):
+        if reverse:
+            return self.base_layer.compute_output_shape(input_shape, reverse=True)
+        return self.base_layer.compute_output_shape(input_shape)
