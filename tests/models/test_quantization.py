@@ -3,14 +3,25 @@
 Quantize the base model first, then `keras_pvera.apply`: the adapters run
 beside the quantized layers (which compute their own outputs), only the
 PVeRA vectors train, the quantized kernels stay as they are, and the
-`.keras` file round-trips.
+`.keras` file round-trips. int8 and float8 on every Keras from 3.12; int4
+(per channel and in blocks), GPTQ and AWQ on Keras 3.15, whose packed int4
+kernels are not stored in the float kernel's shape. A quantized base is
+not merged: the adapter goes to the float base through its adapter file.
 """
+
+import gc
 
 import keras
 import numpy as np
 import pytest
 
 import keras_pvera
+
+KERAS_VERSION = tuple(int(part) for part in keras.version().split(".")[:2])
+needs_keras_3_15 = pytest.mark.skipif(
+    KERAS_VERSION < (3, 15),
+    reason="int4 block configs, GPTQ and AWQ as Keras 3.15 stores them",
+)
 
 
 def make_base():
@@ -37,20 +48,48 @@ def data():
     return x, rng.integers(0, 3, size=(64,))
 
 
+def quantize(model, mode, block_size=None):
+    """`model.quantize(mode)`; int4 with `block_size` (-1: one scale per
+    output unit) through Keras 3.15's `Int4QuantizationConfig`."""
+    config = None
+    if block_size is not None:
+        config = keras.quantizers.Int4QuantizationConfig(block_size=block_size)
+    model.quantize(mode, config=config)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["int8", "float8"])
-def test_apply_and_fit_on_a_quantized_base(mode, tmp_path):
+@pytest.mark.parametrize(
+    "mode, block_size",
+    [
+        ("int8", None),
+        ("float8", None),
+        pytest.param("int4", -1, marks=needs_keras_3_15, id="int4-per-channel"),
+        pytest.param("int4", 4, marks=needs_keras_3_15, id="int4-blocks-of-4"),
+    ],
+)
+def test_apply_and_fit_on_a_quantized_base(mode, block_size, tmp_path):
     base = make_base()
-    base.quantize(mode)
+    quantize(base, mode, block_size)
     assert base.get_layer("hidden").quantization_mode == mode
     x, y = data()
     base_predictions = base.predict(x, verbose=0)
 
     model = keras_pvera.apply(base, rank=8, target=["hidden", "mixer"])
     np.testing.assert_array_equal(model.predict(x, verbose=0), base_predictions)
-    if mode == "int8":
-        kernel = model.adapted_layers["hidden"].base_layer._kernel
+    # The adapters have the float layers' sizes, whatever the kernels' storage
+    # (int4 packs two values a byte: hidden's kernel is stored as (8, 16)).
+    hidden, mixer = model.adapted_layers["hidden"], model.adapted_layers["mixer"]
+    assert (hidden.in_dim, hidden.out_dim, mixer.in_dim, mixer.out_dim) == (
+        8,
+        32,
+        32,
+        16,
+    )
+    assert tuple(hidden.lambda_b.shape) == (32,)
+    if mode in ("int8", "int4"):
+        kernel = hidden.base_layer._kernel
         assert keras.backend.standardize_dtype(kernel.dtype) == "int8"
+        assert tuple(kernel.shape) == ((8, 32) if mode == "int8" else (8, 16))
     before = frozen_values(model)
     assert [v.path for v in model.trainable_weights] == [
         "hidden/pvera_lambda_d",
@@ -91,3 +130,62 @@ def test_quantizing_after_apply_raises_and_names_the_fix():
     hidden = model.adapted_layers["hidden"].base_layer
     assert hidden.quantization_mode is None
     np.testing.assert_array_equal(model.predict(x, verbose=0), before)
+
+
+@needs_keras_3_15
+def test_an_adapter_trained_on_an_int4_base_merges_through_the_float_base(
+    tmp_path,
+):
+    base = make_base()
+    float_weights = base.get_weights()
+    quantize(base, "int4", block_size=4)
+    model = keras_pvera.apply(base, rank=8, target=["hidden", "mixer"])
+    rng = np.random.default_rng(0)
+    for layer in model.adapted_layers.values():
+        layer.lambda_b.assign(rng.normal(size=layer.out_dim).astype("float32"))
+    with pytest.raises(ValueError, match=r"mode='int4'.*load_adapter\(float_base"):
+        keras_pvera.merge(model)
+    with pytest.raises(ValueError, match="mode='int4'"):
+        model.merge_adapter()
+    assert model.merged_adapters == []
+
+    path = str(tmp_path / "adapter.safetensors")
+    keras_pvera.save_adapter(model, path)
+    float_base = make_base()
+    float_base.set_weights(float_weights)
+    on_float = keras_pvera.load_adapter(float_base, path)
+    for name, layer in model.adapted_layers.items():
+        for trained, loaded in zip(
+            layer.trainable_weights,
+            on_float.adapted_layers[name].trainable_weights,
+            strict=True,
+        ):
+            np.testing.assert_array_equal(
+                keras.ops.convert_to_numpy(loaded), keras.ops.convert_to_numpy(trained)
+            )
+    merged = keras_pvera.merge(on_float)
+    assert all(
+        layer.quantization_mode is None
+        for layer in merged.layers
+        if hasattr(layer, "quantization_mode")
+    )
+    x, _ = data()
+    np.testing.assert_allclose(
+        merged.predict(x, verbose=0), on_float.predict(x, verbose=0), atol=1e-5
+    )
+
+
+class Int2Dense(keras.layers.Dense):
+    """A Dense layer claiming a quantization mode PVeRA does not know."""
+
+    @property
+    def quantization_mode(self):
+        return "int2"
+
+
+def test_an_unknown_quantization_mode_is_refused_by_name():
+    layer = keras.layers.Dense(4)
+    layer.build((None, 3))
+    layer.__class__ = Int2Dense  # Built as float: Keras knows no int2 build.
+    with pytest.raises(ValueError, match=r"mode='int2'.*'int4', 'gptq', 'awq'"):
+        keras_pvera.PVeRADense(layer, rank=2)
