@@ -232,6 +232,9 @@ def test_apply_and_fit_on_a_gptq_or_awq_causal_lm(mode, tmp_path, monkeypatch):
         sequence_length=8,
         group_size=4,
     )
+    # The tokenizer builds on first use; Keras' `quantize` refuses unbuilt
+    # layers (on JAX the preprocessor's tokenizer is not built before).
+    x, y, sample_weight = causal_lm.preprocessor(TEXTS)
     # Keras runs a full `gc.collect()` for each kernel it replaces (seconds
     # each in a large test process); it frees nothing this test needs.
     with monkeypatch.context() as patch:
@@ -240,7 +243,6 @@ def test_apply_and_fit_on_a_gptq_or_awq_causal_lm(mode, tmp_path, monkeypatch):
     # The tokenizer served the calibration; the adapted task then runs on
     # token ids (training on raw text is tests/hub's, and costs seconds of
     # tf.data here).
-    x, y, sample_weight = causal_lm.preprocessor(TEXTS)
     causal_lm.preprocessor = None
     base_logits = keras.ops.convert_to_numpy(causal_lm(x))
     causal_lm.save(tmp_path / "base.keras")
