@@ -224,8 +224,11 @@ def tiny_gpt2_causal_lm():
 @pytest.mark.parametrize("mode", ["gptq", "awq"])
 def test_apply_and_fit_on_a_gptq_or_awq_causal_lm(mode, tmp_path, monkeypatch):
     causal_lm = tiny_gpt2_causal_lm()
-    config_class = {"gptq": keras.quantizers.GPTQConfig, "awq": keras.quantizers.AWQConfig}
-    config = config_class[mode](
+    config_class = {
+        "gptq": keras.quantizers.GPTQConfig,
+        "awq": keras.quantizers.AWQConfig,
+    }[mode]
+    config = config_class(
         dataset=TEXTS,
         tokenizer=causal_lm.preprocessor.tokenizer,
         num_samples=4,

@@ -57,8 +57,9 @@ def merge(model, safe_merge=True):
     Raises:
         TypeError: If `model` is not a `PVeRAModel`.
         ValueError: If the base model could not be serialized, if an adapted
-            layer is quantized (the message gives the float-base route), if the rebuilt model's layers do not line
-            up with the adapted model's, or (with `safe_merge`, the default)
+            layer is quantized (the message gives the float-base route), if
+            the rebuilt model's layers do not line up with the adapted
+            model's, or (with `safe_merge`, the default)
             if a merged kernel would hold NaN or infinity.
 
     Example:
