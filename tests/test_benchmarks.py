@@ -1,8 +1,10 @@
-"""The benchmark scripts run: quick runs of the uncertainty benchmarks."""
+"""The benchmark scripts run: quick runs of the uncertainty and quantized-base
+benchmarks."""
 
 import importlib.util
 import pathlib
 
+import keras
 import pytest
 
 BENCHMARKS = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
@@ -88,3 +90,31 @@ def test_adapters_by_row_benchmark_quick_run(capsys):
     printed = capsys.readouterr().out
     assert "| one batch, adapter_names |" in printed
     assert all(seconds > 0 for seconds in figures.values())
+
+
+@pytest.mark.slow
+@pytest.mark.default_backend_only
+def test_quantized_bases_benchmark_quick_run(capsys):
+    pytest.importorskip("keras_hub")
+    if tuple(int(p) for p in keras.version().split(".")[:2]) < (3, 15):
+        pytest.skip("Keras' LoRA on int4 kernels as Keras 3.15 stores them")
+    benchmark = load_benchmark("benchmark_quantized_bases")
+    rows = benchmark.main(["--quick"])
+    printed = capsys.readouterr().out
+    assert "| base | method | weights MiB | trainable | step s | step peak MiB |" in (
+        printed
+    )
+    assert sorted(rows) == sorted(
+        (base, method) for base in benchmark.BASES for method in benchmark.METHODS
+    )
+    for (base, method), row in rows.items():
+        assert f"| {base} | {method} |" in printed
+        assert row["step s"] > 0
+        # The adapter trains the same values whatever the base's storage.
+        assert row["trainable"] == rows["float32", method]["trainable"]
+    # int8 kernels take a quarter of float32's bytes, int4 an eighth (plus
+    # scales, and the float embeddings and norms): less memory either way.
+    for method in benchmark.METHODS:
+        float_bytes = rows["float32", method]["weights MiB"]
+        int8_bytes = rows["int8", method]["weights MiB"]
+        assert rows["int4", method]["weights MiB"] < int8_bytes < float_bytes

@@ -80,6 +80,11 @@ def kl_divergence(mu, logvar):
 
 DENSE_EQUATION = "...a,ab->...b"
 
+# The quantization modes (`layer.quantize(mode)`) of base layers PVeRA runs
+# beside; `None` is a float layer. Keras 3.12 has no int4 sub-channel, GPTQ
+# or AWQ layers to meet.
+ADAPTABLE_QUANTIZATION_MODES = (None, "int8", "float8", "int4", "gptq", "awq")
+
 
 class LinearEquation:
     """The linear map of a `Dense` or single-kernel `EinsumDense` layer.
@@ -273,7 +278,7 @@ def linear_equation_of(layer):
         if isinstance(layer, keras.layers.EinsumDense)
         else DENSE_EQUATION
     )
-    return LinearEquation(equation, keras_internals.kernel_variable(layer).shape)
+    return LinearEquation(equation, keras_internals.kernel_shape(layer))
 
 
 class AdapterVectors:
@@ -356,7 +361,7 @@ class PVeRADense(keras.layers.Layer):
         ValueError: For a bad `rank`, `dropout` or other setting, an einsum
             equation whose kernel axes are not a plain linear map, a layer
             that does not fit `projection_registry`, or a quantization mode
-            other than int8/float8.
+            other than int8, float8, int4, gptq and awq.
 
     Example:
 
@@ -771,11 +776,12 @@ class PVeRADense(keras.layers.Layer):
 
     def _check_quantization_mode(self):
         base = self.base_layer
-        if base.quantization_mode not in (None, "int8", "float8"):
+        if base.quantization_mode not in ADAPTABLE_QUANTIZATION_MODES:
             raise ValueError(
-                "PVeRA adapts float, int8 and float8 layers. Layer "
-                f"{base.name!r} is quantized with "
-                f"mode={base.quantization_mode!r}."
+                f"Layer {base.name!r} is quantized with "
+                f"mode={base.quantization_mode!r}, which PVeRA does not "
+                "adapt. It adapts float layers and layers quantized with "
+                f"modes {list(ADAPTABLE_QUANTIZATION_MODES[1:])}."
             )
 
     @property

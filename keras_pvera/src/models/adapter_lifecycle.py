@@ -482,7 +482,13 @@ def adapter_deltas(model, safe_merge, adapter_names=None):
             raise ValueError(
                 f"Layer {path!r} is quantized "
                 f"(mode={layer.base_layer.quantization_mode!r}); merging "
-                "folds the adapter into float kernels. Merge before quantizing."
+                "folds the adapter into float kernels, and adding it to a "
+                "quantized kernel would round most of it away. Keep the "
+                "adapted model (it runs the quantized base with the adapter "
+                "beside it), or save the adapter (`keras_pvera.save_adapter`), "
+                "load it onto the float base model "
+                "(`keras_pvera.load_adapter(float_base, path)`) and merge "
+                "that; quantize the merged model afterwards if you want."
             )
         delta = layer.delta_kernel(todo[0])
         for name in todo[1:]:

@@ -89,7 +89,23 @@ def task_attribute(model, name):
         )
     if name == "generate":
         return functools.partial(generate, model, task)
+    if name == "export_to_transformers":
+        return export_to_transformers
     return getattr(task, name)
+
+
+def export_to_transformers(path):
+    """Refuses: KerasHub's exporters read the base layers' own kernels.
+
+    Raises:
+        ValueError: Always, naming the call that exports the adapted model.
+    """
+    raise ValueError(
+        "An adapted task exports once merged: "
+        f"`keras_pvera.merge(model).export_to_transformers({path!r})`. "
+        "KerasHub's exporters read each layer's kernel, and the adapted "
+        "layers hold the adapter beside the kernel, not in it."
+    )
 
 
 def generate(model, task, inputs, *args, adapter_names=None, **kwargs):

@@ -15,6 +15,13 @@ each active adapter's `delta_kernel()` to its layer's kernel; a layer trained
 in full gets the weights of the active adapter's copy. The result has the
 base model's architecture, so it runs as fast as the base model and saves
 and loads as `.keras` without keras_pvera.
+
+A model adapted on a quantized base (`base.quantize("int8" | "int4" |
+"float8" | "gptq" | "awq")` before `apply`) is not merged: the adapter's
+delta is mostly smaller than a quantized kernel's rounding step, and
+Keras keeps no float kernel to add it to. `merge` refuses and says what
+works: load the adapter file onto the float base model and merge that
+(quantize the merged model again if wanted).
 """
 
 import tempfile
@@ -50,8 +57,9 @@ def merge(model, safe_merge=True):
     Raises:
         TypeError: If `model` is not a `PVeRAModel`.
         ValueError: If the base model could not be serialized, if an adapted
-            layer is quantized, if the rebuilt model's layers do not line
-            up with the adapted model's, or (with `safe_merge`, the default)
+            layer is quantized (the message gives the float-base route), if
+            the rebuilt model's layers do not line up with the adapted
+            model's, or (with `safe_merge`, the default)
             if a merged kernel would hold NaN or infinity.
 
     Example:

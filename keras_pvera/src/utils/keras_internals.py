@@ -177,6 +177,27 @@ def set_keras_mask(tensor, mask):
     backend.set_keras_mask(tensor, mask)
 
 
+def kernel_shape(layer):
+    """The float kernel's shape of a Dense/EinsumDense layer, quantized or not.
+
+    An int4, GPTQ or AWQ layer stores its kernel packed (two 4-bit values a
+    byte) and, for GPTQ and AWQ, transposed, so the stored variable's shape
+    is not the layer's linear map. Keras records the float shape when it
+    builds the quantized variables: `original_kernel_shape` (EinsumDense
+    int4, GPTQ, AWQ), `kernel_shape` (Dense GPTQ, AWQ) and
+    `_orig_input_dim` / `_orig_output_dim` (Dense int4). Other layers
+    (float, int8, float8) store the kernel in its float shape (`_kernel`).
+    """
+    if layer.quantization_mode in ("int4", "gptq", "awq"):
+        for name in ("original_kernel_shape", "kernel_shape"):
+            shape = getattr(layer, name, None)
+            if shape is not None:
+                return tuple(int(d) for d in shape)
+        if hasattr(layer, "_orig_output_dim"):
+            return (int(layer._orig_input_dim), int(layer._orig_output_dim))
+    return tuple(int(d) for d in layer._kernel.shape)
+
+
 def float_source_policy(policy):
     """The float policy under a quantized one (`_source_name`).
 

@@ -1,0 +1,87 @@
+"""A merged KerasHub task exports to Hugging Face Transformers.
+
+`keras_pvera.merge` gives back the task's own classes with the adapters
+folded into the kernels, so KerasHub's `export_to_transformers` writes it
+as it writes the base task: the Transformers model loaded from that folder
+computes the adapted model's logits. One tiny causal LM (random weights,
+an in-memory tokenizer, the preprocessor attached as `from_preset` gives
+it) per architecture KerasHub 0.32 exports and this file builds: GPT-2,
+Llama 3, Mistral, Qwen (2) and Gemma. Not built here: Gemma 3 and 4 and
+Qwen 3.5, whose exporters also write vision or hybrid-attention configs.
+"""
+
+import keras
+import numpy as np
+import pytest
+
+import keras_pvera
+
+keras_hub = pytest.importorskip("keras_hub")
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+# The tiny builders and in-memory tokenizers of the architecture matrix.
+import test_keras_hub_architectures as architectures  # noqa: E402
+
+models = keras_hub.models
+pytestmark = [pytest.mark.slow, pytest.mark.architecture_matrix]
+
+
+@architectures.seeded
+def mistral(preprocessor=False):
+    backbone = models.MistralBackbone(
+        **architectures.DECODER, sliding_window=architectures.LENGTH
+    )
+    return architectures.text_task(models.MistralCausalLM, backbone, preprocessor)
+
+
+@architectures.seeded
+def qwen(preprocessor=False):
+    backbone = models.QwenBackbone(**architectures.DECODER)
+    return architectures.text_task(models.QwenCausalLM, backbone, preprocessor)
+
+
+BUILDERS = {
+    "gpt2": architectures.gpt2,
+    "llama3": architectures.llama3,
+    "mistral": mistral,
+    "qwen": qwen,
+    "gemma": architectures.gemma,
+}
+
+
+def logits_of(task, inputs):
+    return keras.ops.convert_to_numpy(task(inputs))
+
+
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_a_merged_causal_lm_exports_to_transformers(name, tmp_path):
+    task = BUILDERS[name](preprocessor=True)
+    model = keras_pvera.apply(task, rank=4, target="all")
+    rng = np.random.default_rng(0)
+    for layer in model.adapted_layers.values():
+        layer.lambda_b.assign(rng.normal(size=layer.out_dim).astype("float32"))
+    inputs = architectures.network_inputs(task, architectures.TEXTS)
+    base_logits = logits_of(BUILDERS[name](), inputs)
+    adapted_logits = logits_of(model, inputs)
+    assert np.max(np.abs(adapted_logits - base_logits)) > 1e-2  # The adapter acts.
+    with pytest.raises(ValueError, match=r"keras_pvera.merge\(model\)"):
+        model.export_to_transformers(str(tmp_path / "adapted"))
+
+    merged = keras_pvera.merge(model)
+    assert type(merged) is type(task) and type(merged.backbone) is type(task.backbone)
+    merged.export_to_transformers(str(tmp_path / "merged"))
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    hf_model.eval()
+    with torch.no_grad():
+        hf_logits = hf_model(
+            input_ids=torch.tensor(np.asarray(inputs["token_ids"]), dtype=torch.long),
+            attention_mask=torch.tensor(
+                np.asarray(inputs["padding_mask"]), dtype=torch.long
+            ),
+        ).logits.numpy()
+    # Padded positions differ by design (KerasHub masks them its own way).
+    real = np.asarray(inputs["padding_mask"]).astype(bool)
+    np.testing.assert_allclose(hf_logits[real], adapted_logits[real], atol=1e-4)
+    # The exported tokenizer loads beside the model.
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "merged") is not None
