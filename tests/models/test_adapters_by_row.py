@@ -128,3 +128,29 @@ def test_sampled_layers_are_among_the_batch_adapters_layers():
         model, x, sampled_layers=["hidden"], **settings
     )
     assert result.std.min() > 1e-5
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_each_example_runs_its_adapters_own_copy_of_a_trained_head(seed):
+    keras.utils.set_random_seed(seed)
+    base = keras.Sequential(
+        [
+            keras.Input((6,)),
+            keras.layers.Dense(8, activation="relu", name="hidden"),
+            keras.layers.Dense(3, activation="softmax", name="head"),
+        ]
+    )
+    # "default" trains its own copy of the head, "other" runs the original.
+    model = keras_pvera.apply(base, rank=4, trainable_layers=["head"], seed=seed)
+    model.add_adapter("other", rank=4, seed=seed)
+    rng = np.random.default_rng(seed)
+    head_copy = model.adapter_registry.trained_in_full("default")["head"]
+    head_copy.kernel.assign(rng.normal(size=head_copy.kernel.shape))
+    for layer in model.adapter_registry.wrappers.values():
+        for vectors in layer.adapter_vectors.values():
+            vectors.lambda_b.assign(rng.normal(0.0, 0.7, vectors.lambda_b.shape))
+    x = rng.normal(size=(len(NAMES), 6)).astype("float32")
+    mixed = model.predict(x, adapter_names=NAMES, verbose=0)
+    alone = each_alone(model, lambda: model.predict(x, verbose=0))
+    np.testing.assert_allclose(mixed, rows_of(alone), rtol=1e-5, atol=1e-6)
+    assert np.abs(alone["default"] - alone["other"]).max() > 1e-3

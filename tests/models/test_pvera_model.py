@@ -440,13 +440,13 @@ def test_bad_input_raises_and_leaves_the_model_as_it_was(kwargs, error, message)
     np.testing.assert_array_equal(base.predict(x, verbose=0), expected)
 
 
-def test_a_layer_that_is_not_dense_is_refused_by_name():
+def test_a_layer_pvera_cannot_adapt_is_refused_by_name():
     inputs = keras.Input((6, 4))
-    outputs = keras.layers.Dense(2)(keras.layers.Conv1D(3, 2, name="conv")(inputs))
-    base = keras.Model(inputs, outputs)
-    with pytest.raises(TypeError, match="'conv' of type Conv1D"):
+    conv = keras.layers.Conv1DTranspose(3, 2, name="conv")
+    base = keras.Model(inputs, keras.layers.Dense(2)(conv(inputs)))
+    with pytest.raises(TypeError, match="'conv' is a Conv1DTranspose"):
         keras_pvera.apply(base, rank=4, target=["conv"])
-    with pytest.raises(TypeError, match="'conv' of type Conv1D"):
+    with pytest.raises(TypeError, match="'conv' is a Conv1DTranspose"):
         keras_pvera.apply(base, rank=4, target=lambda layer: True)
 
 

@@ -50,11 +50,14 @@ class RowAdapters:
         self.names = tuple(names)
         self.indices = indices
 
+    def picks(self, name, ndim):
+        """A boolean `(batch, 1, ..., 1)` tensor of rank `ndim`: `name`'s rows."""
+        rows = ops.equal(self.indices, self.names.index(name))
+        return ops.reshape(rows, (-1,) + (1,) * (ndim - 1))
+
     def mask(self, name, ndim, dtype):
         """A `(batch, 1, ..., 1)` tensor of rank `ndim`: 1 on `name`'s rows."""
-        index = self.names.index(name)
-        rows = ops.cast(ops.equal(self.indices, index), dtype)
-        return ops.reshape(rows, (-1,) + (1,) * (ndim - 1))
+        return ops.cast(self.picks(name, ndim), dtype)
 
 
 _state = threading.local()

@@ -9,7 +9,9 @@ active adapter has a copy, or when the adapters are disabled, so
 """
 
 import keras
+from keras import ops
 
+from keras_pvera.src.layers import row_adapters
 from keras_pvera.src.utils import keras_internals
 
 
@@ -196,7 +198,28 @@ class TrainedCopies(keras.layers.Layer):
             return getattr(self.current_layer(), name)
 
     def call(self, *args, **kwargs):
-        return self.current_layer()(*args, **kwargs)
+        rows = row_adapters.current()
+        if rows is None:
+            return self.current_layer()(*args, **kwargs)
+        # Each row's own copy (`row_adapters`): the original for the base
+        # model and for adapters without a copy; each layer runs once.
+        outputs, result = {}, None
+        for name in rows.names:
+            layer = self.copies.get(name, self.original_layer)
+            if id(layer) not in outputs:
+                outputs[id(layer)] = layer(*args, **kwargs)
+            output = outputs[id(layer)]
+            if result is None:
+                result = output
+                continue
+            result = keras.tree.map_structure(
+                lambda new, old, name=name: ops.where(
+                    rows.picks(name, len(new.shape)), new, old
+                ),
+                output,
+                result,
+            )
+        return result
 
     def compute_output_shape(self, *args, **kwargs):
         return self.original_layer.compute_output_shape(*args, **kwargs)

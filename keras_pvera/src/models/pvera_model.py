@@ -226,11 +226,12 @@ class PVeRAModel(AdapterLifecycle, model_summary.ModelSummary, keras.Model):
         Args:
             x: Inputs, as for `keras.Model.predict` (raw inputs for a
                 KerasHub task with a preprocessor).
-            *args, **kwargs: As for `keras.Model.predict`.
+            *args: As for `keras.Model.predict`.
             adapter_names: `None` (the active adapters run), or one loaded
                 adapter name per example (`"__base__"`: the base model), for
                 array (or raw task) inputs: every example gets what its
                 adapter alone gives it, in one pass over the batch.
+            **kwargs: As for `keras.Model.predict`.
 
         Returns:
             As `keras.Model.predict`.
