@@ -985,8 +985,7 @@ class PVeRADense(keras.layers.Layer):
                 "inference; to train an adapter, make it active with "
                 "`model.set_adapter(name)`."
             )
-        if self.merged_names:
-            self._check_not_merged("pick adapters per example")
+        self._check_not_merged("pick adapters per example")
         batch, expected = inputs.shape[0], rows.indices.shape[0]
         if None not in (batch, expected) and batch != expected:
             raise ValueError(
@@ -1009,8 +1008,7 @@ class PVeRADense(keras.layers.Layer):
         h = self._projected(inputs, 0.0, False)
         lambda_d, scale, sampling = self._row_vectors(held, rows.indices, h)
         h = ops.cast(ops.multiply(h, lambda_d), "float32")
-        rank = first.config.rank
-        z, logvar = h[..., :rank], h[..., rank:]
+        z, logvar = ops.split(h, 2, axis=-1)
         if sampling is not None:
             z = ops.add(z, ops.multiply(self._noise(logvar), sampling))
         z = ops.cast(z, self.adapter_dtype)

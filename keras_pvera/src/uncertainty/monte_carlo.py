@@ -750,6 +750,7 @@ def predict_with_uncertainty(
         seed = random.randint(0, 2**31 - 1)
     verbose = _check_verbose(verbose)
     with contextlib.ExitStack() as stack:
+        names = None  # The batch's adapters, when picked per example.
         if adapter_names is None:
             adapted = adapted_layers_of(model)
             # A KerasHub task's raw inputs through its preprocessor.
@@ -759,12 +760,12 @@ def predict_with_uncertainty(
             if preprocessed is not None:
                 x = preprocessed
         else:
-            x, adapted = _inputs_by_row(stack, model, x, adapter_names)
+            x, adapted, names = _inputs_by_row(stack, model, x, adapter_names)
         flags = _sampling_flags(adapted, sampled_layers)
         if callable(getattr(model, "check_finite", None)):
             model.check_finite()
         outputs, drawn = _draw_all(
-            model, x, n, max_rows, seed, adapted, flags, adapter_names, verbose
+            model, x, n, max_rows, seed, adapted, flags, names, verbose
         )
     samples = keras.tree.pack_sequence_as(
         outputs,
@@ -779,7 +780,8 @@ def predict_with_uncertainty(
 
 
 def _inputs_by_row(stack, model, x, adapter_names):
-    """Inputs packed with each example's adapter, and the layers that run.
+    """Inputs packed with each example's adapter, the layers that run, and
+    the batch's adapter names.
 
     Opens the model's `adapters_by_row` context on `stack`.
     """
@@ -795,15 +797,13 @@ def _inputs_by_row(stack, model, x, adapter_names):
     adapted = model.adapter_registry.layers_of(
         [name for name in names if name != row_adapters.BASE_MODEL]
     )
-    return row_adapters.pack(x, indices), adapted
+    return row_adapters.pack(x, indices), adapted, names
 
 
-def _draw_all(model, x, n, max_rows, seed, adapted, flags, adapter_names, verbose):
+def _draw_all(model, x, n, max_rows, seed, adapted, flags, names, verbose):
     """`n` sampled predictions of every batch of `x`: `(outputs, drawn)`,
-    one model output's structure and, per batch, its leaves' samples."""
-    names = None
-    if adapter_names is not None:
-        names = tuple(dict.fromkeys(adapter_names))
+    one model output's structure and, per batch, its leaves' samples.
+    `names`: the adapters picked per example, or `None` (the active ones)."""
     adapters = list(adapted.values())
     batches = InputBatches(x, array_batch_size=max(1, max_rows // n))
     progbar = None
