@@ -507,8 +507,10 @@ def test_calls_never_exceed_batch_size_rows(monkeypatch):
     predict_on_batch = model.predict_on_batch
 
     def recording(x):
-        rows.append(len(x))
-        return predict_on_batch(x)
+        # The rows of the output: the batch once repeated for its copies.
+        outputs = predict_on_batch(x)
+        rows.append(len(outputs))
+        return outputs
 
     monkeypatch.setattr(model, "predict_on_batch", recording)
     predict_with_uncertainty(model, inputs(size=10), n=7, batch_size=16, verbose=0)

@@ -22,6 +22,7 @@ from keras_pvera.src.models.adapter_lifecycle import AdapterLifecycle
 from keras_pvera.src.surgery import adapter_registry as adapter_registry_lib
 from keras_pvera.src.surgery import layer_selection
 from keras_pvera.src.uncertainty import monte_carlo
+from keras_pvera.src.uncertainty import shared_prefix
 from keras_pvera.src.uncertainty import temperature_scaling as calibration_lib
 from keras_pvera.src.utils import keras_hub_tasks
 from keras_pvera.src.utils import keras_internals
@@ -189,7 +190,8 @@ class PVeRAModel(AdapterLifecycle, model_summary.ModelSummary, keras.Model):
                 stack.enter_context(
                     row_adapters.selecting(self.row_adapter_names, indices)
                 )
-            outputs = self.base_model(inputs, training=training)
+            # Within a Monte Carlo run, the layers before sampling run once.
+            outputs = shared_prefix.call_model(self.base_model, inputs, training)
         scaling = self.temperature_scaling
         if scaling is not None and not training:
             outputs = calibration_lib.apply_temperature(

@@ -24,6 +24,7 @@ from keras_pvera.src.layers import row_adapters
 from keras_pvera.src.layers.seeds import seed_generator_states
 from keras_pvera.src.surgery import layer_walk
 from keras_pvera.src.uncertainty import output_kinds
+from keras_pvera.src.uncertainty import shared_prefix
 from keras_pvera.src.uncertainty.input_batches import InputBatches
 from keras_pvera.src.uncertainty.input_batches import num_rows
 from keras_pvera.src.utils import checks
@@ -595,12 +596,13 @@ def _repeat(array, copies):
     return np.concatenate([array] * copies, axis=0)
 
 
-def _draw_samples(model, batch, n, max_rows):
+def _draw_samples(predict_copies, batch, n, max_rows):
     """`n` sampled predictions of one input batch.
 
     The batch is cut into pieces of at most `max_rows` examples; each piece
-    is repeated `copies` times per model call, `copies` chosen so that no
-    call exceeds `max_rows` rows and the calls are as even as possible.
+    is repeated `copies` times per model call (`predict_copies(piece,
+    copies)`), `copies` chosen so that no call exceeds `max_rows` rows and
+    the calls are as even as possible.
 
     Returns:
         A tuple `(outputs, leaves)`: the structure of one model output, and
@@ -619,9 +621,7 @@ def _draw_samples(model, batch, n, max_rows):
         draws, remaining = [], n
         while remaining:
             k = min(copies, remaining)
-            outputs = model.predict_on_batch(
-                keras.tree.map_structure(lambda a, k=k: _repeat(a, k), piece)
-            )
+            outputs = predict_copies(piece, k)
             draws.append(_per_copy(outputs, k, size))
             remaining -= k
         pieces.append([np.concatenate(d, axis=0) for d in zip(*draws, strict=True)])
@@ -812,10 +812,12 @@ def _draw_all(model, x, n, max_rows, seed, adapted, flags, names, verbose):
             batches.num_batches, verbose=verbose, unit_name="step"
         )
     outputs, drawn = None, []
+    sampling = [layer for layer, flag in zip(adapters, flags, strict=True) if flag]
+    predict_copies = _copies_predictor(model, sampling, names)
     with _sampling_at_inference(model, adapters, seed, flags, names):
         for step, batch in enumerate(batches):
             if num_rows(batch) > 0:
-                outputs, leaves = _draw_samples(model, batch, n, max_rows)
+                outputs, leaves = _draw_samples(predict_copies, batch, n, max_rows)
                 drawn.append(leaves)
             if progbar is not None:
                 progbar.update(step + 1)
@@ -824,3 +826,43 @@ def _draw_all(model, x, n, max_rows, seed, adapted, flags, names, verbose):
     if progbar is not None and batches.num_batches is None:
         progbar.update(step + 1, finalize=True)
     return outputs, drawn
+
+
+def _copies_predictor(model, sampling, names):
+    """`predict_copies(piece, copies)`: the model's outputs for `piece`
+    repeated `copies` times.
+
+    A model made by `keras_pvera.apply` takes the piece once and repeats
+    it inside, where the first sampling layer needs it (`shared_prefix`);
+    other models, and batches whose examples pick their adapters
+    (`names`), get the repeated piece.
+    """
+    if names is not None or not output_kinds.is_adapted_model(model):
+        return _repeated_batch_predictor(model)
+    return _shared_prefix_predictor(model, sampling)
+
+
+def _repeated_batch_predictor(model):
+    """The repeated piece through the whole model."""
+
+    def predict_copies(piece, copies):
+        return model.predict_on_batch(
+            keras.tree.map_structure(lambda a: _repeat(a, copies), piece)
+        )
+
+    return predict_copies
+
+
+def _shared_prefix_predictor(model, sampling):
+    """The piece once through the layers before `sampling`, then repeated."""
+    traced_copies = [None]
+
+    def predict_copies(piece, copies):
+        if copies != traced_copies[0]:
+            # A compiled predict function holds the repetition it traced.
+            keras_internals.drop_compiled_functions(model)
+            traced_copies[0] = copies
+        with shared_prefix.repeating(copies, sampling):
+            return model.predict_on_batch(piece)
+
+    return predict_copies

@@ -72,6 +72,60 @@ def graph_nodes(graph):
     return [node for nodes in graph._nodes_by_depth.values() for node in nodes]
 
 
+def nodes_in_order(graph):
+    """A Functional graph's nodes that run, in the order its `call` runs them.
+
+    `_nodes_by_depth`, deepest first, as `Function._run_through_graph`
+    walks it; input nodes and nodes without an operation are left out.
+    """
+    for depth in sorted(graph._nodes_by_depth, reverse=True):
+        for node in graph._nodes_by_depth[depth]:
+            if node.operation is not None and not node.is_input:
+                yield node
+
+
+def node_arguments(node, values):
+    """A node's call arguments `(args, kwargs)`, its symbolic tensors
+    replaced by `values[id(tensor)]` (`node.arguments.fill_in`)."""
+    return node.arguments.fill_in(values)
+
+
+def graph_call(operation, training):
+    """`operation` as a Functional model's `call` runs it: `training` is
+    passed to the layers whose `call` takes it (`functional.operation_fn`)."""
+    from keras.src.models import functional
+
+    return functional.operation_fn(operation, training=training)
+
+
+def runs_own_graph(model):
+    """Whether `model.call` is `Functional.call` (it only runs its graph),
+    so that running its graph node by node is the same computation."""
+    from keras.src.models import functional
+
+    graph = graph_of(model)
+    return (
+        graph is not None
+        and type(graph).call is functional.Functional.call
+        and (graph is model or type(model).call is keras.Sequential.call)
+    )
+
+
+def standardized_inputs(graph, inputs):
+    """A Functional graph's inputs, flat in its inputs' order, as its
+    `call` makes them (`Functional._standardize_inputs`)."""
+    return graph._standardize_inputs(inputs)
+
+
+def graph_outputs(graph, flat):
+    """Flat output values in a Functional graph's output structure, as its
+    `call` returns them (`_outputs_struct`, a single output unwrapped)."""
+    outputs = keras.tree.pack_sequence_as(graph._outputs_struct, list(flat))
+    if isinstance(outputs, (list, tuple)) and len(outputs) == 1:
+        return outputs[0]
+    return outputs
+
+
 def move_nodes(old, new):
     """Gives `new` the graph nodes of `old` (`_inbound_nodes`, `_outbound_nodes`).
 
