@@ -118,3 +118,38 @@ def test_quantized_bases_benchmark_quick_run(capsys):
         float_bytes = rows["float32", method]["weights MiB"]
         int8_bytes = rows["int8", method]["weights MiB"]
         assert rows["int4", method]["weights MiB"] < int8_bytes < float_bytes
+
+
+@pytest.mark.default_backend_only
+def test_uncertainty_heldout_quick_run_reports_every_method(capsys):
+    benchmark = load_benchmark("uncertainty_heldout")
+    methods = "defaults,recipe,recipe + sample upper half,recipe + noise x3"
+    summaries = benchmark.main(["--quick", "--tasks", "tabular", "--methods", methods])
+    printed = capsys.readouterr().out
+    rows = summaries["tabular"]
+    for method in [
+        *(f"PVeRA MC, {m}" for m in methods.split(",")),
+        "Keras LoRA r1",
+        "LoRA ensemble x1",
+    ]:
+        assert f"| {method} |" in printed
+        assert 0.0 <= rows[method]["ECE"][0] <= 1.0
+        assert 0.0 <= rows[method]["AUROC classes 6-7 H"][0] <= 1.0
+    # Sampled methods have a mutual information; LoRA alone none.
+    assert rows["PVeRA MC, recipe"]["AUROC far rows MI"] is not None
+    assert rows["Keras LoRA r1"]["AUROC far rows MI"] is None
+    # Sampling fewer layers gives less spread on test rows than all of them.
+    upper = rows["PVeRA MC, recipe + sample upper half"]["MI test"][0]
+    assert upper < rows["PVeRA MC, recipe"]["MI test"][0]
+    # Chance is 1/6; the pretrained base alone knows four of the six classes.
+    assert rows["PVeRA MC, recipe"]["accuracy"][0] > 0.4
+
+
+def test_uncertainty_heldout_tasks_are_disjoint_from_training_words():
+    benchmark = load_benchmark("uncertainty_heldout")
+    train, _ = benchmark.topic_sentences("adapt")
+    test, labels = benchmark.topic_sentences("test")
+    assert not set(train) & set(test)
+    assert sorted(set(labels.tolist())) == list(range(len(benchmark.TOPICS)))
+    unseen = benchmark.unseen_topic_sentences()
+    assert not set(unseen) & (set(train) | set(test))
