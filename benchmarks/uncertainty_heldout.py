@@ -214,7 +214,7 @@ class TextTask(HeldOutTask):
         if self.adapted_blocks is None:
             return ["query", "value"]
         blocks = "|".join(str(b) for b in self.adapted_blocks)
-        return rf"transformer_layer_({blocks})/.*(query|value)$"
+        return rf".*transformer_layer_({blocks})/.*(query|value)"
 
     def lora_layers(self, model):
         chosen = []
@@ -862,6 +862,9 @@ def main(argv=None):
     parser.add_argument("--tasks", default=",".join(HELD_OUT))
     parser.add_argument("--methods", default=",".join(TABLE_METHODS))
     parser.add_argument("--first-seed", type=int, default=0)
+    parser.add_argument(
+        "--epochs", type=int, default=None, help="override the tasks' epochs"
+    )
     parser.add_argument("--no-baselines", action="store_true")
     parser.add_argument("--probe", action="store_true")
     parser.add_argument("--n", type=int, default=None, help="Monte Carlo passes")
@@ -873,6 +876,9 @@ def main(argv=None):
     for name in [*tasks, *methods]:
         if name not in TASKS and name not in OPTIONS:
             raise ValueError(f"Unknown task or method {name!r}")
+    if args.epochs:
+        for task_class in (SentimentAllTask, TopicTopTask, TabularTask):
+            task_class.epochs = args.epochs
     started = time.perf_counter()
     print(
         f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
