@@ -15,7 +15,7 @@ layers are adapted, rank, data size, epochs):
 - `topic-top`: the same model on raw templated *topic* sentences (sport,
   cooking, weather, computers; 4 classes, training and test words
   disjoint); query and value of the *top 2* layers adapted at rank 128,
-  6 epochs, 192 sentences. OOD: sentences on topics never trained
+  6 epochs, 108 sentences. OOD: sentences on topics never trained
   (money, health) and movie reviews.
 - `tabular`: a small MLP (2 hidden layers of 64) on scikit-learn
   `make_classification` data (20 features, 8 classes), pretrained on
@@ -38,8 +38,16 @@ sentences, the mean `|mu|`, and, after training, the mutual information
 each layer produces when it samples alone (in and out of distribution).
 
     KERAS_BACKEND=torch python benchmarks/uncertainty_heldout.py
-        [--quick] [--seeds 2] [--tasks sentiment-all,topic-top,tabular]
-        [--methods defaults,recipe,...] [--probe] [--n 16]
+        [--quick] [--seeds 2] [--first-seed 0] [--n 16] [--epochs E]
+        [--tasks sentiment-all,topic-top,tabular] [--no-baselines]
+        [--methods "defaults,recipe,recipe + sample upper half,..."]
+        [--probe]
+
+`--tasks tuning-digits,tuning-minilm` runs the same methods on two of the
+tuning tasks (where the options were compared before the held-out runs);
+`--methods` takes labels of `OPTIONS`; `--epochs` overrides the held-out
+tasks' epochs. `--quick` (one seed, tiny data, 4 passes) takes a few
+seconds on the tabular task.
 """
 
 import argparse
