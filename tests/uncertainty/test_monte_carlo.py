@@ -3,6 +3,8 @@
 Run: PYTHONPATH=. KERAS_BACKEND=torch python -m pytest tests/test_uncertainty.py
 """
 
+import warnings
+
 import keras
 import numpy as np
 import pytest
@@ -523,6 +525,22 @@ def test_calls_never_exceed_batch_size_rows(monkeypatch):
     result = predict_with_uncertainty(model, dataset, n=3, batch_size=4, verbose=0)
     assert max(rows) <= 4 and sum(rows) == 10 * 3
     assert result.mean.shape == (10, 3)
+
+
+def test_overflowing_noise_warns_saying_why():
+    """A large `d_initial` on inputs far outside the data's scale: the
+    log-variance is large and `exp(logvar / 2)` overflows."""
+    model = make_model()
+    for layer in model.adapted_layers.values():
+        layer.lambda_d.assign(np.full(layer.lambda_d.shape, 3.0, "float32"))
+    x = inputs()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        usual = predict_with_uncertainty(model, x, n=4, seed=0, verbose=0)
+    assert np.all(np.isfinite(usual.mean))
+    with pytest.warns(UserWarning, match=r"infinite or NaN.*d_initial"):
+        far = predict_with_uncertainty(model, 1000 * x, n=4, seed=0, verbose=0)
+    assert not np.all(np.isfinite(far.mean))
 
 
 def test_no_leak_into_later_predict():

@@ -14,6 +14,7 @@ import contextlib
 import math
 import numbers
 import random
+import warnings
 
 import keras
 import numpy as np
@@ -771,12 +772,31 @@ def predict_with_uncertainty(
         outputs,
         [np.concatenate(parts, axis=1) for parts in zip(*drawn, strict=True)],
     )
+    _warn_if_not_finite(samples)
     return UncertaintyResult(
         samples,
         level=level,
         keep_samples=return_samples,
         from_logits=output_kinds.from_logits_like(model, samples),
     )
+
+
+def _warn_if_not_finite(samples):
+    """Warns when sampled outputs hold infinity or NaN, saying why."""
+    leaves = [np.asarray(leaf) for leaf in keras.tree.flatten(samples)]
+    bad = sum(int(np.sum(~np.isfinite(leaf))) for leaf in leaves)
+    if bad:
+        total = sum(leaf.size for leaf in leaves)
+        warnings.warn(
+            f"{bad} of {total} sampled output values are infinite or NaN, "
+            "and the statistics computed from them are too. The latent "
+            "noise `exp(logvar / 2)` overflows where the log-variance, "
+            "`lambda_d * (x @ A.T)`, is large: a large `d_initial`, or "
+            "inputs far outside the training data's scale. A smaller "
+            "`d_initial`, inputs on the training data's scale, or "
+            "`sampled_layers` without the overflowing layers avoid it.",
+            stacklevel=3,
+        )
 
 
 def _inputs_by_row(stack, model, x, adapter_names):
