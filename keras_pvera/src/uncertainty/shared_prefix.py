@@ -36,27 +36,39 @@ from keras_pvera.src.utils import keras_internals
 _state = threading.local()
 
 
+def sampling_holders(sampling_layers):
+    """`holds(operation)`: whether an operation is, or holds, one of
+    `sampling_layers` (the `PVeRADense` layers that draw noise).
+
+    Each operation's answer is found once (walking its sublayers) and kept,
+    so that one function can serve every call of a Monte Carlo run.
+    """
+    sampling = {id(layer) for layer in sampling_layers}
+    answers = {}
+
+    def holds(operation):
+        key = id(operation)
+        if key not in answers:
+            layers = [operation, *(v.layer for v in layer_walk.walk(operation))]
+            answers[key] = any(id(layer) in sampling for layer in layers)
+        return answers[key]
+
+    return holds
+
+
 class Repetition:
     """How one call repeats its batch: `copies`, and which layers sample.
 
     Args:
         copies: How many copies of the batch the outputs hold.
-        sampling_layers: The `PVeRADense` layers that draw noise in this
-            call; every other layer gives each copy the same output.
+        holds_sampling: `(operation) -> bool`, from `sampling_holders`:
+            whether an operation draws noise; every other operation gives
+            each copy the same output.
     """
 
-    def __init__(self, copies, sampling_layers):
+    def __init__(self, copies, holds_sampling):
         self.copies = int(copies)
-        self._sampling = {id(layer) for layer in sampling_layers}
-        self._samples = {}
-
-    def samples(self, operation):
-        """Whether `operation` is, or holds, a sampling layer."""
-        key = id(operation)
-        if key not in self._samples:
-            layers = [operation, *(v.layer for v in layer_walk.walk(operation))]
-            self._samples[key] = any(id(layer) in self._sampling for layer in layers)
-        return self._samples[key]
+        self.samples = holds_sampling
 
     def repeat(self, tensor):
         """`copies` copies of `tensor` along its first axis.
@@ -70,7 +82,7 @@ class Repetition:
 
 
 @contextlib.contextmanager
-def repeating(copies, sampling_layers):
+def repeating(copies, holds_sampling):
     """Within this context, `call_model` repeats each batch `copies` times.
 
     Compiled predict functions bake the context in: drop them when it
@@ -78,10 +90,11 @@ def repeating(copies, sampling_layers):
 
     Args:
         copies: A positive integer.
-        sampling_layers: The layers that draw noise.
+        holds_sampling: From `sampling_holders`: which operations draw
+            noise.
     """
     outer = getattr(_state, "repetition", None)
-    _state.repetition = Repetition(copies, sampling_layers)
+    _state.repetition = Repetition(copies, holds_sampling)
     try:
         yield
     finally:
