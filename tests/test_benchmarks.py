@@ -124,10 +124,14 @@ def test_quantized_bases_benchmark_quick_run(capsys):
 
 @pytest.mark.slow
 @pytest.mark.default_backend_only
-def test_uncertainty_heldout_quick_run_reports_every_method(capsys):
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_uncertainty_heldout_quick_run_reports_every_method(capsys, seed):
     benchmark = load_benchmark("uncertainty_heldout")
     methods = "defaults,recipe,recipe + sample upper half,recipe + noise x3"
-    summaries = benchmark.main(["--quick", "--tasks", "tabular", "--methods", methods])
+    summaries = benchmark.main(
+        ["--quick", "--tasks", "tabular", "--methods", methods]
+        + ["--first-seed", str(seed)]
+    )
     printed = capsys.readouterr().out
     rows = summaries["tabular"]
     for method in [
