@@ -21,7 +21,9 @@ whole model (to float32 rounding).
 Repeating a once-computed tensor gives what the repeated batch gives only
 if the tensor holds the batch on its first axis. The walk checks it on
 every tensor it repeats: the graph must leave that axis unknown (`None`)
-and the tensor must have as many rows as the batch. Where one does not
+and the tensor must have as many rows as the batch (a tensor whose shape
+the graph knows in full has no batch axis, and is passed on as it is).
+Where one does not
 (KerasHub's SAM prompt encoder gives its positional embeddings one row,
 which the mask decoder broadcasts to the batch; a tensor with the batch on
 another axis), the walk stops and the whole model runs on the repeated
@@ -231,12 +233,17 @@ def _nested_graph_call(repetition, node, values, once, training, rows):
 
 
 def _repeated(repetition, tensor, value, rows):
-    """The once-computed `value` of the symbolic `tensor`, repeated.
+    """The once-computed `value` of the symbolic `tensor`, as every copy
+    of the batch has it.
 
-    Raises `_Unproven` unless `tensor` has an unknown first axis and
-    `value` `rows` rows (on TensorFlow, a traced batch of unknown size
-    gives `None` for both).
+    A tensor of fully known shape has no batch axis and is the same for
+    every copy (DINOv3's rotary embeddings): `value` itself. Any other is
+    repeated if `tensor` has an unknown first axis and `value` `rows`
+    rows (on TensorFlow, a traced batch of unknown size gives `None` for
+    both); else `_Unproven`.
     """
+    if None not in tuple(tensor.shape):
+        return value
     if not _batched([tensor]) or _leading_size(value) != rows:
         raise _Unproven(tensor)
     return repetition.repeat(value)
