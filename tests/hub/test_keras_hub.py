@@ -17,8 +17,8 @@ from keras_pvera.src.surgery.layer_selection import adaptable_layers
 
 keras_hub = pytest.importorskip("keras_hub")
 
+from hub_models import sam  # noqa: E402
 from pretrained_models import minilm_classifier  # noqa: E402
-from test_keras_hub_architectures import sam  # noqa: E402
 
 
 def tiny_bert(name=None):

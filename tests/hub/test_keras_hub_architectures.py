@@ -51,6 +51,8 @@ from collections.abc import Callable
 import keras
 import numpy as np
 import pytest
+from hub_models import sam
+from hub_models import sam_inputs
 
 import keras_pvera
 from keras_pvera.src.surgery.layer_selection import LINEAR_LAYERS
@@ -131,17 +133,6 @@ def image_and_token_inputs(*extra):
         return inputs
 
     return make
-
-
-def sam_inputs(rows, seed):
-    rng = np.random.default_rng(seed)
-    return {
-        "images": rng.uniform(size=(rows, 32, 32, 3)).astype("float32"),
-        "points": rng.uniform(0, 32, (rows, 1, 2)).astype("float32"),
-        "labels": np.ones((rows, 1), "float32"),
-        "boxes": rng.uniform(0, 32, (rows, 1, 2, 2)).astype("float32"),
-        "masks": np.zeros((rows, 0, 32, 32, 1), "float32"),
-    }
 
 
 # Text: raw strings, and in-memory tokenizers of the three kinds KerasHub's
@@ -556,39 +547,6 @@ def clip():
             max_sequence_length=LENGTH,
         ),
         projection_dim=8,
-    )
-
-
-@seeded
-def sam():
-    return models.SAMBackbone(
-        image_encoder=models.ViTDetBackbone(
-            hidden_size=16,
-            num_layers=2,
-            intermediate_dim=32,
-            num_heads=2,
-            global_attention_layer_indices=[1],
-            patch_size=16,
-            num_output_channels=8,
-            window_size=2,
-            image_shape=(32, 32, 3),
-        ),
-        prompt_encoder=keras_hub.layers.SAMPromptEncoder(
-            hidden_size=8,
-            image_embedding_size=(2, 2),
-            input_image_size=(32, 32),
-            mask_in_channels=16,
-        ),
-        mask_decoder=keras_hub.layers.SAMMaskDecoder(
-            num_layers=1,
-            hidden_size=8,
-            intermediate_dim=16,
-            num_heads=2,
-            embedding_dim=8,
-            num_multimask_outputs=3,
-            iou_head_depth=2,
-            iou_head_hidden_dim=8,
-        ),
     )
 
 

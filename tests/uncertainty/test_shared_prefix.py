@@ -6,9 +6,14 @@ the first sampling layer needs it; everything before runs once per example.
 Run: KERAS_BACKEND=torch python -m pytest tests/uncertainty/test_shared_prefix.py
 """
 
+import warnings
+
 import keras
 import numpy as np
 import pytest
+from hub_models import sam
+from hub_models import sam_inputs
+from keras import ops
 from pretrained_models import minilm_classifier
 
 import keras_pvera
@@ -114,6 +119,87 @@ def test_layers_before_the_first_sampling_layer_see_each_example_once():
     # With `bottom` sampling too, everything after it sees every copy.
     keras_pvera.predict_with_uncertainty(model, x, n=8, seed=0, verbose=0)
     assert before.rows == [4 * 8, 4 * 8, 2 * 8]
+
+
+class RowTable(keras.layers.Layer):
+    """One learned row, `(1, features)`, that its graph declares batched,
+    as KerasHub's SAM prompt encoder declares its positional embeddings."""
+
+    def __init__(self, units, **kwargs):
+        super().__init__(**kwargs)
+        self.table = self.add_weight(shape=(1, units))
+
+    def call(self, x):
+        return ops.convert_to_tensor(self.table)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], self.table.shape[1])
+
+
+class AddRow(keras.layers.Layer):
+    """`x` plus `row` broadcast to its batch, as SAM's mask decoder adds
+    the positional embeddings."""
+
+    def call(self, x, row):
+        return x + ops.broadcast_to(row, ops.shape(x))
+
+    def compute_output_shape(self, x_shape, row_shape):
+        return x_shape
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_once_tensor_without_the_batch_runs_the_repeated_batch(seed):
+    """The table's one row is computed once and read, beside the sampled
+    `top`, by a layer that broadcasts it: repeating it would give it
+    `n` rows, not the batch's. The whole model runs on the repeated
+    batch instead, drawing the noise the walk drew again."""
+    inputs = keras.Input((6,))
+    top = keras.layers.Dense(16, name="top")(inputs)
+    hidden = AddRow()(top, row=RowTable(16)(inputs))
+    model = keras_pvera.apply(
+        keras.Model(inputs, keras.layers.Dense(3)(hidden)),
+        rank=4,
+        target=["top"],
+        seed=seed,
+    )
+    for layer in model.adapted_layers.values():
+        layer.lambda_b.assign(np.ones(layer.lambda_b.shape, "float32"))
+    x = features(seed, size=5)
+    kwargs = dict(n=4, seed=seed, verbose=0, return_samples=True)
+    shared = keras_pvera.predict_with_uncertainty(model, x, **kwargs)
+    repeated = keras_pvera.predict_with_uncertainty(model.base_model, x, **kwargs)
+    np.testing.assert_allclose(shared.samples, repeated.samples, atol=1e-5)
+    assert np.all(shared.std > 1e-3)
+
+
+@pytest.mark.slow
+def test_keras_hub_sam_segmenter(monkeypatch):
+    """KerasHub's `SAMImageSegmenter`: the image encoder samples, the
+    prompt encoder's one-row positional embeddings meet its output in the
+    mask decoder. The samples are those of the repeated batch."""
+    keras_hub = pytest.importorskip("keras_hub")
+    segmenter = keras_hub.models.SAMImageSegmenter(backbone=sam())
+    with warnings.catch_warnings():
+        # The image encoder's fused `qkv` projections, found by name.
+        warnings.simplefilter("ignore")
+        model = keras_pvera.apply(segmenter, rank=4, seed=0)
+    for layer in model.adapted_layers.values():
+        layer.lambda_b.assign(np.ones(layer.lambda_b.shape, "float32"))
+    x = sam_inputs(2, 0)
+    kwargs = dict(n=3, seed=0, verbose=0, return_samples=True)
+    shared = keras_pvera.predict_with_uncertainty(model, x, **kwargs)
+    monkeypatch.setattr(
+        monte_carlo,
+        "_shared_prefix_predictor",
+        lambda model, sampling: monte_carlo._repeated_batch_predictor(model),
+    )
+    repeated = keras_pvera.predict_with_uncertainty(model, x, **kwargs)
+    assert shared.samples["masks"].shape == (3, 2, 4, 8, 8)
+    for key in ("masks", "iou_pred"):
+        np.testing.assert_allclose(
+            shared.samples[key], repeated.samples[key], atol=1e-5, err_msg=key
+        )
+        assert np.all(shared.std[key] > 0), key
 
 
 SENTENCES = [

@@ -876,6 +876,7 @@ def _repeated_batch_predictor(model):
 def _shared_prefix_predictor(model, sampling):
     """The piece once through the layers before `sampling`, then repeated."""
     holds_sampling = shared_prefix.sampling_holders(sampling)
+    generators = [layer.seed_generator for layer in sampling]
     traced_copies = [None]
 
     def predict_copies(piece, copies):
@@ -883,7 +884,7 @@ def _shared_prefix_predictor(model, sampling):
             # A compiled predict function holds the repetition it traced.
             keras_internals.drop_compiled_functions(model)
             traced_copies[0] = copies
-        with shared_prefix.repeating(copies, holds_sampling):
+        with shared_prefix.repeating(copies, holds_sampling, generators):
             return model.predict_on_batch(piece)
 
     return predict_copies

@@ -18,6 +18,18 @@ exactly the repeated batch they would see otherwise, so they draw the same
 noise: the outputs equal those of the repeated batch sent through the
 whole model (to float32 rounding).
 
+Repeating a once-computed tensor gives what the repeated batch gives only
+if the tensor holds the batch on its first axis. The walk checks it on
+every tensor it repeats: the graph must leave that axis unknown (`None`)
+and the tensor must have as many rows as the batch (a tensor whose shape
+the graph knows in full has no batch axis, and is passed on as it is).
+Where one does not
+(KerasHub's SAM prompt encoder gives its positional embeddings one row,
+which the mask decoder broadcasts to the batch; a tensor with the batch on
+another axis), the walk stops and the whole model runs on the repeated
+batch, its sampling layers' noise generators set back to where they were
+when the walk began, so that they draw the same noise.
+
 Models that are not Functional graphs (subclassed models, Sequential
 models without a graph) and layers whose inner computation is not a graph
 (a KerasHub transformer block holding an adapted layer) are run on the
@@ -64,11 +76,14 @@ class Repetition:
         holds_sampling: `(operation) -> bool`, from `sampling_holders`:
             whether an operation draws noise; every other operation gives
             each copy the same output.
+        noise_generators: The sampling layers' `keras.random.SeedGenerator`s,
+            set back to their states when a walk that falls back began.
     """
 
-    def __init__(self, copies, holds_sampling):
+    def __init__(self, copies, holds_sampling, noise_generators=()):
         self.copies = int(copies)
         self.samples = holds_sampling
+        self.noise_generators = list(noise_generators)
 
     def repeat(self, tensor):
         """`copies` copies of `tensor` along its first axis.
@@ -81,8 +96,13 @@ class Repetition:
         return ops.concatenate([tensor] * self.copies, axis=0)
 
 
+class _Unproven(Exception):
+    """The walk met a once-computed tensor it cannot show holds the batch
+    on its first axis, so repeating it may not give the repeated batch's."""
+
+
 @contextlib.contextmanager
-def repeating(copies, holds_sampling):
+def repeating(copies, holds_sampling, noise_generators=()):
     """Within this context, `call_model` repeats each batch `copies` times.
 
     Compiled predict functions bake the context in: drop them when it
@@ -92,9 +112,11 @@ def repeating(copies, holds_sampling):
         copies: A positive integer.
         holds_sampling: From `sampling_holders`: which operations draw
             noise.
+        noise_generators: The seed generators of the sampling layers (see
+            `Repetition`).
     """
     outer = getattr(_state, "repetition", None)
-    _state.repetition = Repetition(copies, holds_sampling)
+    _state.repetition = Repetition(copies, holds_sampling, noise_generators)
     try:
         yield
     finally:
@@ -112,20 +134,34 @@ def call_model(model, inputs, training=None):
         # No graph to walk: the repeated batch through the whole model.
         return model(_map_tensors(repetition.repeat, inputs), training=training)
     flat = keras_internals.standardized_inputs(graph, inputs)
-    outputs, once = _run_graph(repetition, graph, flat, training)
-    outputs = [
-        repetition.repeat(value) if is_once and _batched([tensor]) else value
-        for tensor, value, is_once in zip(graph.outputs, outputs, once, strict=True)
-    ]
+    states = [ops.copy(g.state.value) for g in repetition.noise_generators]
+    try:
+        rows = _rows_of(flat)
+        outputs, once = _run_graph(repetition, graph, flat, training, rows)
+        outputs = [
+            _repeated(repetition, tensor, value, rows) if is_once else value
+            for tensor, value, is_once in zip(graph.outputs, outputs, once, strict=True)
+        ]
+    except _Unproven:
+        # The repeated batch through the whole model, drawing the noise the
+        # walk drew again.
+        for generator, state in zip(repetition.noise_generators, states, strict=True):
+            generator.state.assign(state)
+        return model(_map_tensors(repetition.repeat, inputs), training=training)
     return keras_internals.graph_outputs(graph, outputs)
 
 
-def _run_graph(repetition, graph, inputs, training):
-    """Runs a Functional graph on once-computed `inputs` (one batch).
+def _run_graph(repetition, graph, inputs, training, rows):
+    """Runs a Functional graph on once-computed `inputs` (one batch of
+    `rows` examples).
 
     Returns:
         A tuple `(outputs, once)`: the graph's flat outputs, and whether
         each is computed once (the same for every copy, not repeated).
+
+    Raises:
+        _Unproven: Where a once-computed tensor that must be repeated does
+            not hold the batch on its first axis.
     """
     values, once, repeated = {}, {}, {}
     for tensor, value in zip(graph.inputs, inputs, strict=True):
@@ -134,10 +170,10 @@ def _run_graph(repetition, graph, inputs, training):
 
     def as_repeated(tensor):
         key = id(tensor)
-        if not once[key] or not _batched([tensor]):
+        if not once[key]:
             return values[key]
         if key not in repeated:
-            repeated[key] = repetition.repeat(values[key])
+            repeated[key] = _repeated(repetition, tensor, values[key], rows)
         return repeated[key]
 
     for node in keras_internals.nodes_in_order(graph):
@@ -151,7 +187,7 @@ def _run_graph(repetition, graph, inputs, training):
             outputs = keras_internals.graph_call(operation, training)(*args, **kwargs)
             outputs_once = [True] * len(node.outputs)
         else:
-            nested = _nested_graph_call(repetition, node, values, once, training)
+            nested = _nested_graph_call(repetition, node, values, once, training, rows)
             if nested is None:
                 filled = {id(tensor): as_repeated(tensor) for tensor in tensors}
                 args, kwargs = keras_internals.node_arguments(node, filled)
@@ -172,7 +208,7 @@ def _run_graph(repetition, graph, inputs, training):
     )
 
 
-def _nested_graph_call(repetition, node, values, once, training):
+def _nested_graph_call(repetition, node, values, once, training, rows):
     """Runs a node whose operation is itself a Functional graph (a task's
     backbone) on once-computed inputs by walking that graph, so that its
     own first layers run once too. `None` when the node is not such a
@@ -192,8 +228,41 @@ def _nested_graph_call(repetition, node, values, once, training):
     if not all(once[id(tensor)] for tensor in node.input_tensors):
         return None  # Inputs partly repeated already: run it on repeated ones.
     flat = keras_internals.standardized_inputs(graph, args[0])
-    outputs, outputs_once = _run_graph(repetition, graph, flat, training)
+    outputs, outputs_once = _run_graph(repetition, graph, flat, training, rows)
     return keras_internals.graph_outputs(graph, outputs), outputs_once
+
+
+def _repeated(repetition, tensor, value, rows):
+    """The once-computed `value` of the symbolic `tensor`, as every copy
+    of the batch has it.
+
+    A tensor of fully known shape has no batch axis and is the same for
+    every copy (DINOv3's rotary embeddings): `value` itself. Any other is
+    repeated if `tensor` has an unknown first axis and `value` `rows`
+    rows (on TensorFlow, a traced batch of unknown size gives `None` for
+    both); else `_Unproven`.
+    """
+    if None not in tuple(tensor.shape):
+        return value
+    if not _batched([tensor]) or _leading_size(value) != rows:
+        raise _Unproven(tensor)
+    return repetition.repeat(value)
+
+
+def _rows_of(values):
+    """The batch size the input `values` share; `_Unproven` if they differ."""
+    sizes = {_leading_size(value) for value in values}
+    if len(sizes) != 1:
+        raise _Unproven(sizes)
+    return sizes.pop()
+
+
+def _leading_size(value):
+    """The size of a value's first axis (`None`: unknown in a trace)."""
+    shape = tuple(getattr(value, "shape", ()))
+    if not shape:
+        return -1  # No first axis: matches no batch.
+    return shape[0]
 
 
 def _batched(tensors):
