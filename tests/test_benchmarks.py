@@ -18,7 +18,10 @@ def load_benchmark(name):
     return module
 
 
+# The torch run only: what it runs (fit, Monte Carlo, `calibrate`, Keras'
+# LoRA) is tested on every backend in tests/uncertainty/ and tests/models/.
 @pytest.mark.slow
+@pytest.mark.default_backend_only
 def test_uncertainty_quality_benchmark_quick_run(capsys, tmp_path):
     benchmark = load_benchmark("benchmark_uncertainty_quality")
     summaries, extras, paths = benchmark.main(

@@ -162,7 +162,9 @@ def test_the_readme_links_resolve():
         assert (ROOT / target).exists(), target
 
 
-@pytest.mark.slow  # A subprocess, about 3 s.
+# A subprocess, about 3 s; the site does not depend on the backend.
+@pytest.mark.slow
+@pytest.mark.default_backend_only
 def test_the_site_builds_without_warnings(tmp_path):
     pytest.importorskip("mkdocs", reason="mkdocs is not installed (the docs extra)")
     result = subprocess.run(

@@ -66,7 +66,9 @@ def test_the_quickstart_needs_only_the_plain_install_and_its_extra():
     assert imports - {"keras_pvera"} <= installed, imports
 
 
+# Its process runs on torch whatever the run's backend.
 @pytest.mark.slow
+@pytest.mark.default_backend_only
 def test_importing_the_library_loads_no_optional_package():
     # Keras itself imports what it finds (JAX, scikit-learn...); keras_pvera
     # adds none of the extras' packages on top.

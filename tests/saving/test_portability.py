@@ -142,7 +142,9 @@ def run_worker(backend, command, directory):
     return result.stdout
 
 
+# It starts a process per backend itself, so the torch run is enough.
 @pytest.mark.slow
+@pytest.mark.default_backend_only
 def test_files_written_under_each_backend_load_under_every_backend(tmp_path):
     import keras
 
