@@ -440,6 +440,17 @@ def test_bad_input_raises_and_leaves_the_model_as_it_was(kwargs, error, message)
     np.testing.assert_array_equal(base.predict(x, verbose=0), expected)
 
 
+def test_a_wrong_input_width_raises_the_error_of_the_base_model():
+    """The adapted layer checks its inputs as the layer it wraps does."""
+    x = np.ones((2, 5), "float32")  # mlp() takes 8 features
+    message = r"expected axis -1 of input shape to have value 8.*shape \(2, 5\)"
+    with pytest.raises(ValueError, match=message):
+        mlp().predict(x, verbose=0)
+    model = keras_pvera.apply(mlp(), rank=4)
+    with pytest.raises(ValueError, match=message):
+        model.predict(x, verbose=0)
+
+
 def test_a_layer_pvera_cannot_adapt_is_refused_by_name():
     inputs = keras.Input((6, 4))
     conv = keras.layers.Conv1DTranspose(3, 2, name="conv")
