@@ -572,6 +572,20 @@ def test_sampled_generate_draws_fresh_noise_on_every_backend():
     )
 
 
+def test_a_single_string_is_refused_naming_the_list_it_should_be():
+    """Raw task inputs are a batch: one string gives a ValueError naming it
+    (a plain task gives Keras' "must have a batch dimension" ValueError)."""
+    from test_keras_hub_architectures import bert
+
+    model = keras_pvera.apply(bert(preprocessor=True), rank=2)
+    with pytest.raises(
+        ValueError, match=r"Received a single str: 'a cat'.*\['a cat'\]"
+    ):
+        model.predict("a cat", verbose=0)
+    with pytest.raises(ValueError, match="Received a single str: 'a cat'"):
+        keras_pvera.predict_with_uncertainty(model, "a cat", n=2, verbose=0)
+
+
 def test_each_prompt_is_continued_by_its_own_adapter_in_one_batch():
     # A GPT-2 causal LM with its tokenizer and preprocessor, on raw strings.
     from test_keras_hub_architectures import TEXTS
