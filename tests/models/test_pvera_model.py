@@ -451,6 +451,14 @@ def test_a_wrong_input_width_raises_the_error_of_the_base_model():
         model.predict(x, verbose=0)
 
 
+def test_saving_to_a_legacy_h5_file_is_refused_naming_the_keras_format(tmp_path):
+    model = keras_pvera.apply(mlp(), rank=4)
+    for name in ("model.h5", "model.HDF5"):
+        with pytest.raises(ValueError, match=r"`.keras` format.*model.keras"):
+            model.save(str(tmp_path / name))
+        assert not (tmp_path / name).exists()
+
+
 def test_a_layer_pvera_cannot_adapt_is_refused_by_name():
     inputs = keras.Input((6, 4))
     conv = keras.layers.Conv1DTranspose(3, 2, name="conv")
