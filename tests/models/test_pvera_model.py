@@ -401,6 +401,16 @@ def test_summary_lists_adapted_layers_and_parameter_counts():
     assert f"trainable params: {trainable:,} || all params: {total:,}" in text
 
 
+def test_pvera_summary_prints_as_keras_summary_does(capsys):
+    model = keras_pvera.apply(mlp(), rank=4)
+    assert model.pvera_summary() is None
+    printed = capsys.readouterr().out
+    assert "2 adapted layers" in printed and "hidden_1" in printed
+    texts = []
+    model.pvera_summary(print_fn=texts.append)
+    assert texts == [printed.rstrip("\n")]
+
+
 def test_non_finite_lambdas_raise_instead_of_predicting_nan():
     model = keras_pvera.apply(mlp(), rank=4)
     layer = model.adapted_layers["hidden_1"]

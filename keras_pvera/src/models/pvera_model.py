@@ -302,7 +302,7 @@ class PVeRAModel(AdapterLifecycle, model_summary.ModelSummary, keras.Model):
 
     def summary(self, *args, print_fn=None, **kwargs):
         super().summary(*args, print_fn=print_fn, **kwargs)
-        (print_fn or print)(self.pvera_summary())
+        self.pvera_summary(print_fn=print_fn)
 
     def get_config(self):
         if "error" in self.base_model_config:
