@@ -64,7 +64,9 @@ def test_task_head_trains_by_default():
     assert trainable_paths(model) == sorted(
         vectors + [logits.kernel.path, logits.bias.path]
     )
-    assert "Trained in full: logits (18)" in model.pvera_summary()
+    texts = []
+    model.pvera_summary(print_fn=texts.append)
+    assert "Trained in full: logits (18)" in texts[0]
 
     kernel = keras.ops.convert_to_numpy(logits.kernel).copy()
     frozen = keras.ops.convert_to_numpy(
@@ -88,7 +90,9 @@ def test_explicit_trainable_layers_win_over_the_task_head():
     model = keras_pvera.apply(tiny_bert_classifier(), rank=4, trainable_layers=[])
     assert model.trainable_paths == []
     assert all("lambda" in p for p in trainable_paths(model))
-    assert "Trained in full" not in model.pvera_summary()
+    texts = []
+    model.pvera_summary(print_fn=texts.append)
+    assert "Trained in full" not in texts[0]
 
     task = tiny_bert_classifier()
     model = keras_pvera.apply(task, rank=4, trainable_layers=["token_embedding"])
@@ -570,6 +574,20 @@ def test_sampled_generate_draws_fresh_noise_on_every_backend():
     np.testing.assert_array_equal(
         model.generate(prompt, stop_token_ids=None)["token_ids"], mean
     )
+
+
+def test_a_single_string_is_refused_naming_the_list_it_should_be():
+    """Raw task inputs are a batch: one string gives a ValueError naming it
+    (a plain task gives Keras' "must have a batch dimension" ValueError)."""
+    from test_keras_hub_architectures import bert
+
+    model = keras_pvera.apply(bert(preprocessor=True), rank=2)
+    with pytest.raises(
+        ValueError, match=r"Received a single str: 'a cat'.*\['a cat'\]"
+    ):
+        model.predict("a cat", verbose=0)
+    with pytest.raises(ValueError, match="Received a single str: 'a cat'"):
+        keras_pvera.predict_with_uncertainty(model, "a cat", n=2, verbose=0)
 
 
 def test_each_prompt_is_continued_by_its_own_adapter_in_one_batch():

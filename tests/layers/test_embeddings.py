@@ -4,6 +4,8 @@ Checked against the Dense formula on one-hot rows built in NumPy, and, for a
 tied `ReversibleEmbedding`, in the reverse (logits) direction too.
 """
 
+import warnings
+
 import keras
 import numpy as np
 import pytest
@@ -112,6 +114,32 @@ def test_the_padding_mask_still_reaches_later_layers():
     model = keras_pvera.apply(tiny_text_model(), rank=4, target=["emb"])
     np.testing.assert_allclose(to_numpy(model(ids)), expected, rtol=1e-6, atol=1e-6)
     unmasked = to_numpy(tiny_text_model(mask_zero=False)(ids))
+    assert np.abs(unmasked - expected).max() > 1e-3
+
+
+def test_adapted_layers_carry_the_mask_as_the_layers_they_wrap():
+    """An adapted Dense between a masking Embedding and a masked pooling
+    supports masking as Dense does: Keras warns of no lost mask, and the
+    pooling still averages over real tokens only."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((5,), dtype="int32")
+    x = keras.layers.Embedding(VOCABULARY, DIM, mask_zero=True, name="emb")(inputs)
+    x = keras.layers.Dense(4, name="hidden")(x)
+    outputs = keras.layers.GlobalAveragePooling1D()(x)
+    base = keras.Model(inputs, outputs)
+    ids = token_ids()
+    ids[:, 3:] = 0
+    expected = to_numpy(base(ids))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*destroy the mask")
+        model = keras_pvera.apply(base, rank=2, target=["emb", "hidden"])
+        got = model.predict(ids, verbose=0)
+    for layer in model.adapted_layers.values():
+        assert layer.supports_masking is layer.base_layer.supports_masking is True
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+    unmasked = np.mean(
+        to_numpy(base.get_layer("hidden")(base.get_layer("emb")(ids))), 1
+    )
     assert np.abs(unmasked - expected).max() > 1e-3
 
 

@@ -401,6 +401,16 @@ def test_summary_lists_adapted_layers_and_parameter_counts():
     assert f"trainable params: {trainable:,} || all params: {total:,}" in text
 
 
+def test_pvera_summary_prints_as_keras_summary_does(capsys):
+    model = keras_pvera.apply(mlp(), rank=4)
+    assert model.pvera_summary() is None
+    printed = capsys.readouterr().out
+    assert "2 adapted layers" in printed and "hidden_1" in printed
+    texts = []
+    model.pvera_summary(print_fn=texts.append)
+    assert texts == [printed.rstrip("\n")]
+
+
 def test_non_finite_lambdas_raise_instead_of_predicting_nan():
     model = keras_pvera.apply(mlp(), rank=4)
     layer = model.adapted_layers["hidden_1"]
@@ -438,6 +448,25 @@ def test_bad_input_raises_and_leaves_the_model_as_it_was(kwargs, error, message)
     assert [w.path for w in base.trainable_weights] == trainable_before
     assert not any(isinstance(layer, PVeRADense) for layer in base.layers)
     np.testing.assert_array_equal(base.predict(x, verbose=0), expected)
+
+
+def test_a_wrong_input_width_raises_the_error_of_the_base_model():
+    """The adapted layer checks its inputs as the layer it wraps does."""
+    x = np.ones((2, 5), "float32")  # mlp() takes 8 features
+    message = r"expected axis -1 of input shape to have value 8.*shape \(2, 5\)"
+    with pytest.raises(ValueError, match=message):
+        mlp().predict(x, verbose=0)
+    model = keras_pvera.apply(mlp(), rank=4)
+    with pytest.raises(ValueError, match=message):
+        model.predict(x, verbose=0)
+
+
+def test_saving_to_a_legacy_h5_file_is_refused_naming_the_keras_format(tmp_path):
+    model = keras_pvera.apply(mlp(), rank=4)
+    for name in ("model.h5", "model.HDF5"):
+        with pytest.raises(ValueError, match=r"`.keras` format.*model.keras"):
+            model.save(str(tmp_path / name))
+        assert not (tmp_path / name).exists()
 
 
 def test_a_layer_pvera_cannot_adapt_is_refused_by_name():

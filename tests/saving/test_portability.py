@@ -124,6 +124,32 @@ def read(directory):
     print("REPORT " + json.dumps(report))
 
 
+def write_compiled(directory):
+    """Saves an adapted model compiled with an optimizer that has stepped."""
+    import keras
+
+    import keras_pvera
+
+    model = keras_pvera.apply(make_base(), rank=4, target=["hidden"], seed=3)
+    model.compile(optimizer=keras.optimizers.Adam(0.05), loss="mse")
+    model.fit(inputs(), np.ones((5, 3), "float32"), epochs=1, verbose=0)
+    model.save(directory / "compiled.keras")
+
+
+def fit_loaded(directory):
+    """Loads `compiled.keras` without its optimizer, compiles, fits a step."""
+    import keras
+
+    import keras_pvera  # noqa: F401 (registers the classes for loading)
+
+    model = keras.saving.load_model(directory / "compiled.keras", compile=False)
+    model.compile(optimizer=keras.optimizers.Adam(0.05), loss="mse")
+    before = keras.ops.convert_to_numpy(model.adapted_layers["hidden"].lambda_b)
+    model.fit(inputs(), np.ones((5, 3), "float32"), epochs=1, verbose=0)
+    after = keras.ops.convert_to_numpy(model.adapted_layers["hidden"].lambda_b)
+    print("REPORT " + json.dumps({"changed": bool(np.any(before != after))}))
+
+
 def run_worker(backend, command, directory):
     env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
     env["PYTHONPATH"] = os.pathsep.join(
@@ -171,5 +197,24 @@ def test_files_written_under_each_backend_load_under_every_backend(tmp_path):
             assert found["written_projections"] == report["numpy_projections"]
 
 
+@pytest.mark.slow
+def test_a_compiled_model_saved_on_torch_trains_on_tensorflow_compiled_anew(tmp_path):
+    """The saved optimizer is the writer backend's (TensorFlow fails to load
+    torch's, as it does for a plain Keras model): load with `compile=False`,
+    then compile and train."""
+    import keras
+
+    if keras.backend.backend() != "torch":
+        pytest.skip(
+            "runs in the torch run only: it writes under torch and starts a "
+            "TensorFlow process itself"
+        )
+    write_compiled(tmp_path)
+    stdout = run_worker("tensorflow", "fit_loaded", tmp_path)
+    line = next(s for s in stdout.splitlines() if s.startswith("REPORT "))
+    assert json.loads(line[len("REPORT ") :]) == {"changed": True}
+
+
 if __name__ == "__main__":
-    {"write": write, "read": read}[sys.argv[1]](pathlib.Path(sys.argv[2]))
+    commands = {"write": write, "read": read, "fit_loaded": fit_loaded}
+    commands[sys.argv[1]](pathlib.Path(sys.argv[2]))

@@ -396,13 +396,24 @@ def test_unseeded_runs_are_repeatable_with_set_random_seed():
     np.testing.assert_array_equal(runs[0], runs[1])
 
 
-def test_n_of_one_gives_zero_std():
+def test_n_of_one_gives_zero_std_and_warns_so():
     model = make_model()
-    result = predict_with_uncertainty(model, inputs(), n=1, seed=0, verbose=0)
+    with pytest.warns(UserWarning, match="n=1 makes one pass.*n >= 2"):
+        result = predict_with_uncertainty(model, inputs(), n=1, seed=0, verbose=0)
     np.testing.assert_array_equal(result.std, np.zeros((5, 3)))
     np.testing.assert_array_equal(result.lower, result.mean)
     with pytest.raises(ValueError, match="n=1"):
         result.mean_interval()
+
+
+def test_disabled_adapters_warn_that_the_spread_is_zero():
+    model = make_model()
+    with model.disable_adapter():
+        with pytest.warns(UserWarning, match="adapters are disabled.*spread is zero"):
+            predict_with_uncertainty(model, inputs(), n=2, seed=0, verbose=0)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*spread is zero")
+        predict_with_uncertainty(model, inputs(), n=2, seed=0, verbose=0)
 
 
 @pytest.mark.parametrize("outputs", ["dict", "list"])

@@ -47,6 +47,7 @@ from keras_pvera.src.layers.projections import ProjectionRegistry
 from keras_pvera.src.layers.pvera_config import PVeRAConfig
 from keras_pvera.src.layers.pvera_config import split_settings
 from keras_pvera.src.layers.seeds import derive_seed
+from keras_pvera.src.layers.wrapped_layer import AsWrappedLayer
 from keras_pvera.src.utils import checks
 from keras_pvera.src.utils import keras_internals
 
@@ -311,7 +312,7 @@ class AdapterVectors:
 
 
 @keras.saving.register_keras_serializable(package="keras_pvera")
-class PVeRADense(keras.layers.Layer):
+class PVeRADense(AsWrappedLayer, keras.layers.Layer):
     """PVeRA adapter around a frozen `Dense` or `EinsumDense` layer.
 
     The wrapped layer is frozen. Two vectors train: `lambda_d` (size
@@ -375,6 +376,10 @@ class PVeRADense(keras.layers.Layer):
 
     # `PVeRAEmbedding` wraps embeddings (their call takes `reverse`).
     wraps_embeddings = False
+
+    def wrapped_layer(self):
+        """The base layer: inputs and masks are checked as it checks them."""
+        return self.base_layer
 
     def __init__(
         self,

@@ -3,9 +3,9 @@
 The math is `PVeRADense`'s, with the token's one-hot vector as the input
 (`EmbeddingMap`: `in` is the vocabulary size, and `x @ A[:, :in].T` is a
 gather of `A`'s columns by token id). This class adds what an embedding's
-call has that a `Dense` layer's has not: the padding mask of
-`mask_zero=True`, and the reverse direction of KerasHub's
-`ReversibleEmbedding`.
+call has that a `Dense` layer's has not: the reverse direction of KerasHub's
+`ReversibleEmbedding`. (The padding mask of `mask_zero=True` is the base
+layer's own `compute_mask`, as for every wrapped layer: `AsWrappedLayer`.)
 
 A tied `ReversibleEmbedding` computes logits with its own matrix
 (`reverse=True`: `logits = h @ E.T`). The adapter changes `E`, so the
@@ -28,7 +28,6 @@ from keras import ops
 
 from keras_pvera.src.layers import row_adapters
 from keras_pvera.src.layers.pvera_dense import PVeRADense
-from keras_pvera.src.utils import keras_internals
 
 
 @keras.saving.register_keras_serializable(package="keras_pvera")
@@ -72,10 +71,7 @@ class PVeRAEmbedding(PVeRADense):
     def call(self, inputs, reverse=False, training=None):
         if reverse:
             return self._reverse(inputs)
-        y = super().call(inputs, training=training)
-        if self.base_layer.mask_zero:
-            keras_internals.set_keras_mask(y, ops.not_equal(inputs, 0))
-        return y
+        return super().call(inputs, training=training)
 
     def _reverse(self, inputs):
         """Logits from the adapted matrix (a tied `ReversibleEmbedding`)."""

@@ -12,6 +12,7 @@ import keras
 from keras import ops
 
 from keras_pvera.src.layers import row_adapters
+from keras_pvera.src.layers.wrapped_layer import AsWrappedLayer
 from keras_pvera.src.utils import keras_internals
 
 
@@ -61,7 +62,7 @@ _OWN_ATTRIBUTES = ("original_layer", "copies", "active_names", "enabled")
 
 
 @keras.saving.register_keras_serializable(package="keras_pvera")
-class TrainedCopies(keras.layers.Layer):
+class TrainedCopies(AsWrappedLayer, keras.layers.Layer):
     """A layer trained in full: the original plus one copy per adapter.
 
     The copy of the active adapter runs and trains; the original runs when
@@ -158,6 +159,10 @@ class TrainedCopies(keras.layers.Layer):
     def adapter_enabled(self, value):
         self.enabled = bool(value)
         self._apply_trainability()
+
+    def wrapped_layer(self):
+        """The original layer: inputs and masks are checked as it checks them."""
+        return self.original_layer
 
     def current_layer(self):
         """The layer that runs now: the active copy, else the original.

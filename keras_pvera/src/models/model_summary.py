@@ -71,11 +71,15 @@ class ModelSummary:
         total = sum(int(np.prod(w.shape)) for w in self.weights)
         return trainable, total
 
-    def pvera_summary(self):
-        """A text table of the adapters, the adapted layers and parameter counts.
+    def pvera_summary(self, print_fn=None):
+        """Prints a table of the adapters, the adapted layers and parameter
+        counts, as Keras' `summary()` prints its own (which prints this after
+        its table).
 
-        Returns:
-            A string; `model.summary()` prints it after Keras' own summary.
+        Args:
+            print_fn: The function to print with, as in Keras' `summary`:
+                called once, with the table's text. `None` prints to
+                standard output; `texts.append` keeps the text in a list.
 
         Example:
 
@@ -83,14 +87,21 @@ class ModelSummary:
         >>> base = keras.Sequential([keras.Input((8,)),
         ...                          keras.layers.Dense(16, name="hidden"),
         ...                          keras.layers.Dense(3, name="head")])
-        >>> print(keras_pvera.apply(base, rank=4, target=["hidden"]
-        ...                         ).pvera_summary())  # doctest: +ELLIPSIS
+        >>> model = keras_pvera.apply(base, rank=4, target=["hidden"])
+        >>> model.pvera_summary()  # doctest: +ELLIPSIS
         PVeRA adapter 'default' (active): rank=4, seed=0, alpha=1, ...
         Shared projections: A (8, 8), B (16, 4)
         1 adapted layers:
           hidden  Dense            8 -> 16     trainable 24
         trainable params: 24 || all params: 347 || trainable%: 6.9164
+        >>> texts = []
+        >>> model.pvera_summary(print_fn=texts.append)
+        >>> texts[0].splitlines()[2]
+        '1 adapted layers:'
         """
+        (print_fn or print)(self._pvera_summary_text())
+
+    def _pvera_summary_text(self):
         registry = self.projection_registry
         lines = []
         for name in self.adapter_names:
@@ -129,12 +140,15 @@ class ModelSummary:
                 for seen in [layer_selection.seen_as(layer)]
             ]
             lines.append(f"Trained in full: {', '.join(counts)}")
+        lines.append(self._parameter_line())
+        return "\n".join(lines)
+
+    def _parameter_line(self):
         trainable, total = self.parameter_counts()
-        lines.append(
+        return (
             f"trainable params: {trainable:,} || all params: {total:,} || "
             f"trainable%: {100.0 * trainable / max(total, 1):.4f}"
         )
-        return "\n".join(lines)
 
     def print_trainable_parameters(self):
         """Prints trainable and total parameter counts, as PEFT does.
@@ -149,4 +163,4 @@ class ModelSummary:
         ...                   ).print_trainable_parameters()
         trainable params: 24 || all params: 347 || trainable%: 6.9164
         """
-        print(self.pvera_summary().splitlines()[-1])
+        print(self._parameter_line())

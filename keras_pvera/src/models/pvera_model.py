@@ -282,9 +282,27 @@ class PVeRAModel(AdapterLifecycle, model_summary.ModelSummary, keras.Model):
             "quantizing afterwards would not round-trip."
         )
 
+    def save(self, filepath, *args, **kwargs):
+        """As `keras.Model.save`, to a `.keras` file (loading needs only
+        `import keras_pvera`).
+
+        Raises:
+            ValueError: For a legacy `.h5` / `.hdf5` path: an adapted model
+                saved there does not load back.
+        """
+        if str(filepath).lower().endswith((".h5", ".hdf5")):
+            raise ValueError(
+                "An adapted model saves to the `.keras` format only: a legacy "
+                "HDF5 file of it does not load back. Save it as "
+                "`model.save('model.keras')`, or merge the adapter first and "
+                "save a plain Keras model (`keras_pvera.merge(model)`). "
+                f"Received: filepath={str(filepath)!r}"
+            )
+        return super().save(filepath, *args, **kwargs)
+
     def summary(self, *args, print_fn=None, **kwargs):
         super().summary(*args, print_fn=print_fn, **kwargs)
-        (print_fn or print)(self.pvera_summary())
+        self.pvera_summary(print_fn=print_fn)
 
     def get_config(self):
         if "error" in self.base_model_config:

@@ -686,7 +686,7 @@ def predict_with_uncertainty(
             Dataset elements may be `x`, `(x,)`, `(x, y)` or
             `(x, y, sample_weight)`.
         n: Number of Monte Carlo passes, a positive integer (1 gives
-            `std == 0`).
+            `std == 0`, with a warning).
         batch_size: Most rows sent through the model in one call. Defaults
             to `DEFAULT_MAX_ROWS` (32). Arrays are read `batch_size // n`
             examples at a time (at least 1); dataset batches are cut to fit.
@@ -763,6 +763,7 @@ def predict_with_uncertainty(
         else:
             x, adapted, names = _inputs_by_row(stack, model, x, adapter_names)
         flags = _sampling_flags(adapted, sampled_layers)
+        _warn_if_no_spread(n, adapted, flags)
         if callable(getattr(model, "check_finite", None)):
             model.check_finite()
         outputs, drawn = _draw_all(
@@ -779,6 +780,29 @@ def predict_with_uncertainty(
         keep_samples=return_samples,
         from_logits=output_kinds.from_logits_like(model, samples),
     )
+
+
+def _warn_if_no_spread(n, adapted, flags):
+    """Warns when the passes cannot differ, so the spread is zero: one pass,
+    or no sampling layer that runs its adapters (all disabled)."""
+    if n == 1:
+        warnings.warn(
+            "predict_with_uncertainty with n=1 makes one pass: the spread "
+            "(std, intervals, mutual information) is zero, not a measure of "
+            "uncertainty. Use n >= 2 passes (the default is 30).",
+            stacklevel=3,
+        )
+        return
+    layers = [layer for layer, f in zip(adapted.values(), flags, strict=True) if f]
+    if not any(layer.adapter_enabled for layer in layers):
+        warnings.warn(
+            f"None of the {len(layers)} sampled layers runs its adapter (the "
+            "adapters are disabled: `model.disable_adapter()` or "
+            "`adapter_enabled = False`), so all passes are the base model's "
+            "output and the spread is zero, not a measure of uncertainty. "
+            "Enable the adapters to sample them.",
+            stacklevel=3,
+        )
 
 
 def _warn_if_not_finite(samples):

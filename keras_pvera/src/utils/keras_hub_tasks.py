@@ -6,6 +6,7 @@ model). A task's raw inputs (strings, images) run through its
 preprocessor with `tf.data`, as the task's own `fit` does.
 """
 
+import reprlib
 import sys
 
 import keras
@@ -70,7 +71,8 @@ def preprocessed(model, x, y=None, sample_weight=None, batch_size=None, shuffle=
         is not a KerasHub task with a preprocessor (inputs are used as given).
 
     Raises:
-        ValueError: For `y` or `sample_weight` given with a dataset.
+        ValueError: For `y` or `sample_weight` given with a dataset, or an
+            input that is not a batch (one string rather than a list).
     """
     task = task_with_preprocessor(model)
     if task is None or x is None:
@@ -86,6 +88,7 @@ def preprocessed(model, x, y=None, sample_weight=None, batch_size=None, shuffle=
             )
         dataset = x
     else:
+        check_batched(x)
         data = keras.utils.pack_x_y_sample_weight(x, y, sample_weight)
         dataset = tf.data.Dataset.from_tensor_slices(data)
         if shuffle:
@@ -94,6 +97,29 @@ def preprocessed(model, x, y=None, sample_weight=None, batch_size=None, shuffle=
     return dataset.map(
         task.preprocess_samples, num_parallel_calls=tf.data.AUTOTUNE
     ).prefetch(tf.data.AUTOTUNE)
+
+
+def check_batched(x):
+    """Raises if a raw task input is one example, not a batch of them.
+
+    Args:
+        x: Raw inputs: a list or array of strings, images..., or a dict
+            (or tuple) of them.
+
+    Raises:
+        ValueError: For a single value (a string, a number), naming it and
+            the list it should be.
+    """
+    values = x.values() if isinstance(x, dict) else x if isinstance(x, tuple) else [x]
+    for value in values:
+        if isinstance(value, (str, bytes)) or np.ndim(value) == 0:
+            shown = reprlib.repr(value)
+            raise ValueError(
+                "A KerasHub task takes a batch of raw inputs: a list or array "
+                "of strings (or a dict of them), one per example. Received "
+                f"a single {type(value).__name__}: {shown}. Wrap it in a "
+                f"list: [{shown}]."
+            )
 
 
 def preprocessed_arrays(model, x):

@@ -223,14 +223,6 @@ def kernel_variable(layer):
     return layer._kernel
 
 
-def set_keras_mask(tensor, mask):
-    """Attaches a padding mask to a layer's output (`backend.set_keras_mask`,
-    as Keras' own `ReversibleEmbedding` does in its call)."""
-    from keras.src import backend
-
-    backend.set_keras_mask(tensor, mask)
-
-
 def kernel_shape(layer):
     """The float kernel's shape of a Dense/EinsumDense layer, quantized or not.
 
