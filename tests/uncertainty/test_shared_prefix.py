@@ -172,7 +172,10 @@ def test_a_once_tensor_without_the_batch_runs_the_repeated_batch(seed):
     assert np.all(shared.std > 1e-3)
 
 
+# The torch run only (36 s on JAX): the fallback it takes runs on every
+# backend in `test_a_once_tensor_without_the_batch_runs_the_repeated_batch`.
 @pytest.mark.slow
+@pytest.mark.default_backend_only
 def test_keras_hub_sam_segmenter(monkeypatch):
     """KerasHub's `SAMImageSegmenter`: the image encoder samples, the
     prompt encoder's one-row positional embeddings meet its output in the
