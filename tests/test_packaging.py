@@ -89,3 +89,33 @@ def test_importing_the_library_loads_no_optional_package():
     optional = {"keras_hub", "tensorflow", "peft", "transformers", "sklearn"}
     optional |= {"matplotlib", "scipy", "jax"}
     assert not loaded & optional, loaded
+
+
+def readme_commands():
+    """The lines of README.md's `bash` blocks."""
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        blocks = f.read().split("```bash\n")[1:]
+    return [line for block in blocks for line in block.split("```")[0].splitlines()]
+
+
+# Reading files, whatever the backend: the torch run is enough.
+@pytest.mark.default_backend_only
+def test_ci_runs_readme_s_test_command_after_installing_as_it_does():
+    with open(os.path.join(ROOT, ".ci", "run"), encoding="utf-8") as f:
+        ci = f.read().splitlines()
+    # README's full test command: the install, then what CI runs as it is.
+    (command,) = [line for line in readme_commands() if "lint-imports" in line]
+    install, separator, tests = command.partition(" && ruff check")
+    assert separator and "ruff check" + tests in ci
+    # CI installs the same distributions (pip -q, python3 -m pip).
+    installs = [
+        line.split("pip install -q ")[1] for line in ci if "pip install -q" in line
+    ]
+    readme_installs = [part.split("pip install ")[1] for part in install.split(" && ")]
+    assert readme_installs == installs[:2]
+    # The fast tier is the torch run of the same suite, less the slow tests.
+    fast = [line for line in readme_commands() if '-m "not slow"' in line]
+    assert fast == [
+        install
+        + ' && KERAS_BACKEND=torch python3 -m pytest tests -m "not slow" -q -n 2'
+    ]
