@@ -1164,7 +1164,12 @@ def test_keras_file_round_trip(name, tmp_path):
         )
 
 
+# The torch run only: a fresh process finding the adapted layers from the
+# saved configuration does not depend on the backend; the same-process round
+# trips of these architectures (`test_keras_file_round_trip`) and
+# tests/hub/test_keras_hub.py's fresh-process load run on every backend.
 @pytest.mark.slow
+@pytest.mark.default_backend_only
 def test_keras_files_load_in_a_fresh_process(tmp_path):
     """A fresh process rebuilds each base from its saved configuration and
     finds the adapted layers again (by name, else by address); text tasks
