@@ -119,3 +119,22 @@ def test_ci_runs_readme_s_test_command_after_installing_as_it_does():
         install
         + ' && KERAS_BACKEND=torch python3 -m pytest tests -m "not slow" -q -n 2'
     ]
+
+
+# Reading files, whatever the backend: the torch run is enough.
+@pytest.mark.default_backend_only
+def test_the_main_job_command_installs_no_cuda_build():
+    # PyPI's torch wheel for Linux brings CUDA's libraries (several GB) and
+    # so does TensorFlow's `tensorflow` (not `tensorflow-cpu`); JAX's runs
+    # on the CPU. README's main-job command installs extras without them.
+    (command,) = [line for line in readme_commands() if "quickstart.py" in line]
+    extras = command.split('pip install ".[')[1].split("]")[0].split(",")
+    requirements = [
+        r for extra in extras for r in project()["optional-dependencies"][extra]
+    ]
+    assert {distribution_name(r) for r in requirements} & {
+        "torch",
+        "tensorflow",
+    } == set()
+    backend = command.split("KERAS_BACKEND=")[1].split()[0]
+    assert backend in extras, (backend, extras)
