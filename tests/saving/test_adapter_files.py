@@ -455,15 +455,31 @@ def test_an_adapter_file_written_by_an_earlier_version_still_loads(version):
     )
 
 
+def trained_with_head(values, target=None, trainable_layers=("head",), **settings):
+    """An adapted model training `head` in full; `values` seeds its values."""
+    settings = {"rank": 4, "seed": 7, **settings}
+    model = keras_pvera.apply(
+        make_base(),
+        target=target,
+        trainable_layers=list(trainable_layers) or None,
+        **settings,
+    )
+    train_a_little(model, seed=values)
+    for path in trainable_layers:
+        kernel = model.base_model.get_layer(path).kernel
+        rng = np.random.default_rng(values)
+        kernel.assign(rng.normal(size=kernel.shape).astype("float32"))
+    return model
+
+
 @pytest.fixture
 def served(tmp_path):
     """A compiled adapted model that has predicted once, and a second file."""
-    model = train_a_little(keras_pvera.apply(make_base(), rank=4, seed=7), seed=0)
+    model = trained_with_head(values=0)
     model.compile(loss="mse")
     model.predict(X, verbose=0)
-    other = train_a_little(keras_pvera.apply(make_base(), rank=4, seed=7), seed=1)
     path = tmp_path / "other.safetensors"
-    keras_pvera.save_adapter(other, path)
+    keras_pvera.save_adapter(trained_with_head(values=1), path)
     return model, path
 
 
@@ -494,26 +510,28 @@ def test_hotswap_reuses_the_compiled_predict_without_tracing_again(served, monke
     fresh = keras_pvera.load_adapter(make_base(), path)
     np.testing.assert_allclose(after, fresh.predict(X, verbose=0), atol=1e-6)
     assert np.abs(after - before).max() > 1e-3
+    # The head trained in full is the file's too.
+    np.testing.assert_array_equal(
+        keras.ops.convert_to_numpy(model.base_model.get_layer("head").kernel),
+        keras.ops.convert_to_numpy(fresh.base_model.get_layer("head").kernel),
+    )
 
 
 def other_file(tmp_path, change):
     """An adapter file that differs from `served`'s adapter by `change`."""
-    settings = {"rank": 4, "seed": 7, "alpha": 1.0}
-    target = None
-    if change == "rank":
-        settings["rank"] = 8
-    elif change == "seed":
-        settings["seed"] = 8
-    elif change == "alpha":
-        settings["alpha"] = 16.0
-    elif change == "targets":
-        target = ["hidden"]
-    model = keras_pvera.apply(make_base(), target=target, **settings)
-    train_a_little(model, seed=2)
+    changes = {
+        "rank": {"rank": 8},
+        "seed": {"seed": 8},
+        "alpha": {"alpha": 16.0},
+        "targets": {"target": ["hidden"]},
+        "trained in full": {"trainable_layers": ()},
+        "projections": {},
+    }
+    model = trained_with_head(values=2, **changes[change])
     if change == "projections":
-        registry = model.projection_registry
-        registry.projection_a.assign(np.ones(registry.projection_a.shape, "float32"))
-    path = tmp_path / f"other_{change}.safetensors"
+        a = model.projection_registry.projection_a
+        a.assign(np.ones(a.shape, "float32"))
+    path = tmp_path / "other.safetensors"
     keras_pvera.save_adapter(model, path)
     return path
 
@@ -525,6 +543,7 @@ def other_file(tmp_path, change):
         ("seed", "seed=8 differs from the model's seed=7"),
         ("alpha", "alpha=16.0 differs from the model's alpha=1.0"),
         ("targets", "model has adapted layer 'middle', which the adapter lacks"),
+        ("trained in full", "model has layer trained in full 'head', which the"),
         ("projections", "projections differ from the model's"),
     ],
 )
