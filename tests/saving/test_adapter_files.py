@@ -565,3 +565,12 @@ def test_hotswap_into_an_adapter_not_loaded_names_the_loaded_ones(served):
         keras_pvera.hotswap_adapter(model, path, adapter_name="other")
     with pytest.raises(TypeError, match="Expected a PVeRAModel"):
         keras_pvera.hotswap_adapter(make_base(), path)
+
+
+def test_hotswap_into_a_merged_adapter_is_refused(served):
+    model, path = served
+    model.merge_adapter()
+    before = numpy_weights(model)
+    with pytest.raises(ValueError, match="merged into the base kernels.*unmerge"):
+        keras_pvera.hotswap_adapter(model, path)
+    assert_unchanged(model, before)
