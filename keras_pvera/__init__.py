@@ -20,6 +20,7 @@ from keras_pvera.src.models.pvera_model import PVeRAModel
 from keras_pvera.src.models.pvera_model import apply
 from keras_pvera.src.peft.peft_interop import load_peft_adapter
 from keras_pvera.src.peft.peft_interop import save_peft_adapter
+from keras_pvera.src.saving.adapter_files import hotswap_adapter
 from keras_pvera.src.saving.adapter_files import load_adapter
 from keras_pvera.src.saving.adapter_files import save_adapter
 from keras_pvera.src.saving.merging import merge
@@ -50,6 +51,7 @@ __all__ = [
     "diagnose_uncertainty",
     "expected_calibration_error",
     "generate_projections",
+    "hotswap_adapter",
     "kl_divergence",
     "load_adapter",
     "load_peft_adapter",

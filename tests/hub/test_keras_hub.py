@@ -556,6 +556,26 @@ def test_generate_of_a_causal_lm_is_reachable_and_uses_the_adapters():
     )
 
 
+def test_hotswap_reuses_the_compiled_generate_loop(tmp_path):
+    causal_lm, prompt = tiny_gpt2_causal_lm(rows=1)
+    served = randomize_vectors(keras_pvera.apply(causal_lm, rank=2), seed=3)
+    before = served.generate(prompt, stop_token_ids=None)["token_ids"]
+    compiled = served.generate_function
+    other = randomize_vectors(
+        keras_pvera.apply(tiny_gpt2_causal_lm(rows=1)[0], rank=2), seed=4
+    )
+    path = tmp_path / "other.safetensors"
+    keras_pvera.save_adapter(other, path)
+
+    keras_pvera.hotswap_adapter(served, path)
+    after = served.generate(prompt, stop_token_ids=None)["token_ids"]
+
+    assert compiled is not None and served.generate_function is compiled
+    expected = other.generate(prompt, stop_token_ids=None)["token_ids"]
+    np.testing.assert_array_equal(after, expected)
+    assert not np.array_equal(after, before)
+
+
 def test_sampled_generate_draws_fresh_noise_on_every_backend():
     # A greedy sampler: only the adapters' noise varies between calls.
     causal_lm, prompt = tiny_gpt2_causal_lm(rows=4)

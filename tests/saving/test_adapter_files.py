@@ -453,3 +453,124 @@ def test_an_adapter_file_written_by_an_earlier_version_still_loads(version):
     np.testing.assert_allclose(
         model.predict(expected["x"], verbose=0), expected["y"], atol=1e-6
     )
+
+
+def trained_with_head(values, target=None, trainable_layers=("head",), **settings):
+    """An adapted model training `head` in full; `values` seeds its values."""
+    settings = {"rank": 4, "seed": 7, **settings}
+    model = keras_pvera.apply(
+        make_base(),
+        target=target,
+        trainable_layers=list(trainable_layers) or None,
+        **settings,
+    )
+    train_a_little(model, seed=values)
+    for path in trainable_layers:
+        kernel = model.base_model.get_layer(path).kernel
+        rng = np.random.default_rng(values)
+        kernel.assign(rng.normal(size=kernel.shape).astype("float32"))
+    return model
+
+
+@pytest.fixture
+def served(tmp_path):
+    """A compiled adapted model that has predicted once, and a second file."""
+    model = trained_with_head(values=0)
+    model.compile(loss="mse")
+    model.predict(X, verbose=0)
+    path = tmp_path / "other.safetensors"
+    keras_pvera.save_adapter(trained_with_head(values=1), path)
+    return model, path
+
+
+def test_hotswap_reuses_the_compiled_predict_without_tracing_again(served, monkeypatch):
+    model, path = served
+    before = model.predict(X, verbose=0)
+    compiled = model.predict_function
+    calls = []
+    traced_call = PVeRADense.call
+
+    def counted(layer, *args, **kwargs):
+        calls.append(layer.name)  # On JAX and TensorFlow: only while tracing.
+        return traced_call(layer, *args, **kwargs)
+
+    monkeypatch.setattr(PVeRADense, "call", counted)
+    model.predict(X, verbose=0)
+    calls_without_swap = len(calls)
+
+    keras_pvera.hotswap_adapter(model, path)
+    after = model.predict(X, verbose=0)
+
+    assert model.predict_function is compiled
+    # Torch runs eagerly (one call per adapted layer); JAX and TensorFlow
+    # run the compiled step without tracing it again (no call).
+    assert len(calls) - calls_without_swap == calls_without_swap
+    if keras.backend.backend() in ("jax", "tensorflow"):
+        assert calls == []
+    fresh = keras_pvera.load_adapter(make_base(), path)
+    np.testing.assert_allclose(after, fresh.predict(X, verbose=0), atol=1e-6)
+    assert np.abs(after - before).max() > 1e-3
+    # The head trained in full is the file's too.
+    np.testing.assert_array_equal(
+        keras.ops.convert_to_numpy(model.base_model.get_layer("head").kernel),
+        keras.ops.convert_to_numpy(fresh.base_model.get_layer("head").kernel),
+    )
+
+
+def other_file(tmp_path, change):
+    """An adapter file that differs from `served`'s adapter by `change`."""
+    changes = {
+        "rank": {"rank": 8},
+        "seed": {"seed": 8},
+        "alpha": {"alpha": 16.0},
+        "targets": {"target": ["hidden"]},
+        "trained in full": {"trainable_layers": ()},
+        "projections": {},
+    }
+    model = trained_with_head(values=2, **changes[change])
+    if change == "projections":
+        a = model.projection_registry.projection_a
+        a.assign(np.ones(a.shape, "float32"))
+    path = tmp_path / "other.safetensors"
+    keras_pvera.save_adapter(model, path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ("rank", "rank=8 differs from the model's rank=4"),
+        ("seed", "seed=8 differs from the model's seed=7"),
+        ("alpha", "alpha=16.0 differs from the model's alpha=1.0"),
+        ("targets", "model has adapted layer 'middle', which the adapter lacks"),
+        ("trained in full", "model has layer trained in full 'head', which the"),
+        ("projections", "projections differ from the model's"),
+    ],
+)
+def test_hotswap_refuses_a_file_that_differs_and_assigns_nothing(
+    served, tmp_path, change, message
+):
+    model, _ = served
+    before = numpy_weights(model)
+    compiled = model.predict_function
+    with pytest.raises(ValueError, match=message):
+        keras_pvera.hotswap_adapter(model, other_file(tmp_path, change))
+    assert_unchanged(model, before)
+    assert model.predict_function is compiled
+
+
+def test_hotswap_into_an_adapter_not_loaded_names_the_loaded_ones(served):
+    model, path = served
+    with pytest.raises(ValueError, match=r"no adapter named 'other'.*\['default'\]"):
+        keras_pvera.hotswap_adapter(model, path, adapter_name="other")
+    with pytest.raises(TypeError, match="Expected a PVeRAModel"):
+        keras_pvera.hotswap_adapter(make_base(), path)
+
+
+def test_hotswap_into_a_merged_adapter_is_refused(served):
+    model, path = served
+    model.merge_adapter()
+    before = numpy_weights(model)
+    with pytest.raises(ValueError, match="merged into the base kernels.*unmerge"):
+        keras_pvera.hotswap_adapter(model, path)
+    assert_unchanged(model, before)

@@ -1,4 +1,4 @@
-"""Adapter-only files: `save_adapter` and `load_adapter`.
+"""Adapter-only files: `save_adapter`, `load_adapter` and `hotswap_adapter`.
 
 An adapter file holds only what PVeRA adds to a base model, so one base model
 can serve many tiny adapters. The format is safetensors: a JSON header
@@ -36,6 +36,7 @@ from keras_pvera.src.layers.pvera_config import projection_out_max
 from keras_pvera.src.saving import safetensors_io
 from keras_pvera.src.saving.adapter_state import AdapterState
 from keras_pvera.src.saving.adapter_state import adapter_state_of
+from keras_pvera.src.saving.adapter_state import hotswap_state
 from keras_pvera.src.saving.adapter_state import restore_adapter
 from keras_pvera.src.utils import checks
 
@@ -148,6 +149,68 @@ def load_adapter(model, path, adapter=None):
     tensors, metadata = safetensors_io.read_safetensors(path)
     state = decode_adapter(tensors, metadata, source=repr(str(path)))
     return restore_adapter(model, state, adapter)
+
+
+def hotswap_adapter(model, path, adapter_name="default"):
+    """Swaps a saved adapter's values into a loaded adapter, in place.
+
+    A PVeRA adapter's frozen projections come from its seed, so two adapters
+    of one shape differ only in their vectors (and the weights of the layers
+    they train in full). This assigns the file's into the variables of the
+    loaded adapter `adapter_name`: the model's compiled `predict` (and a
+    KerasHub task's `generate`) runs on, with no new trace on JAX or
+    TensorFlow, and gives what a fresh `load_adapter` of the file gives.
+    What the compiled functions were traced with must match: the file is
+    refused unless it has the adapter's adapted layers and sizes, rank,
+    seed, alpha, fused groups, layers trained in full, and projections (or
+    none, with the model's made by the seed). Everything is checked before
+    anything is assigned. `load_adapter` onto an adapter of that name keeps
+    compiled functions too; this is the name for a serving swap, and it
+    also refuses other projections and a name not loaded.
+
+    Args:
+        model: A `PVeRAModel` (what `keras_pvera.apply` or `load_adapter`
+            returns).
+        path: A file written by `save_adapter`.
+        adapter_name: The loaded adapter whose values to replace.
+
+    Raises:
+        FileNotFoundError: If `path` does not exist.
+        TypeError: If `model` is not a `PVeRAModel`.
+        ValueError: For a name the model has no adapter of (the message
+            names those it has), an adapter merged into the kernels, a
+            truncated or foreign file, or a file that does not match the
+            adapter (the message names the first difference); the model is
+            then unchanged.
+
+    Example:
+
+    >>> import os, tempfile
+    >>> import keras, keras_pvera
+    >>> import numpy as np
+    >>> def base():
+    ...     keras.utils.set_random_seed(0)
+    ...     return keras.Sequential([keras.Input((8,)),
+    ...                              keras.layers.Dense(16, name="hidden"),
+    ...                              keras.layers.Dense(3, name="head")])
+    >>> task = keras_pvera.apply(base(), rank=4, target=["hidden"])
+    >>> _ = task.adapted_layers["hidden"].lambda_b.assign(np.ones(16))
+    >>> path = os.path.join(tempfile.mkdtemp(), "task.safetensors")
+    >>> keras_pvera.save_adapter(task, path)
+    >>> served = keras_pvera.apply(base(), rank=4, target=["hidden"])
+    >>> x = np.ones((2, 8), "float32")
+    >>> _ = served.predict(x, verbose=0)
+    >>> compiled = served.predict_function
+    >>> keras_pvera.hotswap_adapter(served, path)
+    >>> served.predict_function is compiled
+    True
+    >>> bool(np.allclose(served.predict(x, verbose=0),
+    ...                  task.predict(x, verbose=0)))
+    True
+    """
+    tensors, metadata = safetensors_io.read_safetensors(path)
+    state = decode_adapter(tensors, metadata, source=repr(str(path)))
+    hotswap_state(model, state, adapter_name)
 
 
 def encode_adapter(state):

@@ -286,6 +286,58 @@ def restore_adapter(model, state, adapter=None):
     return model
 
 
+def hotswap_state(model, state, adapter_name):
+    """Sets a loaded adapter's values from a state that matches it, in place.
+
+    Only variables are assigned, so compiled functions (`predict`, a
+    KerasHub task's `generate`) keep running and see the new values. The
+    state must match the loaded adapter in everything its compiled functions
+    were traced with: its adapted layers and their sizes, rank, seed, alpha,
+    fused groups, layers trained in full and projections.
+
+    Args:
+        model: A `PVeRAModel`.
+        state: An `AdapterState`.
+        adapter_name: The name of one of the model's adapters.
+
+    Raises:
+        TypeError: If `model` is not a `PVeRAModel`.
+        ValueError: For a name the model has no adapter of, an adapter
+            merged into the kernels, or the first mismatch between the state
+            and the adapter; nothing is assigned then.
+    """
+    check_adapter_state(state)
+    if not isinstance(model, PVeRAModel):
+        raise TypeError(
+            "Expected a PVeRAModel (what keras_pvera.apply or "
+            f"keras_pvera.load_adapter returns). Received: {model!r} of type "
+            f"{type(model).__name__}"
+        )
+    if adapter_name not in model.adapter_names:
+        raise ValueError(
+            f"The model has no adapter named {adapter_name!r} to swap into. "
+            f"Its adapters: {model.adapter_names}. Load the file with "
+            "keras_pvera.load_adapter first."
+        )
+    if adapter_name in model.merged_adapters:
+        raise ValueError(
+            f"Adapter {adapter_name!r} is merged into the base kernels, so new "
+            "values would not reach the outputs. Call "
+            "`model.unmerge_adapter()` first."
+        )
+    state = _located(model.base_model, state)
+    _check_adapted_model(model, state, adapter_name)
+    if state.projections is not None and not same_arrays(
+        state.projections, _projections_of(model)
+    ):
+        raise ValueError(
+            "The adapter's projections differ from the model's, which "
+            f"adapter {adapter_name!r} runs with; a hot-swap sets only the "
+            "vectors and the layers trained in full."
+        )
+    _assign(model, state, adapter_name)
+
+
 def _located(model, state):
     """The state with its layers under the paths `model` gives them.
 
