@@ -187,16 +187,8 @@ def adapter_state_of(model, adapter=None):
     >>> list(state.layers)
     ['dense']
     """
-    if not isinstance(model, PVeRAModel):
-        raise TypeError(
-            "Expected a PVeRAModel (what keras_pvera.apply returns). "
-            f"Received: {model!r} of type {type(model).__name__}"
-        )
-    name = model.active_adapter if adapter is None else adapter
-    if name not in model.adapter_names:
-        raise ValueError(
-            f"The model has no adapter named {name!r}. Adapters: {model.adapter_names}"
-        )
+    name = getattr(model, "active_adapter", None) if adapter is None else adapter
+    _check_adapter_loaded(model, name)
     record = model.adapter_registry.adapters[name]
     config = record.config
     wrappers = model.adapter_registry.layers_of(name)
@@ -271,9 +263,7 @@ def restore_adapter(model, state, adapter=None):
         _check_adapted_model(model, state, name)
         _assign(model, state, name)
         return model
-    if state.projections is not None and not same_arrays(
-        state.projections, _projections_of(model)
-    ):
+    if _other_projections(model, state):
         raise ValueError(
             f"Adapter {name!r} was saved with other projections than this "
             "model's, which all its adapters share. Load it onto the base "
@@ -307,18 +297,9 @@ def hotswap_state(model, state, adapter_name):
             and the adapter; nothing is assigned then.
     """
     check_adapter_state(state)
-    if not isinstance(model, PVeRAModel):
-        raise TypeError(
-            "Expected a PVeRAModel (what keras_pvera.apply or "
-            f"keras_pvera.load_adapter returns). Received: {model!r} of type "
-            f"{type(model).__name__}"
-        )
-    if adapter_name not in model.adapter_names:
-        raise ValueError(
-            f"The model has no adapter named {adapter_name!r} to swap into. "
-            f"Its adapters: {model.adapter_names}. Load the file with "
-            "keras_pvera.load_adapter first."
-        )
+    _check_adapter_loaded(
+        model, adapter_name, hint=" Load the file with keras_pvera.load_adapter first."
+    )
     if adapter_name in model.merged_adapters:
         raise ValueError(
             f"Adapter {adapter_name!r} is merged into the base kernels, so new "
@@ -327,15 +308,35 @@ def hotswap_state(model, state, adapter_name):
         )
     state = _located(model.base_model, state)
     _check_adapted_model(model, state, adapter_name)
-    if state.projections is not None and not same_arrays(
-        state.projections, _projections_of(model)
-    ):
+    if _other_projections(model, state):
         raise ValueError(
             "The adapter's projections differ from the model's, which "
             f"adapter {adapter_name!r} runs with; a hot-swap sets only the "
             "vectors and the layers trained in full."
         )
     _assign(model, state, adapter_name)
+
+
+def _check_adapter_loaded(model, name, hint=""):
+    """Raises unless `model` is a `PVeRAModel` with an adapter named `name`."""
+    if not isinstance(model, PVeRAModel):
+        raise TypeError(
+            "Expected a PVeRAModel (what keras_pvera.apply or "
+            f"keras_pvera.load_adapter returns). Received: {model!r} of type "
+            f"{type(model).__name__}"
+        )
+    if name not in model.adapter_names:
+        raise ValueError(
+            f"The model has no adapter named {name!r}. Its adapters: "
+            f"{model.adapter_names}.{hint}"
+        )
+
+
+def _other_projections(model, state):
+    """Whether `state` holds projections other than the model's."""
+    return state.projections is not None and not same_arrays(
+        state.projections, _projections_of(model)
+    )
 
 
 def _located(model, state):
