@@ -18,6 +18,7 @@ from keras_pvera.src.layers.pvera_dense import kl_divergence
 from keras_pvera.src.layers.pvera_embedding import PVeRAEmbedding
 from keras_pvera.src.models.pvera_model import PVeRAModel
 from keras_pvera.src.models.pvera_model import apply
+from keras_pvera.src.peft.lora_adapter import save_lora_adapter
 from keras_pvera.src.peft.peft_interop import load_peft_adapter
 from keras_pvera.src.peft.peft_interop import save_peft_adapter
 from keras_pvera.src.saving.adapter_files import hotswap_adapter
@@ -57,6 +58,7 @@ __all__ = [
     "load_peft_adapter",
     "merge",
     "save_adapter",
+    "save_lora_adapter",
     "save_peft_adapter",
     "predict_with_uncertainty",
     "reliability_diagram",
