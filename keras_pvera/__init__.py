@@ -24,6 +24,7 @@ from keras_pvera.src.peft.peft_interop import save_peft_adapter
 from keras_pvera.src.saving.adapter_files import hotswap_adapter
 from keras_pvera.src.saving.adapter_files import load_adapter
 from keras_pvera.src.saving.adapter_files import save_adapter
+from keras_pvera.src.saving.keras_hub_lora import save_lora_weights
 from keras_pvera.src.saving.merging import merge
 from keras_pvera.src.uncertainty.diagnosis import UncertaintyDiagnosis
 from keras_pvera.src.uncertainty.diagnosis import diagnose_uncertainty
@@ -59,6 +60,7 @@ __all__ = [
     "merge",
     "save_adapter",
     "save_lora_adapter",
+    "save_lora_weights",
     "save_peft_adapter",
     "predict_with_uncertainty",
     "reliability_diagram",

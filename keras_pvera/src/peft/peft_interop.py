@@ -40,6 +40,7 @@ from keras_pvera.src.peft.module_names import match_template
 from keras_pvera.src.saving import safetensors_io
 from keras_pvera.src.saving.adapter_state import AdapterState
 from keras_pvera.src.saving.adapter_state import adapter_state_of
+from keras_pvera.src.saving.adapter_state import check_uncalibrated
 from keras_pvera.src.saving.adapter_state import restore_adapter
 from keras_pvera.src.surgery import layer_walk
 from keras_pvera.src.surgery.layer_selection import LINEAR_LAYERS
@@ -396,14 +397,7 @@ def peft_target(model, adapter, naming, module_prefix, what):
             f"`naming` must be one of {list(NAMINGS)} or None. "
             f"Received: naming={naming!r}"
         )
-    if getattr(model, "calibration", None) is not None:
-        raise ValueError(
-            "This model carries a calibration temperature (keras_pvera."
-            f"calibrate), which is beyond the paper and has no place in "
-            f"{what} adapter files, so PEFT would load different "
-            "predictions. Save it as .keras, or set `model.calibration = "
-            "None` first to write the uncalibrated adapter."
-        )
+    check_uncalibrated(model, f"{what} adapter files")
     state = adapter_state_of(model, adapter)
     spec, keras_prefix = find_spec(model.base_model)
     head = _task_head(model.base_model, spec)
