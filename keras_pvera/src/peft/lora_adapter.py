@@ -80,12 +80,11 @@ def save_lora_adapter(model, path, *, adapter=None, naming=None, module_prefix=N
     `peft.PeftModel.from_pretrained(hf_bert_model, folder)`.
     """
     target = peft_target(model, adapter, naming, module_prefix, "PEFT LoRA")
-    name = model.active_adapter if adapter is None else adapter
-    wrappers = model.adapter_registry.layers_of(name)
+    wrappers = model.adapter_registry.layers_of(target.name)
     tensors = dict(target.head_tensors)
     for module, paths in target.modules:
         # A fused group's parts share lambda_d and A: one `down`.
-        factors = [wrappers[p].mean_factors(name) for p in paths]
+        factors = [wrappers[p].mean_factors(target.name) for p in paths]
         down = _numpy(factors[0][0])
         up = np.concatenate([_numpy(f[1]) for f in factors], axis=1)
         key = f"base_model.model.{module}."

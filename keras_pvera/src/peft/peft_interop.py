@@ -334,15 +334,16 @@ def save_peft_adapter(
 class PeftTarget:
     """An adapter as PEFT will see it: its state and PEFT module names.
 
-    What every PEFT writer (PVeRA, LoRA) shares: the adapter's `state`
-    (`AdapterState`), its PEFT `modules` (a list of `(module name, keras
+    What every PEFT writer (PVeRA, LoRA) shares: the adapter's `name` and
+    `state` (`AdapterState`), its PEFT `modules` (a list of `(module name, keras
     paths)` in model order: one path for a module KerasHub keeps whole,
     the parts in output order for a fused module such as GPT-2's
     `c_attn`), the `head_tensors` of the layers trained in full (PEFT's
     `modules_to_save`), and the architecture's `spec`.
     """
 
-    def __init__(self, state, spec, head, modules, head_tensors):
+    def __init__(self, name, state, spec, head, modules, head_tensors):
+        self.name = name
         self.state = state
         self.spec = spec
         self.head = head
@@ -424,7 +425,8 @@ def peft_target(model, adapter, naming, module_prefix, what):
                 + _fused_hint(spec, keras_path[len(keras_prefix) :], keras_prefix)
             )
         modules.append((module, (keras_path,)))
-    return PeftTarget(state, spec, head, modules, head_tensors)
+    name = model.active_adapter if adapter is None else adapter
+    return PeftTarget(name, state, spec, head, modules, head_tensors)
 
 
 def write_peft_folder(path, tensors, config):
