@@ -18,11 +18,13 @@ from keras_pvera.src.layers.pvera_dense import kl_divergence
 from keras_pvera.src.layers.pvera_embedding import PVeRAEmbedding
 from keras_pvera.src.models.pvera_model import PVeRAModel
 from keras_pvera.src.models.pvera_model import apply
+from keras_pvera.src.peft.lora_adapter import save_lora_adapter
 from keras_pvera.src.peft.peft_interop import load_peft_adapter
 from keras_pvera.src.peft.peft_interop import save_peft_adapter
 from keras_pvera.src.saving.adapter_files import hotswap_adapter
 from keras_pvera.src.saving.adapter_files import load_adapter
 from keras_pvera.src.saving.adapter_files import save_adapter
+from keras_pvera.src.saving.keras_hub_lora import save_lora_weights
 from keras_pvera.src.saving.merging import merge
 from keras_pvera.src.uncertainty.diagnosis import UncertaintyDiagnosis
 from keras_pvera.src.uncertainty.diagnosis import diagnose_uncertainty
@@ -57,6 +59,8 @@ __all__ = [
     "load_peft_adapter",
     "merge",
     "save_adapter",
+    "save_lora_adapter",
+    "save_lora_weights",
     "save_peft_adapter",
     "predict_with_uncertainty",
     "reliability_diagram",
