@@ -347,8 +347,9 @@ TINY_PROBABILITY = 1e-12
 MIN_STD = 1e-6
 
 
-def _check_not_nan(values, name):
-    """`values` as a NumPy array, or a `ValueError` if it holds NaN or inf."""
+def checked_finite(values, name):
+    """`values` as a NumPy array of numbers, or a `ValueError` naming `name`
+    if it holds NaN or infinity, or is not numeric."""
     values = np.asarray(values)
     if values.dtype.kind in "fc" and not np.all(np.isfinite(values)):
         bad = int(np.sum(~np.isfinite(values)))
@@ -366,7 +367,7 @@ def _check_not_nan(values, name):
 def class_probabilities(y_prob, what):
     """Checked probabilities `(examples, classes)`; a single unit (`(batch,)`
     or `(batch, 1)`, the probability of class 1) becomes two classes."""
-    y_prob = _check_not_nan(y_prob, "y_prob")
+    y_prob = checked_finite(y_prob, "y_prob")
     _check_probabilities(y_prob, what)
     y_prob = y_prob.astype("float64")
     if y_prob.ndim == 1:
@@ -390,7 +391,7 @@ def class_labels(y_true, num_examples, num_classes, name="y_true"):
             `0..num_classes - 1`, or a number of labels other than
             `num_examples`, naming what was received.
     """
-    y_true = _check_not_nan(y_true, name)
+    y_true = checked_finite(y_true, name)
     if y_true.ndim == 2 and y_true.shape[1] == num_classes and num_classes > 1:
         if not np.all((y_true == 0) | (y_true == 1)) or not np.all(
             y_true.sum(axis=1) == 1
@@ -590,7 +591,7 @@ def auroc(in_distribution, out_of_distribution):
         (in_distribution, "in_distribution"),
         (out_of_distribution, "out_of_distribution"),
     ):
-        values = _check_not_nan(values, name).reshape(-1).astype("float64")
+        values = checked_finite(values, name).reshape(-1).astype("float64")
         if values.size == 0:
             raise ValueError(f"`{name}` needs at least one score. Received none.")
         scores.append(values)
@@ -620,7 +621,7 @@ def gaussian_negative_log_likelihood(y_true, mean, std):
     >>> round(gaussian_negative_log_likelihood([0.0], [0.0], [1.0]), 6)
     0.918939
     """
-    y_true = _check_not_nan(y_true, "y_true").astype("float64")
-    mean = _check_not_nan(mean, "mean").astype("float64")
-    std = np.maximum(_check_not_nan(std, "std").astype("float64"), MIN_STD)
+    y_true = checked_finite(y_true, "y_true").astype("float64")
+    mean = checked_finite(mean, "mean").astype("float64")
+    std = np.maximum(checked_finite(std, "std").astype("float64"), MIN_STD)
     return float(-np.mean(scipy.stats.norm.logpdf(y_true, loc=mean, scale=std)))
