@@ -20,7 +20,15 @@ import keras_pvera
 from keras_pvera.src.uncertainty.metrics import area_under_risk_coverage
 
 FEATURES = 4
-SEEDS = (0, 1, 2)
+# Every seed passes on every backend (KERAS_PVERA_FULL_MATRIX=1 runs them);
+# JAX compiles each predict function anew (about 8 s a test on 2 CPU
+# cores), so the JAX and TensorFlow runs keep seed 0: the code compared is
+# the same for every seed.
+SEEDS = [
+    0,
+    pytest.param(1, marks=pytest.mark.default_backend_only),
+    pytest.param(2, marks=pytest.mark.default_backend_only),
+]
 
 
 def tiny_model(units=3, activation=None):
