@@ -268,6 +268,18 @@ def test_the_report_prints_a_table_and_plots_its_curves(tmp_path):
         (dict(level=1.5), "strictly between 0 and 1"),
         (dict(from_logits="yes"), "`from_logits` must be None"),
     ],
+    ids=[
+        "nan_x",
+        "nan_y",
+        "infinite_ood",
+        "fewer_labels",
+        "n",
+        "seed",
+        "task",
+        "num_bins",
+        "level",
+        "from_logits",
+    ],
 )
 def test_bad_inputs_and_arguments_are_refused_naming_them(change, message):
     model = tiny_model()
