@@ -296,3 +296,13 @@ def test_a_model_with_several_outputs_is_refused():
     model = keras_pvera.apply(base, rank=2, target=["hidden"])
     with pytest.raises(ValueError, match="one output .* returns 2"):
         keras_pvera.evaluate_uncertainty(model, data(), np.zeros(12), n=2, seed=0)
+
+
+def test_a_class_per_position_is_refused_rather_than_read_as_real_values():
+    features = keras.Input((3, FEATURES))
+    hidden = keras.layers.Dense(8, name="hidden")(features)
+    base = keras.Model(features, keras.layers.Dense(2)(hidden))
+    model = keras_pvera.apply(base, rank=2, target=["hidden"])
+    x = np.zeros((5, 3, FEATURES), "float32")
+    with pytest.raises(ValueError, match=r"predicts \(3, 2\) per example"):
+        keras_pvera.evaluate_uncertainty(model, x, np.zeros((5, 3)), n=2, seed=0)

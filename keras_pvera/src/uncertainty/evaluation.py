@@ -475,7 +475,17 @@ def _is_integer_valued(y):
 
 def _task_of(outputs, y):
     """Classification when `y` reads as class labels of `outputs`."""
-    if outputs.ndim != 2 or not _is_integer_valued(y):
+    if not _is_integer_valued(y):
+        return "regression"
+    if outputs.ndim > 2 and y.shape == outputs.shape[:-1]:
+        raise ValueError(
+            "evaluate_uncertainty scores one prediction per example, of shape "
+            f"(batch, classes); the model predicts {outputs.shape[1:]} per "
+            f"example with labels {y.shape[1:]} (one per position). Score the "
+            "positions as examples (a model whose output is reshaped to "
+            "(examples, classes)), or pass task='regression' for real values."
+        )
+    if outputs.ndim != 2:
         return "regression"
     examples, units = outputs.shape
     if units == 1:
