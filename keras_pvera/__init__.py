@@ -28,6 +28,8 @@ from keras_pvera.src.saving.keras_hub_lora import save_lora_weights
 from keras_pvera.src.saving.merging import merge
 from keras_pvera.src.uncertainty.diagnosis import UncertaintyDiagnosis
 from keras_pvera.src.uncertainty.diagnosis import diagnose_uncertainty
+from keras_pvera.src.uncertainty.evaluation import UncertaintyReport
+from keras_pvera.src.uncertainty.evaluation import evaluate_uncertainty
 from keras_pvera.src.uncertainty.metrics import ExpectedCalibrationError
 from keras_pvera.src.uncertainty.metrics import calibration_bins
 from keras_pvera.src.uncertainty.metrics import expected_calibration_error
@@ -46,11 +48,13 @@ __all__ = [
     "PVeRAModel",
     "ProjectionRegistry",
     "UncertaintyDiagnosis",
+    "UncertaintyReport",
     "UncertaintyResult",
     "apply",
     "calibrate",
     "calibration_bins",
     "diagnose_uncertainty",
+    "evaluate_uncertainty",
     "expected_calibration_error",
     "generate_projections",
     "hotswap_adapter",
