@@ -57,7 +57,7 @@ def check_level(level):
     return float(level)
 
 
-def _check_seed(seed):
+def check_seed(seed):
     if seed is None:
         return None
     expected = "None or a non-negative integer"
@@ -74,7 +74,7 @@ def _check_verbose(verbose):
     return int(verbose)
 
 
-def _entropy_of_probabilities(probabilities):
+def entropy_of_probabilities(probabilities):
     """`-sum(p * log(p))` over the last axis; `0 log 0 = 0`, NaN if `p < 0`."""
     p = np.asarray(probabilities)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -118,8 +118,8 @@ class _SampleSummary:
             self.probability_problem = output_kinds.probability_problem(samples)
             probabilities = np.clip(samples, 0, 1)
             probabilities = as_two_classes(probabilities, from_logits=False)
-            self.expected_entropy_of_probabilities = np.mean(
-                _entropy_of_probabilities(probabilities), axis=0
+            self.expectedentropy_of_probabilities = np.mean(
+                entropy_of_probabilities(probabilities), axis=0
             )
             log_p = log_softmax(as_two_classes(samples, from_logits=True))
             p = np.exp(log_p)
@@ -136,7 +136,7 @@ class _SampleSummary:
     def expected_entropy(self, from_logits):
         if from_logits:
             return self.expected_entropy_of_logits
-        return self.expected_entropy_of_probabilities
+        return self.expectedentropy_of_probabilities
 
 
 class UncertaintyResult:
@@ -386,7 +386,7 @@ class UncertaintyResult:
                 says what was found).
         """
         return self._map_classes(
-            lambda s, reads_logits: _entropy_of_probabilities(
+            lambda s, reads_logits: entropy_of_probabilities(
                 s.mean_probabilities(reads_logits)
             ),
             "predictive_entropy",
@@ -438,7 +438,7 @@ class UncertaintyResult:
         """
         return self._map_classes(
             lambda s, reads_logits: (
-                _entropy_of_probabilities(s.mean_probabilities(reads_logits))
+                entropy_of_probabilities(s.mean_probabilities(reads_logits))
                 - s.expected_entropy(reads_logits)
             ),
             "mutual_information",
@@ -545,7 +545,7 @@ def _sampling_flags(adapted, sampled_layers):
 
 
 @contextlib.contextmanager
-def _sampling_at_inference(model, adapters, seed, flags, adapter_names=None):
+def sampling_at_inference(model, adapters, seed, flags, adapter_names=None):
     """Switches sampling at inference on (per layer: `flags`) for the
     adapters that run (`adapter_names`, or each layer's active ones), and
     restores everything after.
@@ -590,7 +590,7 @@ def sampling_off(model):
         ValueError: If `model` has no PVeRA layers.
     """
     adapters = list(adapted_layers_of(model).values())
-    with _sampling_at_inference(model, adapters, 0, [False] * len(adapters)):
+    with sampling_at_inference(model, adapters, 0, [False] * len(adapters)):
         yield
 
 
@@ -604,14 +604,14 @@ def _stream_places(model, adapters):
     return [places[id(layer)] for layer in adapters]
 
 
-def _repeat(array, copies):
+def repeat_rows(array, copies):
     """`copies` copies of `array` one after the other on the first axis."""
     if copies == 1:
         return array
     return np.concatenate([array] * copies, axis=0)
 
 
-def _draw_samples(predict_copies, batch, n, max_rows):
+def draw_samples(predict_copies, batch, n, max_rows):
     """`n` sampled predictions of one input batch.
 
     The batch is cut into pieces of at most `max_rows` examples; each piece
@@ -760,7 +760,7 @@ def predict_with_uncertainty(
         if batch_size is None
         else checks.checked_integer(batch_size, "batch_size")
     )
-    seed = _check_seed(seed)
+    seed = check_seed(seed)
     if seed is None:
         seed = random.randint(0, 2**31 - 1)
     verbose = _check_verbose(verbose)
@@ -872,10 +872,10 @@ def _draw_all(model, x, n, max_rows, seed, adapted, flags, names, verbose):
     outputs, drawn = None, []
     sampling = [layer for layer, flag in zip(adapters, flags, strict=True) if flag]
     predict_copies = _copies_predictor(model, sampling, names)
-    with _sampling_at_inference(model, adapters, seed, flags, names):
+    with sampling_at_inference(model, adapters, seed, flags, names):
         for step, batch in enumerate(batches):
             if num_rows(batch) > 0:
-                outputs, leaves = _draw_samples(predict_copies, batch, n, max_rows)
+                outputs, leaves = draw_samples(predict_copies, batch, n, max_rows)
                 drawn.append(leaves)
             if progbar is not None:
                 progbar.update(step + 1)
@@ -905,7 +905,7 @@ def _repeated_batch_predictor(model):
 
     def predict_copies(piece, copies):
         return model.predict_on_batch(
-            keras.tree.map_structure(lambda a: _repeat(a, copies), piece)
+            keras.tree.map_structure(lambda a: repeat_rows(a, copies), piece)
         )
 
     return predict_copies
