@@ -66,8 +66,8 @@ class GenerationUncertainty:
             the distribution each generated token was drawn from; 0 where
             `generated` is False.
         token_expected_entropy: `mean H[p]`, arranged the same way.
-        token_mutual_information: `H[mean p] - mean H[p]`, arranged the
-            same way.
+        token_mutual_information: `H[mean p] - mean H[p]` (rounding errors
+            below 0 read as 0), arranged the same way.
         predictive_entropy: `(prompts,)`: the mean of
             `token_predictive_entropy` over each generation's generated
             tokens, then over the `n` generations.
@@ -90,7 +90,8 @@ class GenerationUncertainty:
         entropy, expected = token_statistics
         self.token_predictive_entropy = entropy
         self.token_expected_entropy = expected
-        self.token_mutual_information = np.where(generated, entropy - expected, 0.0)
+        # Never negative (Jensen's inequality): a rounding error below 0 is 0.
+        self.token_mutual_information = np.maximum(entropy - expected, 0.0)
         tokens = np.sum(generated, axis=-1)
 
         def per_prompt(values):
