@@ -83,7 +83,10 @@ def test_large_variance_makes_generations_differ_and_the_seed_repeats_them(seed)
     ):
         assert collections.Counter(texts).most_common(1)[0][0] == common
         assert share == texts.count(common) / 3
-    again = generate(model, seed)
+    # The model's method is the same call.
+    again = model.generate_with_uncertainty(
+        PROMPTS, n=3, seed=seed, max_length=MAX_LENGTH
+    )
     assert again.generations == result.generations
     np.testing.assert_array_equal(again.token_ids, result.token_ids)
     np.testing.assert_array_equal(again.mutual_information, result.mutual_information)

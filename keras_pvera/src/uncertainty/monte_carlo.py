@@ -58,6 +58,7 @@ def check_level(level):
 
 
 def check_seed(seed):
+    """`seed` as an int, `None` kept, or a `ValueError` naming it."""
     if seed is None:
         return None
     expected = "None or a non-negative integer"
