@@ -129,3 +129,35 @@ def test_an_adapted_text_classifier_exports_where_the_task_does(tmp_path):
     np.testing.assert_allclose(
         exported_outputs(model, x, str(tmp_path / "adapted")), adapted_logits, atol=1e-4
     )
+
+
+def test_an_adapted_text_classifier_serves_its_uncertainty(tmp_path):
+    model = keras_pvera.apply(architectures.bert(), rank=4, d_initial=1.0)
+    architectures.randomize(model)
+    x = architectures.token_inputs("padding_mask", "segment_ids")(3, 0)
+    signature = [
+        {
+            name: keras.InputSpec(shape=(None, architectures.LENGTH), dtype="int32")
+            for name in x
+        }
+    ]
+    path, n, seed = str(tmp_path / "served"), 4, 1
+    if keras.backend.backend() == "torch":  # Torch's exporters cannot sample.
+        with pytest.raises(ValueError, match="TensorFlow and JAX"):
+            keras_pvera.export_with_uncertainty(model, path, n=n, seed=seed)
+        return
+    import tensorflow as tf
+
+    keras_pvera.export_with_uncertainty(
+        model, path, n=n, seed=seed, input_signature=signature, verbose=False
+    )
+    loaded = tf.saved_model.load(path)
+    served = loaded.serve_uncertainty(x)
+    expected = keras_pvera.predict_with_uncertainty(
+        model, x, n=n, seed=seed, batch_size=n * 3, verbose=0
+    )
+    assert np.min(expected.std) > 1e-5  # The passes differ.
+    for name in ("mean", "std", "lower", "upper"):
+        np.testing.assert_allclose(
+            served[name].numpy(), getattr(expected, name), rtol=0, atol=1e-4
+        )
