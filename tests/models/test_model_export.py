@@ -118,7 +118,8 @@ def test_a_model_that_samples_is_refused(tmp_path):
 
 
 def test_the_served_uncertainty_is_predict_with_uncertainty(tmp_path):
-    model = adapted(sequential(), d_initial=1.0)
+    # Sampling at inference on: `serve` is the mean all the same.
+    model = adapted(sequential(), d_initial=1.0, sample_at_inference=True)
     x, n, seed = inputs(), 5, 3
     path = str(tmp_path / "model")
     if BACKEND == "torch":  # Torch's exporters cannot hold the noise.
@@ -141,6 +142,7 @@ def test_the_served_uncertainty_is_predict_with_uncertainty(tmp_path):
     assert np.min(expected.std) > 1e-3  # The passes differ.
     again = loaded.serve_uncertainty(x)  # The same noise at every call.
     np.testing.assert_array_equal(again["mean"].numpy(), result["mean"].numpy())
+    model.sample_at_inference = False
     np.testing.assert_allclose(
         loaded.serve(x).numpy(), model.predict(x, verbose=0), rtol=0, atol=1e-5
     )

@@ -116,9 +116,10 @@ def export_with_uncertainty(
 
     Sampling needs the noise generators' state inside the artefact: a
     SavedModel holds it on the TensorFlow and JAX backends. Torch's
-    exporters cannot (ONNX fails on the `torch.Generator`), so the torch
-    backend is refused. A served call resets the state to `seed`'s, so
-    concurrent calls on one loaded model must not overlap.
+    exporters cannot (ONNX fails on the `torch.Generator` the noise is
+    drawn from, `torch.export` fails too), so the torch backend is
+    refused. A served call resets the state to `seed`'s, so concurrent
+    calls on one loaded model must not overlap.
 
     Args:
         model: A model made by `keras_pvera.apply`.
@@ -170,17 +171,18 @@ def export_with_uncertainty(
     model.check_finite()
     if input_signature is None:
         input_signature = _input_signature(model)
-    keras_internals.track_torch_parameters(model)
     adapters = list(monte_carlo.adapted_layers_of(model).values())
     generators = [layer.seed_generator for layer in adapters]
     states = monte_carlo.noise_states(model, adapters, seed)
     holds_sampling = shared_prefix.sampling_holders(adapters)
 
+    # Each endpoint sets the sampling switches (Python state) it is traced
+    # with, whenever it is traced: off for the mean, on for the passes.
     def serve(x):
-        return model(x, training=False)
+        with monte_carlo.sampling_switched_on(adapters, [False] * len(adapters)):
+            return model(x, training=False)
 
     def serve_uncertainty(x):
-        # Python state, set whenever the endpoint is traced.
         with monte_carlo.sampling_switched_on(adapters, [True] * len(adapters)):
             for generator, state in zip(generators, states, strict=True):
                 generator.state.assign(state)  # The same noise at every call.
