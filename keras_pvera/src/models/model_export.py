@@ -179,11 +179,11 @@ def export_with_uncertainty(
     # Each endpoint sets the sampling switches (Python state) it is traced
     # with, whenever it is traced: off for the mean, on for the passes.
     def serve(x):
-        with monte_carlo.sampling_switched_on(adapters, [False] * len(adapters)):
+        with monte_carlo.sampling_switched(adapters, [False] * len(adapters)):
             return model(x, training=False)
 
     def serve_uncertainty(x):
-        with monte_carlo.sampling_switched_on(adapters, [True] * len(adapters)):
+        with monte_carlo.sampling_switched(adapters, [True] * len(adapters)):
             for generator, state in zip(generators, states, strict=True):
                 generator.state.assign(state)  # The same noise at every call.
             with shared_prefix.repeating(n, holds_sampling, generators):

@@ -545,11 +545,11 @@ def _sampling_flags(adapted, sampled_layers):
 
 
 @contextlib.contextmanager
-def sampling_switched_on(adapters, flags, adapter_names=None):
-    """Switches sampling at inference on (per layer: `flags`) for the
-    adapters that run (`adapter_names`, or each layer's active ones), and
-    restores the layers' switches after. Python state only: a function
-    traced within it samples."""
+def sampling_switched(adapters, flags, adapter_names=None):
+    """Switches sampling at inference on or off (per layer: `flags`) for
+    the adapters that run (`adapter_names`, or each layer's active ones),
+    and restores the layers' switches after. Python state only: a function
+    traced within it samples where its flag is on."""
     layer_flags = [layer.sampling_flags() for layer in adapters]
     try:
         for layer, flag in zip(adapters, flags, strict=True):
@@ -577,7 +577,7 @@ def noise_states(model, adapters, seed):
 
 @contextlib.contextmanager
 def sampling_at_inference(model, adapters, seed, flags, adapter_names=None):
-    """Switches sampling at inference on (`sampling_switched_on`), with the
+    """Switches sampling at inference on (`sampling_switched`), with the
     noise generators at `seed`'s states (`noise_states`), and restores
     everything after.
 
@@ -589,7 +589,7 @@ def sampling_at_inference(model, adapters, seed, flags, adapter_names=None):
     generators = [layer.seed_generator for layer in adapters]
     saved_states = [np.array(ops.convert_to_numpy(g.state.value)) for g in generators]
     try:
-        with sampling_switched_on(adapters, flags, adapter_names):
+        with sampling_switched(adapters, flags, adapter_names):
             keras_internals.drop_compiled_functions(model)
             states = noise_states(model, adapters, seed)
             for generator, state in zip(generators, states, strict=True):
