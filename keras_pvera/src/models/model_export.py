@@ -41,9 +41,9 @@ def check_format(format):
     backend = keras.backend.backend()
     if backend not in FORMAT_BACKENDS.get(format, ()):
         raise ValueError(
-            f"Keras cannot export to format={format!r} on the {backend} "
-            f"backend; it can write {formats_of(backend)}. Received: "
-            f"format={format!r}"
+            f"An adapted model cannot be exported to format={format!r} on "
+            f"the {backend} backend (nor can a plain Keras model); formats "
+            f"there: {formats_of(backend)}. Received: format={format!r}"
         )
 
 
