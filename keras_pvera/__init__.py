@@ -19,14 +19,18 @@ from keras_pvera.src.layers.pvera_embedding import PVeRAEmbedding
 from keras_pvera.src.models.model_export import export_with_uncertainty
 from keras_pvera.src.models.pvera_model import PVeRAModel
 from keras_pvera.src.models.pvera_model import apply
+from keras_pvera.src.peft.lora_adapter import save_lora_adapter
 from keras_pvera.src.peft.peft_interop import load_peft_adapter
 from keras_pvera.src.peft.peft_interop import save_peft_adapter
 from keras_pvera.src.saving.adapter_files import hotswap_adapter
 from keras_pvera.src.saving.adapter_files import load_adapter
 from keras_pvera.src.saving.adapter_files import save_adapter
+from keras_pvera.src.saving.keras_hub_lora import save_lora_weights
 from keras_pvera.src.saving.merging import merge
 from keras_pvera.src.uncertainty.diagnosis import UncertaintyDiagnosis
 from keras_pvera.src.uncertainty.diagnosis import diagnose_uncertainty
+from keras_pvera.src.uncertainty.evaluation import UncertaintyReport
+from keras_pvera.src.uncertainty.evaluation import evaluate_uncertainty
 from keras_pvera.src.uncertainty.metrics import ExpectedCalibrationError
 from keras_pvera.src.uncertainty.metrics import calibration_bins
 from keras_pvera.src.uncertainty.metrics import expected_calibration_error
@@ -45,11 +49,13 @@ __all__ = [
     "PVeRAModel",
     "ProjectionRegistry",
     "UncertaintyDiagnosis",
+    "UncertaintyReport",
     "UncertaintyResult",
     "apply",
     "calibrate",
     "calibration_bins",
     "diagnose_uncertainty",
+    "evaluate_uncertainty",
     "expected_calibration_error",
     "export_with_uncertainty",
     "generate_projections",
@@ -59,6 +65,8 @@ __all__ = [
     "load_peft_adapter",
     "merge",
     "save_adapter",
+    "save_lora_adapter",
+    "save_lora_weights",
     "save_peft_adapter",
     "predict_with_uncertainty",
     "reliability_diagram",

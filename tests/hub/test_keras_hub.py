@@ -610,6 +610,36 @@ def test_a_single_string_is_refused_naming_the_list_it_should_be():
         keras_pvera.predict_with_uncertainty(model, "a cat", n=2, verbose=0)
 
 
+@pytest.mark.slow  # six passes through the preprocessor and BERT: about 8 s
+def test_evaluate_uncertainty_scores_a_text_classifier_on_raw_text():
+    """A BERT classifier with its preprocessor, on raw strings: the Monte
+    Carlo figures are those of `predict_with_uncertainty` on the same text
+    and seed, and the mean predictor is `predict` with sampling off."""
+    from test_keras_hub_architectures import TEXTS
+    from test_keras_hub_architectures import bert
+    from test_keras_hub_architectures import randomize
+
+    from keras_pvera.src.uncertainty import metrics
+
+    model = randomize(keras_pvera.apply(bert(preprocessor=True), rank=2, seed=0))
+    labels = np.array([1, 0, 1, 0])
+    report = keras_pvera.evaluate_uncertainty(
+        model, TEXTS, labels, ["dog dog dog", "mat"], n=2, seed=0
+    )
+    result = keras_pvera.predict_with_uncertainty(model, TEXTS, 2, seed=0, verbose=0)
+    assert result.from_logits is True  # TextClassifier: logits.
+    p = result.mean_probabilities()
+    figures = report.metrics["monte_carlo"]
+    assert figures["nll"] == pytest.approx(metrics.negative_log_likelihood(labels, p))
+    assert figures["aurc"] == pytest.approx(metrics.area_under_risk_coverage(labels, p))
+    assert set(figures) >= {"auroc_max_probability", "auroc_entropy", "auroc_mi"}
+    logits = model.predict(TEXTS, verbose=0)
+    mean = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    assert report.metrics["mean"]["brier"] == pytest.approx(
+        metrics.brier_score(labels, mean), rel=1e-5
+    )
+
+
 def test_each_prompt_is_continued_by_its_own_adapter_in_one_batch():
     # A GPT-2 causal LM with its tokenizer and preprocessor, on raw strings.
     from test_keras_hub_architectures import TEXTS

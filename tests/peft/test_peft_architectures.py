@@ -11,7 +11,8 @@ spec maps. Then:
   base model's outputs equal the transformers model's;
 - PEFT -> Keras: `load_peft_adapter` gives PEFT's eval outputs;
 - Keras -> PEFT: `save_peft_adapter` of other vectors gives, through
-  `PeftModel.from_pretrained`, the Keras model's outputs.
+  `PeftModel.from_pretrained`, the Keras model's outputs; so does
+  `save_lora_adapter`, the adapter's mean as a PEFT LoRA adapter.
 """
 
 import dataclasses
@@ -476,7 +477,11 @@ def test_peft_adapter_loads_in_keras(case, record_property):
     assert difference <= TOLERANCE
 
 
-def test_keras_adapter_loads_in_peft(case, record_property, tmp_path):
+def test_keras_adapter_loads_in_peft_as_pvera_and_as_lora(
+    case, record_property, tmp_path
+):
+    """Keras -> PEFT, as a PVeRA adapter and as its mean written as a LoRA
+    (`save_lora_adapter`): both give the Keras model's mean outputs."""
     case, folder, adapter, _, without = case
     model = keras_pvera.load_peft_adapter(keras_backbone(folder), adapter)
     rng = np.random.default_rng(7)
@@ -487,10 +492,26 @@ def test_keras_adapter_loads_in_peft(case, record_property, tmp_path):
     expected = keras_outputs(case, model)
     assert max_difference(expected, without) > 1e-2
 
-    keras_pvera.save_peft_adapter(model, tmp_path, module_prefix=case.prefix)
-    loaded = peft.PeftModel.from_pretrained(load_hf(case, folder), str(tmp_path))
-    difference = max_difference(hf_outputs(case, loaded, list(expected)), expected)
+    keras_pvera.save_peft_adapter(model, tmp_path / "pvera", module_prefix=case.prefix)
+    loaded = peft.PeftModel.from_pretrained(
+        load_hf(case, folder), str(tmp_path / "pvera")
+    )
+    as_pvera = hf_outputs(case, loaded, list(expected))
+    difference = max_difference(as_pvera, expected)
     record_property("keras_to_peft_max_difference", difference)
+    assert difference <= TOLERANCE
+
+    keras_pvera.save_lora_adapter(model, tmp_path / "lora", module_prefix=case.prefix)
+    loaded = peft.PeftModel.from_pretrained(
+        load_hf(case, folder), str(tmp_path / "lora")
+    )
+    assert isinstance(loaded.peft_config["default"], peft.LoraConfig)
+    as_lora = hf_outputs(case, loaded, list(expected))
+    difference = max_difference(as_lora, expected)
+    record_property("keras_to_peft_lora_max_difference", difference)
+    assert difference <= TOLERANCE
+    difference = max_difference(as_lora, as_pvera)
+    record_property("peft_lora_to_peft_pvera_max_difference", difference)
     assert difference <= TOLERANCE
 
 
@@ -583,4 +604,14 @@ def test_task_head_in_modules_to_save_both_ways(name, tmp_path, record_property)
     back.eval()
     difference = float(np.abs(peft_logits(back) - actual).max())
     record_property("keras_to_peft_max_difference", difference)
+    assert difference <= TOLERANCE
+
+    # The same as a LoRA: the head is modules_to_save there too.
+    keras_pvera.save_lora_adapter(adapted, tmp_path / "lora")
+    config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == list(head.modules_to_save)
+    lora = peft.PeftModel.from_pretrained(load_hf(case, folder), str(tmp_path / "lora"))
+    lora.eval()
+    difference = float(np.abs(peft_logits(lora) - actual).max())
+    record_property("keras_to_peft_lora_max_difference", difference)
     assert difference <= TOLERANCE

@@ -810,6 +810,37 @@ def test_gpt2_c_attn_adapter_trained_in_keras_loads_in_peft(hf, gpt2_dir, tmp_pa
     assert np.abs(peft_gpt2_logits(hf, back) - expected).max() <= TOLERANCE
 
 
+@pytest.mark.slow
+def test_gpt2_c_attn_adapter_as_a_peft_lora(hf, gpt2_dir, tmp_path, record_property):
+    """The fused group's mean is one LoRA on c_attn: one lora_A (the shared
+    latent), lora_B rows of query, key and value in c_attn's order."""
+    transformers = hf[1]
+    peft_model(hf, gpt2_dir, transformers.GPT2LMHeadModel, r=8).save_pretrained(
+        tmp_path / "adapter"
+    )
+    model = keras_pvera.load_peft_adapter(keras_gpt2(gpt2_dir), tmp_path / "adapter")
+    expected = keras_gpt2_logits(model)
+
+    keras_pvera.save_lora_adapter(model, tmp_path / "lora")
+    tensors = safetensors.numpy.load_file(
+        str(tmp_path / "lora" / "adapter_model.safetensors")
+    )
+    key = "base_model.model.transformer.h.0.attn.c_attn."
+    assert tensors[key + "lora_A.weight"].shape == (8, HIDDEN)
+    assert tensors[key + "lora_B.weight"].shape == (3 * HIDDEN, 8)
+    lora = peft_load(hf, gpt2_dir, transformers.GPT2LMHeadModel, tmp_path / "lora")
+    as_lora = peft_gpt2_logits(hf, lora)
+    with lora.disable_adapter():
+        assert np.abs(as_lora - peft_gpt2_logits(hf, lora)).max() > 1e-2
+    difference = float(np.abs(as_lora - expected).max())
+    record_property("keras_to_peft_lora", difference)
+    assert difference <= TOLERANCE
+    pvera = peft_load(hf, gpt2_dir, transformers.GPT2LMHeadModel, tmp_path / "adapter")
+    difference = float(np.abs(as_lora - peft_gpt2_logits(hf, pvera)).max())
+    record_property("peft_lora_to_peft_pvera", difference)
+    assert difference <= TOLERANCE
+
+
 def test_gpt2_part_saved_alone_names_the_fused_group(tmp_path):
     backbone = keras_hub.models.GPT2Backbone(
         vocabulary_size=50,

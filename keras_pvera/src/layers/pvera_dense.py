@@ -816,6 +816,29 @@ class PVeRADense(AsWrappedLayer, keras.layers.Layer):
         scale = ops.multiply(vectors.config.alpha, vectors.lambda_b)
         return ops.transpose(ops.multiply(b, ops.expand_dims(scale, 1)))
 
+    def mean_factors(self, adapter=None):
+        """An adapter's mean as two rank-`r` factors: a LoRA.
+
+        `down @ up` is the `(in, out)` matrix that the mean adapter adds to
+        the layer's map: `down = A[:r, :in].T @ diag(lambda_d[:r])` and
+        `up = B[:out, :].T @ diag(alpha * lambda_b)` (`B`'s rows from the
+        adapter's `out_offset` in a fused group). In PyTorch's layout these
+        are LoRA's `lora_A.weight = down.T` and `lora_B.weight = up.T`.
+
+        Args:
+            adapter: The adapter's name; `None` for the active one (the
+                first, if several).
+
+        Returns:
+            A tuple `(down, up)` of tensors of shapes `(in, r)` and
+            `(r, out)`.
+        """
+        vectors = self._vectors(adapter)
+        a, b = self._projections(vectors)
+        r = vectors.config.rank
+        a_mean = ops.multiply(a[:r], ops.expand_dims(vectors.lambda_d[:r], 1))
+        return ops.transpose(a_mean), self._scaled_b(b, vectors)
+
     def delta_kernel(self, adapter=None):
         """An adapter's mean as a kernel: what merging adds to it.
 
@@ -826,12 +849,8 @@ class PVeRADense(AsWrappedLayer, keras.layers.Layer):
         Returns:
             A tensor of the base layer's kernel shape.
         """
-        vectors = self._vectors(adapter)
-        a, b = self._projections(vectors)
-        r = vectors.config.rank
-        a_mean = ops.multiply(a[:r], ops.expand_dims(vectors.lambda_d[:r], 1))
-        delta = ops.matmul(ops.transpose(a_mean), self._scaled_b(b, vectors))
-        return self.linear.kernel(delta)
+        down, up = self.mean_factors(adapter)
+        return self.linear.kernel(ops.matmul(down, up))
 
     def latent(self, inputs, training=False, adapter=None):
         """The latent mean and log-variance for `inputs`.

@@ -40,6 +40,7 @@ from keras_pvera.src.peft.module_names import match_template
 from keras_pvera.src.saving import safetensors_io
 from keras_pvera.src.saving.adapter_state import AdapterState
 from keras_pvera.src.saving.adapter_state import adapter_state_of
+from keras_pvera.src.saving.adapter_state import check_uncalibrated
 from keras_pvera.src.saving.adapter_state import restore_adapter
 from keras_pvera.src.surgery import layer_walk
 from keras_pvera.src.surgery.layer_selection import LINEAR_LAYERS
@@ -290,56 +291,19 @@ def save_peft_adapter(
     PEFT then loads it onto the Hugging Face model of the same checkpoint:
     `peft.PeftModel.from_pretrained(hf_bert_model, folder)`.
     """
-    naming = default_naming() if naming is None else naming
-    if naming not in NAMINGS:
-        raise ValueError(
-            f"`naming` must be one of {list(NAMINGS)} or None. "
-            f"Received: naming={naming!r}"
-        )
-    if getattr(model, "calibration", None) is not None:
-        raise ValueError(
-            "This model carries a calibration temperature (keras_pvera."
-            "calibrate), which is beyond the paper and has no place in "
-            "PEFT's adapter files, so PEFT would load different "
-            "predictions. Save it as .keras, or set `model.calibration = "
-            "None` first to write the uncalibrated adapter."
-        )
-    state = adapter_state_of(model, adapter)
-    spec, keras_prefix = find_spec(model.base_model)
-    head = _task_head(model.base_model, spec)
-    if module_prefix is None:
-        module_prefix = head.model_prefix if head is not None else ""
-    tensors, modules = _head_tensors(state, head), []
-    alpha = state.config.alpha
-    grouped = {p: group for group in state.config.fused_groups or () for p in group}
-    for keras_path in state.layers:
-        group = grouped.get(keras_path)
-        if group is not None:
-            if keras_path != group[0]:
-                continue  # Written with the group's first layer.
-            module = _fused_module(group, keras_prefix, spec, module_prefix)
-            modules.append(module)
-            key = f"base_model.model.{module}.pvera_lambda_"
-            tensors[key + "d"] = np.asarray(state.lambda_d[keras_path], "float32")
-            tensors[key + "b"] = np.concatenate(
-                [np.asarray(alpha * state.lambda_b[p], "float32") for p in group]
-            )
-            continue
-        module = None
-        if keras_path.startswith(keras_prefix):
-            module = spec.hf_module(
-                keras_path[len(keras_prefix) :], naming, module_prefix
-            )
-        if module is None:
-            raise ValueError(
-                f"Adapted layer {keras_path!r} has no Hugging Face equivalent "
-                f"in the {spec.backbone} table."
-                + _fused_hint(spec, keras_path[len(keras_prefix) :], keras_prefix)
-            )
-        modules.append(module)
+    target = peft_target(model, adapter, naming, module_prefix, "PEFT")
+    state, tensors, alpha = (
+        target.state,
+        dict(target.head_tensors),
+        target.state.config.alpha,
+    )
+    for module, paths in target.modules:
         key = f"base_model.model.{module}.pvera_lambda_"
-        tensors[key + "d"] = np.asarray(state.lambda_d[keras_path], "float32")
-        tensors[key + "b"] = np.asarray(alpha * state.lambda_b[keras_path], "float32")
+        # A fused group's layers share lambda_d; lambda_b runs over all parts.
+        tensors[key + "d"] = np.asarray(state.lambda_d[paths[0]], "float32")
+        tensors[key + "b"] = np.concatenate(
+            [np.asarray(alpha * state.lambda_b[p], "float32") for p in paths]
+        )
     if save_projection:
         tensors["base_model.pvera_A"] = np.asarray(state.projections[0], "float32")
         tensors["base_model.pvera_B"] = np.asarray(state.projections[1], "float32")
@@ -355,27 +319,119 @@ def save_peft_adapter(
     config = {
         "peft_type": "PVERA",
         "r": state.rank,
-        # Full module names: exactly these modules, whatever else the
-        # Hugging Face model holds.
-        "target_modules": sorted(modules),
         "projection_prng_key": state.config.seed,
         "save_projection": bool(save_projection),
         "pvera_dropout": state.config.dropout,
         "d_initial": state.config.d_initial,
         "sample_at_inference": state.config.sample_at_inference,
-        # PEFT sets it itself for Conv1D modules, warning; GPT-2's are.
-        "fan_in_fan_out": spec.layouts() == {"conv1d"},
-        "bias": "none",
-        "modules_to_save": (list(head.modules_to_save) if state.trainable else None),
         "init_weights": True,
-        "layers_to_transform": None,
-        "layers_pattern": None,
         "generator_seed": state.config.generator_seed,
-        "base_model_name_or_path": None,
-        "revision": None,
-        "task_type": None,
-        "inference_mode": True,
+        **target.config_fields(),
     }
+    write_peft_folder(path, tensors, config)
+
+
+class PeftTarget:
+    """An adapter as PEFT will see it: its state and PEFT module names.
+
+    What every PEFT writer (PVeRA, LoRA) shares: the adapter's `name` and
+    `state` (`AdapterState`), its PEFT `modules` (a list of `(module name, keras
+    paths)` in model order: one path for a module KerasHub keeps whole,
+    the parts in output order for a fused module such as GPT-2's
+    `c_attn`), the `head_tensors` of the layers trained in full (PEFT's
+    `modules_to_save`), and the architecture's `spec`.
+    """
+
+    def __init__(self, name, state, spec, head, modules, head_tensors):
+        self.name = name
+        self.state = state
+        self.spec = spec
+        self.head = head
+        self.modules = modules
+        self.head_tensors = head_tensors
+
+    def config_fields(self):
+        """The `adapter_config.json` fields every PEFT method writes alike."""
+        return {
+            # Full module names: exactly these modules, whatever else the
+            # Hugging Face model holds.
+            "target_modules": sorted(module for module, _ in self.modules),
+            # PEFT sets it itself for Conv1D modules, warning; GPT-2's are.
+            "fan_in_fan_out": self.spec.layouts() == {"conv1d"},
+            "bias": "none",
+            "modules_to_save": (
+                list(self.head.modules_to_save) if self.state.trainable else None
+            ),
+            "layers_to_transform": None,
+            "layers_pattern": None,
+            "base_model_name_or_path": None,
+            "revision": None,
+            "task_type": None,
+            "inference_mode": True,
+        }
+
+
+def peft_target(model, adapter, naming, module_prefix, what):
+    """Collects an adapter and names its modules as PEFT does.
+
+    Args:
+        model: A `PVeRAModel` over a KerasHub model with a module-name table.
+        adapter: The adapter's name; `None` for the active one.
+        naming: One of `NAMINGS`, or `None` for the installed transformers'.
+        module_prefix: The Hugging Face module prefix, or `None` for the
+            task head's (else `""`).
+        what: The file kind, for messages (`"PEFT"`, `"PEFT LoRA"`).
+
+    Returns:
+        A `PeftTarget`.
+
+    Raises:
+        TypeError: If `model` is not a `PVeRAModel`.
+        ValueError: For a bad `naming`, a calibrated model, an architecture
+            without a table, an adapted layer without a Hugging Face
+            equivalent (or one part of a fused module alone), or layers
+            trained in full that are no task head's.
+    """
+    naming = default_naming() if naming is None else naming
+    if naming not in NAMINGS:
+        raise ValueError(
+            f"`naming` must be one of {list(NAMINGS)} or None. "
+            f"Received: naming={naming!r}"
+        )
+    check_uncalibrated(model, f"{what} adapter files")
+    state = adapter_state_of(model, adapter)
+    spec, keras_prefix = find_spec(model.base_model)
+    head = _task_head(model.base_model, spec)
+    if module_prefix is None:
+        module_prefix = head.model_prefix if head is not None else ""
+    head_tensors, modules = _head_tensors(state, head), []
+    grouped = {p: group for group in state.config.fused_groups or () for p in group}
+    for keras_path in state.layers:
+        group = grouped.get(keras_path)
+        if group is not None:
+            if keras_path == group[0]:  # The group once, at its first layer.
+                module = _fused_module(group, keras_prefix, spec, module_prefix)
+                modules.append((module, tuple(group)))
+            continue
+        module = None
+        if keras_path.startswith(keras_prefix):
+            module = spec.hf_module(
+                keras_path[len(keras_prefix) :], naming, module_prefix
+            )
+        if module is None:
+            raise ValueError(
+                f"Adapted layer {keras_path!r} has no Hugging Face equivalent "
+                f"in the {spec.backbone} table."
+                + _fused_hint(spec, keras_path[len(keras_prefix) :], keras_prefix)
+            )
+        modules.append((module, (keras_path,)))
+    name = model.active_adapter if adapter is None else adapter
+    return PeftTarget(name, state, spec, head, modules, head_tensors)
+
+
+def write_peft_folder(path, tensors, config):
+    """Writes `adapter_model.safetensors` and `adapter_config.json`, each
+    atomically, into folder `path` (created if needed)."""
     os.makedirs(path, exist_ok=True)
     safetensors_io.write_safetensors(
         os.path.join(path, WEIGHTS_FILE), tensors, {"format": "pt"}

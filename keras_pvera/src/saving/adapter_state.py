@@ -161,6 +161,27 @@ def check_adapter_state(state):
                 )
 
 
+def check_uncalibrated(model, files):
+    """Refuses a model with a calibration temperature, for a file format
+    that cannot hold one.
+
+    Args:
+        model: A `PVeRAModel`.
+        files: The files, for the message (`"PEFT adapter files"`).
+
+    Raises:
+        ValueError: If `model.calibration` is set.
+    """
+    if getattr(model, "calibration", None) is not None:
+        raise ValueError(
+            "This model carries a calibration temperature (keras_pvera."
+            "calibrate), which is beyond the paper and has no place in "
+            f"{files}, so what loads them would predict otherwise. Save it "
+            "as .keras, or set `model.calibration = None` first to write "
+            "the uncalibrated adapter."
+        )
+
+
 def adapter_state_of(model, adapter=None):
     """Collects one adapter of an adapted model.
 

@@ -18,8 +18,8 @@ import dataclasses
 
 import keras
 import numpy as np
-import scipy.stats
 
+from keras_pvera.src.uncertainty import metrics
 from keras_pvera.src.uncertainty.monte_carlo import UncertaintyResult
 from keras_pvera.src.uncertainty.monte_carlo import adapted_layers_of
 from keras_pvera.src.uncertainty.monte_carlo import predict_with_uncertainty
@@ -178,9 +178,9 @@ def diagnose_uncertainty(
     out_spread = auroc = entropy_auroc = None
     if x_out_of_distribution is not None:
         _, out_spread, out_entropy = spread(x_out_of_distribution)
-        auroc = _auroc(in_spread, out_spread)
+        auroc = metrics.auroc(in_spread, out_spread)
         if in_entropy is not None:
-            entropy_auroc = _auroc(in_entropy, out_entropy)
+            entropy_auroc = metrics.auroc(in_entropy, out_entropy)
     return UncertaintyDiagnosis(
         measure=measure,
         in_distribution_spread=in_spread,
@@ -214,12 +214,6 @@ def _per_input(values):
     """One figure per input: the mean over every axis but the first."""
     values = np.asarray(values, dtype="float64")
     return values.reshape(values.shape[0], -1).mean(axis=1)
-
-
-def _auroc(in_distribution, out_of_distribution):
-    """P(out > in) + P(out == in) / 2, from the Mann-Whitney U statistic."""
-    u = scipy.stats.mannwhitneyu(out_of_distribution, in_distribution).statistic
-    return float(u / (len(in_distribution) * len(out_of_distribution)))
 
 
 def _verdict(measure, in_spread, out_spread, layer_spread, auroc, entropy_auroc):

@@ -1,4 +1,5 @@
-"""Metrics of calibration: expected calibration error and reliability diagrams.
+"""Metrics of predictive uncertainty: calibration, likelihood, selective
+prediction and out-of-distribution ranking.
 
 A classifier is calibrated when, among the predictions it makes with
 confidence `c`, a fraction `c` is right. The expected calibration error
@@ -19,6 +20,13 @@ reads logits or probabilities as the model outputs them. They return Python
 floats and NumPy arrays; the `ExpectedCalibrationError` metric returns
 tensors, as Keras metrics do.
 
+Beside the ECE, for probabilities and labels (`evaluate_uncertainty` reads
+them all): `negative_log_likelihood`, `brier_score`, `risk_coverage_curve`
+and `area_under_risk_coverage` (selective prediction), `auroc` of a score
+separating out-of-distribution inputs, and, for real-valued outputs,
+`gaussian_negative_log_likelihood`. These take and return NumPy values and
+refuse NaN with a `ValueError`.
+
 Example:
 
 >>> import keras_pvera
@@ -29,6 +37,7 @@ Example:
 
 import keras
 import numpy as np
+import scipy.stats
 from keras import ops
 
 from keras_pvera.src.uncertainty import output_kinds
@@ -328,3 +337,291 @@ def reliability_diagram(y_true, y_prob, path, num_bins=15):
     figure.tight_layout()
     figure.savefig(path, format="png", dpi=100)
     return path
+
+
+# Smallest probability read as a log-probability: the negative log-likelihood
+# of a label given probability 0 is `-log(1e-12)`, about 27.6, not infinity.
+TINY_PROBABILITY = 1e-12
+# Smallest standard deviation of the Gaussian NLL of regression samples: a
+# prediction whose passes all agree gets a large finite NLL, not infinity.
+MIN_STD = 1e-6
+
+
+def checked_finite(values, name):
+    """`values` as a NumPy array of numbers, or a `ValueError` naming `name`
+    if it holds NaN or infinity, or is not numeric."""
+    values = np.asarray(values)
+    if values.dtype.kind in "fc" and not np.all(np.isfinite(values)):
+        bad = int(np.sum(~np.isfinite(values)))
+        raise ValueError(
+            f"`{name}` holds {bad} NaN or infinite value(s) out of "
+            f"{values.size}; every value must be finite."
+        )
+    if values.dtype.kind not in "biuf":
+        raise ValueError(
+            f"`{name}` must hold numbers. Received values of dtype {values.dtype}."
+        )
+    return values
+
+
+def class_probabilities(y_prob, what):
+    """Checked probabilities `(examples, classes)`; a single unit (`(batch,)`
+    or `(batch, 1)`, the probability of class 1) becomes two classes."""
+    y_prob = checked_finite(y_prob, "y_prob")
+    _check_probabilities(y_prob, what)
+    y_prob = y_prob.astype("float64")
+    if y_prob.ndim == 1:
+        y_prob = y_prob[:, None]
+    if y_prob.ndim != 2:
+        raise ValueError(
+            f"`{what}` needs probabilities of shape (examples, classes). "
+            f"Received shape {y_prob.shape}."
+        )
+    if y_prob.shape[-1] == 1:
+        y_prob = np.concatenate([1.0 - y_prob, y_prob], axis=-1)
+    return y_prob
+
+
+def class_labels(y_true, num_examples, num_classes, name="y_true"):
+    """Checked integer labels `(examples,)` from class indices (shape
+    `(examples,)` or `(examples, 1)`) or one-hot rows.
+
+    Raises:
+        ValueError: For NaN, non-integer labels, labels outside
+            `0..num_classes - 1`, or a number of labels other than
+            `num_examples`, naming what was received.
+    """
+    y_true = checked_finite(y_true, name)
+    if y_true.ndim == 2 and y_true.shape[1] == num_classes and num_classes > 1:
+        if not np.all((y_true == 0) | (y_true == 1)) or not np.all(
+            y_true.sum(axis=1) == 1
+        ):
+            raise ValueError(
+                f"`{name}` of shape {y_true.shape} is read as one-hot rows, "
+                "but not every row holds a single 1 and zeros elsewhere."
+            )
+        y_true = np.argmax(y_true, axis=1)
+    elif y_true.ndim == 2 and y_true.shape[1] == 1:
+        y_true = y_true[:, 0]
+    if y_true.ndim != 1 or y_true.shape[0] != num_examples:
+        raise ValueError(
+            f"`{name}` must hold one label per example ({num_examples}): class "
+            f"indices of shape ({num_examples},) or one-hot rows of shape "
+            f"({num_examples}, {num_classes}). Received shape {y_true.shape}."
+        )
+    if not np.all(np.mod(y_true, 1) == 0):
+        raise ValueError(
+            f"`{name}` must hold integer class indices. Received non-integer "
+            f"values such as {y_true[np.mod(y_true, 1) != 0][0]!r}."
+        )
+    y_true = y_true.astype("int64")
+    if y_true.size and (y_true.min() < 0 or y_true.max() >= num_classes):
+        raise ValueError(
+            f"`{name}` must hold class indices from 0 to {num_classes - 1} "
+            f"({num_classes} classes). Received labels from {y_true.min()} to "
+            f"{y_true.max()}."
+        )
+    return y_true
+
+
+def _labels_and_probabilities(y_true, y_prob, what):
+    y_prob = class_probabilities(y_prob, what)
+    return class_labels(y_true, y_prob.shape[0], y_prob.shape[1]), y_prob
+
+
+def negative_log_likelihood_of(labels, y_prob):
+    """`negative_log_likelihood` on checked labels and probabilities."""
+    picked = y_prob[np.arange(len(labels)), labels]
+    return float(-np.mean(np.log(np.clip(picked, TINY_PROBABILITY, 1.0))))
+
+
+def negative_log_likelihood(y_true, y_prob):
+    """The mean negative log-likelihood of the labels, in nats.
+
+    `-mean(log(p[label]))`, each probability clipped below at
+    `TINY_PROBABILITY` (1e-12), so a label given probability 0 costs about
+    27.6 rather than infinity.
+
+    Args:
+        y_true: Class indices `(examples,)` or one-hot rows.
+        y_prob: Class probabilities `(examples, classes)`; a single unit is
+            the probability of class 1.
+
+    Returns:
+        A float.
+
+    Raises:
+        ValueError: For NaN, values that cannot be probabilities, or labels
+            that do not match.
+
+    Example:
+
+    >>> round(negative_log_likelihood([0, 1], [[0.5, 0.5], [0.0, 1.0]]), 6)
+    0.346574
+    """
+    labels, y_prob = _labels_and_probabilities(
+        y_true, y_prob, "negative_log_likelihood"
+    )
+    return negative_log_likelihood_of(labels, y_prob)
+
+
+def brier_score(y_true, y_prob):
+    """The Brier score: `mean over examples of sum over classes of
+    (p - one_hot(label))**2`, from 0 (right with certainty) to 2.
+
+    A single unit is read as two classes, so a binary problem scores twice
+    the one-column form `mean((p1 - y)**2)`.
+
+    Args:
+        y_true: Class indices `(examples,)` or one-hot rows.
+        y_prob: Class probabilities `(examples, classes)`.
+
+    Returns:
+        A float.
+
+    Example:
+
+    >>> round(brier_score([0], [[0.75, 0.25]]), 6)
+    0.125
+    """
+    labels, y_prob = _labels_and_probabilities(y_true, y_prob, "brier_score")
+    one_hot = np.eye(y_prob.shape[1])[labels]
+    return float(np.mean(np.sum(np.square(y_prob - one_hot), axis=1)))
+
+
+def risk_coverage_curve(y_true, y_prob):
+    """The risk (error rate) of the most confident predictions, by coverage.
+
+    Predictions are ranked by confidence, the predicted class's probability
+    (the first of tied classes). Keeping the `k` most confident of `N`
+    covers `k / N` of them, at the risk `errors among them / k`. Where
+    confidences tie, no order among the tied predictions is better founded
+    than another: the curve takes the mean over their orders, so the
+    errors of a tied group count in proportion to how much of it is kept.
+
+    Args:
+        y_true: Class indices `(examples,)` or one-hot rows.
+        y_prob: Class probabilities `(examples, classes)`.
+
+    Returns:
+        A tuple `(coverage, risk)` of float64 arrays of shape `(examples,)`:
+        coverage `1/N, 2/N, ..., 1` and the risk there.
+
+    Example:
+
+    >>> coverage, risk = risk_coverage_curve(
+    ...     [0, 1, 1], [[0.9, 0.1], [0.8, 0.2], [0.4, 0.6]])
+    >>> risk.round(3).tolist()
+    [0.0, 0.5, 0.333]
+    """
+    labels, y_prob = _labels_and_probabilities(y_true, y_prob, "risk_coverage_curve")
+    return _risk_coverage(labels, y_prob)
+
+
+def _risk_coverage(labels, y_prob):
+    count = len(labels)
+    if count == 0:
+        raise ValueError("A risk-coverage curve needs at least one prediction.")
+    confidence = np.max(y_prob, axis=1)
+    errors = (np.argmax(y_prob, axis=1) != labels).astype("float64")
+    order = np.argsort(-confidence, kind="stable")
+    confidence, errors = confidence[order], errors[order]
+    starts = np.concatenate([[0], np.flatnonzero(np.diff(confidence) != 0) + 1])
+    sizes = np.diff(np.concatenate([starts, [count]]))
+    before = np.concatenate([[0.0], np.cumsum(errors)])[starts]
+    in_group = np.add.reduceat(errors, starts)
+    group = np.repeat(np.arange(len(starts)), sizes)
+    kept = np.arange(count) - starts[group] + 1.0
+    cumulative = before[group] + kept / sizes[group] * in_group[group]
+    covered = np.arange(1, count + 1, dtype="float64")
+    return covered / count, cumulative / covered
+
+
+def area_under_risk_coverage(y_true, y_prob):
+    """AURC: the mean of `risk_coverage_curve`'s risk over its `N` coverages.
+
+    The area under the risk-coverage curve as Geifman et al. (2018) compute
+    it, `(1/N) sum_k risk(k/N)`: 0 when every error is less confident than
+    every right prediction (or there is none), up to the error rate when
+    the confidence ranks errors first. Lower is better.
+
+    Args:
+        y_true: Class indices `(examples,)` or one-hot rows.
+        y_prob: Class probabilities `(examples, classes)`.
+
+    Returns:
+        A float.
+
+    Example:
+
+    >>> round(area_under_risk_coverage(
+    ...     [0, 1, 1], [[0.9, 0.1], [0.8, 0.2], [0.4, 0.6]]), 6)
+    0.277778
+    """
+    labels, y_prob = _labels_and_probabilities(
+        y_true, y_prob, "area_under_risk_coverage"
+    )
+    return float(np.mean(_risk_coverage(labels, y_prob)[1]))
+
+
+def auroc(in_distribution, out_of_distribution):
+    """How well a score ranks out-of-distribution inputs above the others.
+
+    `P(out > in) + P(out == in) / 2` over all pairs, from SciPy's
+    Mann-Whitney U statistic: 1 when every out-of-distribution score is
+    higher, 0.5 for chance (or all scores tied), 0 when inverted.
+
+    Args:
+        in_distribution: Scores of in-distribution inputs, shape `(N,)`.
+        out_of_distribution: Scores of out-of-distribution inputs `(M,)`.
+
+    Returns:
+        A float in `[0, 1]`.
+
+    Raises:
+        ValueError: If a set is empty or holds NaN.
+
+    Example:
+
+    >>> auroc([0.1, 0.2], [0.3, 0.2])
+    0.875
+    """
+    scores = []
+    for values, name in (
+        (in_distribution, "in_distribution"),
+        (out_of_distribution, "out_of_distribution"),
+    ):
+        values = checked_finite(values, name).reshape(-1).astype("float64")
+        if values.size == 0:
+            raise ValueError(f"`{name}` needs at least one score. Received none.")
+        scores.append(values)
+    inside, outside = scores
+    u = scipy.stats.mannwhitneyu(outside, inside).statistic
+    return float(u / (inside.size * outside.size))
+
+
+def gaussian_negative_log_likelihood(y_true, mean, std):
+    """Mean negative log-likelihood of real values under `N(mean, std**2)`.
+
+    Each value's Gaussian has the mean and standard deviation of its
+    samples; `std` is clipped below at `MIN_STD` (1e-6), so samples that
+    all agree give a large finite value rather than infinity. In nats, per
+    value (averaged over every value of `y_true`).
+
+    Args:
+        y_true: Real targets.
+        mean: Predicted means, shaped like `y_true`.
+        std: Predicted standard deviations, shaped like `y_true`.
+
+    Returns:
+        A float.
+
+    Example:
+
+    >>> round(gaussian_negative_log_likelihood([0.0], [0.0], [1.0]), 6)
+    0.918939
+    """
+    y_true = checked_finite(y_true, "y_true").astype("float64")
+    mean = checked_finite(mean, "mean").astype("float64")
+    std = np.maximum(checked_finite(std, "std").astype("float64"), MIN_STD)
+    return float(-np.mean(scipy.stats.norm.logpdf(y_true, loc=mean, scale=std)))

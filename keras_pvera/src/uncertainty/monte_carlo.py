@@ -601,6 +601,20 @@ def sampling_at_inference(model, adapters, seed, flags, adapter_names=None):
         keras_internals.drop_compiled_functions(model)
 
 
+@contextlib.contextmanager
+def sampling_off(model):
+    """Every adapted layer of `model` uses its latent mean for the duration
+    (`predict` gives the mean prediction, whatever `sample_at_inference`
+    says), restored after, as `predict_with_uncertainty` restores it.
+
+    Raises:
+        ValueError: If `model` has no PVeRA layers.
+    """
+    adapters = list(adapted_layers_of(model).values())
+    with sampling_at_inference(model, adapters, 0, [False] * len(adapters)):
+        yield
+
+
 def _stream_places(model, adapters):
     """Each of `adapters`' place among all the PVeRA layers of `model`."""
     if output_kinds.is_adapted_model(model):

@@ -33,6 +33,7 @@ import numpy as np
 import scipy.optimize
 from keras import ops
 
+from keras_pvera.src.uncertainty import metrics
 from keras_pvera.src.uncertainty import output_kinds
 from keras_pvera.src.uncertainty.monte_carlo import as_two_classes
 from keras_pvera.src.uncertainty.monte_carlo import log_softmax
@@ -44,7 +45,7 @@ from keras_pvera.src.utils import checks
 MIN_TEMPERATURE = 0.01
 MAX_TEMPERATURE = 100.0
 # Smallest probability read as a log-probability, as in the NLL's clip.
-_TINY = 1e-12
+_TINY = metrics.TINY_PROBABILITY
 
 
 def check_calibration(calibration):
@@ -159,9 +160,7 @@ def monte_carlo_nll(log_probabilities, labels, temperature):
     scaled = scaled - scaled.max(axis=-1, keepdims=True)
     p = np.exp(scaled)
     p /= p.sum(axis=-1, keepdims=True)
-    mean = p.mean(axis=0)
-    picked = mean[np.arange(len(labels)), labels]
-    return float(-np.mean(np.log(np.clip(picked, _TINY, 1.0))))
+    return metrics.negative_log_likelihood_of(labels, p.mean(axis=0))
 
 
 def fit_temperature(log_probabilities, labels):

@@ -403,3 +403,20 @@ def plain_copy(value):
         items = [plain_copy(item) for item in value]
         return tuple(items) if isinstance(value, tuple) else items
     return value
+
+
+def flatten_layers(layer):
+    """Every layer below `layer`, depth first, each once (`_flatten_layers`).
+
+    KerasHub's `Backbone.enable_lora` and `save_lora_weights` number a
+    backbone's layers in this order.
+    """
+    return layer._flatten_layers(include_self=False)
+
+
+def h5_store(path, mode):
+    """Keras' HDF5 variable store (`saving_lib.H5IOStore`), which KerasHub's
+    `save_lora_weights` / `load_lora_weights` write and read."""
+    from keras.src.saving import saving_lib
+
+    return saving_lib.H5IOStore(path, mode=mode)
