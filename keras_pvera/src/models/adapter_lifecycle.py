@@ -397,6 +397,7 @@ class AdapterLifecycle:
     def _changed(self):
         self.allowed_ids = None
         keras_internals.drop_compiled_functions(self)
+        keras_internals.track_torch_parameters(self)
 
     @property
     def sample_at_inference(self):
