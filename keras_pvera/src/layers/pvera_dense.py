@@ -1054,8 +1054,7 @@ class PVeRADense(AsWrappedLayer, keras.layers.Layer):
         """Row by row: `lambda_d` laid out to scale `h`, `alpha * lambda_b`
         laid out to scale the output, and the 0/1 sampling switch laid out
         to scale the noise (`None` when no row samples)."""
-        tables = rows.tables.get(id(self)) or self.row_tables(rows.names)
-        table_d, table_b = tables
+        table_d, table_b = rows.tables.get(id(self)) or self.row_tables(rows.names)
         indices = rows.indices
         leading = (-1,) + (1,) * (len(h.shape) - 2)
         lambda_d = ops.reshape(
