@@ -189,7 +189,9 @@ class PVeRAModel(AdapterLifecycle, model_summary.ModelSummary, keras.Model):
             stack.enter_context(self.projection_registry.sharing_products())
             if indices is not None:
                 stack.enter_context(
-                    row_adapters.selecting(self.row_adapter_names, indices)
+                    row_adapters.selecting(
+                        self.row_adapter_names, indices, self.row_adapter_tables
+                    )
                 )
             # Within a Monte Carlo run, the layers before sampling run once.
             outputs = shared_prefix.call_model(self.base_model, inputs, training)
