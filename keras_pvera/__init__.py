@@ -16,6 +16,7 @@ from keras_pvera.src.layers.pvera_config import PVeRAConfig
 from keras_pvera.src.layers.pvera_dense import PVeRADense
 from keras_pvera.src.layers.pvera_dense import kl_divergence
 from keras_pvera.src.layers.pvera_embedding import PVeRAEmbedding
+from keras_pvera.src.models.model_export import export_with_uncertainty
 from keras_pvera.src.models.pvera_model import PVeRAModel
 from keras_pvera.src.models.pvera_model import apply
 from keras_pvera.src.peft.lora_adapter import save_lora_adapter
@@ -59,6 +60,7 @@ __all__ = [
     "diagnose_uncertainty",
     "evaluate_uncertainty",
     "expected_calibration_error",
+    "export_with_uncertainty",
     "generate_projections",
     "generate_with_uncertainty",
     "hotswap_adapter",

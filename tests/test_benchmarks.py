@@ -1,5 +1,5 @@
-"""The benchmark scripts run: quick runs of the uncertainty and quantized-base
-benchmarks."""
+"""The benchmark scripts run: quick runs of the uncertainty, quantized-base
+and many-adapter benchmarks."""
 
 import importlib.util
 import pathlib
@@ -87,14 +87,33 @@ def test_diagnose_minilm_prints_a_verdict_per_setting(capsys):
     assert "transformer_layer_" in printed  # The layers' shares are named.
 
 
+# Imports KerasHub, transformers and PEFT: slow.
+@pytest.mark.slow
 @pytest.mark.default_backend_only
-def test_adapters_by_row_benchmark_quick_run(capsys):
+def test_adapters_by_row_benchmark_checks_each_row_and_prints_both_libraries(capsys):
     pytest.importorskip("keras_hub")
+    pytest.importorskip("peft")
     benchmark = load_benchmark("benchmark_adapters_by_row")
+    # The script checks each library's rows against its adapters alone
+    # before timing (an assertion error otherwise).
     figures = benchmark.main(["--quick"])
     printed = capsys.readouterr().out
-    assert "| one batch, adapter_names |" in printed
-    assert all(seconds > 0 for seconds in figures.values())
+    assert "| adapters N | library | seconds | tokens / s |" in printed
+    libraries = ("keras_pvera PVeRA", "PEFT LoRA")
+    assert sorted(figures) == sorted((lib, n) for lib in libraries for n in (1, 4))
+    for library in libraries:
+        assert f"| 4 | {library} |" in printed
+        # Four adapters hold four times one adapter's weights.
+        one, four = figures[library, 1][1], figures[library, 4][1]
+        assert four == pytest.approx(4 * one)
+
+
+def test_adapters_by_row_benchmark_mlp_run_checks_rows_and_prints_the_ratio(capsys):
+    benchmark = load_benchmark("benchmark_adapters_by_row")
+    # Rows are checked against their adapters alone before timing.
+    best = benchmark.main(["--quick", "--mlp"])
+    assert list(best) == ["one name", "4 names"]
+    assert "4 adapters of rank 4, 32 rows" in capsys.readouterr().out
 
 
 @pytest.mark.slow

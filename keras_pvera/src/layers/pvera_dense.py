@@ -1030,7 +1030,7 @@ class PVeRADense(AsWrappedLayer, keras.layers.Layer):
         ):
             return self._per_adapter_rows(y, inputs, rows)
         h = self._projected(inputs, 0.0, False)
-        lambda_d, scale, sampling = self._row_vectors(held, rows.indices, h)
+        lambda_d, scale, sampling = self._row_vectors(held, rows, h)
         h = ops.cast(ops.multiply(h, lambda_d), "float32")
         z, logvar = ops.split(h, 2, axis=-1)
         if sampling is not None:
@@ -1040,24 +1040,41 @@ class PVeRADense(AsWrappedLayer, keras.layers.Layer):
         adapter = ops.multiply(self.linear.expand(z, ops.transpose(b)), scale)
         return self._add(y, adapter)
 
-    def _row_vectors(self, held, indices, h):
+    def row_tables(self, names):
+        """The vectors of adapters `names`, stacked: one row per name.
+
+        What `_per_row_path` gathers each row's vectors from; a model
+        stacks them once per call (`PVeRAModel.adapters_by_row`), not once
+        per batch.
+
+        Args:
+            names: Adapter names; those this layer does not hold
+                (`"__base__"` among them) get zero vectors.
+
+        Returns:
+            `None` when the layer holds none of `names`; else a tuple
+            `(lambda_d, scale)` in the adapter dtype: `(len(names), 2r)`
+            and `(len(names), out)`, `scale` being `alpha * lambda_b`.
+        """
+        held = [self.adapter_vectors.get(name) for name in names]
+        first = next((v for v in held if v is not None), None)
+        if first is None:
+            return None
+        zeros_d = ops.zeros(first.lambda_d.shape, first.lambda_d.dtype)
+        zeros_b = ops.zeros((self.out_dim,), first.lambda_b.dtype)
+        alphas = [[0.0 if v is None else v.config.alpha] for v in held]
+        dtype = self.adapter_dtype
+        lambda_d = ops.stack([zeros_d if v is None else v.lambda_d.value for v in held])
+        lambda_b = ops.stack([zeros_b if v is None else v.lambda_b.value for v in held])
+        scale = ops.multiply(ops.convert_to_tensor(alphas, dtype), lambda_b)
+        return ops.cast(lambda_d, dtype), ops.cast(scale, dtype)
+
+    def _row_vectors(self, held, rows, h):
         """Row by row: `lambda_d` laid out to scale `h`, `alpha * lambda_b`
         laid out to scale the output, and the 0/1 sampling switch laid out
         to scale the noise (`None` when no row samples)."""
-        dtype = self.adapter_dtype
-        zeros_d = ops.zeros((h.shape[-1],), dtype)
-        zeros_b = ops.zeros((self.out_dim,), dtype)
-        table_d = ops.stack(
-            [zeros_d if v is None else ops.cast(v.lambda_d, dtype) for v in held]
-        )
-        table_b = ops.stack(
-            [
-                zeros_b
-                if v is None
-                else ops.cast(ops.multiply(v.config.alpha, v.lambda_b), dtype)
-                for v in held
-            ]
-        )
+        table_d, table_b = rows.tables.get(id(self)) or self.row_tables(rows.names)
+        indices = rows.indices
         leading = (-1,) + (1,) * (len(h.shape) - 2)
         lambda_d = ops.reshape(
             ops.take(table_d, indices, axis=0), leading + (h.shape[-1],)

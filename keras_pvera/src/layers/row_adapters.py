@@ -9,7 +9,9 @@ Inside such a call every `PVeRADense` layer computes the base output,
 `x @ A.T` and the latent-to-output product once for the whole batch (all
 adapters of a model share `A`, `B` and the rank), each row scaled by its
 own adapter's `lambda_d` and `alpha * lambda_b`, gathered from a table
-(zeros for the base model): no per-row kernel is made. One noise draw per
+(zeros for the base model): no per-row kernel is made. The tables are
+stacked once per `predict` (or `generate`) call, not once per batch: the
+cost of a batch does not grow with the number of adapters it names. One noise draw per
 layer serves every row, so each row is what running its adapter alone on
 the whole batch would give it, Monte Carlo noise included.
 
@@ -17,8 +19,8 @@ The selection reaches the layers in two ways:
 - through the model's inputs: `pack` puts the per-row adapter indices
   beside `x`, so Keras batches them (and `predict_with_uncertainty` tiles
   them) with the examples; `PVeRAModel.call` unpacks them;
-- `selecting(names, indices)`, the context in which layers read the
-  selection (`current()`), opened by `PVeRAModel.call` or around a
+- `selecting(names, indices, tables)`, the context in which layers read
+  the selection (`current()`), opened by `PVeRAModel.call` or around a
   KerasHub task's `generate`.
 """
 
@@ -44,11 +46,14 @@ class RowAdapters:
             of first appearance; it may include `BASE_MODEL`).
         indices: An integer tensor of shape `(batch,)`: row `i` uses
             `names[indices[i]]`.
+        tables: `{id(layer): layer.row_tables(names)}`, the layers' vectors
+            stacked once for a whole call; a layer not in it stacks its own.
     """
 
-    def __init__(self, names, indices):
+    def __init__(self, names, indices, tables=None):
         self.names = tuple(names)
         self.indices = indices
+        self.tables = {} if tables is None else tables
 
     def picks(self, name, ndim):
         """A boolean `(batch, 1, ..., 1)` tensor of rank `ndim`: `name`'s rows."""
@@ -69,15 +74,17 @@ def current():
 
 
 @contextlib.contextmanager
-def selecting(names, indices):
+def selecting(names, indices, tables=None):
     """Within this context, `PVeRADense` layers pick each row's adapter.
 
     Args:
         names: The adapter names of the batch (see `RowAdapters`).
         indices: The `(batch,)` integer indices into `names`.
+        tables: The layers' stacked vectors (see `RowAdapters`), or `None`.
     """
     outer = current()
-    _state.rows = RowAdapters(names, ops.convert_to_tensor(indices, "int32"))
+    indices = ops.convert_to_tensor(indices, "int32")
+    _state.rows = RowAdapters(names, indices, tables)
     try:
         yield
     finally:

@@ -328,8 +328,10 @@ class AdapterLifecycle:
             layer.unmerge()
         self._changed()
 
-    # The adapter names of the batch while `adapters_by_row` is open.
+    # The adapter names of the batch while `adapters_by_row` is open, and
+    # each layer's vectors of them, stacked (`PVeRADense.row_tables`).
     row_adapter_names = ()
+    row_adapter_tables = None
 
     @contextlib.contextmanager
     def adapters_by_row(self, adapter_names, num_examples):
@@ -338,8 +340,11 @@ class AdapterLifecycle:
         What `predict`, `generate` and `predict_with_uncertainty` open when
         given `adapter_names`. Inputs must reach the model packed with the
         indices this yields (`row_adapters.pack`), so that Keras batches
-        them with the examples. Compiled functions are dropped on entry and
-        exit (JAX and TensorFlow bake the batch's names into them).
+        them with the examples. Each adapted layer stacks the vectors of
+        the batch's adapters once, here, for every batch of the call.
+        Compiled functions are dropped on entry and exit (JAX and
+        TensorFlow bake the batch's names and those stacked vectors into
+        them).
 
         Args:
             adapter_names: One loaded adapter name per example, or
@@ -357,11 +362,16 @@ class AdapterLifecycle:
             adapter_names, self.adapter_names, num_examples, self.merged_adapters
         )
         self.row_adapter_names = names
+        self.row_adapter_tables = {
+            id(layer): layer.row_tables(names)
+            for layer in self.adapter_registry.wrappers.values()
+        }
         keras_internals.drop_compiled_functions(self)
         try:
             yield names, indices
         finally:
             self.row_adapter_names = ()
+            self.row_adapter_tables = None
             keras_internals.drop_compiled_functions(self)
 
     @property
@@ -397,6 +407,7 @@ class AdapterLifecycle:
     def _changed(self):
         self.allowed_ids = None
         keras_internals.drop_compiled_functions(self)
+        keras_internals.track_torch_parameters(self)
 
     @property
     def sample_at_inference(self):

@@ -16,6 +16,7 @@ from keras import ops
 from keras_pvera.src.layers import row_adapters
 from keras_pvera.src.layers.pvera_config import PVeRAConfig
 from keras_pvera.src.layers.pvera_config import split_settings
+from keras_pvera.src.models import model_export
 from keras_pvera.src.models import model_summary
 from keras_pvera.src.models import task_workflow
 from keras_pvera.src.models.adapter_lifecycle import AdapterLifecycle
@@ -189,7 +190,9 @@ class PVeRAModel(AdapterLifecycle, model_summary.ModelSummary, keras.Model):
             stack.enter_context(self.projection_registry.sharing_products())
             if indices is not None:
                 stack.enter_context(
-                    row_adapters.selecting(self.row_adapter_names, indices)
+                    row_adapters.selecting(
+                        self.row_adapter_names, indices, self.row_adapter_tables
+                    )
                 )
             # Within a Monte Carlo run, the layers before sampling run once.
             outputs = shared_prefix.call_model(self.base_model, inputs, training)
@@ -304,6 +307,39 @@ class PVeRAModel(AdapterLifecycle, model_summary.ModelSummary, keras.Model):
                 f"Received: filepath={str(filepath)!r}"
             )
         return super().save(filepath, *args, **kwargs)
+
+    def export(
+        self,
+        filepath,
+        format="tf_saved_model",
+        verbose=None,
+        input_signature=None,
+        **kwargs,
+    ):
+        """As `keras.Model.export`: the adapted model's mean, for serving.
+
+        The input signature is the base model's unless given, so an adapted
+        model exports wherever its base model does: ONNX (torch backend),
+        a SavedModel (TensorFlow, JAX), LiteRT (TensorFlow), `torch.export`
+        (torch), OpenVINO where its package is installed. The artefact
+        computes what `predict` does with sampling off. The Monte Carlo
+        statistics are served by `keras_pvera.export_with_uncertainty`.
+
+        Args:
+            filepath: Where to write (`.onnx`, `.tflite`, `.pt2`, `.xml`
+                for those formats; a folder for a SavedModel).
+            format: As for `keras.Model.export`.
+            verbose: As for `keras.Model.export`.
+            input_signature: As for `keras.Model.export`; `None`: the base
+                model's inputs.
+            **kwargs: As for `keras.Model.export`.
+
+        Raises:
+            ValueError: For a format Keras cannot write on this backend
+                (naming those it can), a model that samples at inference,
+                or a subclassed base model never called (no signature).
+        """
+        model_export.export(self, filepath, format, verbose, input_signature, **kwargs)
 
     def summary(self, *args, print_fn=None, **kwargs):
         super().summary(*args, print_fn=print_fn, **kwargs)

@@ -156,7 +156,9 @@ def generate(model, task, inputs, *args, adapter_names=None, **kwargs):
             names, indices = stack.enter_context(
                 model.adapters_by_row(adapter_names, count)
             )
-            stack.enter_context(row_adapters.selecting(names, indices))
+            stack.enter_context(
+                row_adapters.selecting(names, indices, model.row_adapter_tables)
+            )
         return task.generate(inputs, *args, **kwargs)
 
 

@@ -6,6 +6,8 @@ training and saving all see the new layers. It returns a function that undoes
 the swap.
 """
 
+import copy
+
 import keras
 
 from keras_pvera.src.surgery import layer_walk
@@ -26,10 +28,21 @@ def _replace_in_list(items, replacements):
     return changed
 
 
+def _replaced(items, replacements):
+    return [replacements.get(id(item), item) for item in items]
+
+
 def _replace_in_graph(graph, replacements, undo):
-    for operations in keras_internals.graph_operation_lists(graph):
-        for i, old in _replace_in_list(operations, replacements):
-            undo.append(lambda lst=operations, i=i, old=old: lst.__setitem__(i, old))
+    lists = keras_internals.graph_operation_lists(graph)
+    if any(id(op) in replacements for op in lists["_operations"]):
+        new = {"_operations": _replaced(lists["_operations"], replacements)}
+        if "_operations_by_depth" in lists:
+            by_depth = copy.copy(lists["_operations_by_depth"])  # A defaultdict.
+            for depth, operations in by_depth.items():
+                by_depth[depth] = _replaced(operations, replacements)
+            new["_operations_by_depth"] = by_depth
+        keras_internals.set_graph_operation_lists(graph, new)
+        undo.append(lambda: keras_internals.set_graph_operation_lists(graph, lists))
     for node in keras_internals.graph_nodes(graph):
         old = node.operation
         if id(old) in replacements:

@@ -119,7 +119,7 @@ class _SampleSummary:
             self.probability_problem = output_kinds.probability_problem(samples)
             probabilities = np.clip(samples, 0, 1)
             probabilities = as_two_classes(probabilities, from_logits=False)
-            self.expectedentropy_of_probabilities = np.mean(
+            self.expected_entropy_of_probabilities = np.mean(
                 entropy_of_probabilities(probabilities), axis=0
             )
             log_p = log_softmax(as_two_classes(samples, from_logits=True))
@@ -137,7 +137,7 @@ class _SampleSummary:
     def expected_entropy(self, from_logits):
         if from_logits:
             return self.expected_entropy_of_logits
-        return self.expectedentropy_of_probabilities
+        return self.expected_entropy_of_probabilities
 
 
 class UncertaintyResult:
@@ -546,38 +546,59 @@ def _sampling_flags(adapted, sampled_layers):
 
 
 @contextlib.contextmanager
-def sampling_at_inference(model, adapters, seed, flags, adapter_names=None):
-    """Switches sampling at inference on (per layer: `flags`) for the
-    adapters that run (`adapter_names`, or each layer's active ones), and
-    restores everything after.
-
-    Compiled predict functions are dropped on entry and exit (JAX and
-    TensorFlow bake the switch into them). Each layer's noise generator
-    starts from its own state derived from `seed` and the layer's place
-    among all the model's PVeRA layers (independent between layers, and the
-    same whichever adapters run), and gets its previous state back
-    afterwards, so the run leaves the model's own noise streams as they
-    were.
-    """
+def sampling_switched(adapters, flags, adapter_names=None):
+    """Switches sampling at inference on or off (per layer: `flags`) for
+    the adapters that run (`adapter_names`, or each layer's active ones),
+    and restores the layers' switches after. Python state only: a function
+    traced within it samples where its flag is on."""
     layer_flags = [layer.sampling_flags() for layer in adapters]
-    generators = [layer.seed_generator for layer in adapters]
-    saved_states = [np.array(ops.convert_to_numpy(g.state.value)) for g in generators]
     try:
         for layer, flag in zip(adapters, flags, strict=True):
             names = layer.active_names if adapter_names is None else adapter_names
             held = [name for name in names if name in layer.adapter_vectors]
             layer.set_sampling_flags(dict.fromkeys(held, flag))
-        keras_internals.drop_compiled_functions(model)
-        places = _stream_places(model, adapters)
-        states = seed_generator_states(seed, max(places) + 1, saved_states[0].dtype)
-        for generator, place in zip(generators, places, strict=True):
-            generator.state.assign(states[place])
         yield
+    finally:
+        for layer, saved in zip(adapters, layer_flags, strict=True):
+            layer.set_sampling_flags(saved)
+
+
+def noise_states(model, adapters, seed):
+    """The states the noise generators of `adapters` start from under `seed`.
+
+    Each layer's state is derived from `seed` and the layer's place among
+    all the model's PVeRA layers: independent between layers, and the same
+    whichever adapters run.
+    """
+    places = _stream_places(model, adapters)
+    dtype = ops.convert_to_numpy(adapters[0].seed_generator.state.value).dtype
+    states = seed_generator_states(seed, max(places) + 1, dtype)
+    return [states[place] for place in places]
+
+
+@contextlib.contextmanager
+def sampling_at_inference(model, adapters, seed, flags, adapter_names=None):
+    """Switches sampling at inference on (`sampling_switched`), with the
+    noise generators at `seed`'s states (`noise_states`), and restores
+    everything after.
+
+    Compiled predict functions are dropped on entry and exit (JAX and
+    TensorFlow bake the switch into them). The generators get their
+    previous states back afterwards, so the run leaves the model's own
+    noise streams as they were.
+    """
+    generators = [layer.seed_generator for layer in adapters]
+    saved_states = [np.array(ops.convert_to_numpy(g.state.value)) for g in generators]
+    try:
+        with sampling_switched(adapters, flags, adapter_names):
+            keras_internals.drop_compiled_functions(model)
+            states = noise_states(model, adapters, seed)
+            for generator, state in zip(generators, states, strict=True):
+                generator.state.assign(state)
+            yield
     finally:
         for generator, state in zip(generators, saved_states, strict=True):
             generator.state.assign(state)
-        for layer, saved in zip(adapters, layer_flags, strict=True):
-            layer.set_sampling_flags(saved)
         keras_internals.drop_compiled_functions(model)
 
 

@@ -57,14 +57,29 @@ def graph_operations(graph):
 
 
 def graph_operation_lists(graph):
-    """Every list of a graph that holds its operations.
-
-    `_operations` and the per-depth lists of `_operations_by_depth` (only in
-    some Keras versions).
-    """
-    lists = [graph._operations]
-    lists.extend(getattr(graph, "_operations_by_depth", {}).values())
+    """A graph's lists of operations: `{"_operations": [...]}` and, in Keras
+    versions that have it, `{"_operations_by_depth": {depth: [...]}}`."""
+    lists = {"_operations": graph._operations}
+    by_depth = getattr(graph, "_operations_by_depth", None)
+    if by_depth is not None:
+        lists["_operations_by_depth"] = by_depth
     return lists
+
+
+def set_graph_operation_lists(graph, lists):
+    """Gives a graph new lists of operations (`graph_operation_lists`' form).
+
+    New lists, not the old ones changed in place: TensorFlow tracks the
+    graph's lists for saving and refuses to save (`tf_saved_model` export,
+    `tf.train.Checkpoint`) a tracked list whose items were replaced. Keras'
+    own tracking is off meanwhile, so that the operations are not added to
+    the graph's layers a second time.
+    """
+    from keras.src.utils import tracking
+
+    with tracking.DotNotTrackScope(), unlocked(graph):
+        for name, value in lists.items():
+            setattr(graph, name, value)
 
 
 def graph_nodes(graph):
@@ -321,6 +336,30 @@ def drop_compiled_functions(model):
     for holder in (model, getattr(model, "base_model", None)):
         if getattr(holder, "generate_function", None) is not None:
             holder.generate_function = None
+
+
+def input_signature(model):
+    """The input signature `model.export` would use for `model`
+    (`export_utils.get_input_signature`, not exported by Keras): a
+    Functional or Sequential model's inputs, or the shapes a subclassed
+    model was first called with."""
+    from keras.src.export import export_utils
+
+    return export_utils.get_input_signature(model)
+
+
+def track_torch_parameters(model):
+    """Registers every variable of `model` with torch (`_track_variables`).
+
+    On the torch backend a Keras layer hands torch its variables in a
+    `ParameterDict` (`_torch_params`) made once, when it is built; layers
+    held in lists are not torch submodules. Variables added afterwards (the
+    adapters' vectors and projections) would be missing from the model's
+    `state_dict`, and torch's exporters (ONNX) refuse to bake such
+    trainable tensors in as constants. Does nothing on other backends.
+    """
+    if keras.backend.backend() == "torch":
+        model._track_variables()
 
 
 def deserialize_model(config):
