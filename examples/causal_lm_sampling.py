@@ -12,15 +12,16 @@ from an in-memory vocabulary and merges, and a tiny
 2. PVeRA (rank 32, every dense layer; only the PVeRA vectors train) teaches
    it to answer "Q: what is the capital of france? A: paris", for every
    country but one (peru).
-3. `model.sample_at_inference = True`: every `generate()` call draws the
+3. `keras_pvera.generate_with_uncertainty` generates each prompt `samples`
+   times with the adapters' sampling on: every generation draws the
    adapters' latent code afresh at each step of KerasHub's cached loop. The
-   sampler is greedy, so only PVeRA's noise differs between calls, and the
-   spread of several generations of one prompt is a Monte Carlo answer
-   consistency. The example prints, for a question taught to the adapter,
-   one it was never taught (whose fact the base learned as a sentence) and
-   one about a country no training line mentions, the generations, how often
-   the most common answer came up (agreement) and how many distinct answers
-   there were.
+   sampler is greedy, so only PVeRA's noise differs between generations,
+   and their spread is a Monte Carlo answer consistency. The example
+   prints, for a question taught to the adapter, one it was never taught
+   (whose fact the base learned as a sentence) and one about a country no
+   training line mentions, the generations, how often the most common
+   answer came up (agreement), how many distinct answers there were, and
+   the mean entropy and mutual information of the generated tokens.
 
     KERAS_BACKEND=torch python examples/causal_lm_sampling.py
 """
@@ -201,7 +202,9 @@ def main(samples=10, seed=0, steps=(600, 400)):
         accuracy in the last epoch), `"trainable"` and `"total"` (parameter
         counts), and per prompt kind (the keys of `PROMPTS`) a dict with
         `"sampling off"`, `"answers"`, `"most common"`, `"agreement"` and
-        `"distinct"`.
+        `"distinct"` (of the answers, their first words), and
+        `"generation agreement"` (of whole generations) and
+        `"mutual information"` (per generated token, in nats).
     """
     start = time.perf_counter()
     keras.utils.set_random_seed(seed)
@@ -245,30 +248,34 @@ def main(samples=10, seed=0, steps=(600, 400)):
     )
 
     causal_lm.compile(sampler="greedy")  # Only PVeRA's noise varies.
-    for kind, question in PROMPTS.items():
-        prompt = f"Q: {question} A:"
-        model.sample_at_inference = False
-        off = model.generate(prompt)
-        model.sample_at_inference = True
-        generations = [model.generate(prompt) for _ in range(samples)]
-        model.sample_at_inference = False
+    prompts = {kind: f"Q: {question} A:" for kind, question in PROMPTS.items()}
+    off = model.generate(list(prompts.values()))  # Sampling off: the mean.
+    result = keras_pvera.generate_with_uncertainty(
+        model, list(prompts.values()), n=samples, seed=seed
+    )
+    for i, (kind, prompt) in enumerate(prompts.items()):
+        generations = result.generations[i]
         answers = [answer_of(g) for g in generations]
         common, agreement, distinct = consistency(answers)
         figures[kind] = {
-            "sampling off": answer_of(off),
+            "sampling off": answer_of(off[i]),
             "answers": answers,
             "most common": common,
             "agreement": agreement,
             "distinct": distinct,
+            "generation agreement": float(result.agreement[i]),
+            "mutual information": float(result.mutual_information[i]),
         }
         print(f"\n{kind}: {prompt!r}")
-        print(f"  sampling off: {off[len(prompt) :].strip()!r}")
+        print(f"  sampling off: {off[i][len(prompt) :].strip()!r}")
         print(f"  {samples} sampled generations:")
         for generation, count in collections.Counter(generations).most_common():
             print(f"    {count:>2} x {generation[len(prompt) :].strip()!r}")
         print(
             f"  answer (first word): most common {common!r}, agreement "
-            f"{agreement:.2f}, {distinct} distinct"
+            f"{agreement:.2f}, {distinct} distinct; per generated token: "
+            f"entropy {result.predictive_entropy[i]:.3f}, mutual information "
+            f"{result.mutual_information[i]:.4f} nats"
         )
     print(f"\nDone in {time.perf_counter() - start:.0f} s.")
     return figures

@@ -31,6 +31,8 @@ from keras_pvera.src.uncertainty.diagnosis import UncertaintyDiagnosis
 from keras_pvera.src.uncertainty.diagnosis import diagnose_uncertainty
 from keras_pvera.src.uncertainty.evaluation import UncertaintyReport
 from keras_pvera.src.uncertainty.evaluation import evaluate_uncertainty
+from keras_pvera.src.uncertainty.generation import GenerationUncertainty
+from keras_pvera.src.uncertainty.generation import generate_with_uncertainty
 from keras_pvera.src.uncertainty.metrics import ExpectedCalibrationError
 from keras_pvera.src.uncertainty.metrics import calibration_bins
 from keras_pvera.src.uncertainty.metrics import expected_calibration_error
@@ -43,6 +45,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ExpectedCalibrationError",
+    "GenerationUncertainty",
     "PVeRADense",
     "PVeRAEmbedding",
     "PVeRAConfig",
@@ -59,6 +62,7 @@ __all__ = [
     "expected_calibration_error",
     "export_with_uncertainty",
     "generate_projections",
+    "generate_with_uncertainty",
     "hotswap_adapter",
     "kl_divergence",
     "load_adapter",

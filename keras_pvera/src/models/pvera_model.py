@@ -22,6 +22,7 @@ from keras_pvera.src.models import task_workflow
 from keras_pvera.src.models.adapter_lifecycle import AdapterLifecycle
 from keras_pvera.src.surgery import adapter_registry as adapter_registry_lib
 from keras_pvera.src.surgery import layer_selection
+from keras_pvera.src.uncertainty import generation
 from keras_pvera.src.uncertainty import monte_carlo
 from keras_pvera.src.uncertainty import shared_prefix
 from keras_pvera.src.uncertainty import temperature_scaling as calibration_lib
@@ -268,6 +269,10 @@ class PVeRAModel(AdapterLifecycle, model_summary.ModelSummary, keras.Model):
     def predict_with_uncertainty(self, x, n=30, **kwargs):
         """`keras_pvera.predict_with_uncertainty(self, x, n, **kwargs)`."""
         return monte_carlo.predict_with_uncertainty(self, x, n=n, **kwargs)
+
+    def generate_with_uncertainty(self, inputs, n=10, **kwargs):
+        """`keras_pvera.generate_with_uncertainty(self, inputs, n, **kwargs)`."""
+        return generation.generate_with_uncertainty(self, inputs, n=n, **kwargs)
 
     def quantize(self, mode=None, *args, **kwargs):
         """Refuses: quantize the base model before `keras_pvera.apply`.

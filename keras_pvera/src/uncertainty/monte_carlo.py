@@ -58,6 +58,7 @@ def check_level(level):
 
 
 def check_seed(seed):
+    """`seed` as an int, `None` kept, or a `ValueError` naming it."""
     if seed is None:
         return None
     expected = "None or a non-negative integer"
@@ -74,7 +75,7 @@ def _check_verbose(verbose):
     return int(verbose)
 
 
-def _entropy_of_probabilities(probabilities):
+def entropy_of_probabilities(probabilities):
     """`-sum(p * log(p))` over the last axis; `0 log 0 = 0`, NaN if `p < 0`."""
     p = np.asarray(probabilities)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -119,7 +120,7 @@ class _SampleSummary:
             probabilities = np.clip(samples, 0, 1)
             probabilities = as_two_classes(probabilities, from_logits=False)
             self.expected_entropy_of_probabilities = np.mean(
-                _entropy_of_probabilities(probabilities), axis=0
+                entropy_of_probabilities(probabilities), axis=0
             )
             log_p = log_softmax(as_two_classes(samples, from_logits=True))
             p = np.exp(log_p)
@@ -386,7 +387,7 @@ class UncertaintyResult:
                 says what was found).
         """
         return self._map_classes(
-            lambda s, reads_logits: _entropy_of_probabilities(
+            lambda s, reads_logits: entropy_of_probabilities(
                 s.mean_probabilities(reads_logits)
             ),
             "predictive_entropy",
@@ -438,7 +439,7 @@ class UncertaintyResult:
         """
         return self._map_classes(
             lambda s, reads_logits: (
-                _entropy_of_probabilities(s.mean_probabilities(reads_logits))
+                entropy_of_probabilities(s.mean_probabilities(reads_logits))
                 - s.expected_entropy(reads_logits)
             ),
             "mutual_information",
@@ -625,14 +626,14 @@ def _stream_places(model, adapters):
     return [places[id(layer)] for layer in adapters]
 
 
-def _repeat(array, copies):
+def repeat_rows(array, copies):
     """`copies` copies of `array` one after the other on the first axis."""
     if copies == 1:
         return array
     return np.concatenate([array] * copies, axis=0)
 
 
-def _draw_samples(predict_copies, batch, n, max_rows):
+def draw_samples(predict_copies, batch, n, max_rows):
     """`n` sampled predictions of one input batch.
 
     The batch is cut into pieces of at most `max_rows` examples; each piece
@@ -896,7 +897,7 @@ def _draw_all(model, x, n, max_rows, seed, adapted, flags, names, verbose):
     with sampling_at_inference(model, adapters, seed, flags, names):
         for step, batch in enumerate(batches):
             if num_rows(batch) > 0:
-                outputs, leaves = _draw_samples(predict_copies, batch, n, max_rows)
+                outputs, leaves = draw_samples(predict_copies, batch, n, max_rows)
                 drawn.append(leaves)
             if progbar is not None:
                 progbar.update(step + 1)
@@ -926,7 +927,7 @@ def _repeated_batch_predictor(model):
 
     def predict_copies(piece, copies):
         return model.predict_on_batch(
-            keras.tree.map_structure(lambda a: _repeat(a, copies), piece)
+            keras.tree.map_structure(lambda a: repeat_rows(a, copies), piece)
         )
 
     return predict_copies
