@@ -152,6 +152,12 @@ def test_index_rows_checks_the_names():
     )
     assert names == ("other", "__base__", "default")
     np.testing.assert_array_equal(indices, [0, 1, 0, 2])
+    # Into a fixed order (every loaded adapter), the same for every call.
+    names, indices = row_adapters.index_rows(
+        ["other", "__base__", "other"], loaded, order=("__base__", *loaded)
+    )
+    assert names == ("other", "__base__")
+    np.testing.assert_array_equal(indices, [2, 0, 2])
     with pytest.raises(ValueError, match="'missing'. Loaded adapters"):
         row_adapters.index_rows(["default", "missing"], loaded)
     with pytest.raises(ValueError, match="one name per example: 3 examples, 2"):

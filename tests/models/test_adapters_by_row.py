@@ -44,10 +44,10 @@ def each_alone(model, predict):
     return outputs
 
 
-def rows_of(outputs, axis=0):
-    """Each example's row from the output of its adapter in `NAMES`."""
+def rows_of(outputs, axis=0, names=NAMES):
+    """Each example's row from the output of its adapter in `names`."""
     return np.stack(
-        [np.take(outputs[name], i, axis=axis) for i, name in enumerate(NAMES)],
+        [np.take(outputs[name], i, axis=axis) for i, name in enumerate(names)],
         axis=axis,
     )
 
@@ -60,8 +60,7 @@ def test_predict_gives_each_example_its_adapters_output(seed):
     np.testing.assert_allclose(mixed, rows_of(alone), rtol=1e-5, atol=1e-5)
     # The adapters differ, so picking the wrong one would show.
     assert np.abs(alone["default"] - alone["other"]).min() > 1e-4
-    # Afterwards the active adapter runs for every example again (JAX and
-    # TensorFlow compiled the batch's choice into the predict function).
+    # Afterwards the active adapter runs for every example again.
     np.testing.assert_allclose(
         model.predict(x, verbose=0), alone["default"], rtol=1e-6, atol=1e-6
     )
@@ -156,12 +155,51 @@ def test_each_example_runs_its_adapters_own_copy_of_a_trained_head(seed):
     assert np.abs(alone["default"] - alone["other"]).max() > 1e-3
 
 
-def test_a_calls_work_grows_with_neither_its_adapters_nor_its_batches(monkeypatch):
-    """The layers stack their adapters' vectors once per call, in one op a
-    table: how many adapters a call names, and in how many batches it
-    runs, changes no count of the ops the adapted layers make (JAX and
-    TensorFlow trace them once per call, torch runs them)."""
+def test_one_compiled_predict_function_serves_every_call():
+    """Calls naming other adapters, and plain calls between them, reuse the
+    model's predict function (JAX and TensorFlow trace it once for packed
+    inputs, once for plain ones), each row still getting its adapter's
+    output; an adapter added afterwards is picked."""
     model, x = two_adapter_model(0)
+    alone = each_alone(model, lambda: model.predict(x, verbose=0))
+    mixed = model.predict(x, adapter_names=NAMES, verbose=0)
+    function = model.predict_function
+    assert function is not None
+    plain = model.predict(x, verbose=0)
+    turned = {"default": "other", "other": "__base__", "__base__": "default"}
+    others = [turned[name] for name in NAMES]
+    mixed_others = model.predict(x, adapter_names=others, verbose=0)
+    only_other = model.predict(x, adapter_names=["other"] * len(NAMES), verbose=0)
+    assert model.predict_function is function
+    np.testing.assert_allclose(mixed, rows_of(alone), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(plain, alone["default"], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        mixed_others, rows_of(alone, names=others), rtol=1e-5, atol=1e-5
+    )
+    np.testing.assert_allclose(only_other, alone["other"], rtol=1e-5, atol=1e-5)
+    # A new adapter (any change of adapters) drops the compiled function.
+    model.add_adapter("new", rank=4, seed=0, target=["hidden", "head"])
+    for layer in model.adapter_registry.wrappers.values():
+        vectors = layer.adapter_vectors["new"]
+        vectors.lambda_b.assign(np.full(vectors.lambda_b.shape, 0.5, "float32"))
+    with_new = ["new", *NAMES[1:]]
+    mixed_new = model.predict(x, adapter_names=with_new, verbose=0)
+    model.set_adapter("new")
+    alone["new"] = model.predict(x, verbose=0)
+    assert np.abs(alone["new"] - alone["default"]).min() > 1e-4
+    np.testing.assert_allclose(
+        mixed_new, rows_of(alone, names=with_new), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_a_calls_work_grows_with_neither_its_adapters_nor_its_batches(monkeypatch):
+    """A model running eagerly (torch; here every backend) stacks its
+    adapters' vectors once per call, in one op a table: how many adapters
+    a call names, and in how many batches it runs, changes no count of the
+    ops the adapted layers make. (A compiled one stacks them in its trace,
+    made once for every call.)"""
+    model, x = two_adapter_model(0)
+    model.run_eagerly = True
     for name in ("a2", "a3", "a4", "a5"):
         model.add_adapter(name, rank=4, seed=0, target=["hidden", "head"])
     counts = {"stack": 0, "multiply": 0, "cast": 0}

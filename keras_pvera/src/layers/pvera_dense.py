@@ -1043,9 +1043,9 @@ class PVeRADense(AsWrappedLayer, keras.layers.Layer):
     def row_tables(self, names):
         """The vectors of adapters `names`, stacked: one row per name.
 
-        What `_per_row_path` gathers each row's vectors from; a model
-        stacks them once per call (`PVeRAModel.adapters_by_row`), not once
-        per batch.
+        What `_per_row_path` gathers each row's vectors from; a model that
+        runs eagerly stacks them once per call, a compiled one inside its
+        trace (`PVeRAModel.adapters_by_row`).
 
         Args:
             names: Adapter names; those this layer does not hold

@@ -9,11 +9,15 @@ Inside such a call every `PVeRADense` layer computes the base output,
 `x @ A.T` and the latent-to-output product once for the whole batch (all
 adapters of a model share `A`, `B` and the rank), each row scaled by its
 own adapter's `lambda_d` and `alpha * lambda_b`, gathered from a table
-(zeros for the base model): no per-row kernel is made. The tables are
-stacked once per `predict` (or `generate`) call, not once per batch: the
-cost of a batch does not grow with the number of adapters it names. One noise draw per
-layer serves every row, so each row is what running its adapter alone on
-the whole batch would give it, Monte Carlo noise included.
+(zeros for the base model): no per-row kernel is made, and the cost of a
+batch does not grow with the number of adapters it names. A model that
+runs eagerly (torch) stacks the tables of the call's adapters once per
+call; a compiled one (JAX, TensorFlow) indexes the rows into every loaded
+adapter and stacks the tables inside its trace, so that one compiled
+predict function serves every call, whichever adapters it names
+(`PVeRAModel.adapters_by_row`). One noise draw per layer serves every
+row, so each row is what running its adapter alone on the whole batch
+would give it, Monte Carlo noise included.
 
 The selection reaches the layers in two ways:
 - through the model's inputs: `pack` puts the per-row adapter indices
@@ -42,12 +46,13 @@ class RowAdapters:
     """The adapter of each row of a batch.
 
     Args:
-        names: The adapter names used in the batch (a tuple, in the order
-            of first appearance; it may include `BASE_MODEL`).
+        names: The adapter names the rows pick from (a tuple: the call's,
+            or every loaded adapter's; it may include `BASE_MODEL`).
         indices: An integer tensor of shape `(batch,)`: row `i` uses
             `names[indices[i]]`.
         tables: `{id(layer): layer.row_tables(names)}`, the layers' vectors
-            stacked once for a whole call; a layer not in it stacks its own.
+            stacked once for a whole call; a layer not in it stacks its own
+            (inside a compiled function: from its variables, at each batch).
     """
 
     def __init__(self, names, indices, tables=None):
@@ -91,7 +96,7 @@ def selecting(names, indices, tables=None):
         _state.rows = outer
 
 
-def index_rows(adapter_names, loaded, num_examples=None, merged=()):
+def index_rows(adapter_names, loaded, num_examples=None, merged=(), order=None):
     """Checks per-example adapter names; returns the batch's names and indices.
 
     Args:
@@ -100,11 +105,14 @@ def index_rows(adapter_names, loaded, num_examples=None, merged=()):
         loaded: The adapter names the model holds.
         num_examples: The number of examples, when known.
         merged: Names of adapters merged into the kernels.
+        order: The names the indices point into (`BASE_MODEL` and every
+            loaded adapter, say: the same for every call); `None` for the
+            batch's own names.
 
     Returns:
         A tuple `(names, indices)`: the distinct names in order of first
-        appearance, and an int32 NumPy array, one index into them per
-        example.
+        appearance, and an int32 NumPy array, one index per example into
+        `order` (or, without it, into `names`).
 
     Raises:
         ValueError: For names that are not strings, not loaded, or fewer or
@@ -114,6 +122,8 @@ def index_rows(adapter_names, loaded, num_examples=None, merged=()):
 
     >>> index_rows(["a", "__base__", "a"], loaded=["a", "b"])
     (('a', '__base__'), array([0, 1, 0], dtype=int32))
+    >>> index_rows(["a", "__base__"], ["a", "b"], order=("__base__", "a", "b"))
+    (('a', '__base__'), array([1, 0], dtype=int32))
     """
     if isinstance(adapter_names, str) or not isinstance(
         adapter_names, (list, tuple, np.ndarray)
@@ -145,7 +155,8 @@ def index_rows(adapter_names, loaded, num_examples=None, merged=()):
             "`model.unmerge_adapter()` first."
         )
     names = tuple(dict.fromkeys(adapter_names))
-    indices = np.array([names.index(n) for n in adapter_names], dtype="int32")
+    position = {name: i for i, name in enumerate(names if order is None else order)}
+    indices = np.array([position[n] for n in adapter_names], dtype="int32")
     return names, indices
 
 

@@ -328,8 +328,9 @@ class AdapterLifecycle:
             layer.unmerge()
         self._changed()
 
-    # The adapter names of the batch while `adapters_by_row` is open, and
-    # each layer's vectors of them, stacked (`PVeRADense.row_tables`).
+    # While `adapters_by_row` is open: the names the rows' indices point
+    # into, and each layer's vectors of them, stacked (`row_tables`; `None`
+    # where the layers stack them inside a compiled function).
     row_adapter_names = ()
     row_adapter_tables = None
 
@@ -340,11 +341,17 @@ class AdapterLifecycle:
         What `predict`, `generate` and `predict_with_uncertainty` open when
         given `adapter_names`. Inputs must reach the model packed with the
         indices this yields (`row_adapters.pack`), so that Keras batches
-        them with the examples. Each adapted layer stacks the vectors of
-        the batch's adapters once, here, for every batch of the call.
-        Compiled functions are dropped on entry and exit (JAX and
-        TensorFlow bake the batch's names and those stacked vectors into
-        them).
+        them with the examples.
+
+        A model that runs eagerly (torch, or `run_eagerly=True`) indexes
+        the rows into the call's adapters, and each adapted layer stacks
+        their vectors once, here, for every batch of the call. A compiled
+        one (JAX, TensorFlow, `jit_compile=True` on torch) indexes them
+        into `"__base__"` and every loaded adapter, in the order they were
+        added, and its layers stack the vectors from their variables inside
+        the trace: nothing the call names is traced, so one compiled
+        predict function serves every call (adding or deleting an adapter
+        drops it, as any change of adapters does).
 
         Args:
             adapter_names: One loaded adapter name per example, or
@@ -352,27 +359,36 @@ class AdapterLifecycle:
             num_examples: The number of examples.
 
         Yields:
-            A tuple `(names, indices)`, as `row_adapters.index_rows` gives.
+            A tuple `(names, indices)`: the adapters the call names, in
+            order of first appearance, and each example's index into
+            `row_adapter_names`.
 
         Raises:
             ValueError: For names not loaded, a count other than
                 `num_examples`, or adapters merged into the kernels.
         """
-        names, indices = row_adapters.index_rows(
-            adapter_names, self.adapter_names, num_examples, self.merged_adapters
+        eager = self.run_eagerly or (
+            keras.backend.backend() == "torch" and not self.jit_compile
         )
-        self.row_adapter_names = names
-        self.row_adapter_tables = {
-            id(layer): layer.row_tables(names)
-            for layer in self.adapter_registry.wrappers.values()
-        }
-        keras_internals.drop_compiled_functions(self)
+        order = None if eager else (row_adapters.BASE_MODEL, *self.adapter_names)
+        names, indices = row_adapters.index_rows(
+            adapter_names,
+            self.adapter_names,
+            num_examples,
+            self.merged_adapters,
+            order,
+        )
+        self.row_adapter_names = names if eager else order
+        if eager:
+            self.row_adapter_tables = {
+                id(layer): layer.row_tables(names)
+                for layer in self.adapter_registry.wrappers.values()
+            }
         try:
             yield names, indices
         finally:
             self.row_adapter_names = ()
             self.row_adapter_tables = None
-            keras_internals.drop_compiled_functions(self)
 
     @property
     def merged_adapters(self):

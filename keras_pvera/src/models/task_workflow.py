@@ -153,12 +153,18 @@ def generate(model, task, inputs, *args, adapter_names=None, **kwargs):
                 count = row_adapters.num_examples(np.asarray(inputs))
             else:
                 count = row_adapters.num_examples(inputs)
-            names, indices = stack.enter_context(
+            _, indices = stack.enter_context(
                 model.adapters_by_row(adapter_names, count)
             )
             stack.enter_context(
-                row_adapters.selecting(names, indices, model.row_adapter_tables)
+                row_adapters.selecting(
+                    model.row_adapter_names, indices, model.row_adapter_tables
+                )
             )
+            # The task's compiled loop bakes these indices in: it is traced
+            # for this call and dropped after it.
+            keras_internals.drop_compiled_functions(model)
+            stack.callback(keras_internals.drop_compiled_functions, model)
         return task.generate(inputs, *args, **kwargs)
 
 
