@@ -89,6 +89,19 @@ def test_monte_carlo_samples_are_those_of_each_adapter_alone(seed):
         assert not any(layer.sampling_flags().values())
 
 
+def test_a_batch_of_base_model_rows_only_has_no_spread():
+    model, x = two_adapter_model(0)
+    names = ["__base__"] * len(x)
+    with pytest.warns(UserWarning, match="spread"):
+        result = keras_pvera.predict_with_uncertainty(
+            model, x, n=3, seed=0, adapter_names=names, verbose=0
+        )
+    with model.disable_adapter():
+        base = model.predict(x, verbose=0)
+    np.testing.assert_allclose(result.mean, base, rtol=1e-6, atol=1e-6)
+    assert result.std.max() < 1e-6  # Float rounding of equal passes.
+
+
 def test_names_that_do_not_fit_are_refused():
     model, x = two_adapter_model(0)
     with pytest.raises(ValueError, match="'missing'. Loaded adapters"):

@@ -570,6 +570,8 @@ def noise_states(model, adapters, seed):
     all the model's PVeRA layers: independent between layers, and the same
     whichever adapters run.
     """
+    if not adapters:  # Every row picked the base model: no noise.
+        return []
     places = _stream_places(model, adapters)
     dtype = ops.convert_to_numpy(adapters[0].seed_generator.state.value).dtype
     states = seed_generator_states(seed, max(places) + 1, dtype)
