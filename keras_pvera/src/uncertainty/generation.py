@@ -20,7 +20,6 @@ tokens it generated:
 
 import collections
 import contextlib
-import random
 import warnings
 
 import numpy as np
@@ -29,14 +28,13 @@ from keras import ops
 from keras_pvera.src.layers import row_adapters
 from keras_pvera.src.layers.seeds import seed_generator_states
 from keras_pvera.src.uncertainty import output_kinds
-from keras_pvera.src.uncertainty.monte_carlo import DEFAULT_MAX_ROWS
 from keras_pvera.src.uncertainty.monte_carlo import adapted_layers_of
-from keras_pvera.src.uncertainty.monte_carlo import check_seed
 from keras_pvera.src.uncertainty.monte_carlo import draw_samples
 from keras_pvera.src.uncertainty.monte_carlo import entropy_of_probabilities
 from keras_pvera.src.uncertainty.monte_carlo import log_softmax
 from keras_pvera.src.uncertainty.monte_carlo import repeat_rows
 from keras_pvera.src.uncertainty.monte_carlo import sampling_at_inference
+from keras_pvera.src.uncertainty.monte_carlo import seed_and_rows
 from keras_pvera.src.utils import checks
 from keras_pvera.src.utils import keras_hub_tasks
 
@@ -350,14 +348,7 @@ def generate_with_uncertainty(
     """
     task = _causal_lm_of(model)
     n = checks.checked_integer(n, "n")
-    max_rows = (
-        DEFAULT_MAX_ROWS
-        if batch_size is None
-        else checks.checked_integer(batch_size, "batch_size")
-    )
-    seed = check_seed(seed)
-    if seed is None:
-        seed = random.randint(0, 2**31 - 1)
+    seed, max_rows = seed_and_rows(seed, batch_size)
     preprocessor = task.preprocessor
     prompts = _prompt_inputs(preprocessor, inputs, max_length)
     count = len(prompts["token_ids"])

@@ -65,6 +65,20 @@ def check_seed(seed):
     return checks.checked_integer(seed, "seed", minimum=0, expected=expected)
 
 
+def seed_and_rows(seed, batch_size):
+    """A sampled run's `(seed, max_rows)`: `seed` checked (a random one for
+    `None`) and the rows per model call (`DEFAULT_MAX_ROWS` for `None`)."""
+    max_rows = (
+        DEFAULT_MAX_ROWS
+        if batch_size is None
+        else checks.checked_integer(batch_size, "batch_size")
+    )
+    seed = check_seed(seed)
+    if seed is None:
+        seed = random.randint(0, 2**31 - 1)
+    return seed, max_rows
+
+
 def _check_verbose(verbose):
     if verbose == "auto":
         return 1
@@ -779,14 +793,7 @@ def predict_with_uncertainty(
     """
     n = checks.checked_integer(n, "n")
     level = check_level(level)
-    max_rows = (
-        DEFAULT_MAX_ROWS
-        if batch_size is None
-        else checks.checked_integer(batch_size, "batch_size")
-    )
-    seed = check_seed(seed)
-    if seed is None:
-        seed = random.randint(0, 2**31 - 1)
+    seed, max_rows = seed_and_rows(seed, batch_size)
     verbose = _check_verbose(verbose)
     with contextlib.ExitStack() as stack:
         names = None  # The batch's adapters, when picked per example.
