@@ -37,8 +37,8 @@ from keras_pvera.src.uncertainty.metrics import ExpectedCalibrationError
 from keras_pvera.src.uncertainty.metrics import calibration_bins
 from keras_pvera.src.uncertainty.metrics import expected_calibration_error
 from keras_pvera.src.uncertainty.metrics import reliability_diagram
-from keras_pvera.src.uncertainty.monte_carlo import UncertaintyResult
 from keras_pvera.src.uncertainty.monte_carlo import predict_with_uncertainty
+from keras_pvera.src.uncertainty.statistics import UncertaintyResult
 from keras_pvera.src.uncertainty.temperature_scaling import calibrate
 
 __version__ = "0.1.0"

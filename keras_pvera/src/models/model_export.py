@@ -13,8 +13,9 @@ import keras
 from keras import ops
 
 from keras_pvera.src.uncertainty import monte_carlo
-from keras_pvera.src.uncertainty import output_kinds
 from keras_pvera.src.uncertainty import shared_prefix
+from keras_pvera.src.uncertainty.sampled_model import read_model
+from keras_pvera.src.uncertainty.statistics import check_level
 from keras_pvera.src.utils import checks
 from keras_pvera.src.utils import keras_internals
 
@@ -156,7 +157,8 @@ def export_with_uncertainty(
             "its adapter with `keras_pvera.load_adapter`), or export the mean "
             "with `model.export(...)`."
         )
-    if not output_kinds.is_adapted_model(model):
+    parts = read_model(model)
+    if not parts.named_adapters:
         raise ValueError(
             "export_with_uncertainty exports a model made by "
             f"`keras_pvera.apply`; received {type(model).__name__}."
@@ -168,13 +170,13 @@ def export_with_uncertainty(
             "export_with_uncertainty needs a fixed `seed` (a non-negative "
             "integer): the served noise is the same at every call."
         )
-    level = monte_carlo.check_level(level)
+    level = check_level(level)
     model.check_finite()
     if input_signature is None:
         input_signature = _input_signature(model)
-    adapters = list(monte_carlo.adapted_layers_of(model).values())
+    adapters = list(parts.active_layers().values())
     generators = [layer.seed_generator for layer in adapters]
-    states = monte_carlo.noise_states(model, adapters, seed)
+    states = monte_carlo.noise_states(parts.noise_streams, adapters, seed)
     holds_sampling = shared_prefix.sampling_holders(adapters)
 
     # Each endpoint sets the sampling switches (Python state) it is traced

@@ -24,6 +24,8 @@ from keras_pvera.src.surgery import adapter_registry as adapter_registry_lib
 from keras_pvera.src.surgery import layer_selection
 from keras_pvera.src.uncertainty import generation
 from keras_pvera.src.uncertainty import monte_carlo
+from keras_pvera.src.uncertainty import output_kinds
+from keras_pvera.src.uncertainty import sampled_model as sampled_model_lib
 from keras_pvera.src.uncertainty import shared_prefix
 from keras_pvera.src.uncertainty import temperature_scaling as calibration_lib
 from keras_pvera.src.utils import keras_hub_tasks
@@ -273,6 +275,21 @@ class PVeRAModel(AdapterLifecycle, model_summary.ModelSummary, keras.Model):
     def generate_with_uncertainty(self, inputs, n=10, **kwargs):
         """`keras_pvera.generate_with_uncertainty(self, inputs, n, **kwargs)`."""
         return generation.generate_with_uncertainty(self, inputs, n=n, **kwargs)
+
+    def sampled_model(self):
+        """What a Monte Carlo run needs of this model, a `SampledModel`
+        (`uncertainty.sampled_model.read_model` asks it once per run)."""
+        return sampled_model_lib.SampledModel(
+            model=self,
+            adapted_layers=self.adapted_layers,
+            noise_streams=tuple(self.adapter_registry.wrappers.values()),
+            output_kinds=output_kinds.calibrated_kinds(
+                output_kinds.output_kinds(self.base_model), self.calibration
+            ),
+            task=keras_hub_tasks.task_of(self),
+            calibration=self.calibration,
+            layers_of=self.adapter_registry.layers_of,
+        )
 
     def quantize(self, mode=None, *args, **kwargs):
         """Refuses: quantize the base model before `keras_pvera.apply`.

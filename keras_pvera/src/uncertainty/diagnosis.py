@@ -20,9 +20,9 @@ import keras
 import numpy as np
 
 from keras_pvera.src.uncertainty import metrics
-from keras_pvera.src.uncertainty.monte_carlo import UncertaintyResult
-from keras_pvera.src.uncertainty.monte_carlo import adapted_layers_of
 from keras_pvera.src.uncertainty.monte_carlo import predict_with_uncertainty
+from keras_pvera.src.uncertainty.sampled_model import read_model
+from keras_pvera.src.uncertainty.statistics import UncertaintyResult
 
 # Below this mean spread the passes agree to rounding: mutual information of
 # 1e-4 nats is a disagreement of about 1% in one class probability.
@@ -158,7 +158,7 @@ def diagnose_uncertainty(
     >>> diagnosis.verdict.startswith("Sampling barely changes")  # lambda_b is 0
     True
     """
-    adapted = adapted_layers_of(model)
+    adapted = read_model(model).active_layers()
 
     def spread(inputs, sampled_layers=None):
         result = predict_with_uncertainty(

@@ -27,11 +27,11 @@ import numpy as np
 from keras import ops
 
 from keras_pvera.src.uncertainty import metrics
-from keras_pvera.src.uncertainty import output_kinds
-from keras_pvera.src.uncertainty.monte_carlo import UncertaintyResult
-from keras_pvera.src.uncertainty.monte_carlo import check_level
 from keras_pvera.src.uncertainty.monte_carlo import predict_with_uncertainty
 from keras_pvera.src.uncertainty.monte_carlo import sampling_off
+from keras_pvera.src.uncertainty.sampled_model import read_model
+from keras_pvera.src.uncertainty.statistics import UncertaintyResult
+from keras_pvera.src.uncertainty.statistics import check_level
 from keras_pvera.src.uncertainty.temperature_scaling import apply_temperature
 from keras_pvera.src.utils import checks
 
@@ -326,11 +326,12 @@ def evaluate_uncertainty(
     if y.ndim == 0:
         raise ValueError(f"`y` must hold one label per example. Received: y={y!r}")
 
-    calibration = model.calibration if output_kinds.is_adapted_model(model) else None
+    parts = read_model(model)
+    calibration = parts.calibration
     if from_logits is None:
-        kinds = output_kinds.output_kinds(model)
+        kinds = parts.output_kinds
         from_logits = kinds[0] if kinds and len(kinds) == 1 else None
-    runs = _predict_all(model, x, x_out_of_distribution, n, seed, batch_size)
+    runs = _predict_all(parts, x, x_out_of_distribution, n, seed, batch_size)
     outputs = runs["mean"][0]
     if outputs.shape[0] != y.shape[0]:
         raise ValueError(
@@ -412,12 +413,13 @@ def _single_output(outputs):
     return np.asarray(outputs)
 
 
-def _predict_all(model, x, x_out, n, seed, batch_size):
+def _predict_all(parts, x, x_out, n, seed, batch_size):
     """`{"mean": (outputs, seconds, out-of-distribution outputs or None),
-    "monte_carlo": (samples, seconds, out-of-distribution samples)}`, with
-    any calibration temperature set aside (and restored)."""
-    calibrated = output_kinds.is_adapted_model(model) and model.calibration
-    previous = model.calibration if calibrated else None
+    "monte_carlo": (samples, seconds, out-of-distribution samples)}` of
+    the model (`parts`, its `SampledModel`), with any calibration
+    temperature set aside (and restored)."""
+    model, previous = parts.model, parts.calibration
+    calibrated = previous is not None
     if calibrated:
         model.calibration = None
     try:
@@ -444,7 +446,7 @@ def _predict_all(model, x, x_out, n, seed, batch_size):
             return inside, seconds, None if x_out is None else predict(x_out)
 
         # Both sets in one switch of the sampling: one compiled predict.
-        with sampling_off(model):
+        with sampling_off(parts):
             runs = {"mean": both(mean)}
         runs["monte_carlo"] = both(monte_carlo)
         return runs

@@ -27,14 +27,13 @@ from keras import ops
 
 from keras_pvera.src.layers import row_adapters
 from keras_pvera.src.layers.seeds import seed_generator_states
-from keras_pvera.src.uncertainty import output_kinds
-from keras_pvera.src.uncertainty.monte_carlo import adapted_layers_of
 from keras_pvera.src.uncertainty.monte_carlo import draw_samples
-from keras_pvera.src.uncertainty.monte_carlo import entropy_of_probabilities
-from keras_pvera.src.uncertainty.monte_carlo import log_softmax
 from keras_pvera.src.uncertainty.monte_carlo import repeat_rows
 from keras_pvera.src.uncertainty.monte_carlo import sampling_at_inference
 from keras_pvera.src.uncertainty.monte_carlo import seed_and_rows
+from keras_pvera.src.uncertainty.sampled_model import read_model
+from keras_pvera.src.uncertainty.statistics import entropy_of_probabilities
+from keras_pvera.src.uncertainty.statistics import log_softmax
 from keras_pvera.src.utils import checks
 from keras_pvera.src.utils import keras_hub_tasks
 
@@ -115,18 +114,17 @@ class GenerationUncertainty:
         return "\n".join(lines)
 
 
-def _causal_lm_of(model):
-    """The KerasHub `CausalLM` that `model` adapts, with its preprocessor.
+def _causal_lm_of(parts):
+    """The KerasHub `CausalLM` that the model (`parts`, its `SampledModel`)
+    adapts, with its preprocessor.
 
     Raises:
-        ValueError: Naming what `model` is instead.
+        ValueError: Naming what the model is instead.
     """
     causal_lm_class = keras_hub_tasks.keras_hub_model_class("CausalLM")
-    task = (
-        keras_hub_tasks.task_of(model) if output_kinds.is_adapted_model(model) else None
-    )
+    task = parts.task if parts.named_adapters else None
     if task is None or not isinstance(task, causal_lm_class):
-        what = type(task if task is not None else model).__name__
+        what = type(task if task is not None else parts.model).__name__
         raise ValueError(
             "generate_with_uncertainty needs a KerasHub CausalLM adapted with "
             "keras_pvera.apply (`keras_pvera.apply(causal_lm, ...)`, where "
@@ -346,21 +344,22 @@ def generate_with_uncertainty(
     >>> result.most_common, result.agreement  # doctest: +SKIP
     (['what is the capital of france? paris'], array([0.9]))
     """
-    task = _causal_lm_of(model)
+    parts = read_model(model)
+    task = _causal_lm_of(parts)
     n = checks.checked_integer(n, "n")
     seed, max_rows = seed_and_rows(seed, batch_size)
     preprocessor = task.preprocessor
     prompts = _prompt_inputs(preprocessor, inputs, max_length)
     count = len(prompts["token_ids"])
     if adapter_names is None:
-        names, adapted = None, adapted_layers_of(model)
+        names, adapted = None, parts.active_layers()
     else:
         # Checks the names (loaded, one per prompt) before any work.
         distinct, _ = row_adapters.index_rows(
             adapter_names, model.adapter_names, count, model.merged_adapters
         )
         names = list(adapter_names)
-        adapted = model.adapter_registry.layers_of(
+        adapted = parts.layers_of(
             [name for name in distinct if name != row_adapters.BASE_MODEL]
         )
     if n == 1:
@@ -381,7 +380,7 @@ def generate_with_uncertainty(
         if adapters:
             stack.enter_context(
                 sampling_at_inference(
-                    model,
+                    parts,
                     adapters,
                     seed,
                     [True] * len(adapters),

@@ -40,7 +40,7 @@ import numpy as np
 import scipy.stats
 from keras import ops
 
-from keras_pvera.src.uncertainty import output_kinds
+from keras_pvera.src.uncertainty.statistics import probability_problem
 from keras_pvera.src.utils import checks
 
 
@@ -50,7 +50,7 @@ def _check_num_bins(num_bins):
 
 def _check_probabilities(y_prob, what):
     """Raises a `ValueError` if `y_prob` cannot be class probabilities."""
-    problem = output_kinds.probability_problem(ops.convert_to_numpy(y_prob))
+    problem = probability_problem(ops.convert_to_numpy(y_prob))
     if problem is not None:
         raise ValueError(
             f"`{what}` needs class probabilities in `y_prob`, but it holds "

@@ -1,25 +1,22 @@
-"""Whether a model outputs logits or probabilities, and values that cannot be.
+"""Whether a model outputs logits or probabilities.
 
 Class statistics (entropies, mutual information, temperature scaling, the
 calibration error) read an output either as logits or as probabilities. The
 model says which: a KerasHub task by its `activation`, a Keras model by the
-activation of the layer that produces each output. `from_logits_like` reads
-it; `probability_problem` says what keeps values from being probabilities,
-for outputs read as probabilities.
+activation of the layer that produces each output. `output_kinds` reads it
+(a `PVeRAModel` adds its calibration's, `calibrated_kinds`);
+`from_logits_like` arranges it like the outputs.
 
 Example:
 
 >>> import keras
 >>> model = keras.Sequential([keras.Input((4,)),
 ...                           keras.layers.Dense(3, activation="softmax")])
->>> from_logits_like(model, np.zeros((2, 3)))
-False
->>> probability_problem(np.array([[2.0, -1.0]]))
-'values from -1 to 2, outside [0, 1]'
+>>> output_kinds(model)
+[False]
 """
 
 import keras
-import numpy as np
 
 from keras_pvera.src.layers.pvera_dense import PVeRADense
 from keras_pvera.src.utils import keras_hub_tasks
@@ -64,25 +61,9 @@ def _layer_from_logits(layer):
     return None
 
 
-def is_adapted_model(model):
-    """Whether `model` is a `PVeRAModel` (read without importing it).
-
-    Uncertainty sits below the model in the package (the model's
-    `predict_with_uncertainty` calls it), so it knows a `PVeRAModel` by
-    what it holds: the base model it adapts and its temperature scaling.
-    """
-    calibration = getattr(type(model), "calibration", None)
-    return isinstance(calibration, property) and isinstance(
-        getattr(model, "base_model", None), keras.Model
-    )
-
-
 def output_kinds(model):
     """Whether each output of `model` is logits, from the model itself.
 
-    - A `PVeRAModel` outputs what its base model outputs (temperature
-      scaling keeps logits logits and probabilities probabilities); where
-      the base does not say, a calibration's `from_logits` does.
     - A KerasHub task with an `activation` (`TextClassifier`,
       `ImageClassifier`...): linear or `None` means logits, softmax or
       sigmoid probabilities.
@@ -100,14 +81,6 @@ def output_kinds(model):
         of output layer). `None` instead of a list when the outputs cannot
         be read (a subclassed model).
     """
-    if is_adapted_model(model):
-        kinds = output_kinds(model.base_model)
-        calibration = model.calibration
-        if calibration is None:
-            return kinds
-        if kinds is None:
-            kinds = [None]
-        return [calibration["from_logits"] if k is None else k for k in kinds]
     if keras_hub_tasks.keras_hub_task(model) and hasattr(model, "activation"):
         return [_activation_from_logits(model.activation)]
     graph = keras_internals.graph_of(model)
@@ -123,11 +96,30 @@ def output_kinds(model):
     return kinds
 
 
-def from_logits_like(model, outputs):
-    """Whether each of `outputs` (what `model` returned) is logits.
+def calibrated_kinds(kinds, calibration):
+    """The output kinds of a model whose outputs a calibration tempers.
+
+    Temperature scaling keeps logits logits and probabilities
+    probabilities, so a `PVeRAModel` outputs what its base model outputs;
+    where the base does not say, the calibration's `from_logits` does.
 
     Args:
-        model: A Keras model.
+        kinds: The base model's `output_kinds`.
+        calibration: `None`, or `{"temperature": T, "from_logits": bool}`.
+
+    Returns:
+        The kinds, as `output_kinds` gives them.
+    """
+    if calibration is None:
+        return kinds
+    return [calibration["from_logits"] if k is None else k for k in kinds or [None]]
+
+
+def from_logits_like(kinds, outputs):
+    """Whether each of `outputs` is logits, from the model's `kinds`.
+
+    Args:
+        kinds: What `output_kinds` says of the model that returned them.
         outputs: Its outputs: an array, or a list or dict of arrays.
 
     Returns:
@@ -135,86 +127,6 @@ def from_logits_like(model, outputs):
         arranged like `outputs`.
     """
     leaves = keras.tree.flatten(outputs)
-    kinds = output_kinds(model)
     if kinds is None or len(kinds) != len(leaves):
         kinds = [kinds[0] if kinds and len(kinds) == 1 else None] * len(leaves)
     return keras.tree.pack_sequence_as(outputs, kinds)
-
-
-def _tolerance(dtype):
-    """How far values may stray from [0, 1] and rows from a sum of 1."""
-    try:
-        eps = float(np.finfo(dtype).eps)
-    except ValueError:  # bfloat16 (ml_dtypes), integers: as coarse as bfloat16.
-        eps = 2.0**-7
-    return max(1e-3, 8 * eps)
-
-
-def probability_problem(values):
-    """What keeps `values` from being class probabilities, or `None`.
-
-    Probabilities are finite, lie in `[0, 1]`, and, along a last axis of
-    more than one class, sum to 1. A last axis of size 1 (or values with
-    one axis) holds the probability of class 1. The tolerance is `1e-3`,
-    or 8 epsilons of a coarser dtype (float16, bfloat16).
-
-    Args:
-        values: An array (or anything `np.asarray` takes).
-
-    Returns:
-        `None` if the values can be probabilities, else a short description
-        of what was found, to put in an error message.
-
-    Example:
-
-    >>> probability_problem(np.array([[0.2, 0.8], [0.5, 0.5]])) is None
-    True
-    >>> probability_problem(np.array([[0.9, 0.8]]))
-    'rows of 2 classes summing to 1.7 to 1.7, not 1'
-    """
-    values = np.asarray(values)
-    tolerance = _tolerance(values.dtype)
-    values = values.astype("float64")
-    if values.size == 0:
-        return None
-    if not np.all(np.isfinite(values)):
-        return "NaN or infinite values"
-    low, high = values.min(), values.max()
-    if low < -tolerance or high > 1.0 + tolerance:
-        return f"values from {low:.4g} to {high:.4g}, outside [0, 1]"
-    if values.ndim >= 2 and values.shape[-1] > 1:
-        sums = values.sum(axis=-1)
-        if np.any(np.abs(sums - 1.0) > tolerance):
-            return (
-                f"rows of {values.shape[-1]} classes summing to "
-                f"{sums.min():.4g} to {sums.max():.4g}, not 1"
-            )
-    return None
-
-
-def not_probabilities_error(reading, problem, from_logits):
-    """The `ValueError` for values read as probabilities that cannot be.
-
-    Args:
-        reading: What reads which values, such as "`predictive_entropy`
-            reads output 'probs'".
-        problem: What was found, from `probability_problem`.
-        from_logits: `False` (said to be probabilities) or `None` (nothing
-            said whether they are logits or probabilities).
-
-    Returns:
-        A `ValueError` to raise.
-    """
-    if from_logits is False:
-        reason = "(from_logits=False)"
-    else:
-        reason = (
-            "since nothing says whether it holds logits or probabilities "
-            "(neither `from_logits` nor an output activation that is linear, "
-            "softmax or sigmoid)"
-        )
-    return ValueError(
-        f"{reading} as probabilities {reason}, but it holds {problem}. "
-        "Probabilities lie in [0, 1] and sum to 1 over the class axis. If "
-        "the values are logits, pass `from_logits=True`."
-    )

@@ -34,10 +34,12 @@ import scipy.optimize
 from keras import ops
 
 from keras_pvera.src.uncertainty import metrics
-from keras_pvera.src.uncertainty import output_kinds
-from keras_pvera.src.uncertainty.monte_carlo import as_two_classes
-from keras_pvera.src.uncertainty.monte_carlo import log_softmax
 from keras_pvera.src.uncertainty.monte_carlo import predict_with_uncertainty
+from keras_pvera.src.uncertainty.sampled_model import read_model
+from keras_pvera.src.uncertainty.statistics import as_two_classes
+from keras_pvera.src.uncertainty.statistics import log_softmax
+from keras_pvera.src.uncertainty.statistics import not_probabilities_error
+from keras_pvera.src.uncertainty.statistics import probability_problem
 from keras_pvera.src.utils import checks
 
 # Bounds of the temperature search (log-spaced), wide enough for any model
@@ -281,7 +283,8 @@ def calibrate(model, x, y, n=30, from_logits=None, seed=0, batch_size=None):
     >>> temperature > 0, model.calibration["from_logits"]
     (True, True)
     """
-    if not output_kinds.is_adapted_model(model):
+    parts = read_model(model)
+    if not parts.named_adapters:
         raise ValueError(
             "`calibrate` needs a model from keras_pvera.apply (a PVeRAModel), "
             "which stores the temperature and saves it. Received: "
@@ -297,9 +300,9 @@ def calibrate(model, x, y, n=30, from_logits=None, seed=0, batch_size=None):
     if from_logits is None:
         # Before the calibration goes: where the base model does not say,
         # the `from_logits` of a previous calibration does.
-        kinds = output_kinds.output_kinds(model)
+        kinds = parts.output_kinds
         from_logits = kinds[0] if kinds and len(kinds) == 1 else None
-    previous = model.calibration
+    previous = parts.calibration
     model.calibration = None
     try:
         if n is None:
@@ -323,9 +326,9 @@ def calibrate(model, x, y, n=30, from_logits=None, seed=0, batch_size=None):
                 f"classes). Received outputs of shape {shape}"
             )
         if not from_logits:
-            problem = output_kinds.probability_problem(samples)
+            problem = probability_problem(samples)
             if problem is not None:
-                raise output_kinds.not_probabilities_error(
+                raise not_probabilities_error(
                     "`calibrate` reads the model's output", problem, from_logits
                 )
             from_logits = False
