@@ -148,10 +148,10 @@ def sampling_at_inference(parts, adapters, seed, flags, adapter_names=None):
     saved_states = [np.array(ops.convert_to_numpy(g.state.value)) for g in generators]
     try:
         with sampling_switched(adapters, flags, adapter_names):
-            keras_internals.drop_compiled_functions(model)
             states = noise_states(parts.noise_streams, adapters, seed)
             for generator, state in zip(generators, states, strict=True):
                 generator.state.assign(state)
+            keras_internals.drop_compiled_functions(model)
             yield
     finally:
         for generator, state in zip(generators, saved_states, strict=True):
@@ -329,12 +329,9 @@ def predict_with_uncertainty(
     verbose = _check_verbose(verbose)
     parts = read_model(model)
     with contextlib.ExitStack() as stack:
-        if adapter_names is None:
-            names = None  # The active adapters run.
-            adapted = parts.active_layers()
-            x = _preprocessed(parts, x, batch_size=max(1, max_rows // n))
-        else:
-            x, adapted, names = _inputs_by_row(stack, parts, x, adapter_names)
+        x, adapted, names = _model_inputs(
+            stack, parts, x, adapter_names, batch_size=max(1, max_rows // n)
+        )
         flags = _sampling_flags(adapted, sampled_layers)
         _warn_if_no_spread(n, adapted, flags)
         if parts.named_adapters:
@@ -396,31 +393,31 @@ def _warn_if_not_finite(samples):
         )
 
 
-def _preprocessed(parts, x, batch_size):
-    """A KerasHub task's raw inputs through its preprocessor (a dataset of
-    batches); other inputs as they are."""
-    if parts.task is None:
-        return x
-    preprocessed = keras_hub_tasks.preprocessed(parts.model, x, batch_size=batch_size)
-    return x if preprocessed is None else preprocessed
+def _model_inputs(stack, parts, x, adapter_names, batch_size):
+    """`(inputs, adapted, names)`: the inputs as the model takes them, the
+    adapted layers that run, and the adapters picked per example (`None`:
+    the active adapters run).
 
-
-def _inputs_by_row(stack, parts, x, adapter_names):
-    """Inputs packed with each example's adapter, the layers that run, and
-    the batch's adapter names.
-
-    Opens the model's `adapters_by_row` context on `stack`.
+    A KerasHub task's raw inputs go through its preprocessor (a dataset of
+    `batch_size` examples a batch, or, with `adapter_names`, arrays). With
+    `adapter_names`, the inputs are packed with each example's adapter,
+    and the model's `adapters_by_row` context is opened on `stack`.
     """
-    model = parts.model
+    if adapter_names is None:
+        adapted = parts.active_layers()
+        batches = keras_hub_tasks.task_batches(parts.task, x, batch_size=batch_size)
+        return (x if batches is None else batches), adapted, None
     if not parts.named_adapters:
         raise ValueError(
             "`adapter_names` picks named adapters of a model made by "
             "`keras_pvera.apply`; received a model of type "
-            f"{type(model).__name__}."
+            f"{type(parts.model).__name__}."
         )
-    x = keras_hub_tasks.preprocessed_arrays(model, x)
+    x = keras_hub_tasks.task_arrays(parts.task, x)
     count = row_adapters.num_examples(x)
-    names, indices = stack.enter_context(model.adapters_by_row(adapter_names, count))
+    names, indices = stack.enter_context(
+        parts.model.adapters_by_row(adapter_names, count)
+    )
     adapted = parts.layers_of(
         [name for name in names if name != row_adapters.BASE_MODEL]
     )

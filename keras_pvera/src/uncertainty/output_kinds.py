@@ -81,19 +81,28 @@ def output_kinds(model):
         of output layer). `None` instead of a list when the outputs cannot
         be read (a subclassed model).
     """
+    producers = _output_producers(model)
     if keras_hub_tasks.keras_hub_task(model) and hasattr(model, "activation"):
         return [_activation_from_logits(model.activation)]
-    graph = keras_internals.graph_of(model)
-    if graph is None:
-        if isinstance(model, keras.Sequential) and model.layers:
-            return _layer_from_logits(model.layers[-1])
+    if producers is None:
         return None
     kinds = []
-    for tensor in graph.outputs:
-        layer, index = keras_internals.graph_producer_of(tensor)
+    for layer, index in producers:
         from_layer = _layer_from_logits(layer)
         kinds.append(from_layer[index] if index < len(from_layer or ()) else None)
     return kinds
+
+
+def _output_producers(model):
+    """`(layer, index)` per output of `model`: the layer producing it, and
+    which of that layer's outputs it is; `None` for a model without a
+    graph to read (a subclassed model)."""
+    graph = keras_internals.graph_of(model)
+    if graph is not None:
+        return [keras_internals.graph_producer_of(tensor) for tensor in graph.outputs]
+    if isinstance(model, keras.Sequential) and model.layers:
+        return [(model.layers[-1], 0)]  # Sequential layers have one output.
+    return None
 
 
 def calibrated_kinds(kinds, calibration):

@@ -56,10 +56,15 @@ def task_with_preprocessor(model):
 
 
 def preprocessed(model, x, y=None, sample_weight=None, batch_size=None, shuffle=False):
+    """`task_batches` of the KerasHub task a `PVeRAModel` adapts (`task_of`)."""
+    return task_batches(task_of(model), x, y, sample_weight, batch_size, shuffle)
+
+
+def task_batches(task, x, y=None, sample_weight=None, batch_size=None, shuffle=False):
     """`x` (with `y`, `sample_weight`) as batches of the task's inputs.
 
     Args:
-        model: A `PVeRAModel`.
+        task: A KerasHub task, or `None`.
         x: Raw inputs, as for the task's `fit` (strings, images, a dict of
             them), or a `tf.data.Dataset` of raw batches.
         y, sample_weight: Labels and weights, if any.
@@ -67,15 +72,14 @@ def preprocessed(model, x, y=None, sample_weight=None, batch_size=None, shuffle=
         shuffle: Whether to shuffle array inputs (each epoch).
 
     Returns:
-        A `tf.data.Dataset` of preprocessed batches, or `None` when the model
-        is not a KerasHub task with a preprocessor (inputs are used as given).
+        A `tf.data.Dataset` of preprocessed batches, or `None` when there is
+        no task or it has no preprocessor (inputs are used as given).
 
     Raises:
         ValueError: For `y` or `sample_weight` given with a dataset, or an
             input that is not a batch (one string rather than a list).
     """
-    task = task_with_preprocessor(model)
-    if task is None or x is None:
+    if getattr(task, "preprocessor", None) is None or x is None:
         return None
     import tensorflow as tf
 
@@ -123,17 +127,22 @@ def check_batched(x):
 
 
 def preprocessed_arrays(model, x):
+    """`task_arrays` of the KerasHub task a `PVeRAModel` adapts (`task_of`)."""
+    return task_arrays(task_of(model), x)
+
+
+def task_arrays(task, x):
     """A KerasHub task's raw inputs `x`, preprocessed, as NumPy arrays.
 
     Args:
-        model: A `PVeRAModel` (or any model; see `preprocessed`).
+        task: A KerasHub task, or `None` (see `task_batches`).
         x: Raw inputs as for the task's `predict`, not a dataset.
 
     Returns:
         The preprocessed inputs joined into arrays (a structure of them),
         or `x` itself when the model has no preprocessor.
     """
-    dataset = preprocessed(model, x)
+    dataset = task_batches(task, x)
     if dataset is None:
         return x
     batches = []
