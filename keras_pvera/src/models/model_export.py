@@ -13,6 +13,7 @@ import keras
 from keras import ops
 
 from keras_pvera.src.uncertainty import monte_carlo
+from keras_pvera.src.uncertainty import sampling_state
 from keras_pvera.src.uncertainty import shared_prefix
 from keras_pvera.src.uncertainty.sampled_model import read_model
 from keras_pvera.src.uncertainty.statistics import check_level
@@ -176,17 +177,17 @@ def export_with_uncertainty(
         input_signature = _input_signature(model)
     adapters = list(parts.active_layers().values())
     generators = [layer.seed_generator for layer in adapters]
-    states = monte_carlo.noise_states(parts.noise_streams, adapters, seed)
+    states = sampling_state.noise_states(parts.noise_streams, adapters, seed)
     holds_sampling = shared_prefix.sampling_holders(adapters)
 
     # Each endpoint sets the sampling switches (Python state) it is traced
     # with, whenever it is traced: off for the mean, on for the passes.
     def serve(x):
-        with monte_carlo.sampling_switched(adapters, [False] * len(adapters)):
+        with sampling_state.sampling_switched(adapters, [False] * len(adapters)):
             return model(x, training=False)
 
     def serve_uncertainty(x):
-        with monte_carlo.sampling_switched(adapters, [True] * len(adapters)):
+        with sampling_state.sampling_switched(adapters, [True] * len(adapters)):
             for generator, state in zip(generators, states, strict=True):
                 generator.state.assign(state)  # The same noise at every call.
             with shared_prefix.repeating(n, holds_sampling, generators):

@@ -28,8 +28,8 @@ from keras import ops
 
 from keras_pvera.src.uncertainty import metrics
 from keras_pvera.src.uncertainty.monte_carlo import predict_with_uncertainty
-from keras_pvera.src.uncertainty.monte_carlo import sampling_off
 from keras_pvera.src.uncertainty.sampled_model import read_model
+from keras_pvera.src.uncertainty.sampling_state import sampling_off
 from keras_pvera.src.uncertainty.statistics import UncertaintyResult
 from keras_pvera.src.uncertainty.statistics import check_level
 from keras_pvera.src.uncertainty.temperature_scaling import apply_temperature

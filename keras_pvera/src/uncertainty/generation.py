@@ -29,9 +29,9 @@ from keras_pvera.src.layers import row_adapters
 from keras_pvera.src.layers.seeds import seed_generator_states
 from keras_pvera.src.uncertainty.monte_carlo import draw_samples
 from keras_pvera.src.uncertainty.monte_carlo import repeat_rows
-from keras_pvera.src.uncertainty.monte_carlo import sampling_at_inference
 from keras_pvera.src.uncertainty.monte_carlo import seed_and_rows
 from keras_pvera.src.uncertainty.sampled_model import read_model
+from keras_pvera.src.uncertainty.sampling_state import sampling_at_inference
 from keras_pvera.src.uncertainty.statistics import entropy_of_probabilities
 from keras_pvera.src.uncertainty.statistics import log_softmax
 from keras_pvera.src.utils import checks

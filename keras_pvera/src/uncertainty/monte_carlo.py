@@ -19,15 +19,14 @@ import warnings
 
 import keras
 import numpy as np
-from keras import ops
 
 from keras_pvera.src.layers import row_adapters
-from keras_pvera.src.layers.seeds import seed_generator_states
 from keras_pvera.src.uncertainty import output_kinds
 from keras_pvera.src.uncertainty import shared_prefix
 from keras_pvera.src.uncertainty.input_batches import InputBatches
 from keras_pvera.src.uncertainty.input_batches import num_rows
 from keras_pvera.src.uncertainty.sampled_model import read_model
+from keras_pvera.src.uncertainty.sampling_state import sampling_at_inference
 from keras_pvera.src.uncertainty.statistics import UncertaintyResult
 from keras_pvera.src.uncertainty.statistics import check_level
 from keras_pvera.src.utils import checks
@@ -96,82 +95,6 @@ def _sampling_flags(adapted, sampled_layers):
             f"sampled_layers={sampled_layers!r}"
         )
     return [path in sampled_layers for path in adapted]
-
-
-@contextlib.contextmanager
-def sampling_switched(adapters, flags, adapter_names=None):
-    """Switches sampling at inference on or off (per layer: `flags`) for
-    the adapters that run (`adapter_names`, or each layer's active ones),
-    and restores the layers' switches after. Python state only: a function
-    traced within it samples where its flag is on."""
-    layer_flags = [layer.sampling_flags() for layer in adapters]
-    try:
-        for layer, flag in zip(adapters, flags, strict=True):
-            names = layer.active_names if adapter_names is None else adapter_names
-            held = [name for name in names if name in layer.adapter_vectors]
-            layer.set_sampling_flags(dict.fromkeys(held, flag))
-        yield
-    finally:
-        for layer, saved in zip(adapters, layer_flags, strict=True):
-            layer.set_sampling_flags(saved)
-
-
-def noise_states(noise_streams, adapters, seed):
-    """The states the noise generators of `adapters` start from under `seed`.
-
-    Each layer's state is derived from `seed` and the layer's place among
-    `noise_streams` (all the model's PVeRA layers, `SampledModel`):
-    independent between layers, and the same whichever adapters run.
-    """
-    if not adapters:  # Every row picked the base model: no noise.
-        return []
-    places = {id(layer): place for place, layer in enumerate(noise_streams)}
-    places = [places[id(layer)] for layer in adapters]
-    dtype = ops.convert_to_numpy(adapters[0].seed_generator.state.value).dtype
-    states = seed_generator_states(seed, max(places) + 1, dtype)
-    return [states[place] for place in places]
-
-
-@contextlib.contextmanager
-def sampling_at_inference(parts, adapters, seed, flags, adapter_names=None):
-    """Switches sampling at inference on (`sampling_switched`), with the
-    noise generators at `seed`'s states (`noise_states`), and restores
-    everything after. `parts`: the model's `SampledModel`.
-
-    Compiled predict functions are dropped on entry and exit (JAX and
-    TensorFlow bake the switch into them). The generators get their
-    previous states back afterwards, so the run leaves the model's own
-    noise streams as they were.
-    """
-    model = parts.model
-    generators = [layer.seed_generator for layer in adapters]
-    saved_states = [np.array(ops.convert_to_numpy(g.state.value)) for g in generators]
-    try:
-        with sampling_switched(adapters, flags, adapter_names):
-            states = noise_states(parts.noise_streams, adapters, seed)
-            for generator, state in zip(generators, states, strict=True):
-                generator.state.assign(state)
-            keras_internals.drop_compiled_functions(model)
-            yield
-    finally:
-        for generator, state in zip(generators, saved_states, strict=True):
-            generator.state.assign(state)
-        keras_internals.drop_compiled_functions(model)
-
-
-@contextlib.contextmanager
-def sampling_off(parts):
-    """Every adapted layer of the model (`parts`, its `SampledModel`) uses
-    its latent mean for the duration (`predict` gives the mean prediction,
-    whatever `sample_at_inference` says), restored after, as
-    `predict_with_uncertainty` restores it.
-
-    Raises:
-        ValueError: If the model has no PVeRA layers.
-    """
-    adapters = list(parts.active_layers().values())
-    with sampling_at_inference(parts, adapters, 0, [False] * len(adapters)):
-        yield
 
 
 def repeat_rows(array, copies):
