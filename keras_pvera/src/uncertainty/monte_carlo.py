@@ -264,7 +264,7 @@ def predict_with_uncertainty(
         )
     samples = keras.tree.pack_sequence_as(
         outputs,
-        [np.concatenate(parts, axis=1) for parts in zip(*drawn, strict=True)],
+        [np.concatenate(pieces, axis=1) for pieces in zip(*drawn, strict=True)],
     )
     _warn_if_not_finite(samples)
     return UncertaintyResult(

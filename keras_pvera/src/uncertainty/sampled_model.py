@@ -14,7 +14,6 @@ Keras model holding `PVeRADense` layers is read from its layers.
 Example:
 
 >>> import keras
->>> from keras_pvera.src.layers.pvera_dense import PVeRADense
 >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
 >>> parts = read_model(model)
 >>> parts.adapted_layers, parts.output_kinds, parts.named_adapters
