@@ -69,6 +69,9 @@ def test_a_plain_keras_model_is_read_from_its_layers():
     }
     assert len(parts.noise_streams) == 2
     assert parts.output_kinds == [False]
+    # A model holding the adapted model outputs what the adapted model does.
+    holding = keras.Sequential([keras.Input((8,)), model])
+    assert read_model(holding).output_kinds == [False]
     plain = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
     unadapted = read_model(plain)
     assert unadapted.adapted_layers == {} and unadapted.output_kinds == [True]

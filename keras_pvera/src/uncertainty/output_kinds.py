@@ -56,6 +56,8 @@ def _layer_from_logits(layer):
         ),
     ):
         return [_activation_from_logits(layer.activation)]
+    if callable(getattr(type(layer), "sampled_model", None)):
+        return layer.sampled_model().output_kinds  # A nested `PVeRAModel`.
     if isinstance(layer, keras.Model):
         return output_kinds(layer)
     return None
