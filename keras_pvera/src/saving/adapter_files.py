@@ -332,8 +332,14 @@ def _decode_header(tensors, metadata, source):
         )
     if not isinstance(settings, dict):
         raise ValueError(f"{source} has malformed settings: {settings!r}")
-    # Files written before fused groups and generator seeds have none.
-    settings = {"fused_groups": None, "generator_seed": None, **settings}
+    # Files written before fused groups, generator seeds and log-variance
+    # bounds have none.
+    settings = {
+        "fused_groups": None,
+        "generator_seed": None,
+        "max_log_variance": None,
+        **settings,
+    }
     for name in ADAPTER_SETTING_NAMES:
         if name not in settings:
             raise ValueError(f"{source} has no setting {name!r}.")
