@@ -28,6 +28,7 @@ def test_defaults_are_peft_compatible_ones():
     assert (config.rank, config.seed, config.alpha) == (256, 0, 1.0)
     assert (config.d_initial, config.dropout, config.kl_weight) == (0.1, 0.0, 0.0)
     assert config.save_projection is True and config.sample_at_inference is False
+    assert config.max_log_variance is None  # PEFT's PVeRA has no bound
 
 
 def test_json_round_trip():
@@ -38,11 +39,13 @@ def test_json_round_trip():
         alpha=16,
         kl_weight=1e-6,
         trainable_layers="head|logits",
+        max_log_variance=np.float32(10),
     )
     text = json.dumps(config.to_dict())
     again = PVeRAConfig.from_dict(json.loads(text))
     assert again == config
     assert again.target == ("query", "value") and again.alpha == 16.0
+    assert type(again.max_log_variance) is float and again.max_log_variance == 10.0
 
 
 def test_a_callable_selector_is_not_written():
@@ -72,6 +75,11 @@ def test_settings_are_listed_once():
         ({"save_projection": "yes"}, "save_projection='yes'"),
         ({"target": 3}, "target=3"),
         ({"trainable_layers": ["head", 1]}, "1"),
+        ({"max_log_variance": -1.0}, "max_log_variance=-1.0"),
+        ({"max_log_variance": 0}, "max_log_variance=0"),
+        ({"max_log_variance": "10"}, "max_log_variance='10'"),
+        ({"max_log_variance": float("inf")}, "max_log_variance=inf"),
+        ({"max_log_variance": True}, "max_log_variance=True"),
     ],
 )
 def test_bad_values_name_themselves(settings, message):

@@ -66,6 +66,16 @@ class PVeRAConfig:
             `B` and of the fused `lambda_b`, so the group computes exactly
             PEFT's adapter of the fused module. Every path must be adapted.
             `None` (the default): no groups. `load_peft_adapter` sets it.
+        max_log_variance: An upper bound on the latent log-variance, a
+            finite number > 0, or `None` (the default): no bound, PEFT's
+            PVeRA. The log-variance is clipped, `minimum(logvar,
+            max_log_variance)`, before the noise and the KL term use it, so
+            the noise's standard deviation is at most
+            `exp(max_log_variance / 2)` and inputs far outside the training
+            data's scale give finite samples instead of overflowing. Below
+            the bound the values are exactly the unbounded ones; above it
+            the log-variance gets no gradient. PEFT files cannot hold a
+            bound: `save_peft_adapter` refuses an adapter that has one.
 
     Raises:
         ValueError: For a bad value, naming it.
@@ -91,6 +101,7 @@ class PVeRAConfig:
     sample_at_inference: bool = False
     trainable_layers: object = None
     fused_groups: object = None
+    max_log_variance: object = None
 
     def __post_init__(self):
         if not checks.is_integer(self.rank) or self.rank < 1:
@@ -125,6 +136,15 @@ class PVeRAConfig:
                 "`kl_weight` must be a finite number >= 0 (the paper used 1e-16 "
                 f"to 1e-6). Received: kl_weight={self.kl_weight!r}"
             )
+        if self.max_log_variance is not None and (
+            not checks.is_finite_number(self.max_log_variance)
+            or self.max_log_variance <= 0
+        ):
+            raise ValueError(
+                "`max_log_variance` must be a finite number > 0 (for example "
+                "10: the noise's standard deviation at most exp(5)) or None "
+                f"for no bound. Received: max_log_variance={self.max_log_variance!r}"
+            )
         for name in ("save_projection", "sample_at_inference"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise ValueError(
@@ -142,6 +162,8 @@ class PVeRAConfig:
             set_value(self, "generator_seed", int(self.generator_seed))
         for name in ("alpha", "d_initial", "dropout", "kl_weight"):
             set_value(self, name, float(getattr(self, name)))
+        if self.max_log_variance is not None:
+            set_value(self, "max_log_variance", float(self.max_log_variance))
         for name in ("save_projection", "sample_at_inference"):
             set_value(self, name, bool(getattr(self, name)))
         for name in ("target", "trainable_layers"):

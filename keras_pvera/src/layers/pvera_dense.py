@@ -8,6 +8,7 @@ layer's trainable vectors; `eps ~ N(0, 1)` is drawn for every element of `mu`:
     h      = lambda_d * (dropout(x) @ A[:, :in].T)          # (..., 2r)
     mu     = h[..., :r]
     logvar = h[..., r:]
+    logvar = minimum(logvar, max_log_variance)              # when bounded
     z      = mu + eps * exp(0.5 * logvar)                    # when sampling
     z      = mu                                              # otherwise
     y      = act(x @ W + b + alpha * lambda_b * (z @ B[:out, :].T))
@@ -77,6 +78,25 @@ def kl_divergence(mu, logvar):
     mu = ops.convert_to_tensor(mu)
     logvar = ops.convert_to_tensor(logvar)
     return ops.mean(-0.5 * (1.0 + logvar - ops.square(mu) - ops.exp(logvar)))
+
+
+def bound_log_variance(logvar, max_log_variance):
+    """`logvar` clipped from above at `max_log_variance` (`None`: unchanged).
+
+    A hard clip, so values below the bound are exactly the unbounded ones
+    (a smooth bound such as `max * tanh(logvar / max)` would change every
+    value); above it the gradient is zero.
+
+    Example:
+
+    >>> import numpy as np
+    >>> np.asarray(bound_log_variance(np.array([1.0, 50.0]), 10.0)).tolist()
+    [1.0, 10.0]
+    """
+    if max_log_variance is None:
+        return logvar
+    logvar = ops.convert_to_tensor(logvar)
+    return ops.minimum(logvar, ops.cast(max_log_variance, logvar.dtype))
 
 
 DENSE_EQUATION = "...a,ab->...b"
@@ -867,7 +887,9 @@ class PVeRADense(AsWrappedLayer, keras.layers.Layer):
         Returns:
             A tuple `(mu, logvar)`, each of shape `(..., rank)`, in float32
             whatever the compute dtype, so that `exp(logvar)` cannot
-            overflow under a float16 policy.
+            overflow under a float16 policy. `logvar` is clipped at the
+            adapter's `max_log_variance` when it has one: it is what the
+            noise and the KL term use.
         """
         vectors = self._vectors(adapter)
         h = self._projected(inputs, vectors.config.dropout, training)
@@ -875,7 +897,7 @@ class PVeRADense(AsWrappedLayer, keras.layers.Layer):
         # One split, not two slices: on torch its backward is one
         # concatenation instead of two zero-filled full-size gradients.
         mu, logvar = ops.split(h, 2, axis=-1)
-        return mu, logvar
+        return mu, bound_log_variance(logvar, vectors.config.max_log_variance)
 
     def _projected(self, inputs, dropout, training):
         """`x @ A.T` (before `lambda_d`), `x` after dropout at rate `dropout`."""
@@ -1033,6 +1055,7 @@ class PVeRADense(AsWrappedLayer, keras.layers.Layer):
         lambda_d, scale, sampling = self._row_vectors(held, rows, h)
         h = ops.cast(ops.multiply(h, lambda_d), "float32")
         z, logvar = ops.split(h, 2, axis=-1)
+        logvar = self._bound_rows(held, rows, logvar)
         if sampling is not None:
             z = ops.add(z, ops.multiply(self._noise(logvar), sampling))
         z = ops.cast(z, self.adapter_dtype)
@@ -1088,6 +1111,17 @@ class PVeRADense(AsWrappedLayer, keras.layers.Layer):
         table_s = ops.convert_to_tensor(flags, "float32")
         sampling = ops.reshape(ops.take(table_s, indices, axis=0), leading + (1,))
         return lambda_d, scale, sampling
+
+    def _bound_rows(self, held, rows, logvar):
+        """`logvar` clipped row by row at each row's adapter's
+        `max_log_variance` (an adapter without one: unchanged)."""
+        bounds = [None if v is None else v.config.max_log_variance for v in held]
+        if all(bound is None for bound in bounds):
+            return logvar
+        table = [math.inf if bound is None else bound for bound in bounds]
+        bound = ops.take(ops.convert_to_tensor(table, "float32"), rows.indices)
+        leading = (-1,) + (1,) * (len(logvar.shape) - 2)
+        return ops.minimum(logvar, ops.reshape(bound, leading + (1,)))
 
     def _per_adapter_rows(self, y, inputs, rows):
         """As `_per_row_path`, adapter by adapter, each kept on its rows by a

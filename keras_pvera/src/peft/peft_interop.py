@@ -268,8 +268,9 @@ def save_peft_adapter(
         TypeError: If `model` is not a `PVeRAModel`.
         ValueError: For an architecture without a table, an adapted layer
             without a Hugging Face equivalent, layers trained in full, a bad
-            `naming`, or `save_projection=False` with projections PEFT would
-            not regenerate.
+            `naming`, `save_projection=False` with projections PEFT would
+            not regenerate, or an adapter with a `max_log_variance` (PEFT's
+            PVeRA has no bound).
         ImportError: For `save_projection=False` without torch.
 
     Returns:
@@ -292,6 +293,14 @@ def save_peft_adapter(
     `peft.PeftModel.from_pretrained(hf_bert_model, folder)`.
     """
     target = peft_target(model, adapter, naming, module_prefix, "PEFT")
+    bound = target.state.config.max_log_variance
+    if bound is not None:
+        raise ValueError(
+            f"Adapter {target.name!r} has max_log_variance={bound!r}, and PEFT's "
+            "PVeRA has no bound on the log-variance: PEFT would sample it "
+            "unbounded. Save it with `keras_pvera.save_adapter` instead (its "
+            "file keeps the bound), or train an adapter without one for PEFT."
+        )
     state, tensors, alpha = (
         target.state,
         dict(target.head_tensors),

@@ -105,8 +105,9 @@ def load_adapter(model, path, adapter=None):
     that has an adapter of that name, checks that it matches the file (same
     adapted layers and sizes, rank, seed and alpha; same layers trained in
     full) and sets the stored values; the adapter keeps its own dropout, KL
-    weight and sampling switch. On a `PVeRAModel` without one, adds the file
-    as a new adapter of that name (not made active).
+    weight, sampling switch and `max_log_variance`. On a `PVeRAModel`
+    without one, adds the file as a new adapter of that name (not made
+    active).
 
     Args:
         model: A base Keras model, or a `PVeRAModel`.
@@ -332,8 +333,14 @@ def _decode_header(tensors, metadata, source):
         )
     if not isinstance(settings, dict):
         raise ValueError(f"{source} has malformed settings: {settings!r}")
-    # Files written before fused groups and generator seeds have none.
-    settings = {"fused_groups": None, "generator_seed": None, **settings}
+    # Files written before fused groups, generator seeds and log-variance
+    # bounds have none.
+    settings = {
+        "fused_groups": None,
+        "generator_seed": None,
+        "max_log_variance": None,
+        **settings,
+    }
     for name in ADAPTER_SETTING_NAMES:
         if name not in settings:
             raise ValueError(f"{source} has no setting {name!r}.")
