@@ -402,7 +402,8 @@ def generate_with_uncertainty(
             "Some generated tokens' entropies are NaN: the sampled logits "
             "overflowed. The latent noise `exp(logvar / 2)` overflows where "
             "the log-variance, `lambda_d * (x @ A.T)`, is large (a large "
-            "`d_initial`, or inputs far outside the training data's scale).",
+            "`d_initial`, or inputs far outside the training data's scale); "
+            "`PVeRAConfig(max_log_variance=20)` bounds it.",
             stacklevel=2,
         )
     texts = preprocessor.generate_postprocess(

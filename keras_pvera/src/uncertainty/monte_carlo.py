@@ -309,9 +309,10 @@ def _warn_if_not_finite(samples):
             "and the statistics computed from them are too. The latent "
             "noise `exp(logvar / 2)` overflows where the log-variance, "
             "`lambda_d * (x @ A.T)`, is large: a large `d_initial`, or "
-            "inputs far outside the training data's scale. A smaller "
-            "`d_initial`, inputs on the training data's scale, or "
-            "`sampled_layers` without the overflowing layers avoid it.",
+            "inputs far outside the training data's scale. A bound, "
+            "`PVeRAConfig(max_log_variance=20)`, a smaller `d_initial`, "
+            "inputs on the training data's scale, or `sampled_layers` "
+            "without the overflowing layers avoid it.",
             stacklevel=3,
         )
 
