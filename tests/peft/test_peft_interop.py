@@ -19,13 +19,13 @@ import safetensors.numpy
 
 import keras_pvera
 from keras_pvera.src.layers.pvera_dense import PVeRADense
-from keras_pvera.src.peft.module_names import ALBERT
-from keras_pvera.src.peft.module_names import BERT
-from keras_pvera.src.peft.module_names import DINOV2
-from keras_pvera.src.peft.module_names import GPT2
-from keras_pvera.src.peft.module_names import LLAMA3
-from keras_pvera.src.peft.module_names import MIXTRAL
-from keras_pvera.src.peft.module_names import VIT
+from keras_pvera.src.peft.architectures import ALBERT
+from keras_pvera.src.peft.architectures import BERT
+from keras_pvera.src.peft.architectures import DINOV2
+from keras_pvera.src.peft.architectures import GPT2
+from keras_pvera.src.peft.architectures import LLAMA3
+from keras_pvera.src.peft.architectures import MIXTRAL
+from keras_pvera.src.peft.architectures import VIT
 from keras_pvera.src.surgery.layer_walk import iter_layers
 
 keras_hub = pytest.importorskip("keras_hub")

@@ -32,11 +32,11 @@ import numpy as np
 from keras_pvera.src.layers.pvera_config import PVeRAConfig
 from keras_pvera.src.layers.pvera_dense import linear_equation_of
 from keras_pvera.src.models.pvera_model import PVeRAModel
-from keras_pvera.src.peft.module_names import NAMINGS
+from keras_pvera.src.peft.architecture_spec import NAMINGS
+from keras_pvera.src.peft.architecture_spec import fill_template
+from keras_pvera.src.peft.architecture_spec import match_template
 from keras_pvera.src.peft.module_names import default_naming
-from keras_pvera.src.peft.module_names import fill_template
 from keras_pvera.src.peft.module_names import find_spec
-from keras_pvera.src.peft.module_names import match_template
 from keras_pvera.src.saving import safetensors_io
 from keras_pvera.src.saving.adapter_state import AdapterState
 from keras_pvera.src.saving.adapter_state import adapter_state_of
