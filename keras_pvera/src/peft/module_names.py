@@ -53,6 +53,25 @@ def find_spec(model):
     )
 
 
+def task_head(model, spec):
+    """The `TaskHead` of a KerasHub task model, or `None`.
+
+    Args:
+        model: A KerasHub model (a task, or a backbone: `None`).
+        spec: The `ArchitectureSpec` of its backbone.
+
+    Returns:
+        The spec's `TaskHead` for the model's task class or one it inherits
+        from, or `None`.
+    """
+    for cls in type(model).__mro__:
+        if cls.__module__.startswith("keras_hub"):
+            head = spec.head(cls.__name__)
+            if head is not None:
+                return head
+    return None
+
+
 def kernel_matrix(kernel, layout, equation=None):
     """A KerasHub kernel as the `(in, out)` matrix of its linear map.
 
