@@ -141,14 +141,47 @@ class _ModuleNames:
         if module is None:
             raise ValueError(
                 f"Adapted layer {keras_path!r} has no Hugging Face equivalent "
-                f"in the {self.spec.backbone} table."
-                + _fused_hint(self.spec, relative, self.keras_prefix)
+                f"in the {self.spec.backbone} table." + self.fused_hint(relative)
             )
         return module
 
+    def fused_hint(self, keras_path):
+        """How to save a layer that is one part of a fused torch module."""
+        for entry in self.spec.fused:
+            for part in entry.keras:
+                numbers = match_template(part, keras_path)
+                if numbers is None:
+                    continue
+                group = [
+                    self.keras_prefix + fill_template(p, numbers) for p in entry.keras
+                ]
+                return (
+                    f" It is one part of the fused torch module "
+                    f"{fill_template(entry.hf, numbers)!r}, whose PEFT adapter "
+                    "has one latent: adapt all its parts as a fused group, "
+                    f"`fused_groups=[{group}]` (load_peft_adapter does)."
+                )
+        return ""
+
     def fused_module(self, group):
         """The PEFT module name of a fused group's layers."""
-        return _fused_module(group, self.keras_prefix, self.spec, self.module_prefix)
+        spec, module = self.spec, None
+        if all(path.startswith(self.keras_prefix) for path in group):
+            parts = [path[len(self.keras_prefix) :] for path in group]
+            module = spec.hf_fused_module(parts, self.module_prefix)
+        if module is None:
+            raise ValueError(
+                f"Fused group {list(group)} is no fused module of the "
+                f"{spec.backbone} table"
+                + (
+                    f" (those: {[e.hf for e in spec.fused]}, parts in order "
+                    f"{[list(e.keras) for e in spec.fused]})."
+                    if spec.fused
+                    else "; PEFT would adapt its layers one by one: adapt them "
+                    "without `fused_groups`."
+                )
+            )
+        return module
 
 
 def write_peft_folder(path, tensors, config):
@@ -161,43 +194,6 @@ def write_peft_folder(path, tensors, config):
     safetensors_io.write_text(
         os.path.join(path, CONFIG_FILE), json.dumps(config, indent=2) + "\n"
     )
-
-
-def _fused_hint(spec, keras_path, keras_prefix):
-    """How to save a layer that is one part of a fused torch module."""
-    for entry in spec.fused:
-        for part in entry.keras:
-            numbers = match_template(part, keras_path)
-            if numbers is not None:
-                group = [keras_prefix + fill_template(p, numbers) for p in entry.keras]
-                return (
-                    f" It is one part of the fused torch module "
-                    f"{fill_template(entry.hf, numbers)!r}, whose PEFT adapter "
-                    "has one latent: adapt all its parts as a fused group, "
-                    f"`fused_groups=[{group}]` (load_peft_adapter does)."
-                )
-    return ""
-
-
-def _fused_module(group, keras_prefix, spec, module_prefix):
-    """The PEFT module name of a fused group's layers."""
-    module = None
-    if all(path.startswith(keras_prefix) for path in group):
-        parts = [path[len(keras_prefix) :] for path in group]
-        module = spec.hf_fused_module(parts, module_prefix)
-    if module is None:
-        raise ValueError(
-            f"Fused group {list(group)} is no fused module of the "
-            f"{spec.backbone} table"
-            + (
-                f" (those: {[e.hf for e in spec.fused]}, parts in order "
-                f"{[list(e.keras) for e in spec.fused]})."
-                if spec.fused
-                else "; PEFT would adapt its layers one by one: adapt them "
-                "without `fused_groups`."
-            )
-        )
-    return module
 
 
 def _head_tensors(state, head):
