@@ -210,6 +210,7 @@ def _settings(config_path, fields):
         for f in PVERA_FIELDS
         if f.setting is not None and f.peft in fields
     }
+    # One setting at a time first, so that a refusal names PEFT's field.
     for field in PVERA_FIELDS:
         if field.setting in settings:
             try:
