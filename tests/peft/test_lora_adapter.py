@@ -16,7 +16,7 @@ import safetensors.numpy
 from test_peft_interop import keras_bert
 
 import keras_pvera
-from keras_pvera.src.peft.module_names import BERT
+from keras_pvera.src.peft.architectures import BERT
 from keras_pvera.src.peft.module_names import kernel_matrix
 
 keras_hub = pytest.importorskip("keras_hub")

@@ -24,7 +24,7 @@ import pytest
 
 import keras_pvera
 from keras_pvera.src.layers.pvera_dense import PVeRADense
-from keras_pvera.src.peft.module_names import SPECS
+from keras_pvera.src.peft.architectures import SPECS
 from keras_pvera.src.peft.module_names import kernel_matrix
 from keras_pvera.src.surgery.layer_walk import iter_layers
 

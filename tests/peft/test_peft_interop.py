@@ -19,13 +19,18 @@ import safetensors.numpy
 
 import keras_pvera
 from keras_pvera.src.layers.pvera_dense import PVeRADense
-from keras_pvera.src.peft.module_names import ALBERT
-from keras_pvera.src.peft.module_names import BERT
-from keras_pvera.src.peft.module_names import DINOV2
-from keras_pvera.src.peft.module_names import GPT2
-from keras_pvera.src.peft.module_names import LLAMA3
-from keras_pvera.src.peft.module_names import MIXTRAL
-from keras_pvera.src.peft.module_names import VIT
+from keras_pvera.src.peft.architectures import ALBERT
+from keras_pvera.src.peft.architectures import BERT
+from keras_pvera.src.peft.architectures import DINOV2
+from keras_pvera.src.peft.architectures import GPT2
+from keras_pvera.src.peft.architectures import LLAMA3
+from keras_pvera.src.peft.architectures import MIXTRAL
+from keras_pvera.src.peft.architectures import VIT
+from keras_pvera.src.peft.peft_config import NOT_IN_PEFT
+from keras_pvera.src.peft.peft_config import PVERA_FIELDS
+from keras_pvera.src.peft.peft_config import pvera_fields
+from keras_pvera.src.peft.peft_config import read_peft_config
+from keras_pvera.src.peft.peft_config import settings_without_peft_rule
 from keras_pvera.src.surgery.layer_walk import iter_layers
 
 keras_hub = pytest.importorskip("keras_hub")
@@ -196,6 +201,23 @@ def test_query_layout_matches_torch_linear(tmp_path):
             "peft_type='LORA'",
         ),
         (lambda t, c: c.update(bias="all"), ValueError, "bias='all'"),
+        # PVeRAConfig checks the values; the message names PEFT's field.
+        (
+            lambda t, c: c.update(r=0),
+            ValueError,
+            r"bad r=0 \(keras_pvera's `rank`\): `rank` must be a positive",
+        ),
+        (
+            lambda t, c: c.update(projection_prng_key=True),
+            ValueError,
+            r"bad projection_prng_key=True \(keras_pvera's `seed`\)",
+        ),
+        (
+            lambda t, c: c.update(pvera_dropout=1.0),
+            ValueError,
+            r"bad pvera_dropout=1.0 .*`dropout` must be a number in \[0, 1\)",
+        ),
+        (lambda t, c: c.update(generator_seed=-1), ValueError, "generator_seed=-1"),
         (lambda t, c: c.update(bias="lora_only"), ValueError, "knows 'none'"),
         (
             lambda t, c: (
@@ -282,6 +304,27 @@ def test_bad_adapters(tmp_path, change, error, message):
     with pytest.raises(error, match=message):
         keras_pvera.load_peft_adapter(model, folder)
     assert_untouched(model, before)
+
+
+def test_every_setting_has_one_peft_rule():
+    """Each PVeRAConfig setting is a PEFT field or says what PEFT has instead."""
+    assert settings_without_peft_rule() == (), (
+        "Add these settings to PVERA_FIELDS or NOT_IN_PEFT "
+        "(keras_pvera/src/peft/peft_config.py)"
+    )
+    fields = [f.setting for f in PVERA_FIELDS if f.setting is not None]
+    assert not set(fields) & set(NOT_IN_PEFT)
+    assert len(fields) == len(set(fields))
+
+
+def test_config_fields_read_back_as_written(tmp_path):
+    config = keras_pvera.PVeRAConfig(
+        rank=4, seed=7, generator_seed=3, d_initial=0.5, dropout=0.25
+    ).replace(sample_at_inference=True, save_projection=False)
+    write_peft_folder(tmp_path, {}, **pvera_fields(config))
+    assert read_peft_config(tmp_path).settings == config
+    absent = write_peft_folder(tmp_path / "defaults", {}, r=256, save_projection=True)
+    assert read_peft_config(absent).settings == keras_pvera.PVeRAConfig()
 
 
 def test_truncated_weights_file(tmp_path):

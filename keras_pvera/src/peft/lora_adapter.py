@@ -9,7 +9,7 @@ PyTorch's `(out, in)` layout, so with `lora_alpha = r`:
     lora_B.weight = up.T   = diag(alpha * lambda_b) @ B[:out, :]    # (out, r)
 
 Module names, fused modules and task heads are those of the PEFT PVeRA
-writer (`peft_interop.peft_target`): a fused module (GPT-2's `c_attn`) has
+writer (`peft_target.peft_target`): a fused module (GPT-2's `c_attn`) has
 one latent, so its parts share `lora_A` and their `lora_B` rows stack in the
 module's output order. The logvar half of the latent (the sampling) has no
 LoRA equivalent and is not written.
@@ -18,8 +18,8 @@ LoRA equivalent and is not written.
 import keras
 import numpy as np
 
-from keras_pvera.src.peft.peft_interop import peft_target
-from keras_pvera.src.peft.peft_interop import write_peft_folder
+from keras_pvera.src.peft.peft_target import peft_target
+from keras_pvera.src.peft.peft_target import write_peft_folder
 
 
 def save_lora_adapter(model, path, *, adapter=None, naming=None, module_prefix=None):

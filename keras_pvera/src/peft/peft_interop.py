@@ -6,6 +6,8 @@ A PEFT adapter is a folder with `adapter_config.json` (`peft_type: "PVERA"`,
 adapted module `base_model.model.<module>.pvera_lambda_d` `(2r,)` and
 `...pvera_lambda_b` `(out,)`, and, when `save_projection` is true, the shared
 `base_model.pvera_A` `(2r, in_max)` and `base_model.pvera_B` `(out_max, r)`.
+The config's fields map to `PVeRAConfig` settings through one table
+(`peft_config.py`).
 
 The adapter applies to the KerasHub equivalent of PEFT's base model: module
 names map to KerasHub layer paths through keras_pvera's table of them. PyTorch's
@@ -22,32 +24,29 @@ a file needs torch and refuses without it.
 """
 
 import importlib
-import json
 import os
 import re
 
 import keras
 import numpy as np
 
-from keras_pvera.src.layers.pvera_config import PVeRAConfig
 from keras_pvera.src.layers.pvera_dense import linear_equation_of
 from keras_pvera.src.models.pvera_model import PVeRAModel
-from keras_pvera.src.peft.module_names import NAMINGS
-from keras_pvera.src.peft.module_names import default_naming
-from keras_pvera.src.peft.module_names import fill_template
 from keras_pvera.src.peft.module_names import find_spec
-from keras_pvera.src.peft.module_names import match_template
+from keras_pvera.src.peft.module_names import task_head
+from keras_pvera.src.peft.peft_config import CONFIG_FILE
+from keras_pvera.src.peft.peft_config import WEIGHTS_FILE
+from keras_pvera.src.peft.peft_config import pvera_fields
+from keras_pvera.src.peft.peft_config import read_peft_config
+from keras_pvera.src.peft.peft_target import peft_target
+from keras_pvera.src.peft.peft_target import write_peft_folder
 from keras_pvera.src.saving import safetensors_io
 from keras_pvera.src.saving.adapter_state import AdapterState
-from keras_pvera.src.saving.adapter_state import adapter_state_of
-from keras_pvera.src.saving.adapter_state import check_uncalibrated
 from keras_pvera.src.saving.adapter_state import restore_adapter
 from keras_pvera.src.surgery import layer_walk
 from keras_pvera.src.surgery.layer_selection import LINEAR_LAYERS
 from keras_pvera.src.surgery.layer_selection import adaptable_layers
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
 _LAMBDA_KEY = re.compile(
     r"base_model\.model\.(?P<module>.+)\.pvera_lambda_(?P<kind>[db])"
 )
@@ -137,54 +136,106 @@ def load_peft_adapter(model, path, adapter=None, is_trainable=False):
     adapter = "default" if adapter is None else adapter
     if os.path.isfile(os.path.join(path, adapter, CONFIG_FILE)):
         path = os.path.join(path, adapter)
-    base = model.base_model if isinstance(model, PVeRAModel) else model
     if not isinstance(model, PVeRAModel) and layer_walk.pvera_layers(model):
         raise ValueError(
             "load_peft_adapter adapts a base model or a PVeRAModel, but this "
             "model holds PVeRA layers outside one. Load the base model again "
             "(for example with `from_preset`) and pass it."
         )
-    spec, keras_prefix = find_spec(base)
-    config = read_peft_config(path)
+    state = read_peft_adapter(model, path)
+    adapted = restore_adapter(model, state, adapter)
+    if adapted.active_adapter == adapter:
+        adapted.trainable = is_trainable
+    return adapted
+
+
+def read_peft_adapter(model, path):
+    """Reads a PEFT PVeRA adapter folder as the `AdapterState` of a model.
+
+    Args:
+        model: The KerasHub equivalent of PEFT's base model, or a
+            `PVeRAModel` over it.
+        path: The adapter folder.
+
+    Returns:
+        An `AdapterState` with the layers in model order, `alpha=1` and
+        `save_projection=True` (the projections are PEFT's).
+
+    Raises:
+        As `load_peft_adapter`; the model is not changed.
+    """
+    base = model.base_model if isinstance(model, PVeRAModel) else model
+    target = _KerasTarget(model.name, base)
+    peft = read_peft_config(path)
     tensors, _ = safetensors_io.read_safetensors(os.path.join(path, WEIGHTS_FILE))
-    rank = config["r"]
-    modules, saved = _lambda_vectors(tensors, path, config["modules_to_save"])
-    layers = {
-        path: getattr(layer, "base_layer", layer)
-        for path, layer in adaptable_layers(base)
-    }
-    trainable = _head_weights(base, spec, saved, config, layers)
-    state_layers, lambda_d, lambda_b, groups = {}, {}, {}, []
-    for module, vectors in modules.items():
-        parts = spec.find_fused(module)
-        if parts is not None:
+    modules, saved = _lambda_vectors(tensors, path, peft.modules_to_save)
+    trainable = _head_weights(target, saved, peft.modules_to_save)
+    found, groups = target.adapted(modules, peft.settings.rank)
+    # Model order, whatever the file's order.
+    order = {p: i for i, p in enumerate(target.layers)}
+    paths = sorted(found, key=order.__getitem__)
+    groups.sort(key=lambda group: order[group[0]])
+    state = AdapterState(
+        config=peft.settings.replace(save_projection=True, fused_groups=groups or None),
+        layers={p: found[p][0] for p in paths},
+        lambda_d={p: found[p][1] for p in paths},
+        lambda_b={p: found[p][2] for p in paths},
+        trainable=trainable,
+    )
+    state.projections = _projections(peft.settings, tensors, state, path)
+    return state
+
+
+class _KerasTarget:
+    """The KerasHub side of a PEFT load: table, backbone prefix, layers.
+
+    Args:
+        name: The model's name, for messages.
+        base: The KerasHub model (backbone or task).
+    """
+
+    def __init__(self, name, base):
+        self.name = name
+        self.base = base
+        self.spec, self.prefix = find_spec(base)
+        self.layers = {
+            path: getattr(layer, "base_layer", layer)
+            for path, layer in adaptable_layers(base)
+        }
+
+    def adapted(self, modules, rank):
+        """Each PEFT module's KerasHub layers and vectors.
+
+        Args:
+            modules: `{module: {"d": lambda_d, "b": lambda_b}}`.
+            rank: PEFT's `r`.
+
+        Returns:
+            A tuple of `{keras path: ((in, out), lambda_d, lambda_b)}` and
+            the fused groups (lists of keras paths).
+        """
+        found, groups = {}, []
+        for module, vectors in modules.items():
+            parts = self.spec.find_fused(module)
+            if parts is None:
+                keras_path, sizes = self.linear_layer(module, vectors, rank)
+                found[keras_path] = (sizes, vectors["d"], vectors["b"])
+                continue
             # One PEFT adapter over a module KerasHub splits: a fused group.
-            group = _fused_group(module, vectors, rank, parts, keras_prefix, layers)
+            group = _fused_group(module, vectors, rank, parts, self.prefix, self.layers)
             for keras_path, (sizes, vector_b) in group.items():
-                state_layers[keras_path] = sizes
-                lambda_d[keras_path] = vectors["d"]
-                lambda_b[keras_path] = vector_b
+                found[keras_path] = (sizes, vectors["d"], vector_b)
             groups.append(list(group))
-            continue
-        keras_path, refusal = spec.find(module)
-        if refusal is not None:
-            raise ValueError(
-                f"PEFT module {module!r} cannot be loaded: KerasHub's "
-                f"{spec.backbone} {refusal}."
-            )
-        if keras_path is None:
-            raise ValueError(
-                f"PEFT module {module!r} has no KerasHub equivalent in the "
-                f"{spec.backbone} table. Known modules: "
-                f"{spec.hf_templates()} (optionally prefixed by "
-                f"{[p for p in spec.model_prefixes if p]})."
-            )
-        keras_path = keras_prefix + keras_path
-        layer = layers.get(keras_path)
+        return found, groups
+
+    def linear_layer(self, module, vectors, rank):
+        """The KerasHub path and `(in, out)` of a module KerasHub keeps whole."""
+        keras_path = self.prefix + self.keras_path(module)
+        layer = self.layers.get(keras_path)
         if not isinstance(layer, LINEAR_LAYERS):
             raise ValueError(
                 f"PEFT module {module!r} maps to KerasHub layer "
-                f"{keras_path!r}, which model {model.name!r} "
+                f"{keras_path!r}, which model {self.name!r} "
                 f"{'does not have' if layer is None else 'has as a '}"
                 f"{'' if layer is None else type(layer).__name__}."
             )
@@ -197,33 +248,24 @@ def load_peft_adapter(model, path, adapter=None, is_trainable=False):
                     f"and KerasHub layer {keras_path!r} "
                     f"({linear.in_dim} -> {linear.out_dim}) need {shape}."
                 )
-        state_layers[keras_path] = (linear.in_dim, linear.out_dim)
-        lambda_d[keras_path] = vectors["d"]
-        lambda_b[keras_path] = vectors["b"]
-    # Model order, whatever the file's order.
-    order = {p: i for i, p in enumerate(layers)}
-    paths = sorted(state_layers, key=order.__getitem__)
-    groups.sort(key=lambda group: order[group[0]])
-    state = AdapterState(
-        config=PVeRAConfig(
-            rank=rank,
-            seed=config["projection_prng_key"],
-            d_initial=config["d_initial"],
-            dropout=config["pvera_dropout"],
-            sample_at_inference=config["sample_at_inference"],
-            generator_seed=config["generator_seed"],
-            fused_groups=groups or None,
-        ),
-        layers={p: state_layers[p] for p in paths},
-        lambda_d={p: lambda_d[p] for p in paths},
-        lambda_b={p: lambda_b[p] for p in paths},
-        trainable=trainable,
-    )
-    state.projections = _projections(config, tensors, state, path)
-    adapted = restore_adapter(model, state, adapter)
-    if adapted.active_adapter == adapter:
-        adapted.trainable = is_trainable
-    return adapted
+        return keras_path, (linear.in_dim, linear.out_dim)
+
+    def keras_path(self, module):
+        """The table's KerasHub path of a module, or why it has none."""
+        keras_path, refusal = self.spec.find(module)
+        if refusal is not None:
+            raise ValueError(
+                f"PEFT module {module!r} cannot be loaded: KerasHub's "
+                f"{self.spec.backbone} {refusal}."
+            )
+        if keras_path is None:
+            raise ValueError(
+                f"PEFT module {module!r} has no KerasHub equivalent in the "
+                f"{self.spec.backbone} table. Known modules: "
+                f"{self.spec.hf_templates()} (optionally prefixed by "
+                f"{[p for p in self.spec.model_prefixes if p]})."
+            )
+        return keras_path
 
 
 def save_peft_adapter(
@@ -301,18 +343,8 @@ def save_peft_adapter(
             "unbounded. Save it with `keras_pvera.save_adapter` instead (its "
             "file keeps the bound), or train an adapter without one for PEFT."
         )
-    state, tensors, alpha = (
-        target.state,
-        dict(target.head_tensors),
-        target.state.config.alpha,
-    )
-    for module, paths in target.modules:
-        key = f"base_model.model.{module}.pvera_lambda_"
-        # A fused group's layers share lambda_d; lambda_b runs over all parts.
-        tensors[key + "d"] = np.asarray(state.lambda_d[paths[0]], "float32")
-        tensors[key + "b"] = np.concatenate(
-            [np.asarray(alpha * state.lambda_b[p], "float32") for p in paths]
-        )
+    state = target.state
+    tensors = {**target.head_tensors, **_vector_tensors(target)}
     if save_projection:
         tensors["base_model.pvera_A"] = np.asarray(state.projections[0], "float32")
         tensors["base_model.pvera_B"] = np.asarray(state.projections[1], "float32")
@@ -325,231 +357,29 @@ def save_peft_adapter(
             "Save with save_projection=True.",
             seed_made=torch_projections(state.config.seed, state.rank, in_max, out_max),
         )
+    settings = state.config.replace(save_projection=bool(save_projection))
     config = {
         "peft_type": "PVERA",
-        "r": state.rank,
-        "projection_prng_key": state.config.seed,
-        "save_projection": bool(save_projection),
-        "pvera_dropout": state.config.dropout,
-        "d_initial": state.config.d_initial,
-        "sample_at_inference": state.config.sample_at_inference,
-        "init_weights": True,
-        "generator_seed": state.config.generator_seed,
+        **pvera_fields(settings),
         **target.config_fields(),
     }
     write_peft_folder(path, tensors, config)
 
 
-class PeftTarget:
-    """An adapter as PEFT will see it: its state and PEFT module names.
-
-    What every PEFT writer (PVeRA, LoRA) shares: the adapter's `name` and
-    `state` (`AdapterState`), its PEFT `modules` (a list of `(module name, keras
-    paths)` in model order: one path for a module KerasHub keeps whole,
-    the parts in output order for a fused module such as GPT-2's
-    `c_attn`), the `head_tensors` of the layers trained in full (PEFT's
-    `modules_to_save`), and the architecture's `spec`.
-    """
-
-    def __init__(self, name, state, spec, head, modules, head_tensors):
-        self.name = name
-        self.state = state
-        self.spec = spec
-        self.head = head
-        self.modules = modules
-        self.head_tensors = head_tensors
-
-    def config_fields(self):
-        """The `adapter_config.json` fields every PEFT method writes alike."""
-        return {
-            # Full module names: exactly these modules, whatever else the
-            # Hugging Face model holds.
-            "target_modules": sorted(module for module, _ in self.modules),
-            # PEFT sets it itself for Conv1D modules, warning; GPT-2's are.
-            "fan_in_fan_out": self.spec.layouts() == {"conv1d"},
-            "bias": "none",
-            "modules_to_save": (
-                list(self.head.modules_to_save) if self.state.trainable else None
-            ),
-            "layers_to_transform": None,
-            "layers_pattern": None,
-            "base_model_name_or_path": None,
-            "revision": None,
-            "task_type": None,
-            "inference_mode": True,
-        }
-
-
-def peft_target(model, adapter, naming, module_prefix, what):
-    """Collects an adapter and names its modules as PEFT does.
-
-    Args:
-        model: A `PVeRAModel` over a KerasHub model with a module-name table.
-        adapter: The adapter's name; `None` for the active one.
-        naming: One of `NAMINGS`, or `None` for the installed transformers'.
-        module_prefix: The Hugging Face module prefix, or `None` for the
-            task head's (else `""`).
-        what: The file kind, for messages (`"PEFT"`, `"PEFT LoRA"`).
-
-    Returns:
-        A `PeftTarget`.
-
-    Raises:
-        TypeError: If `model` is not a `PVeRAModel`.
-        ValueError: For a bad `naming`, a calibrated model, an architecture
-            without a table, an adapted layer without a Hugging Face
-            equivalent (or one part of a fused module alone), or layers
-            trained in full that are no task head's.
-    """
-    naming = default_naming() if naming is None else naming
-    if naming not in NAMINGS:
-        raise ValueError(
-            f"`naming` must be one of {list(NAMINGS)} or None. "
-            f"Received: naming={naming!r}"
+def _vector_tensors(target):
+    """PEFT's `lambda_d` and `lambda_b` tensors, `alpha` folded into `lambda_b`."""
+    state, tensors = target.state, {}
+    for module, paths in target.modules:
+        key = f"base_model.model.{module}.pvera_lambda_"
+        # A fused group's layers share lambda_d; lambda_b runs over all parts.
+        tensors[key + "d"] = np.asarray(state.lambda_d[paths[0]], "float32")
+        tensors[key + "b"] = np.concatenate(
+            [
+                np.asarray(state.config.alpha * state.lambda_b[p], "float32")
+                for p in paths
+            ]
         )
-    check_uncalibrated(model, f"{what} adapter files")
-    state = adapter_state_of(model, adapter)
-    spec, keras_prefix = find_spec(model.base_model)
-    head = _task_head(model.base_model, spec)
-    if module_prefix is None:
-        module_prefix = head.model_prefix if head is not None else ""
-    head_tensors, modules = _head_tensors(state, head), []
-    grouped = {p: group for group in state.config.fused_groups or () for p in group}
-    for keras_path in state.layers:
-        group = grouped.get(keras_path)
-        if group is not None:
-            if keras_path == group[0]:  # The group once, at its first layer.
-                module = _fused_module(group, keras_prefix, spec, module_prefix)
-                modules.append((module, tuple(group)))
-            continue
-        module = None
-        if keras_path.startswith(keras_prefix):
-            module = spec.hf_module(
-                keras_path[len(keras_prefix) :], naming, module_prefix
-            )
-        if module is None:
-            raise ValueError(
-                f"Adapted layer {keras_path!r} has no Hugging Face equivalent "
-                f"in the {spec.backbone} table."
-                + _fused_hint(spec, keras_path[len(keras_prefix) :], keras_prefix)
-            )
-        modules.append((module, (keras_path,)))
-    name = model.active_adapter if adapter is None else adapter
-    return PeftTarget(name, state, spec, head, modules, head_tensors)
-
-
-def write_peft_folder(path, tensors, config):
-    """Writes `adapter_model.safetensors` and `adapter_config.json`, each
-    atomically, into folder `path` (created if needed)."""
-    os.makedirs(path, exist_ok=True)
-    safetensors_io.write_safetensors(
-        os.path.join(path, WEIGHTS_FILE), tensors, {"format": "pt"}
-    )
-    safetensors_io.write_text(
-        os.path.join(path, CONFIG_FILE), json.dumps(config, indent=2) + "\n"
-    )
-
-
-def read_peft_config(path):
-    """Reads and checks a PEFT PVeRA `adapter_config.json`.
-
-    Args:
-        path: The adapter folder.
-
-    Returns:
-        The config as a dict, with PEFT's defaults for absent fields.
-
-    Raises:
-        FileNotFoundError: If the folder has no `adapter_config.json`.
-        ValueError: If the config is not PVeRA's, is malformed, or uses a
-            feature keras_pvera does not map.
-    """
-    config_path = os.path.join(path, CONFIG_FILE)
-    if not os.path.isfile(config_path):
-        raise FileNotFoundError(f"No PEFT adapter config at {config_path!r}.")
-    if not os.path.isfile(os.path.join(path, WEIGHTS_FILE)):
-        hint = ""
-        if os.path.isfile(os.path.join(path, "adapter_model.bin")):
-            hint = (
-                " It has adapter_model.bin, a pickle file, which keras_pvera "
-                "does not read (loading pickle can run code); convert it to "
-                "safetensors with PEFT."
-            )
-        raise FileNotFoundError(
-            f"No {WEIGHTS_FILE} in PEFT adapter folder {path!r}.{hint}"
-        )
-    try:
-        with open(config_path, encoding="utf-8") as f:
-            config = json.load(f)
-    except ValueError as e:
-        raise ValueError(f"{config_path!r} is not valid JSON: {e}") from None
-    if not isinstance(config, dict) or config.get("peft_type") != "PVERA":
-        peft_type = config.get("peft_type") if isinstance(config, dict) else None
-        raise ValueError(
-            f"{config_path!r} is not a PVeRA adapter config: "
-            f"peft_type={peft_type!r}, expected 'PVERA'."
-        )
-    defaults = {
-        "r": 256,
-        "projection_prng_key": 0,
-        "save_projection": True,
-        "pvera_dropout": 0.0,
-        "d_initial": 0.1,
-        "sample_at_inference": False,
-        "bias": "none",
-        "modules_to_save": None,
-        "generator_seed": None,
-    }
-    config = {**defaults, **config}
-    rank = config["r"]
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"{config_path!r} has a bad r={rank!r}.")
-    key = config["projection_prng_key"]
-    if isinstance(key, bool) or not isinstance(key, int) or key < 0:
-        raise ValueError(
-            f"{config_path!r} has a bad projection_prng_key={key!r}; "
-            "expected a non-negative integer."
-        )
-    generator_seed = config["generator_seed"]
-    if generator_seed is not None and (
-        isinstance(generator_seed, bool)
-        or not isinstance(generator_seed, int)
-        or generator_seed < 0
-    ):
-        raise ValueError(
-            f"{config_path!r} has a bad generator_seed={generator_seed!r}; "
-            "expected a non-negative integer or null."
-        )
-    if config["bias"] not in ("none", "all", "pvera_only"):
-        raise ValueError(
-            f"{config_path!r} has bias={config['bias']!r}; PEFT's PVeRA "
-            "knows 'none', 'all' and 'pvera_only'."
-        )
-    if config["bias"] != "none":
-        trained = (
-            "every bias of the model (LayerNorms' too)"
-            if config["bias"] == "all"
-            else "the adapted modules' own biases (`<module>.base_layer.bias`)"
-        )
-        raise ValueError(
-            f"{config_path!r} has bias={config['bias']!r}: PEFT trained "
-            f"{trained} beside the vectors and saved them, changing the base "
-            "model itself (PEFT's disable_adapter() then no longer gives the "
-            "base model's outputs). keras_pvera keeps the base model frozen, "
-            "so that disabling or unloading an adapter gives the base model "
-            "exactly, and reads adapters with bias='none' only. Train with "
-            "bias='none' in PEFT, or set the biases into the base model "
-            "before loading."
-        )
-    saved = config["modules_to_save"]
-    if saved is not None and (
-        not isinstance(saved, list) or not all(isinstance(m, str) for m in saved)
-    ):
-        raise ValueError(
-            f"{config_path!r} has a bad modules_to_save={saved!r}; expected "
-            "a list of module names or null."
-        )
-    return config
+    return tensors
 
 
 def torch_projections(seed, rank, in_max, out_max):
@@ -653,95 +483,25 @@ def _fused_group(module, vectors, rank, parts, keras_prefix, layers):
     }
 
 
-def _fused_hint(spec, keras_path, keras_prefix):
-    """How to save a layer that is one part of a fused torch module."""
-    for entry in spec.fused:
-        for part in entry.keras:
-            numbers = match_template(part, keras_path)
-            if numbers is not None:
-                group = [keras_prefix + fill_template(p, numbers) for p in entry.keras]
-                return (
-                    f" It is one part of the fused torch module "
-                    f"{fill_template(entry.hf, numbers)!r}, whose PEFT adapter "
-                    "has one latent: adapt all its parts as a fused group, "
-                    f"`fused_groups=[{group}]` (load_peft_adapter does)."
-                )
-    return ""
-
-
-def _fused_module(group, keras_prefix, spec, module_prefix):
-    """The PEFT module name of a fused group's layers."""
-    module = None
-    if all(path.startswith(keras_prefix) for path in group):
-        parts = [path[len(keras_prefix) :] for path in group]
-        module = spec.hf_fused_module(parts, module_prefix)
-    if module is None:
-        raise ValueError(
-            f"Fused group {list(group)} is no fused module of the "
-            f"{spec.backbone} table"
-            + (
-                f" (those: {[e.hf for e in spec.fused]}, parts in order "
-                f"{[list(e.keras) for e in spec.fused]})."
-                if spec.fused
-                else "; PEFT would adapt its layers one by one: adapt them "
-                "without `fused_groups`."
-            )
-        )
-    return module
-
-
 def _is_saved_module(module, modules_to_save):
-    # PEFT matches modules_to_save names against the end of module names.
     return any(
         module == name or module.endswith("." + name) or module.startswith(name + ".")
         for name in modules_to_save or ()
     )
 
 
-def _head_tensors(state, head):
-    """PEFT's tensors for the layers trained in full: a task head's."""
-    if not state.trainable:
-        return {}
-    modules = {keras_path: hf for hf, keras_path in (head.layers if head else ())}
-    tensors = {}
-    for keras_path, arrays in state.trainable.items():
-        if keras_path not in modules:
-            raise ValueError(
-                f"Layer {keras_path!r} is trained in full beside the adapters, "
-                "but is no layer of a task head that PEFT's modules_to_save "
-                "can carry"
-                + (f" (those of {head.task}: {sorted(modules)})" if head else "")
-                + ". Save it with keras_pvera.save_adapter instead."
-            )
-        key = f"base_model.model.{modules[keras_path]}."
-        tensors[key + "weight"] = np.asarray(arrays[0], "float32").T.copy()
-        if len(arrays) > 1:
-            tensors[key + "bias"] = np.asarray(arrays[1], "float32")
-    return tensors
-
-
-def _task_head(model, spec):
-    """The `TaskHead` of the KerasHub task `model`, or `None`."""
-    for cls in type(model).__mro__:
-        if cls.__module__.startswith("keras_hub"):
-            head = spec.head(cls.__name__)
-            if head is not None:
-                return head
-    return None
-
-
-def _head_weights(model, spec, saved, config, layers):
+def _head_weights(target, saved, modules_to_save):
     """`{keras path: [kernel, bias]}` for PEFT's saved head modules."""
     if not saved:
         return {}
-    head = _task_head(model, spec)
+    head = task_head(target.base, target.spec)
     if head is None:
         raise ValueError(
             f"The PEFT adapter trains modules {sorted(saved)} in full "
-            f"(modules_to_save={config['modules_to_save']!r}), which load only "
+            f"(modules_to_save={modules_to_save!r}), which load only "
             "onto a KerasHub task computing the same head. Model "
-            f"{model.name!r} of type {type(model).__name__} is none of "
-            f"{[h.task for h in spec.heads]}."
+            f"{target.base.name!r} of type {type(target.base).__name__} is none "
+            f"of {[h.task for h in target.spec.heads]}."
         )
     keras_paths = dict(head.layers)
     trainable = {}
@@ -753,40 +513,46 @@ def _head_weights(model, spec, saved, config, layers):
                 f"the same way: {sorted(keras_paths)}."
             )
         keras_path = keras_paths[module]
-        layer = layers.get(keras_path)
-        if not isinstance(layer, keras.layers.Dense):
-            raise ValueError(
-                f"PEFT saved module {module!r} maps to {head.task} layer "
-                f"{keras_path!r}, which model {model.name!r} does not have "
-                "as a Dense layer."
-            )
-        weight = arrays.get("weight")
-        bias = arrays.get("bias")
-        if weight is None or (bias is None) == layer.use_bias:
-            raise ValueError(
-                f"PEFT saved module {module!r} has tensors {sorted(arrays)}; "
-                f"{head.task} layer {keras_path!r} needs 'weight'"
-                f"{' and bias' if layer.use_bias else ' only'}."
-            )
-        shape = tuple(layer.kernel.shape)
-        if weight.ndim != 2 or tuple(weight.shape[::-1]) != shape:
-            raise ValueError(
-                f"PEFT tensor 'base_model.model.{module}.weight' has shape "
-                f"{tuple(weight.shape)}; {head.task} layer {keras_path!r} "
-                f"(kernel {shape}) needs {shape[::-1]}. Build the task with "
-                "the adapter's number of classes."
-            )
-        trainable[keras_path] = [np.array(weight.T)] + (
-            [np.asarray(bias)] if layer.use_bias else []
+        layer = target.layers.get(keras_path)
+        trainable[keras_path] = _head_layer_weights(
+            module, arrays, layer, keras_path, head, target.base.name
         )
     return trainable
 
 
-def _projections(config, tensors, state, path):
+def _head_layer_weights(module, arrays, layer, keras_path, head, model_name):
+    """`[kernel, bias]` of one head layer, from PEFT's `weight` and `bias`."""
+    if not isinstance(layer, keras.layers.Dense):
+        raise ValueError(
+            f"PEFT saved module {module!r} maps to {head.task} layer "
+            f"{keras_path!r}, which model {model_name!r} does not have "
+            "as a Dense layer."
+        )
+    weight = arrays.get("weight")
+    bias = arrays.get("bias")
+    if weight is None or (bias is None) == layer.use_bias:
+        raise ValueError(
+            f"PEFT saved module {module!r} has tensors {sorted(arrays)}; "
+            f"{head.task} layer {keras_path!r} needs 'weight'"
+            f"{' and bias' if layer.use_bias else ' only'}."
+        )
+    shape = tuple(layer.kernel.shape)
+    if weight.ndim != 2 or tuple(weight.shape[::-1]) != shape:
+        raise ValueError(
+            f"PEFT tensor 'base_model.model.{module}.weight' has shape "
+            f"{tuple(weight.shape)}; {head.task} layer {keras_path!r} "
+            f"(kernel {shape}) needs {shape[::-1]}. Build the task with "
+            "the adapter's number of classes."
+        )
+    return [np.array(weight.T)] + ([np.asarray(bias)] if layer.use_bias else [])
+
+
+def _projections(settings, tensors, state, path):
+    """PEFT's `A` and `B`: the file's, or torch's when it holds none."""
     (rows_a, in_max), (out_max, rank) = state.projection_shapes()
-    if not config["save_projection"]:
+    if not settings.save_projection:
         # PEFT regenerates them even when the file has some.
-        return torch_projections(config["projection_prng_key"], rank, in_max, out_max)
+        return torch_projections(settings.seed, rank, in_max, out_max)
     for key in _PROJECTION_KEYS:
         if key not in tensors:
             raise ValueError(
