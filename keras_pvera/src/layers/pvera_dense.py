@@ -1,9 +1,10 @@
 """`PVeRADense`: the PVeRA adapter on a frozen `Dense` or `EinsumDense` layer.
 
-This module holds all of PVeRA's math. `A` `(2r, in_max)` and `B`
-`(out_max, r)` are frozen random matrices shared by every adapted layer
-(`ProjectionRegistry`); `lambda_d` `(2r,)` and `lambda_b` `(out,)` are the
-layer's trainable vectors; `eps ~ N(0, 1)` is drawn for every element of `mu`:
+A layer holding named adapters over its base layer's linear map.
+`A` `(2r, in_max)` and `B` `(out_max, r)` are frozen random matrices
+shared by every adapted layer (`ProjectionRegistry`); `lambda_d` `(2r,)`
+and `lambda_b` `(out,)` are the layer's trainable vectors; `eps ~ N(0, 1)`
+is drawn for every element of `mu`:
 
     h      = lambda_d * (dropout(x) @ A[:, :in].T)          # (..., 2r)
     mu     = h[..., :r]
@@ -12,11 +13,11 @@ layer's trainable vectors; `eps ~ N(0, 1)` is drawn for every element of `mu`:
     z      = mu                                              # otherwise
     y      = act(x @ W + b + alpha * lambda_b * (z @ B[:out, :].T))
 
-    KL     = mean(-0.5 * (1 + logvar - mu**2 - exp(logvar)))
+    KL     = mean(-0.5 * (1 + logvar - mu**2 - exp(logvar)))   # divergence.py
 
-An `EinsumDense` is the same linear map with `in` the product of its
-contracted input dims and `out` the product of its kernel's output dims, in
-the kernel's own (row-major) order.
+The map (`linear_map.py`: `Dense`, `EinsumDense`; `convolution_map.py`;
+`embedding_map.py`) says what `in`, `out`, `x @ A.T` and `z @ B.T` are for
+the base layer's kind.
 
 At inference with sampling off, on a float32 kernel, the mean adapter is
 linear in `x`, so it is folded into the kernel once per call (as Keras' own
@@ -33,16 +34,15 @@ kernels, so their gradients are elementwise products, never weight-gradient
 matrix products.
 """
 
-import math
-import string
-
 import keras
 from keras import ops
 
 from keras_pvera.src.layers import row_adapters
-from keras_pvera.src.layers.convolution_map import CONVOLUTIONS
-from keras_pvera.src.layers.convolution_map import ConvolutionMap
-from keras_pvera.src.layers.embedding_map import EmbeddingMap
+from keras_pvera.src.layers.adapter_dtype import float_policy
+from keras_pvera.src.layers.divergence import kl_divergence
+from keras_pvera.src.layers.linear_map import ADAPTABLE_QUANTIZATION_MODES
+from keras_pvera.src.layers.linear_map import linear_equation_of
+from keras_pvera.src.layers.linear_map import unsupported_reason
 from keras_pvera.src.layers.projections import ProjectionRegistry
 from keras_pvera.src.layers.pvera_config import PVeRAConfig
 from keras_pvera.src.layers.pvera_config import split_settings
@@ -50,236 +50,6 @@ from keras_pvera.src.layers.seeds import derive_seed
 from keras_pvera.src.layers.wrapped_layer import AsWrappedLayer
 from keras_pvera.src.utils import checks
 from keras_pvera.src.utils import keras_internals
-
-
-def kl_divergence(mu, logvar):
-    """PVeRA's KL term of one layer: the mean over all positions and units.
-
-    `mean(-0.5 * (1 + logvar - mu**2 - exp(logvar)))`, the KL divergence of
-    `N(mu, exp(logvar))` from `N(0, 1)` per latent unit, averaged.
-
-    Args:
-        mu: Latent means, any shape.
-        logvar: Latent log-variances, same shape as `mu`.
-
-    Returns:
-        A scalar tensor.
-
-    `mu` and `logvar` must broadcast together; the backend raises its own
-    error if they do not.
-
-    Example:
-
-    >>> import numpy as np
-    >>> float(kl_divergence(np.zeros((2, 3)), np.zeros((2, 3))))
-    0.0
-    """
-    mu = ops.convert_to_tensor(mu)
-    logvar = ops.convert_to_tensor(logvar)
-    return ops.mean(-0.5 * (1.0 + logvar - ops.square(mu) - ops.exp(logvar)))
-
-
-DENSE_EQUATION = "...a,ab->...b"
-
-# The quantization modes (`layer.quantize(mode)`) of base layers PVeRA runs
-# beside; `None` is a float layer. Keras 3.12 has no int4 sub-channel, GPTQ
-# or AWQ layers to meet.
-ADAPTABLE_QUANTIZATION_MODES = (None, "int8", "float8", "int4", "gptq", "awq")
-
-
-class LinearEquation:
-    """The linear map of a `Dense` or single-kernel `EinsumDense` layer.
-
-    Describes where the `in` and `out` axes of the kernel are, and derives the
-    einsum equations PVeRA needs to go from the layer's input to the latent
-    space and from the latent space to the layer's output.
-
-    Args:
-        equation: The layer's einsum equation (`"...a,ab->...b"` for `Dense`).
-        kernel_shape: The kernel's shape.
-    """
-
-    def __init__(self, equation, kernel_shape):
-        try:
-            lhs, output_spec = equation.replace(" ", "").split("->")
-            input_spec, kernel_spec = lhs.split(",")
-        except ValueError:
-            raise ValueError(
-                f"PVeRA needs a single-kernel einsum equation such as "
-                f"'abc,cd->abd'. Received: equation={equation!r}"
-            ) from None
-        shared = [c for c in kernel_spec if c in input_spec and c in output_spec]
-        if shared or len(kernel_spec) != len(kernel_shape):
-            raise ValueError(
-                f"PVeRA supports einsum equations whose kernel axes are either "
-                f"contracted with the input or copied to the output, not "
-                f"both. Received: equation={equation!r}"
-            )
-        self.equation = equation
-        self.projection_key = None  # Set below.
-        self.kernel_shape = tuple(int(d) for d in kernel_shape)
-        contracted = [c for c in kernel_spec if c in input_spec]
-        produced = [c for c in kernel_spec if c not in input_spec]
-        dims = dict(zip(kernel_spec, self.kernel_shape, strict=False))
-        self.in_dims = [dims[c] for c in contracted]
-        self.out_dims = [dims[c] for c in produced]
-        self.in_dim = math.prod(self.in_dims)
-        self.out_dim = math.prod(self.out_dims)
-        latent = next(c for c in string.ascii_letters if c not in equation)
-        kept = "".join(c for c in input_spec if c not in contracted)
-        contracted = "".join(contracted)
-        produced = "".join(produced)
-        # x (..., in dims) -> latent (..., k), and back to y (..., out dims).
-        self.to_latent = f"{input_spec},{contracted}{latent}->{kept}{latent}"
-        # Inputs with the same key share their product with `A` (see
-        # `ProjectionRegistry.project`).
-        self.projection_key = (self.to_latent, tuple(self.in_dims))
-        self.from_latent = f"{kept}{latent},{latent}{produced}->{output_spec}"
-        # When x ends with the contracted dims and y with the produced ones
-        # (Dense, KerasHub's attention layers), plain matmuls do it faster.
-        self.trailing = (
-            input_spec == kept + contracted and output_spec == kept + produced
-        )
-        # (in dims..., out dims...) -> kernel order
-        order = contracted + produced
-        self.to_kernel_order = [order.index(c) for c in kernel_spec]
-        # A per-output vector broadcasts over y when the output dims come
-        # last in y (true of Dense and of KerasHub's EinsumDense layers).
-        in_output = "".join(c for c in output_spec if c in produced)
-        self.output_scale_order = (
-            [produced.index(c) for c in in_output]
-            if output_spec.endswith(in_output)
-            else None
-        )
-
-    def project(self, inputs, matrix):
-        """`inputs` (..., in dims) times an `(in, k)` matrix: (..., k)."""
-        if not self.trailing:
-            kernel = ops.reshape(matrix, (*self.in_dims, -1))
-            return ops.einsum(self.to_latent, inputs, kernel)
-        if len(self.in_dims) > 1:
-            leading = ops.shape(inputs)[: -len(self.in_dims)]
-            inputs = ops.reshape(inputs, (*leading, self.in_dim))
-        return ops.matmul(inputs, matrix)
-
-    def expand(self, latent, matrix):
-        """`latent` (..., k) times a `(k, out)` matrix, laid out as `y`."""
-        if not self.trailing:
-            kernel = ops.reshape(matrix, (-1, *self.out_dims))
-            return ops.einsum(self.from_latent, latent, kernel)
-        y = ops.matmul(latent, matrix)
-        if len(self.out_dims) > 1:
-            y = ops.reshape(y, (*ops.shape(y)[:-1], *self.out_dims))
-        return y
-
-    def __call__(self, inputs, kernel):
-        """Computes the map with a kernel of the layer's layout.
-
-        `Dense`'s equation runs as `matmul`, as `Dense` itself does, so an
-        adapter with `lambda_b = 0` reproduces the base layer bit for bit.
-        """
-        if self.equation == DENSE_EQUATION:
-            return ops.matmul(inputs, kernel)
-        return ops.einsum(self.equation, inputs, kernel)
-
-    def add_bias(self, y, bias):
-        """Adds the layer's bias to the map's output."""
-        return ops.add(y, bias)
-
-    def output_scale(self, vector):
-        """Lays out an `(out,)` vector to broadcast over the output `y`.
-
-        Returns `None` when the output dims do not come last in `y`.
-        """
-        if self.output_scale_order is None:
-            return None
-        vector = ops.reshape(vector, self.out_dims)
-        if self.output_scale_order != sorted(self.output_scale_order):
-            vector = ops.transpose(vector, self.output_scale_order)
-        return vector
-
-    def kernel(self, matrix):
-        """Turns an `(in, out)` matrix into the layer's kernel layout."""
-        matrix = ops.reshape(matrix, (*self.in_dims, *self.out_dims))
-        if self.to_kernel_order != sorted(self.to_kernel_order):
-            matrix = ops.transpose(matrix, self.to_kernel_order)
-        return matrix
-
-
-def _float_policy(dtype):
-    """The wrapper's policy for a base layer's: float32 vectors, base compute.
-
-    `"int8_from_float32"` gives `"float32"`: a quantized policy would make
-    Keras dispatch the wrapper's own call to quantized kernels it does not
-    have (the wrapped layer runs its quantized call itself). A float16 or
-    bfloat16 base gives `"mixed_float16"` / `"mixed_bfloat16"`: the vectors
-    are float32, as PEFT's `autocast_adapter_dtype=True` (its default) keeps
-    them over a half-precision base, so training updates smaller than half
-    precision's step are not lost, and the wrapper still computes, and
-    returns, the base's dtype.
-    """
-    policy = keras.dtype_policies.get(dtype)
-    if getattr(policy, "quantization_mode", None) is not None:
-        policy = keras_internals.float_source_policy(policy)
-    if policy.variable_dtype in ("float16", "bfloat16"):
-        return keras.dtype_policies.get(f"mixed_{policy.variable_dtype}")
-    return policy
-
-
-ADAPTED_LAYERS = (
-    keras.layers.Dense,
-    keras.layers.EinsumDense,
-    *CONVOLUTIONS,
-    keras.layers.Embedding,
-)
-
-SUPPORTED = (
-    "keras.layers.Dense, EinsumDense, Conv1D, Conv2D, Conv3D (groups=1) and "
-    "Embedding layers (KerasHub's ReversibleEmbedding included)"
-)
-
-
-def unsupported_reason(layer):
-    """Why PVeRA cannot adapt `layer`, or `None` when it can.
-
-    Args:
-        layer: A Keras layer.
-
-    Returns:
-        `None` for a layer of `ADAPTED_LAYERS` (a convolution with
-        `groups=1`), else a sentence naming the layer and what PVeRA adapts.
-    """
-    kind = type(layer).__name__
-    if not isinstance(layer, ADAPTED_LAYERS):
-        return f"PVeRA adapts {SUPPORTED}; layer {layer.name!r} is a {kind}."
-    if isinstance(layer, CONVOLUTIONS) and getattr(layer, "groups", 1) != 1:
-        return (
-            f"PVeRA adapts convolutions with groups=1; layer {layer.name!r} "
-            f"({kind}) has groups={layer.groups}. It adapts {SUPPORTED}."
-        )
-    return None
-
-
-def linear_equation_of(layer):
-    """The linear map of a built layer that PVeRA adapts.
-
-    Args:
-        layer: A built layer of `ADAPTED_LAYERS`.
-
-    Returns:
-        A `LinearEquation` (`Dense`, `EinsumDense`), `ConvolutionMap` or
-        `EmbeddingMap`.
-    """
-    if isinstance(layer, keras.layers.Embedding):
-        return EmbeddingMap(layer)
-    if isinstance(layer, CONVOLUTIONS):
-        return ConvolutionMap(layer)
-    equation = (
-        layer.equation
-        if isinstance(layer, keras.layers.EinsumDense)
-        else DENSE_EQUATION
-    )
-    return LinearEquation(equation, keras_internals.kernel_shape(layer))
 
 
 class AdapterVectors:
@@ -374,9 +144,6 @@ class PVeRADense(AsWrappedLayer, keras.layers.Layer):
     ['pvera_lambda_d', 'pvera_lambda_b']
     """
 
-    # `PVeRAEmbedding` wraps embeddings (their call takes `reverse`).
-    wraps_embeddings = False
-
     def wrapped_layer(self):
         """The base layer: inputs and masks are checked as it checks them."""
         return self.base_layer
@@ -391,20 +158,12 @@ class PVeRADense(AsWrappedLayer, keras.layers.Layer):
         noise_seed=None,
         **kwargs,
     ):
-        reason = unsupported_reason(base_layer)
-        if reason is None and isinstance(base_layer, keras.layers.Embedding):
-            if not self.wraps_embeddings:
-                reason = (
-                    f"Layer {base_layer.name!r} is an Embedding: wrap it in "
-                    "a PVeRAEmbedding (keras_pvera.apply does)."
-                )
-        if reason is not None:
-            raise TypeError(f"{reason} Received: base_layer={base_layer!r}")
+        self._check_base_layer(base_layer)
         settings, kwargs = split_settings(kwargs)
         config = PVeRAConfig.from_settings(config, **settings)
         _check_adapter_name(adapter_name)
         kwargs.setdefault("name", base_layer.name)
-        kwargs["dtype"] = _float_policy(kwargs.get("dtype", base_layer.dtype_policy))
+        kwargs["dtype"] = float_policy(kwargs.get("dtype", base_layer.dtype_policy))
         super().__init__(**kwargs)
         # Over a float16/bfloat16 base the adapter runs in float32 (PEFT's
         # autocast_adapter_dtype): its variables are not cast to the base's
@@ -452,6 +211,17 @@ class PVeRADense(AsWrappedLayer, keras.layers.Layer):
         self.base_layer.trainable = False
         if base_layer.built:
             self.build(None)
+
+    def _check_base_layer(self, base_layer):
+        """Raises `TypeError` unless this class adapts `base_layer`."""
+        reason = unsupported_reason(base_layer)
+        if reason is None and isinstance(base_layer, keras.layers.Embedding):
+            reason = (
+                f"Layer {base_layer.name!r} is an Embedding: wrap it in "
+                "a PVeRAEmbedding (keras_pvera.apply does)."
+            )
+        if reason is not None:
+            raise TypeError(f"{reason} Received: base_layer={base_layer!r}")
 
     def build(self, input_shape):
         if not self.base_layer.built:
@@ -879,11 +649,6 @@ class PVeRADense(AsWrappedLayer, keras.layers.Layer):
 
     def _projected(self, inputs, dropout, training):
         """`x @ A.T` (before `lambda_d`), `x` after dropout at rate `dropout`."""
-        if getattr(self.linear, "reads_ids", False):
-            # Token ids: `A`'s columns, dropped token by token as a dropped
-            # one-hot input would drop them.
-            h = self.projection_registry.project(inputs, self.linear)
-            return self._dropout(h, dropout, training, per_position=True)
         # The input as the base layer sees it (rounded to a half-precision
         # compute dtype), then the adapter's dtype (float32 over such a base).
         x = ops.cast(inputs, self.compute_dtype)
@@ -1019,26 +784,31 @@ class PVeRADense(AsWrappedLayer, keras.layers.Layer):
             )
         y = self.base_layer(inputs)
         held = [self.adapter_vectors.get(name) for name in rows.names]
-        first = next((v for v in held if v is not None), None)
-        if first is None:
+        if all(v is None for v in held):
             return y
-        order = getattr(self.linear, "output_scale_order", None)
-        if (
-            len({v.out_offset for v in held if v is not None}) > 1
-            or order is None
-            or order != sorted(order)
-        ):
-            return self._per_adapter_rows(y, inputs, rows)
         h = self._projected(inputs, 0.0, False)
-        lambda_d, scale, sampling = self._row_vectors(held, rows, h)
+        lambda_d, scale = self._row_vectors(rows, h, len(y.shape))
         h = ops.cast(ops.multiply(h, lambda_d), "float32")
         z, logvar = ops.split(h, 2, axis=-1)
-        if sampling is not None:
-            z = ops.add(z, ops.multiply(self._noise(logvar), sampling))
+        sampling = [v is not None and v.config.sample_at_inference for v in held]
+        if any(sampling):
+            switch = self._row_switch(sampling, rows, len(z.shape), "float32")
+            z = ops.add(z, ops.multiply(self._noise(logvar), switch))
         z = ops.cast(z, self.adapter_dtype)
-        _, b = self._projections(first)
-        adapter = ops.multiply(self.linear.expand(z, ops.transpose(b)), scale)
-        return self._add(y, adapter)
+        # Every row reads `B` from its adapter's `out_offset` (one offset
+        # unless an adapter fuses this layer into a larger map).
+        offsets = sorted({v.out_offset for v in held if v is not None})
+        for offset in offsets:
+            _, b = self.projection_registry.projections(
+                self.in_dim, self.out_dim, offset
+            )
+            adapter = ops.multiply(self.linear.expand(z, ops.transpose(b)), scale)
+            if len(offsets) > 1:
+                reads = [v is not None and v.out_offset == offset for v in held]
+                switch = self._row_switch(reads, rows, len(y.shape), adapter.dtype)
+                adapter = ops.multiply(adapter, switch)
+            y = self._add(y, adapter)
+        return y
 
     def row_tables(self, names):
         """The vectors of adapters `names`, stacked: one row per name.
@@ -1069,44 +839,23 @@ class PVeRADense(AsWrappedLayer, keras.layers.Layer):
         scale = ops.multiply(ops.convert_to_tensor(alphas, dtype), lambda_b)
         return ops.cast(lambda_d, dtype), ops.cast(scale, dtype)
 
-    def _row_vectors(self, held, rows, h):
-        """Row by row: `lambda_d` laid out to scale `h`, `alpha * lambda_b`
-        laid out to scale the output, and the 0/1 sampling switch laid out
-        to scale the noise (`None` when no row samples)."""
+    def _row_vectors(self, rows, h, ndim):
+        """Row by row: `lambda_d` laid out to scale `h`, and `alpha *
+        lambda_b` laid out (by the map) to scale an output of rank `ndim`."""
         table_d, table_b = rows.tables.get(id(self)) or self.row_tables(rows.names)
-        indices = rows.indices
         leading = (-1,) + (1,) * (len(h.shape) - 2)
         lambda_d = ops.reshape(
-            ops.take(table_d, indices, axis=0), leading + (h.shape[-1],)
+            ops.take(table_d, rows.indices, axis=0), leading + (h.shape[-1],)
         )
-        scale = ops.reshape(
-            ops.take(table_b, indices, axis=0), leading + tuple(self.linear.out_dims)
-        )
-        flags = [v is not None and v.config.sample_at_inference for v in held]
-        if not any(flags):
-            return lambda_d, scale, None
-        table_s = ops.convert_to_tensor(flags, "float32")
-        sampling = ops.reshape(ops.take(table_s, indices, axis=0), leading + (1,))
-        return lambda_d, scale, sampling
+        scale = self.linear.row_scale(ops.take(table_b, rows.indices, axis=0), ndim)
+        return lambda_d, scale
 
-    def _per_adapter_rows(self, y, inputs, rows):
-        """As `_per_row_path`, adapter by adapter, each kept on its rows by a
-        0/1 mask: for adapters reading different rows of `B` (fused groups
-        of one adapter only), and outputs whose dims do not end with the
-        kernel's output dims in order (a per-row scale cannot lay out)."""
-        eps = None
-        for name in rows.names:
-            vectors = self.adapter_vectors.get(name)
-            if vectors is None:
-                continue
-            z, logvar = self.latent(inputs, adapter=name)
-            if vectors.config.sample_at_inference:
-                eps = self._standard_normal(logvar) if eps is None else eps
-                z = ops.add(z, self._noise(logvar, eps))
-            adapter = self._adapter_output(z, vectors)
-            mask = rows.mask(name, len(adapter.shape), adapter.dtype)
-            y = self._add(y, ops.multiply(adapter, mask))
-        return y
+    def _row_switch(self, flags, rows, ndim, dtype):
+        """1 on the rows whose name has a true flag (one per `rows.names`),
+        else 0: a `(batch, 1, ..., 1)` tensor of rank `ndim`."""
+        table = ops.convert_to_tensor([float(f) for f in flags], dtype)
+        switch = ops.take(table, rows.indices, axis=0)
+        return ops.reshape(switch, (-1,) + (1,) * (ndim - 1))
 
     def _folded_path(self, inputs, names=None):
         """Mean-mode inference: the adapters (`None`: the active ones)
@@ -1131,10 +880,7 @@ class PVeRADense(AsWrappedLayer, keras.layers.Layer):
     def base_kernel(self):
         """The base layer's kernel (an Embedding's matrix) as it computes
         with it, Keras' LoRA included."""
-        base = self.base_layer
-        if isinstance(base, keras.layers.Embedding):
-            return base.embeddings
-        return base.kernel
+        return self.base_layer.kernel
 
     def compute_output_shape(self, input_shape):
         return self.base_layer.compute_output_shape(input_shape)

@@ -65,10 +65,6 @@ class RowAdapters:
         rows = ops.equal(self.indices, self.names.index(name))
         return ops.reshape(rows, (-1,) + (1,) * (ndim - 1))
 
-    def mask(self, name, ndim, dtype):
-        """A `(batch, 1, ..., 1)` tensor of rank `ndim`: 1 on `name`'s rows."""
-        return ops.cast(self.picks(name, ndim), dtype)
-
 
 _state = threading.local()
 

@@ -46,7 +46,7 @@ import re
 
 import numpy as np
 
-from keras_pvera.src.layers.pvera_dense import LinearEquation
+from keras_pvera.src.layers.linear_map import LinearEquation
 from keras_pvera.src.surgery import layer_walk
 
 NAMINGS = ("transformers5", "legacy")

@@ -29,8 +29,9 @@ import re
 import keras
 import numpy as np
 
+from keras_pvera.src.layers.linear_map import LINEAR_LAYERS
+from keras_pvera.src.layers.linear_map import linear_equation_of
 from keras_pvera.src.layers.pvera_config import PVeRAConfig
-from keras_pvera.src.layers.pvera_dense import linear_equation_of
 from keras_pvera.src.models.pvera_model import PVeRAModel
 from keras_pvera.src.peft.module_names import NAMINGS
 from keras_pvera.src.peft.module_names import default_naming
@@ -43,7 +44,6 @@ from keras_pvera.src.saving.adapter_state import adapter_state_of
 from keras_pvera.src.saving.adapter_state import check_uncalibrated
 from keras_pvera.src.saving.adapter_state import restore_adapter
 from keras_pvera.src.surgery import layer_walk
-from keras_pvera.src.surgery.layer_selection import LINEAR_LAYERS
 from keras_pvera.src.surgery.layer_selection import adaptable_layers
 
 CONFIG_FILE = "adapter_config.json"

@@ -13,11 +13,11 @@ freezes the rest, and undoes all of that on failure, on `delete`, and on
 
 import keras
 
+from keras_pvera.src.layers.linear_map import linear_equation_of
 from keras_pvera.src.layers.projections import ProjectionRegistry
 from keras_pvera.src.layers.pvera_config import fused_offsets
 from keras_pvera.src.layers.pvera_config import projection_out_max
 from keras_pvera.src.layers.pvera_dense import PVeRADense
-from keras_pvera.src.layers.pvera_dense import linear_equation_of
 from keras_pvera.src.layers.pvera_embedding import PVeRAEmbedding
 from keras_pvera.src.layers.seeds import derive_seed
 from keras_pvera.src.layers.trained_copies import TrainedCopies
