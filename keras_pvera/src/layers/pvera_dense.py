@@ -39,6 +39,9 @@ from keras import ops
 
 from keras_pvera.src.layers import row_adapters
 from keras_pvera.src.layers.adapter_dtype import float_policy
+from keras_pvera.src.layers.adapter_layer import AdapterLayer
+from keras_pvera.src.layers.adapter_layer import as_names
+from keras_pvera.src.layers.adapter_layer import check_adapter_name
 from keras_pvera.src.layers.divergence import kl_divergence
 from keras_pvera.src.layers.linear_map import ADAPTABLE_QUANTIZATION_MODES
 from keras_pvera.src.layers.linear_map import linear_equation_of
@@ -47,7 +50,6 @@ from keras_pvera.src.layers.projections import ProjectionRegistry
 from keras_pvera.src.layers.pvera_config import PVeRAConfig
 from keras_pvera.src.layers.pvera_config import split_settings
 from keras_pvera.src.layers.seeds import derive_seed
-from keras_pvera.src.layers.wrapped_layer import AsWrappedLayer
 from keras_pvera.src.utils import checks
 from keras_pvera.src.utils import keras_internals
 
@@ -82,7 +84,7 @@ class AdapterVectors:
 
 
 @keras.saving.register_keras_serializable(package="keras_pvera")
-class PVeRADense(AsWrappedLayer, keras.layers.Layer):
+class PVeRADense(AdapterLayer):
     """PVeRA adapter around a frozen `Dense` or `EinsumDense` layer.
 
     The wrapped layer is frozen. Two vectors train: `lambda_d` (size
@@ -161,7 +163,7 @@ class PVeRADense(AsWrappedLayer, keras.layers.Layer):
         self._check_base_layer(base_layer)
         settings, kwargs = split_settings(kwargs)
         config = PVeRAConfig.from_settings(config, **settings)
-        _check_adapter_name(adapter_name)
+        check_adapter_name(adapter_name)
         kwargs.setdefault("name", base_layer.name)
         kwargs["dtype"] = float_policy(kwargs.get("dtype", base_layer.dtype_policy))
         super().__init__(**kwargs)
@@ -204,10 +206,7 @@ class PVeRADense(AsWrappedLayer, keras.layers.Layer):
         )
         self.seed_generator = keras.random.SeedGenerator(self.noise_seed)
         self.adapter_vectors = {adapter_name: AdapterVectors(config)}
-        # Names as tuples: Keras would track (and copy) lists.
         self.active_names = (adapter_name,)
-        self.enabled = True
-        self.merged_names = ()
         self.base_layer.trainable = False
         if base_layer.built:
             self.build(None)
@@ -270,7 +269,7 @@ class PVeRADense(AsWrappedLayer, keras.layers.Layer):
         Raises:
             ValueError: If the name exists, or the layer is merged.
         """
-        _check_adapter_name(adapter_name)
+        check_adapter_name(adapter_name)
         if adapter_name in self.adapter_vectors:
             raise ValueError(
                 f"Layer {self.name!r} already has an adapter named "
@@ -305,27 +304,23 @@ class PVeRADense(AsWrappedLayer, keras.layers.Layer):
             if variable is not None:
                 keras_internals.untrack_variable(self, variable)
         del self.adapter_vectors[adapter_name]
-        self.active_names = tuple(n for n in self.active_names if n != adapter_name)
+        self._forget(adapter_name)
 
     def set_active_adapter(self, adapter_name):
-        """Makes `adapter_name` the adapter (or adapters) that run and train.
+        super().set_active_adapter(adapter_name)
+        if self.active_names:
+            config = self.adapter_vectors[self.active_names[0]].config
+            self.dropout_layer.rate = config.dropout
 
-        Args:
-            adapter_name: A name, a list of names (their outputs add up), or
-                `None` (or names this layer does not hold) to run the base
-                layer alone.
+    def _adapters(self):
+        return self.adapter_vectors
 
-        Raises:
-            ValueError: If an adapter is merged into the kernel.
-        """
-        names = _as_names(adapter_name)
-        held = tuple(n for n in names if n in self.adapter_vectors)
-        if held != self.active_names:
-            self._check_not_merged("switch adapters")
-        self.active_names = held
-        if held:
-            self.dropout_layer.rate = self.adapter_vectors[held[0]].config.dropout
-        self._apply_trainability()
+    def _trainables_of(self, adapter_name):
+        return [w for w in self.adapter_vectors[adapter_name].weights if w is not None]
+
+    def _always_frozen(self):
+        registry = self.projection_registry
+        return [self.base_layer] + ([] if registry is None else [registry])
 
     def join_fused_group(self, adapter_name, out_offset, first=None):
         """Makes adapter `adapter_name` one part of a fused linear map.
@@ -370,43 +365,32 @@ class PVeRADense(AsWrappedLayer, keras.layers.Layer):
         vectors.lambda_d = shared
         vectors.shared_lambda_d = True
 
-    @property
-    def active_adapters(self):
-        """The names of the adapters that run and train, a list."""
-        return list(self.active_names)
+    def _unmerged(self, adapter_names=None):
+        """Of `adapter_names` (`None`: the active adapters), those this layer
+        holds and has not merged."""
+        names = self.active_names if adapter_names is None else adapter_names
+        return [
+            n
+            for n in as_names(names)
+            if n in self.adapter_vectors and n not in self.merged_names
+        ]
 
-    @property
-    def active_adapter(self):
-        """The active adapter's name; `None` if none, a list if several."""
-        if len(self.active_names) > 1:
-            return list(self.active_names)
-        return self.active_names[0] if self.active_names else None
+    def merge_delta(self, adapter_names=None):
+        """What merging `adapter_names` would add to the kernel.
 
-    @property
-    def adapter_enabled(self):
-        """Whether the active adapters run (PEFT's `enable_adapters`).
+        Args:
+            adapter_names: Names; `None` for the active adapters. Names
+                already merged, or that this layer does not hold, are
+                skipped.
 
-        Set it to `False` to compute the base layer's output; the adapters'
-        vectors then do not train either.
+        Returns:
+            The sum of their `delta_kernel`s, or `None` when none is left.
         """
-        return self.enabled
-
-    @adapter_enabled.setter
-    def adapter_enabled(self, value):
-        self.enabled = bool(value)
-        self._apply_trainability()
-
-    @property
-    def merged_adapters(self):
-        """The names of the adapters merged into the kernel, in merge order."""
-        return list(self.merged_names)
-
-    @property
-    def merged_adapter(self):
-        """The merged adapter's name; `None` if none, a list if several."""
-        if len(self.merged_names) > 1:
-            return list(self.merged_names)
-        return self.merged_names[0] if self.merged_names else None
+        delta = None
+        for name in self._unmerged(adapter_names):
+            kernel = self.delta_kernel(name)
+            delta = kernel if delta is None else ops.add(delta, kernel)
+        return delta
 
     def merge(self, adapter_names=None):
         """Folds adapters' mean into the kernel (PEFT's layer `merge`).
@@ -419,12 +403,7 @@ class PVeRADense(AsWrappedLayer, keras.layers.Layer):
         Returns:
             The list of names merged by this call.
         """
-        names = self.active_names if adapter_names is None else adapter_names
-        todo = [
-            n
-            for n in _as_names(names)
-            if n in self.adapter_vectors and n not in self.merged_names
-        ]
+        todo = self._unmerged(adapter_names)
         kernel = keras_internals.kernel_variable(self.base_layer)
         for name in todo:
             delta = ops.cast(self.delta_kernel(name), kernel.dtype)
@@ -440,11 +419,6 @@ class PVeRADense(AsWrappedLayer, keras.layers.Layer):
             self.merged_names = tuple(rest)
             delta = ops.cast(self.delta_kernel(name), kernel.dtype)
             kernel.assign(ops.subtract(kernel, delta))
-
-    @property
-    def adapter_names(self):
-        """The names of this layer's adapters, in the order they were added."""
-        return list(self.adapter_vectors)
 
     def _vectors_named(self, adapter_name):
         if adapter_name not in self.adapter_vectors:
@@ -466,14 +440,6 @@ class PVeRADense(AsWrappedLayer, keras.layers.Layer):
                 f"{list(self.adapter_vectors)}"
             )
         return self.adapter_vectors[self.active_names[0]]
-
-    def _check_not_merged(self, action):
-        if self.merged_names:
-            raise ValueError(
-                f"Cannot {action} while adapters {list(self.merged_names)} are "
-                f"merged into the kernel of layer {self.name!r}. Call "
-                "`model.unmerge_adapter()` first."
-            )
 
     @property
     def config(self):
@@ -525,29 +491,6 @@ class PVeRADense(AsWrappedLayer, keras.layers.Layer):
         for name, value in flags.items():
             vectors = self._vectors_named(name)
             vectors.config = vectors.config.replace(sample_at_inference=bool(value))
-
-    @property
-    def trainable(self):
-        """Whether the active adapter's vectors train (the base never does)."""
-        return keras.layers.Layer.trainable.fget(self)
-
-    @trainable.setter
-    def trainable(self, value):
-        # Keras' setter sets every sublayer and variable: set them back, so
-        # that toggling `trainable` never thaws the base layer.
-        keras.layers.Layer.trainable.fset(self, value)
-        self._apply_trainability()
-
-    def _apply_trainability(self):
-        self.base_layer.trainable = False
-        if self.projection_registry is not None:
-            self.projection_registry.trainable = False
-        for name, vectors in self.adapter_vectors.items():
-            for variable in vectors.weights:
-                if variable is not None:
-                    variable.trainable = (
-                        self.trainable and self.enabled and name in self.active_names
-                    )
 
     def _check_quantization_mode(self):
         base = self.base_layer
@@ -937,20 +880,3 @@ class PVeRADense(AsWrappedLayer, keras.layers.Layer):
         layer.set_active_adapter(active)
         layer.adapter_enabled = enabled
         return layer
-
-
-def _as_names(adapter_name):
-    """`None`, a name or a list of names, as a tuple of names."""
-    if adapter_name is None:
-        return ()
-    if isinstance(adapter_name, str):
-        return (adapter_name,)
-    return tuple(adapter_name)
-
-
-def _check_adapter_name(adapter_name):
-    if not isinstance(adapter_name, str) or not adapter_name or "/" in adapter_name:
-        raise ValueError(
-            "An adapter name must be a non-empty string without '/'. "
-            f"Received: adapter_name={adapter_name!r}"
-        )

@@ -13,6 +13,7 @@ freezes the rest, and undoes all of that on failure, on `delete`, and on
 
 import keras
 
+from keras_pvera.src.layers.adapter_layer import as_names
 from keras_pvera.src.layers.linear_map import linear_equation_of
 from keras_pvera.src.layers.projections import ProjectionRegistry
 from keras_pvera.src.layers.pvera_config import fused_offsets
@@ -117,7 +118,6 @@ class AdapterRegistry:
         # path -> TrainedCopies of the layers trained in full.
         self.copies = {}
         self.adapters = {}
-        self.active = []
         # id(base layer) -> its trainable flag before it was wrapped
         self.base_trainable = {}
         # (layer or variable, its trainable flag before PVeRA froze it)
@@ -220,11 +220,10 @@ class AdapterRegistry:
             replacements.update({trainable[p]: c for p, c in new_copies.items()})
             swap_back = model_surgery.replace_layers(self.model, replacements)
             undo.append(swap_back)
-            if first:
-                self.active = [name]
+            active = [name] if first else self.active
             for layer in [*new.values(), *new_copies.values()]:
                 # A new wrapper starts with `name` active: match the model.
-                layer.set_active_adapter(self.active)
+                layer.set_active_adapter(active)
             wrappers = {**self.wrappers, **new}
             for path, (offset, group) in fused.items():
                 first = None if path == group[0] else wrappers[group[0]]
@@ -244,8 +243,6 @@ class AdapterRegistry:
             for path in new_copies:
                 self.copies.pop(path, None)
             self.adapters.pop(name, None)
-            if first:
-                self.active = []
             for step in reversed(undo):
                 step()
             raise
@@ -328,7 +325,6 @@ class AdapterRegistry:
             if not holder.adapter_names:
                 emptied[path] = holder
         self._unwrap_copies(emptied, keep_trained=False)
-        self.active = [n for n in self.active if n != name]
 
     def set_active(self, names):
         """Makes `names` (a list; empty: none) the adapters that run and train.
@@ -337,7 +333,7 @@ class AdapterRegistry:
             ValueError: If two of them train one layer in full (each has its
                 own copy; one layer runs one), before anything changes.
         """
-        names = [] if names is None else [names] if isinstance(names, str) else names
+        names = as_names(names)
         for path, holder in self.copies.items():
             held = [n for n in names if n in holder.copies]
             if len(held) > 1:
@@ -349,14 +345,21 @@ class AdapterRegistry:
                 )
         for layer in [*self.wrappers.values(), *self.copies.values()]:
             layer.set_active_adapter(names)
-        self.active = list(names)
+
+    @property
+    def active(self):
+        """The names of the active adapters, as the adapted layers hold them
+        (each layer those of them it holds)."""
+        names = [n for w in self.wrappers.values() for n in w.active_names]
+        return list(dict.fromkeys(names))
 
     def layers_of(self, name):
         """`{path: wrapper}` of the layers adapter `name` (a name or a list of
         names) adapts (`None` or none: {})."""
-        names = [] if name is None else [name] if isinstance(name, str) else name
         return {
-            path: self.wrappers[path] for n in names for path in self.adapters[n].paths
+            path: self.wrappers[path]
+            for n in as_names(name)
+            for path in self.adapters[n].paths
         }
 
     def trained_in_full(self, name):
@@ -438,7 +441,6 @@ class AdapterRegistry:
             item.trainable = was_trainable
         self.frozen = []
         self.adapters = {}
-        self.active = []
 
     def _unwrap_copies(self, holders, keep_trained):
         if not holders:
