@@ -23,3 +23,18 @@ def float_policy(dtype):
     if policy.variable_dtype in ("float16", "bfloat16"):
         return keras.dtype_policies.get(f"mixed_{policy.variable_dtype}")
     return policy
+
+
+def adapter_dtype(layer):
+    """The dtype an adapted layer computes its adapter in.
+
+    Over a float16/bfloat16 base (a `"mixed_float16"` or `"mixed_bfloat16"`
+    policy, from `float_policy`) the adapter runs in float32 (PEFT's
+    `autocast_adapter_dtype`): its variables are not cast to the base's
+    dtype (the layer's `autocast` is turned off), and its output is rounded
+    once, after the sum. Otherwise the layer's compute dtype.
+    """
+    if layer.dtype_policy.name in ("mixed_float16", "mixed_bfloat16"):
+        layer.autocast = False
+        return "float32"
+    return layer.compute_dtype

@@ -226,6 +226,18 @@ def unsupported_reason(layer):
     return None
 
 
+def check_quantization_mode(layer):
+    """Raises `ValueError` unless PVeRA runs beside `layer`'s quantization
+    mode (`ADAPTABLE_QUANTIZATION_MODES`)."""
+    if layer.quantization_mode not in ADAPTABLE_QUANTIZATION_MODES:
+        raise ValueError(
+            f"Layer {layer.name!r} is quantized with "
+            f"mode={layer.quantization_mode!r}, which PVeRA does not "
+            "adapt. It adapts float layers and layers quantized with "
+            f"modes {list(ADAPTABLE_QUANTIZATION_MODES[1:])}."
+        )
+
+
 def linear_equation_of(layer):
     """The linear map of a built layer that PVeRA adapts.
 

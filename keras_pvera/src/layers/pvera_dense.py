@@ -20,71 +20,36 @@ The map (`linear_map.py`: `Dense`, `EinsumDense`; `convolution_map.py`;
 the base layer's kind.
 
 At inference with sampling off, on a float32 kernel, the mean adapter is
-linear in `x`, so it is folded into the kernel once per call (as Keras' own
-LoRA does):
-
-    delta_W = A[:r, :in].T @ diag(lambda_d[:r]) @ B[:out, :].T
-              @ diag(alpha * lambda_b)
-
-which costs one `in x r x out` product per call instead of two per-token
-products. Otherwise (training, sampling at inference, quantized or
-float16/bfloat16 bases, where a folded delta could round away) the adapter
-runs token by token, with `lambda_d` and `lambda_b` scaling activations, not
-kernels, so their gradients are elementwise products, never weight-gradient
-matrix products.
+folded into the kernel once per call (`kernel_delta.py`). Otherwise
+(training, sampling, quantized or float16/bfloat16 bases) the adapter runs
+token by token, with `lambda_d` and `lambda_b` scaling activations, so
+their gradients are elementwise products, not weight-gradient matmuls.
 """
 
 import keras
 from keras import ops
 
 from keras_pvera.src.layers import row_adapters
+from keras_pvera.src.layers.adapter_dtype import adapter_dtype
 from keras_pvera.src.layers.adapter_dtype import float_policy
 from keras_pvera.src.layers.adapter_layer import AdapterLayer
-from keras_pvera.src.layers.adapter_layer import as_names
 from keras_pvera.src.layers.adapter_layer import check_adapter_name
+from keras_pvera.src.layers.adapter_vectors import AdapterVectors
 from keras_pvera.src.layers.divergence import kl_divergence
-from keras_pvera.src.layers.linear_map import ADAPTABLE_QUANTIZATION_MODES
+from keras_pvera.src.layers.kernel_delta import KernelDelta
+from keras_pvera.src.layers.linear_map import check_quantization_mode
 from keras_pvera.src.layers.linear_map import linear_equation_of
 from keras_pvera.src.layers.linear_map import unsupported_reason
 from keras_pvera.src.layers.projections import ProjectionRegistry
 from keras_pvera.src.layers.pvera_config import PVeRAConfig
 from keras_pvera.src.layers.pvera_config import split_settings
 from keras_pvera.src.layers.seeds import derive_seed
-from keras_pvera.src.utils import checks
+from keras_pvera.src.layers.seeds import noise_seed_of
 from keras_pvera.src.utils import keras_internals
 
 
-class AdapterVectors:
-    """One named adapter inside a `PVeRADense` layer: its settings and vectors.
-
-    A plain object (not a Keras layer): the layer owns the variables.
-
-    Args:
-        config: The adapter's `PVeRAConfig`.
-        lambda_d: The `(2 * rank,)` variable, or `None` before the layer is
-            built.
-        lambda_b: The `(out,)` variable, or `None` before the layer is built.
-
-    A layer of a fused group (`PVeRAConfig.fused_groups`) reads rows
-    `[out_offset, out_offset + out)` of `B`; all but the group's first layer
-    hold the first layer's `lambda_d` (`shared_lambda_d` is then true) and do
-    not track it, so it is saved and trained once.
-    """
-
-    def __init__(self, config, lambda_d=None, lambda_b=None):
-        self.config = config
-        self.lambda_d = lambda_d
-        self.lambda_b = lambda_b
-        self.out_offset = 0
-        self.shared_lambda_d = False
-
-    @property
-    def weights(self):
-        return [self.lambda_d, self.lambda_b]
-
-
 @keras.saving.register_keras_serializable(package="keras_pvera")
-class PVeRADense(AdapterLayer):
+class PVeRADense(row_adapters.RowPath, KernelDelta, AdapterLayer):
     """PVeRA adapter around a frozen `Dense` or `EinsumDense` layer.
 
     The wrapped layer is frozen. Two vectors train: `lambda_d` (size
@@ -97,13 +62,10 @@ class PVeRADense(AdapterLayer):
     adapted layer starts equal to the base layer. The base layer's activation
     moves to this layer, so the adapter is added before it.
 
-    A layer can hold several named adapters (`add_adapter`); those made
-    active (`set_active_adapter`, one name or several) run, their outputs
-    adding up, and only their vectors train. With no active adapter or with
-    the adapters disabled (`adapter_enabled = False`), the layer computes the
-    base layer's output (exactly, unless adapters are merged into the kernel:
-    then their deltas are taken out on the fly). Adapters merged into the
-    kernel (`merged_adapters`) run as the kernel.
+    A layer holds named adapters (`add_adapter`; `AdapterLayer` keeps which
+    are active, enabled and merged); the active ones run, their outputs
+    adding up. With none active or adapters disabled, the layer computes the
+    base layer's output (merged deltas taken out on the fly).
 
     Args:
         base_layer: A `keras.layers.Dense` or `keras.layers.EinsumDense`.
@@ -124,10 +86,6 @@ class PVeRADense(AdapterLayer):
             `dropout`, `kl_weight`, `sample_at_inference`, `seed`,
             `save_projection`; they override `config`'s), and base layer
             keyword arguments such as `name`.
-
-    Returns:
-        A Keras layer; calling it returns the base layer's output plus the
-        adapter's, shaped as the base layer's.
 
     Raises:
         TypeError: If `base_layer` is not a `Dense` or `EinsumDense`.
@@ -167,13 +125,7 @@ class PVeRADense(AdapterLayer):
         kwargs.setdefault("name", base_layer.name)
         kwargs["dtype"] = float_policy(kwargs.get("dtype", base_layer.dtype_policy))
         super().__init__(**kwargs)
-        # Over a float16/bfloat16 base the adapter runs in float32 (PEFT's
-        # autocast_adapter_dtype): its variables are not cast to the base's
-        # dtype, and its output is rounded once, after the sum.
-        self.adapter_dtype = self.compute_dtype
-        if self.dtype_policy.name in ("mixed_float16", "mixed_bfloat16"):
-            self.autocast = False
-            self.adapter_dtype = "float32"
+        self.adapter_dtype = adapter_dtype(self)
         # Variables are named beside the base layer's own, e.g.
         # "encoder/query/pvera_lambda_d" next to "encoder/query/kernel".
         keras_internals.set_parent_path(self, keras_internals.parent_path(base_layer))
@@ -188,16 +140,7 @@ class PVeRADense(AdapterLayer):
         if activation is keras.activations.linear:
             activation = None
         self.activation = activation
-        if noise_seed is None:
-            noise_seed = config.seed
-            if config.generator_seed is not None:
-                noise_seed = config.generator_seed
-        if not checks.is_integer(noise_seed) or noise_seed < 0:
-            raise ValueError(
-                "`noise_seed` must be a non-negative integer or None. "
-                f"Received: noise_seed={noise_seed!r}"
-            )
-        self.noise_seed = int(noise_seed)
+        self.noise_seed = noise_seed_of(config, noise_seed)
         # Dropout and noise draw from distinct streams, in this layer's dtype.
         self.dropout_layer = keras.layers.Dropout(
             config.dropout,
@@ -225,7 +168,7 @@ class PVeRADense(AdapterLayer):
     def build(self, input_shape):
         if not self.base_layer.built:
             self.base_layer.build(input_shape)
-        self._check_quantization_mode()
+        check_quantization_mode(self.base_layer)
         self.linear = linear_equation_of(self.base_layer)
         if self.projection_registry is None:
             first = next(iter(self.adapter_vectors.values())).config
@@ -365,61 +308,6 @@ class PVeRADense(AdapterLayer):
         vectors.lambda_d = shared
         vectors.shared_lambda_d = True
 
-    def _unmerged(self, adapter_names=None):
-        """Of `adapter_names` (`None`: the active adapters), those this layer
-        holds and has not merged."""
-        names = self.active_names if adapter_names is None else adapter_names
-        return [
-            n
-            for n in as_names(names)
-            if n in self.adapter_vectors and n not in self.merged_names
-        ]
-
-    def merge_delta(self, adapter_names=None):
-        """What merging `adapter_names` would add to the kernel.
-
-        Args:
-            adapter_names: Names; `None` for the active adapters. Names
-                already merged, or that this layer does not hold, are
-                skipped.
-
-        Returns:
-            The sum of their `delta_kernel`s, or `None` when none is left.
-        """
-        delta = None
-        for name in self._unmerged(adapter_names):
-            kernel = self.delta_kernel(name)
-            delta = kernel if delta is None else ops.add(delta, kernel)
-        return delta
-
-    def merge(self, adapter_names=None):
-        """Folds adapters' mean into the kernel (PEFT's layer `merge`).
-
-        Args:
-            adapter_names: Names to merge; `None` for the active adapters.
-                Names already merged, or that this layer does not hold, are
-                skipped.
-
-        Returns:
-            The list of names merged by this call.
-        """
-        todo = self._unmerged(adapter_names)
-        kernel = keras_internals.kernel_variable(self.base_layer)
-        for name in todo:
-            delta = ops.cast(self.delta_kernel(name), kernel.dtype)
-            kernel.assign(ops.add(kernel, delta))
-            self.merged_names = (*self.merged_names, name)
-        return todo
-
-    def unmerge(self):
-        """Takes every merged adapter back out of the kernel, last first."""
-        kernel = keras_internals.kernel_variable(self.base_layer)
-        while self.merged_names:
-            *rest, name = self.merged_names
-            self.merged_names = tuple(rest)
-            delta = ops.cast(self.delta_kernel(name), kernel.dtype)
-            kernel.assign(ops.subtract(kernel, delta))
-
     def _vectors_named(self, adapter_name):
         if adapter_name not in self.adapter_vectors:
             raise ValueError(
@@ -427,10 +315,6 @@ class PVeRADense(AdapterLayer):
                 f"Adapters: {list(self.adapter_vectors)}"
             )
         return self.adapter_vectors[adapter_name]
-
-    def _active_vectors_name(self):
-        self._active_vectors()
-        return self.active_names[0]
 
     def _active_vectors(self):
         # With several active adapters, the first one's.
@@ -492,16 +376,6 @@ class PVeRADense(AdapterLayer):
             vectors = self._vectors_named(name)
             vectors.config = vectors.config.replace(sample_at_inference=bool(value))
 
-    def _check_quantization_mode(self):
-        base = self.base_layer
-        if base.quantization_mode not in ADAPTABLE_QUANTIZATION_MODES:
-            raise ValueError(
-                f"Layer {base.name!r} is quantized with "
-                f"mode={base.quantization_mode!r}, which PVeRA does not "
-                "adapt. It adapts float layers and layers quantized with "
-                f"modes {list(ADAPTABLE_QUANTIZATION_MODES[1:])}."
-            )
-
     @property
     def in_dim(self):
         """Size of the adapted layer's input (product of contracted dims)."""
@@ -523,47 +397,6 @@ class PVeRADense(AdapterLayer):
         if adapter is None:
             return self._active_vectors()
         return self._vectors_named(adapter)
-
-    def _scaled_b(self, b, vectors):
-        # (out, r) * (alpha * lambda_b) per row -> (r, out)
-        scale = ops.multiply(vectors.config.alpha, vectors.lambda_b)
-        return ops.transpose(ops.multiply(b, ops.expand_dims(scale, 1)))
-
-    def mean_factors(self, adapter=None):
-        """An adapter's mean as two rank-`r` factors: a LoRA.
-
-        `down @ up` is the `(in, out)` matrix that the mean adapter adds to
-        the layer's map: `down = A[:r, :in].T @ diag(lambda_d[:r])` and
-        `up = B[:out, :].T @ diag(alpha * lambda_b)` (`B`'s rows from the
-        adapter's `out_offset` in a fused group). In PyTorch's layout these
-        are LoRA's `lora_A.weight = down.T` and `lora_B.weight = up.T`.
-
-        Args:
-            adapter: The adapter's name; `None` for the active one (the
-                first, if several).
-
-        Returns:
-            A tuple `(down, up)` of tensors of shapes `(in, r)` and
-            `(r, out)`.
-        """
-        vectors = self._vectors(adapter)
-        a, b = self._projections(vectors)
-        r = vectors.config.rank
-        a_mean = ops.multiply(a[:r], ops.expand_dims(vectors.lambda_d[:r], 1))
-        return ops.transpose(a_mean), self._scaled_b(b, vectors)
-
-    def delta_kernel(self, adapter=None):
-        """An adapter's mean as a kernel: what merging adds to it.
-
-        Args:
-            adapter: The adapter's name; `None` for the active one (the
-                first, if several).
-
-        Returns:
-            A tensor of the base layer's kernel shape.
-        """
-        down, up = self.mean_factors(adapter)
-        return self.linear.kernel(ops.matmul(down, up))
 
     def latent(self, inputs, training=False, adapter=None):
         """The latent mean and log-variance for `inputs`.
@@ -674,8 +507,7 @@ class PVeRADense(AdapterLayer):
     def _latent_path(self, y, inputs, training, name=None):
         """Adds one adapter (`None`: the active one) token by token
         (training, sampling, quantized or low-precision bases)."""
-        name = self._active_vectors_name() if name is None else name
-        vectors = self.adapter_vectors[name]
+        vectors = self._vectors(name)
         config = vectors.config
         mu, logvar = self.latent(inputs, training=training, adapter=name)
         # A fused group has one latent: its first layer adds its KL term.
@@ -700,130 +532,6 @@ class PVeRADense(AdapterLayer):
         if self.adapter_dtype == self.compute_dtype:
             return ops.add(y, adapter)
         return ops.cast(ops.add(ops.cast(y, self.adapter_dtype), adapter), y.dtype)
-
-    def _per_row_path(self, inputs, rows, training):
-        """Each row's own adapter (`row_adapters`): the base output plus the
-        adapter of each row, from its own vectors gathered row by row.
-
-        Every adapter of a model shares `A`, `B` and the rank, so one
-        `x @ A.T` and one latent-to-output product serve the whole batch;
-        rows of `"__base__"` (or of an adapter this layer does not hold)
-        get zero vectors. One noise draw serves every row, so a row gets
-        what its adapter alone would give it.
-        """
-        if training:
-            raise ValueError(
-                "Adapters picked per example (`adapter_names`) are for "
-                "inference; to train an adapter, make it active with "
-                "`model.set_adapter(name)`."
-            )
-        self._check_not_merged("pick adapters per example")
-        batch, expected = inputs.shape[0], rows.indices.shape[0]
-        if None not in (batch, expected) and batch != expected:
-            raise ValueError(
-                f"Layer {self.name!r} received {batch} rows but `adapter_names` "
-                f"gives {expected}: one name per example is needed (a beam "
-                "search, which multiplies rows, cannot pick adapters per row)."
-            )
-        y = self.base_layer(inputs)
-        held = [self.adapter_vectors.get(name) for name in rows.names]
-        if all(v is None for v in held):
-            return y
-        h = self._projected(inputs, 0.0, False)
-        lambda_d, scale = self._row_vectors(rows, h, len(y.shape))
-        h = ops.cast(ops.multiply(h, lambda_d), "float32")
-        z, logvar = ops.split(h, 2, axis=-1)
-        sampling = [v is not None and v.config.sample_at_inference for v in held]
-        if any(sampling):
-            switch = self._row_switch(sampling, rows, len(z.shape), "float32")
-            z = ops.add(z, ops.multiply(self._noise(logvar), switch))
-        z = ops.cast(z, self.adapter_dtype)
-        # Every row reads `B` from its adapter's `out_offset` (one offset
-        # unless an adapter fuses this layer into a larger map).
-        offsets = sorted({v.out_offset for v in held if v is not None})
-        for offset in offsets:
-            _, b = self.projection_registry.projections(
-                self.in_dim, self.out_dim, offset
-            )
-            adapter = ops.multiply(self.linear.expand(z, ops.transpose(b)), scale)
-            if len(offsets) > 1:
-                reads = [v is not None and v.out_offset == offset for v in held]
-                switch = self._row_switch(reads, rows, len(y.shape), adapter.dtype)
-                adapter = ops.multiply(adapter, switch)
-            y = self._add(y, adapter)
-        return y
-
-    def row_tables(self, names):
-        """The vectors of adapters `names`, stacked: one row per name.
-
-        What `_per_row_path` gathers each row's vectors from; a model that
-        runs eagerly stacks them once per call, a compiled one inside its
-        trace (`PVeRAModel.adapters_by_row`).
-
-        Args:
-            names: Adapter names; those this layer does not hold
-                (`"__base__"` among them) get zero vectors.
-
-        Returns:
-            `None` when the layer holds none of `names`; else a tuple
-            `(lambda_d, scale)` in the adapter dtype: `(len(names), 2r)`
-            and `(len(names), out)`, `scale` being `alpha * lambda_b`.
-        """
-        held = [self.adapter_vectors.get(name) for name in names]
-        first = next((v for v in held if v is not None), None)
-        if first is None:
-            return None
-        zeros_d = ops.zeros(first.lambda_d.shape, first.lambda_d.dtype)
-        zeros_b = ops.zeros((self.out_dim,), first.lambda_b.dtype)
-        alphas = [[0.0 if v is None else v.config.alpha] for v in held]
-        dtype = self.adapter_dtype
-        lambda_d = ops.stack([zeros_d if v is None else v.lambda_d.value for v in held])
-        lambda_b = ops.stack([zeros_b if v is None else v.lambda_b.value for v in held])
-        scale = ops.multiply(ops.convert_to_tensor(alphas, dtype), lambda_b)
-        return ops.cast(lambda_d, dtype), ops.cast(scale, dtype)
-
-    def _row_vectors(self, rows, h, ndim):
-        """Row by row: `lambda_d` laid out to scale `h`, and `alpha *
-        lambda_b` laid out (by the map) to scale an output of rank `ndim`."""
-        table_d, table_b = rows.tables.get(id(self)) or self.row_tables(rows.names)
-        leading = (-1,) + (1,) * (len(h.shape) - 2)
-        lambda_d = ops.reshape(
-            ops.take(table_d, rows.indices, axis=0), leading + (h.shape[-1],)
-        )
-        scale = self.linear.row_scale(ops.take(table_b, rows.indices, axis=0), ndim)
-        return lambda_d, scale
-
-    def _row_switch(self, flags, rows, ndim, dtype):
-        """1 on the rows whose name has a true flag (one per `rows.names`),
-        else 0: a `(batch, 1, ..., 1)` tensor of rank `ndim`."""
-        table = ops.convert_to_tensor([float(f) for f in flags], dtype)
-        switch = ops.take(table, rows.indices, axis=0)
-        return ops.reshape(switch, (-1,) + (1,) * (ndim - 1))
-
-    def _folded_path(self, inputs, names=None):
-        """Mean-mode inference: the adapters (`None`: the active ones)
-        folded into the kernel, once a call."""
-        names = self.active_names if names is None else names
-        return self._with_kernel(inputs, names, ops.add)
-
-    def _with_kernel(self, inputs, names, combine):
-        """Mean-mode inference with the adapters `names` added to (or taken
-        from) the kernel, once a call."""
-        base = self.base_layer
-        kernel = self.base_kernel
-        for name in names:
-            kernel = combine(kernel, self.delta_kernel(name))
-        y = self.linear(inputs, kernel)
-        bias = getattr(base, "bias", None)
-        if bias is not None:
-            y = self.linear.add_bias(y, bias)
-        return y
-
-    @property
-    def base_kernel(self):
-        """The base layer's kernel (an Embedding's matrix) as it computes
-        with it, Keras' LoRA included."""
-        return self.base_layer.kernel
 
     def compute_output_shape(self, input_shape):
         return self.base_layer.compute_output_shape(input_shape)
