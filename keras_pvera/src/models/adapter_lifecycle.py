@@ -213,10 +213,7 @@ class AdapterLifecycle:
         it was; a model whose layers were partly disabled before warns, as
         PEFT does.
         """
-        layers = [
-            *self.adapter_registry.wrappers.values(),
-            *self.adapter_registry.copies.values(),
-        ]
+        layers = self.adapter_registry.adapter_layers()
         before = [layer.adapter_enabled for layer in layers]
         if len(set(before)) > 1:
             warnings.warn(

@@ -370,8 +370,7 @@ class PVeRAModel(AdapterLifecycle, model_summary.ModelSummary, keras.Model):
             ],
             "active_adapter": self.active_adapters,
             "adapters_enabled": [
-                layer.adapter_enabled
-                for layer in [*registry.wrappers.values(), *registry.copies.values()]
+                layer.adapter_enabled for layer in registry.adapter_layers()
             ],
             "trained_in_place": registry.in_place,
             "calibration": self.calibration,
@@ -439,8 +438,7 @@ class PVeRAModel(AdapterLifecycle, model_summary.ModelSummary, keras.Model):
         if active != model.active_adapters:
             model.adapter_registry.set_active(active)
         if enabled is not None:
-            registry = model.adapter_registry
-            layers = [*registry.wrappers.values(), *registry.copies.values()]
+            layers = model.adapter_registry.adapter_layers()
             for layer, on in zip(layers, enabled, strict=True):
                 layer.adapter_enabled = on
         return model

@@ -3,8 +3,9 @@
 `AdapterRegistry` is the record of what PVeRA changed in one base model: which
 layers it wrapped in `PVeRADense` layers, the named adapters each wrapper
 holds, which layers each adapter trains in full (`trainable_layers`: each in
-a `TrainedCopies` holding the original and one copy per adapter), which
-adapters are active, and what it froze.
+a `TrainedCopies` holding the original and one copy per adapter), and what
+it froze. Which adapters are active, enabled or merged, the layers hold
+(`AdapterLayer`); the registry asks them.
 It wraps the layers `layer_selection` finds, swaps the wrappers in
 (`model_surgery`),
 freezes the rest, and undoes all of that on failure, on `delete`, and on
@@ -13,6 +14,7 @@ freezes the rest, and undoes all of that on failure, on `delete`, and on
 
 import keras
 
+from keras_pvera.src.layers.adapter_layer import AdapterLayer
 from keras_pvera.src.layers.adapter_layer import as_names
 from keras_pvera.src.layers.linear_map import linear_equation_of
 from keras_pvera.src.layers.projections import ProjectionRegistry
@@ -343,8 +345,13 @@ class AdapterRegistry:
                     "in PEFT's modules_to_save). Received: "
                     f"adapter_name={names!r}"
                 )
-        for layer in [*self.wrappers.values(), *self.copies.values()]:
+        for layer in self.adapter_layers():
             layer.set_active_adapter(names)
+
+    def adapter_layers(self):
+        """Every layer holding adapters: the wrappers, then the layers
+        trained in full (`AdapterLayer`s), in the order they were added."""
+        return [*self.wrappers.values(), *self.copies.values()]
 
     @property
     def active(self):
@@ -417,7 +424,7 @@ class AdapterRegistry:
         )
         recorded = {id(item) for item, _ in self.frozen}
         for _, layer in layer_walk.iter_layers(self.model):
-            if isinstance(layer, (PVeRADense, TrainedCopies)):
+            if isinstance(layer, AdapterLayer):
                 layer.trainable = layer.trainable  # Freezes its base again.
             elif layer.trainable and not any(id(w) in keep for w in layer.weights):
                 self._set_untrainable(layer, recorded)
