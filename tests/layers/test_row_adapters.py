@@ -46,6 +46,8 @@ def by_row(layer, x, indices):
 
 BASES = {
     "dense": (lambda: keras.layers.Dense(5), (6, 3)),
+    # Dense on sequences: the rows' scales broadcast over positions.
+    "dense_sequence": (lambda: keras.layers.Dense(5), (6, 4, 3)),
     "einsum": (
         lambda: keras.layers.EinsumDense("abc,cde->abde", (4, 2, 3)),
         (6, 4, 3),

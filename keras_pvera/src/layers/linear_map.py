@@ -156,7 +156,7 @@ class LinearEquation:
             axes = [*before, *[None] * (ndim - len(before) - len(after)), *after]
         else:
             axes = list(spec)
-        in_y = [c for c in axes[1:] if c in self.produced]
+        in_y = [c for c in axes[1:] if c is not None and c in self.produced]
         rows = ops.reshape(rows, (-1, *self.out_dims))
         order = [0] + [1 + self.produced.index(c) for c in in_y]
         if order != sorted(order):

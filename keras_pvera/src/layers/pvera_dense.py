@@ -250,6 +250,8 @@ class PVeRADense(row_adapters.RowPath, KernelDelta, AdapterLayer):
         self._forget(adapter_name)
 
     def set_active_adapter(self, adapter_name):
+        """As `AdapterLayer.set_active_adapter`; the input dropout then runs
+        at the (first) active adapter's rate."""
         super().set_active_adapter(adapter_name)
         if self.active_names:
             config = self.adapter_vectors[self.active_names[0]].config

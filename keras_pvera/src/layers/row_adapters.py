@@ -17,7 +17,11 @@ adapter and stacks the tables inside its trace, so that one compiled
 predict function serves every call, whichever adapters it names
 (`PVeRAModel.adapters_by_row`). One noise draw per layer serves every
 row, so each row is what running its adapter alone on the whole batch
-would give it, Monte Carlo noise included.
+would give it, Monte Carlo noise included. Each map lays out the rows'
+output scales (`row_scale`), whatever the order of the output's dims; a
+layer whose adapters read different rows of `B` (one of them fused into a
+larger map) runs the latent-to-output product once per distinct offset.
+`RowPath`, mixed into `PVeRADense`, is that computation.
 
 The selection reaches the layers in two ways:
 - through the model's inputs: `pack` puts the per-row adapter indices
