@@ -10,6 +10,7 @@ from keras_pvera import PVeRAConfig
 from keras_pvera import PVeRADense
 from keras_pvera import PVeRAEmbedding
 from keras_pvera.src.layers import row_adapters
+from keras_pvera.src.layers.adapter_vectors import join_fused_group
 from keras_pvera.src.layers.projections import ProjectionRegistry
 
 NAMES = ("default", "other", "__base__")
@@ -135,7 +136,7 @@ def test_rows_of_adapters_reading_other_rows_of_b_get_their_own(kind, seed):
     layer = PVeRADense(make_base(), rank=4, seed=seed, projection_registry=registry)
     layer.build((None, *shape[1:]))
     layer.add_adapter("other", PVeRAConfig(rank=4, seed=seed, alpha=3.0))
-    layer.join_fused_group("other", 7)
+    join_fused_group(layer, "other", 7)
     layer.set_sampling_flags({"other": True})
     rng = np.random.default_rng(seed)
     for vectors in layer.adapter_vectors.values():

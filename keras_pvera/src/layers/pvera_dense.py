@@ -267,49 +267,6 @@ class PVeRADense(row_adapters.RowPath, KernelDelta, AdapterLayer):
         registry = self.projection_registry
         return [self.base_layer] + ([] if registry is None else [registry])
 
-    def join_fused_group(self, adapter_name, out_offset, first=None):
-        """Makes adapter `adapter_name` one part of a fused linear map.
-
-        The layer then reads rows `[out_offset, out_offset + out)` of `B`,
-        and, unless it is the group's first layer, uses `first`'s `lambda_d`
-        variable (its own is dropped). With the group's layers reading the
-        same input and drawing the same noise (same `noise_seed`), the
-        group computes one latent sample, as the fused map's adapter does.
-        Called by the adapter registry for `PVeRAConfig.fused_groups`.
-
-        Args:
-            adapter_name: One of `adapter_names`.
-            out_offset: This layer's first row in the fused map.
-            first: The group's first `PVeRADense` (`None` for that layer).
-
-        Raises:
-            ValueError: If `first` draws other noise (another
-                `noise_seed`), or its `lambda_d` has another shape.
-        """
-        vectors = self._vectors_named(adapter_name)
-        vectors.out_offset = int(out_offset)
-        if first is None:
-            return
-        if first.noise_seed != self.noise_seed:
-            raise ValueError(
-                f"Layers {first.name!r} and {self.name!r} of a fused group "
-                "must draw the same noise, but were wrapped with noise seeds "
-                f"{first.noise_seed} and {self.noise_seed} (by an earlier "
-                "adapter that did not group them). Adapt the base model again "
-                "with the group in the first adapter."
-            )
-        shared = first.adapter_vectors[adapter_name].lambda_d
-        if tuple(shared.shape) != tuple(vectors.lambda_d.shape):
-            raise ValueError(
-                f"Layer {first.name!r}'s lambda_d has shape "
-                f"{tuple(shared.shape)}; layer {self.name!r} needs "
-                f"{tuple(vectors.lambda_d.shape)}."
-            )
-        if not vectors.shared_lambda_d:
-            keras_internals.untrack_variable(self, vectors.lambda_d)
-        vectors.lambda_d = shared
-        vectors.shared_lambda_d = True
-
     def _vectors_named(self, adapter_name):
         if adapter_name not in self.adapter_vectors:
             raise ValueError(

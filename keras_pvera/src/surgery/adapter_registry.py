@@ -16,6 +16,7 @@ import keras
 
 from keras_pvera.src.layers.adapter_layer import AdapterLayer
 from keras_pvera.src.layers.adapter_layer import as_names
+from keras_pvera.src.layers.adapter_vectors import join_fused_group
 from keras_pvera.src.layers.linear_map import linear_equation_of
 from keras_pvera.src.layers.projections import ProjectionRegistry
 from keras_pvera.src.layers.pvera_config import fused_offsets
@@ -229,7 +230,7 @@ class AdapterRegistry:
             wrappers = {**self.wrappers, **new}
             for path, (offset, group) in fused.items():
                 first = None if path == group[0] else wrappers[group[0]]
-                wrappers[path].join_fused_group(name, offset, first)
+                join_fused_group(wrappers[path], name, offset, first)
             self.wrappers.update(new)
             self.copies.update(new_copies)
             self.registry = registry
