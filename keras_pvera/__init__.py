@@ -10,11 +10,11 @@ Example:
 >>> model.compile(optimizer="adam", loss="mse")
 """
 
+from keras_pvera.src.layers.divergence import kl_divergence
 from keras_pvera.src.layers.projections import ProjectionRegistry
 from keras_pvera.src.layers.projections import generate_projections
 from keras_pvera.src.layers.pvera_config import PVeRAConfig
 from keras_pvera.src.layers.pvera_dense import PVeRADense
-from keras_pvera.src.layers.pvera_dense import kl_divergence
 from keras_pvera.src.layers.pvera_embedding import PVeRAEmbedding
 from keras_pvera.src.models.model_export import export_with_uncertainty
 from keras_pvera.src.models.pvera_model import PVeRAModel

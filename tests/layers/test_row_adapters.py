@@ -10,6 +10,8 @@ from keras_pvera import PVeRAConfig
 from keras_pvera import PVeRADense
 from keras_pvera import PVeRAEmbedding
 from keras_pvera.src.layers import row_adapters
+from keras_pvera.src.layers.adapter_vectors import join_fused_group
+from keras_pvera.src.layers.projections import ProjectionRegistry
 
 NAMES = ("default", "other", "__base__")
 
@@ -45,11 +47,13 @@ def by_row(layer, x, indices):
 
 BASES = {
     "dense": (lambda: keras.layers.Dense(5), (6, 3)),
+    # Dense on sequences: the rows' scales broadcast over positions.
+    "dense_sequence": (lambda: keras.layers.Dense(5), (6, 4, 3)),
     "einsum": (
         lambda: keras.layers.EinsumDense("abc,cde->abde", (4, 2, 3)),
         (6, 4, 3),
     ),
-    # Output dims before the kept ones: adapter by adapter, under masks.
+    # Output dims before the kept ones: the map lays out each row's scale.
     "einsum_output_first": (
         lambda: keras.layers.EinsumDense("abc,cd->adb", (5, 4)),
         (6, 4, 3),
@@ -114,6 +118,34 @@ def test_sampled_rows_draw_the_noise_their_adapter_alone_would(seed):
     again = by_row(layer, x, indices)
     assert np.abs(again[indices < 2] - mixed[indices < 2]).max() > 1e-3
     np.testing.assert_array_equal(again[indices == 2], mixed[indices == 2])
+    for i, name in enumerate(NAMES):
+        layer.seed_generator.state.assign(start)
+        rows = indices == i
+        np.testing.assert_allclose(
+            mixed[rows], alone(layer, name, x)[rows], rtol=1e-5, atol=1e-5
+        )
+
+
+@pytest.mark.parametrize("kind", ["dense", "einsum_output_first"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_rows_of_adapters_reading_other_rows_of_b_get_their_own(kind, seed):
+    """One adapter is part of a fused map (it reads `B` from row 7), the
+    other is not; "other" samples: each row is still its adapter's alone."""
+    make_base, shape = BASES[kind]
+    registry = ProjectionRegistry(rank=4, in_max=3, out_max=12, seed=seed)
+    layer = PVeRADense(make_base(), rank=4, seed=seed, projection_registry=registry)
+    layer.build((None, *shape[1:]))
+    layer.add_adapter("other", PVeRAConfig(rank=4, seed=seed, alpha=3.0))
+    join_fused_group(layer, "other", 7)
+    layer.set_sampling_flags({"other": True})
+    rng = np.random.default_rng(seed)
+    for vectors in layer.adapter_vectors.values():
+        vectors.lambda_d.assign(rng.normal(0.0, 0.7, vectors.lambda_d.shape))
+        vectors.lambda_b.assign(rng.normal(0.0, 0.7, vectors.lambda_b.shape))
+    x = rng.normal(size=shape).astype("float32")
+    indices = np.array([0, 1, 2, 1, 0, 2], "int32")
+    start = ops.convert_to_numpy(layer.seed_generator.state.value)
+    mixed = by_row(layer, x, indices)
     for i, name in enumerate(NAMES):
         layer.seed_generator.state.assign(start)
         rows = indices == i

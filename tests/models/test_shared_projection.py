@@ -8,6 +8,7 @@ import pytest
 from conftest import numpy_pvera
 
 import keras_pvera
+from keras_pvera.src.layers import linear_map
 from keras_pvera.src.layers import pvera_dense
 
 
@@ -33,7 +34,7 @@ def counted(monkeypatch):
     """Counts the products asked for and those actually computed."""
     counts = {"asked": 0, "computed": 0}
     registry_project = keras_pvera.ProjectionRegistry.project
-    linear_project = pvera_dense.LinearEquation.project
+    linear_project = linear_map.LinearEquation.project
 
     def asked(self, *args, **kwargs):
         counts["asked"] += 1
@@ -44,7 +45,7 @@ def counted(monkeypatch):
         return linear_project(self, *args, **kwargs)
 
     monkeypatch.setattr(keras_pvera.ProjectionRegistry, "project", asked)
-    monkeypatch.setattr(pvera_dense.LinearEquation, "project", computed)
+    monkeypatch.setattr(linear_map.LinearEquation, "project", computed)
     return counts
 
 

@@ -34,7 +34,7 @@ class ConvolutionMap:
     """The linear map of a `Conv1D`/`Conv2D`/`Conv3D` layer with `groups=1`.
 
     The same interface as `LinearEquation` (`in_dim`, `out_dim`, `project`,
-    `expand`, `output_scale`, `kernel`, `add_bias`, calling it), with a
+    `expand`, `output_scale`, `row_scale`, `kernel`, `add_bias`, calling it), with a
     patch of the input as the map's input.
 
     Args:
@@ -122,6 +122,13 @@ class ConvolutionMap:
     def output_scale(self, vector):
         """An `(out,)` vector laid out to scale `y`; `None` if channels first."""
         return None if self.channels_first else vector
+
+    def row_scale(self, rows, ndim):
+        """`(batch, filters)` vectors laid out to scale `y` row by row."""
+        ones = (1,) * (ndim - 2)
+        if self.channels_first:
+            return ops.reshape(rows, (-1, self.out_dim, *ones))
+        return ops.reshape(rows, (-1, *ones, self.out_dim))
 
     def kernel(self, matrix):
         """Turns an `(in, out)` matrix into a `(*kernel_size, in_channels,

@@ -21,7 +21,7 @@ class EmbeddingMap:
     """The linear map of an `Embedding` layer: token ids to their rows.
 
     The same interface as `LinearEquation` (`in_dim`, `out_dim`, `project`,
-    `expand`, `output_scale`, `kernel`, `add_bias`, calling it), with token
+    `expand`, `output_scale`, `row_scale`, `kernel`, `add_bias`, calling it), with token
     ids as the input.
 
     Args:
@@ -71,6 +71,10 @@ class EmbeddingMap:
     def output_scale(self, vector):
         """A `(dim,)` vector, which broadcasts over the output as it is."""
         return vector
+
+    def row_scale(self, rows, ndim):
+        """`(batch, dim)` vectors laid out to scale `y` row by row."""
+        return ops.reshape(rows, (-1, *(1,) * (ndim - 2), self.out_dim))
 
     def kernel(self, matrix):
         """The `(vocab, dim)` delta is already the embedding's layout."""

@@ -1,9 +1,10 @@
 """`PVeRADense`: the PVeRA adapter on a frozen `Dense` or `EinsumDense` layer.
 
-This module holds all of PVeRA's math. `A` `(2r, in_max)` and `B`
-`(out_max, r)` are frozen random matrices shared by every adapted layer
-(`ProjectionRegistry`); `lambda_d` `(2r,)` and `lambda_b` `(out,)` are the
-layer's trainable vectors; `eps ~ N(0, 1)` is drawn for every element of `mu`:
+A layer holding named adapters over its base layer's linear map.
+`A` `(2r, in_max)` and `B` `(out_max, r)` are frozen random matrices
+shared by every adapted layer (`ProjectionRegistry`); `lambda_d` `(2r,)`
+and `lambda_b` `(out,)` are the layer's trainable vectors; `eps ~ N(0, 1)`
+is drawn for every element of `mu`:
 
     h      = lambda_d * (dropout(x) @ A[:, :in].T)          # (..., 2r)
     mu     = h[..., :r]
@@ -13,71 +14,39 @@ layer's trainable vectors; `eps ~ N(0, 1)` is drawn for every element of `mu`:
     z      = mu                                              # otherwise
     y      = act(x @ W + b + alpha * lambda_b * (z @ B[:out, :].T))
 
-    KL     = mean(-0.5 * (1 + logvar - mu**2 - exp(logvar)))
+    KL     = mean(-0.5 * (1 + logvar - mu**2 - exp(logvar)))   # divergence.py
 
-An `EinsumDense` is the same linear map with `in` the product of its
-contracted input dims and `out` the product of its kernel's output dims, in
-the kernel's own (row-major) order.
+The map (`linear_map.py`: `Dense`, `EinsumDense`; `convolution_map.py`;
+`embedding_map.py`) says what `in`, `out`, `x @ A.T` and `z @ B.T` are for
+the base layer's kind.
 
 At inference with sampling off, on a float32 kernel, the mean adapter is
-linear in `x`, so it is folded into the kernel once per call (as Keras' own
-LoRA does):
-
-    delta_W = A[:r, :in].T @ diag(lambda_d[:r]) @ B[:out, :].T
-              @ diag(alpha * lambda_b)
-
-which costs one `in x r x out` product per call instead of two per-token
-products. Otherwise (training, sampling at inference, quantized or
-float16/bfloat16 bases, where a folded delta could round away) the adapter
-runs token by token, with `lambda_d` and `lambda_b` scaling activations, not
-kernels, so their gradients are elementwise products, never weight-gradient
-matrix products.
+folded into the kernel once per call (`kernel_delta.py`). Otherwise
+(training, sampling, quantized or float16/bfloat16 bases) the adapter runs
+token by token, with `lambda_d` and `lambda_b` scaling activations, so
+their gradients are elementwise products, not weight-gradient matmuls.
 """
-
-import math
-import string
 
 import keras
 from keras import ops
 
 from keras_pvera.src.layers import row_adapters
-from keras_pvera.src.layers.convolution_map import CONVOLUTIONS
-from keras_pvera.src.layers.convolution_map import ConvolutionMap
-from keras_pvera.src.layers.embedding_map import EmbeddingMap
+from keras_pvera.src.layers.adapter_dtype import adapter_dtype
+from keras_pvera.src.layers.adapter_dtype import float_policy
+from keras_pvera.src.layers.adapter_layer import AdapterLayer
+from keras_pvera.src.layers.adapter_layer import check_adapter_name
+from keras_pvera.src.layers.adapter_vectors import AdapterVectors
+from keras_pvera.src.layers.divergence import kl_divergence
+from keras_pvera.src.layers.kernel_delta import KernelDelta
+from keras_pvera.src.layers.linear_map import check_quantization_mode
+from keras_pvera.src.layers.linear_map import linear_equation_of
+from keras_pvera.src.layers.linear_map import unsupported_reason
 from keras_pvera.src.layers.projections import ProjectionRegistry
 from keras_pvera.src.layers.pvera_config import PVeRAConfig
 from keras_pvera.src.layers.pvera_config import split_settings
 from keras_pvera.src.layers.seeds import derive_seed
-from keras_pvera.src.layers.wrapped_layer import AsWrappedLayer
-from keras_pvera.src.utils import checks
+from keras_pvera.src.layers.seeds import noise_seed_of
 from keras_pvera.src.utils import keras_internals
-
-
-def kl_divergence(mu, logvar):
-    """PVeRA's KL term of one layer: the mean over all positions and units.
-
-    `mean(-0.5 * (1 + logvar - mu**2 - exp(logvar)))`, the KL divergence of
-    `N(mu, exp(logvar))` from `N(0, 1)` per latent unit, averaged.
-
-    Args:
-        mu: Latent means, any shape.
-        logvar: Latent log-variances, same shape as `mu`.
-
-    Returns:
-        A scalar tensor.
-
-    `mu` and `logvar` must broadcast together; the backend raises its own
-    error if they do not.
-
-    Example:
-
-    >>> import numpy as np
-    >>> float(kl_divergence(np.zeros((2, 3)), np.zeros((2, 3))))
-    0.0
-    """
-    mu = ops.convert_to_tensor(mu)
-    logvar = ops.convert_to_tensor(logvar)
-    return ops.mean(-0.5 * (1.0 + logvar - ops.square(mu) - ops.exp(logvar)))
 
 
 def bound_log_variance(logvar, max_log_variance):
@@ -99,240 +68,8 @@ def bound_log_variance(logvar, max_log_variance):
     return ops.minimum(logvar, ops.cast(max_log_variance, logvar.dtype))
 
 
-DENSE_EQUATION = "...a,ab->...b"
-
-# The quantization modes (`layer.quantize(mode)`) of base layers PVeRA runs
-# beside; `None` is a float layer. Keras 3.12 has no int4 sub-channel, GPTQ
-# or AWQ layers to meet.
-ADAPTABLE_QUANTIZATION_MODES = (None, "int8", "float8", "int4", "gptq", "awq")
-
-
-class LinearEquation:
-    """The linear map of a `Dense` or single-kernel `EinsumDense` layer.
-
-    Describes where the `in` and `out` axes of the kernel are, and derives the
-    einsum equations PVeRA needs to go from the layer's input to the latent
-    space and from the latent space to the layer's output.
-
-    Args:
-        equation: The layer's einsum equation (`"...a,ab->...b"` for `Dense`).
-        kernel_shape: The kernel's shape.
-    """
-
-    def __init__(self, equation, kernel_shape):
-        try:
-            lhs, output_spec = equation.replace(" ", "").split("->")
-            input_spec, kernel_spec = lhs.split(",")
-        except ValueError:
-            raise ValueError(
-                f"PVeRA needs a single-kernel einsum equation such as "
-                f"'abc,cd->abd'. Received: equation={equation!r}"
-            ) from None
-        shared = [c for c in kernel_spec if c in input_spec and c in output_spec]
-        if shared or len(kernel_spec) != len(kernel_shape):
-            raise ValueError(
-                f"PVeRA supports einsum equations whose kernel axes are either "
-                f"contracted with the input or copied to the output, not "
-                f"both. Received: equation={equation!r}"
-            )
-        self.equation = equation
-        self.projection_key = None  # Set below.
-        self.kernel_shape = tuple(int(d) for d in kernel_shape)
-        contracted = [c for c in kernel_spec if c in input_spec]
-        produced = [c for c in kernel_spec if c not in input_spec]
-        dims = dict(zip(kernel_spec, self.kernel_shape, strict=False))
-        self.in_dims = [dims[c] for c in contracted]
-        self.out_dims = [dims[c] for c in produced]
-        self.in_dim = math.prod(self.in_dims)
-        self.out_dim = math.prod(self.out_dims)
-        latent = next(c for c in string.ascii_letters if c not in equation)
-        kept = "".join(c for c in input_spec if c not in contracted)
-        contracted = "".join(contracted)
-        produced = "".join(produced)
-        # x (..., in dims) -> latent (..., k), and back to y (..., out dims).
-        self.to_latent = f"{input_spec},{contracted}{latent}->{kept}{latent}"
-        # Inputs with the same key share their product with `A` (see
-        # `ProjectionRegistry.project`).
-        self.projection_key = (self.to_latent, tuple(self.in_dims))
-        self.from_latent = f"{kept}{latent},{latent}{produced}->{output_spec}"
-        # When x ends with the contracted dims and y with the produced ones
-        # (Dense, KerasHub's attention layers), plain matmuls do it faster.
-        self.trailing = (
-            input_spec == kept + contracted and output_spec == kept + produced
-        )
-        # (in dims..., out dims...) -> kernel order
-        order = contracted + produced
-        self.to_kernel_order = [order.index(c) for c in kernel_spec]
-        # A per-output vector broadcasts over y when the output dims come
-        # last in y (true of Dense and of KerasHub's EinsumDense layers).
-        in_output = "".join(c for c in output_spec if c in produced)
-        self.output_scale_order = (
-            [produced.index(c) for c in in_output]
-            if output_spec.endswith(in_output)
-            else None
-        )
-
-    def project(self, inputs, matrix):
-        """`inputs` (..., in dims) times an `(in, k)` matrix: (..., k)."""
-        if not self.trailing:
-            kernel = ops.reshape(matrix, (*self.in_dims, -1))
-            return ops.einsum(self.to_latent, inputs, kernel)
-        if len(self.in_dims) > 1:
-            leading = ops.shape(inputs)[: -len(self.in_dims)]
-            inputs = ops.reshape(inputs, (*leading, self.in_dim))
-        return ops.matmul(inputs, matrix)
-
-    def expand(self, latent, matrix):
-        """`latent` (..., k) times a `(k, out)` matrix, laid out as `y`."""
-        if not self.trailing:
-            kernel = ops.reshape(matrix, (-1, *self.out_dims))
-            return ops.einsum(self.from_latent, latent, kernel)
-        y = ops.matmul(latent, matrix)
-        if len(self.out_dims) > 1:
-            y = ops.reshape(y, (*ops.shape(y)[:-1], *self.out_dims))
-        return y
-
-    def __call__(self, inputs, kernel):
-        """Computes the map with a kernel of the layer's layout.
-
-        `Dense`'s equation runs as `matmul`, as `Dense` itself does, so an
-        adapter with `lambda_b = 0` reproduces the base layer bit for bit.
-        """
-        if self.equation == DENSE_EQUATION:
-            return ops.matmul(inputs, kernel)
-        return ops.einsum(self.equation, inputs, kernel)
-
-    def add_bias(self, y, bias):
-        """Adds the layer's bias to the map's output."""
-        return ops.add(y, bias)
-
-    def output_scale(self, vector):
-        """Lays out an `(out,)` vector to broadcast over the output `y`.
-
-        Returns `None` when the output dims do not come last in `y`.
-        """
-        if self.output_scale_order is None:
-            return None
-        vector = ops.reshape(vector, self.out_dims)
-        if self.output_scale_order != sorted(self.output_scale_order):
-            vector = ops.transpose(vector, self.output_scale_order)
-        return vector
-
-    def kernel(self, matrix):
-        """Turns an `(in, out)` matrix into the layer's kernel layout."""
-        matrix = ops.reshape(matrix, (*self.in_dims, *self.out_dims))
-        if self.to_kernel_order != sorted(self.to_kernel_order):
-            matrix = ops.transpose(matrix, self.to_kernel_order)
-        return matrix
-
-
-def _float_policy(dtype):
-    """The wrapper's policy for a base layer's: float32 vectors, base compute.
-
-    `"int8_from_float32"` gives `"float32"`: a quantized policy would make
-    Keras dispatch the wrapper's own call to quantized kernels it does not
-    have (the wrapped layer runs its quantized call itself). A float16 or
-    bfloat16 base gives `"mixed_float16"` / `"mixed_bfloat16"`: the vectors
-    are float32, as PEFT's `autocast_adapter_dtype=True` (its default) keeps
-    them over a half-precision base, so training updates smaller than half
-    precision's step are not lost, and the wrapper still computes, and
-    returns, the base's dtype.
-    """
-    policy = keras.dtype_policies.get(dtype)
-    if getattr(policy, "quantization_mode", None) is not None:
-        policy = keras_internals.float_source_policy(policy)
-    if policy.variable_dtype in ("float16", "bfloat16"):
-        return keras.dtype_policies.get(f"mixed_{policy.variable_dtype}")
-    return policy
-
-
-ADAPTED_LAYERS = (
-    keras.layers.Dense,
-    keras.layers.EinsumDense,
-    *CONVOLUTIONS,
-    keras.layers.Embedding,
-)
-
-SUPPORTED = (
-    "keras.layers.Dense, EinsumDense, Conv1D, Conv2D, Conv3D (groups=1) and "
-    "Embedding layers (KerasHub's ReversibleEmbedding included)"
-)
-
-
-def unsupported_reason(layer):
-    """Why PVeRA cannot adapt `layer`, or `None` when it can.
-
-    Args:
-        layer: A Keras layer.
-
-    Returns:
-        `None` for a layer of `ADAPTED_LAYERS` (a convolution with
-        `groups=1`), else a sentence naming the layer and what PVeRA adapts.
-    """
-    kind = type(layer).__name__
-    if not isinstance(layer, ADAPTED_LAYERS):
-        return f"PVeRA adapts {SUPPORTED}; layer {layer.name!r} is a {kind}."
-    if isinstance(layer, CONVOLUTIONS) and getattr(layer, "groups", 1) != 1:
-        return (
-            f"PVeRA adapts convolutions with groups=1; layer {layer.name!r} "
-            f"({kind}) has groups={layer.groups}. It adapts {SUPPORTED}."
-        )
-    return None
-
-
-def linear_equation_of(layer):
-    """The linear map of a built layer that PVeRA adapts.
-
-    Args:
-        layer: A built layer of `ADAPTED_LAYERS`.
-
-    Returns:
-        A `LinearEquation` (`Dense`, `EinsumDense`), `ConvolutionMap` or
-        `EmbeddingMap`.
-    """
-    if isinstance(layer, keras.layers.Embedding):
-        return EmbeddingMap(layer)
-    if isinstance(layer, CONVOLUTIONS):
-        return ConvolutionMap(layer)
-    equation = (
-        layer.equation
-        if isinstance(layer, keras.layers.EinsumDense)
-        else DENSE_EQUATION
-    )
-    return LinearEquation(equation, keras_internals.kernel_shape(layer))
-
-
-class AdapterVectors:
-    """One named adapter inside a `PVeRADense` layer: its settings and vectors.
-
-    A plain object (not a Keras layer): the layer owns the variables.
-
-    Args:
-        config: The adapter's `PVeRAConfig`.
-        lambda_d: The `(2 * rank,)` variable, or `None` before the layer is
-            built.
-        lambda_b: The `(out,)` variable, or `None` before the layer is built.
-
-    A layer of a fused group (`PVeRAConfig.fused_groups`) reads rows
-    `[out_offset, out_offset + out)` of `B`; all but the group's first layer
-    hold the first layer's `lambda_d` (`shared_lambda_d` is then true) and do
-    not track it, so it is saved and trained once.
-    """
-
-    def __init__(self, config, lambda_d=None, lambda_b=None):
-        self.config = config
-        self.lambda_d = lambda_d
-        self.lambda_b = lambda_b
-        self.out_offset = 0
-        self.shared_lambda_d = False
-
-    @property
-    def weights(self):
-        return [self.lambda_d, self.lambda_b]
-
-
 @keras.saving.register_keras_serializable(package="keras_pvera")
-class PVeRADense(AsWrappedLayer, keras.layers.Layer):
+class PVeRADense(row_adapters.RowPath, KernelDelta, AdapterLayer):
     """PVeRA adapter around a frozen `Dense` or `EinsumDense` layer.
 
     The wrapped layer is frozen. Two vectors train: `lambda_d` (size
@@ -345,13 +82,10 @@ class PVeRADense(AsWrappedLayer, keras.layers.Layer):
     adapted layer starts equal to the base layer. The base layer's activation
     moves to this layer, so the adapter is added before it.
 
-    A layer can hold several named adapters (`add_adapter`); those made
-    active (`set_active_adapter`, one name or several) run, their outputs
-    adding up, and only their vectors train. With no active adapter or with
-    the adapters disabled (`adapter_enabled = False`), the layer computes the
-    base layer's output (exactly, unless adapters are merged into the kernel:
-    then their deltas are taken out on the fly). Adapters merged into the
-    kernel (`merged_adapters`) run as the kernel.
+    A layer holds named adapters (`add_adapter`; `AdapterLayer` keeps which
+    are active, enabled and merged); the active ones run, their outputs
+    adding up. With none active or adapters disabled, the layer computes the
+    base layer's output (merged deltas taken out on the fly).
 
     Args:
         base_layer: A `keras.layers.Dense` or `keras.layers.EinsumDense`.
@@ -373,10 +107,6 @@ class PVeRADense(AsWrappedLayer, keras.layers.Layer):
             `save_projection`; they override `config`'s), and base layer
             keyword arguments such as `name`.
 
-    Returns:
-        A Keras layer; calling it returns the base layer's output plus the
-        adapter's, shaped as the base layer's.
-
     Raises:
         TypeError: If `base_layer` is not a `Dense` or `EinsumDense`.
         ValueError: For a bad `rank`, `dropout` or other setting, an einsum
@@ -394,9 +124,6 @@ class PVeRADense(AsWrappedLayer, keras.layers.Layer):
     ['pvera_lambda_d', 'pvera_lambda_b']
     """
 
-    # `PVeRAEmbedding` wraps embeddings (their call takes `reverse`).
-    wraps_embeddings = False
-
     def wrapped_layer(self):
         """The base layer: inputs and masks are checked as it checks them."""
         return self.base_layer
@@ -411,28 +138,14 @@ class PVeRADense(AsWrappedLayer, keras.layers.Layer):
         noise_seed=None,
         **kwargs,
     ):
-        reason = unsupported_reason(base_layer)
-        if reason is None and isinstance(base_layer, keras.layers.Embedding):
-            if not self.wraps_embeddings:
-                reason = (
-                    f"Layer {base_layer.name!r} is an Embedding: wrap it in "
-                    "a PVeRAEmbedding (keras_pvera.apply does)."
-                )
-        if reason is not None:
-            raise TypeError(f"{reason} Received: base_layer={base_layer!r}")
+        self._check_base_layer(base_layer)
         settings, kwargs = split_settings(kwargs)
         config = PVeRAConfig.from_settings(config, **settings)
-        _check_adapter_name(adapter_name)
+        check_adapter_name(adapter_name)
         kwargs.setdefault("name", base_layer.name)
-        kwargs["dtype"] = _float_policy(kwargs.get("dtype", base_layer.dtype_policy))
+        kwargs["dtype"] = float_policy(kwargs.get("dtype", base_layer.dtype_policy))
         super().__init__(**kwargs)
-        # Over a float16/bfloat16 base the adapter runs in float32 (PEFT's
-        # autocast_adapter_dtype): its variables are not cast to the base's
-        # dtype, and its output is rounded once, after the sum.
-        self.adapter_dtype = self.compute_dtype
-        if self.dtype_policy.name in ("mixed_float16", "mixed_bfloat16"):
-            self.autocast = False
-            self.adapter_dtype = "float32"
+        self.adapter_dtype = adapter_dtype(self)
         # Variables are named beside the base layer's own, e.g.
         # "encoder/query/pvera_lambda_d" next to "encoder/query/kernel".
         keras_internals.set_parent_path(self, keras_internals.parent_path(base_layer))
@@ -447,16 +160,7 @@ class PVeRADense(AsWrappedLayer, keras.layers.Layer):
         if activation is keras.activations.linear:
             activation = None
         self.activation = activation
-        if noise_seed is None:
-            noise_seed = config.seed
-            if config.generator_seed is not None:
-                noise_seed = config.generator_seed
-        if not checks.is_integer(noise_seed) or noise_seed < 0:
-            raise ValueError(
-                "`noise_seed` must be a non-negative integer or None. "
-                f"Received: noise_seed={noise_seed!r}"
-            )
-        self.noise_seed = int(noise_seed)
+        self.noise_seed = noise_seed_of(config, noise_seed)
         # Dropout and noise draw from distinct streams, in this layer's dtype.
         self.dropout_layer = keras.layers.Dropout(
             config.dropout,
@@ -465,18 +169,26 @@ class PVeRADense(AsWrappedLayer, keras.layers.Layer):
         )
         self.seed_generator = keras.random.SeedGenerator(self.noise_seed)
         self.adapter_vectors = {adapter_name: AdapterVectors(config)}
-        # Names as tuples: Keras would track (and copy) lists.
         self.active_names = (adapter_name,)
-        self.enabled = True
-        self.merged_names = ()
         self.base_layer.trainable = False
         if base_layer.built:
             self.build(None)
 
+    def _check_base_layer(self, base_layer):
+        """Raises `TypeError` unless this class adapts `base_layer`."""
+        reason = unsupported_reason(base_layer)
+        if reason is None and isinstance(base_layer, keras.layers.Embedding):
+            reason = (
+                f"Layer {base_layer.name!r} is an Embedding: wrap it in "
+                "a PVeRAEmbedding (keras_pvera.apply does)."
+            )
+        if reason is not None:
+            raise TypeError(f"{reason} Received: base_layer={base_layer!r}")
+
     def build(self, input_shape):
         if not self.base_layer.built:
             self.base_layer.build(input_shape)
-        self._check_quantization_mode()
+        check_quantization_mode(self.base_layer)
         self.linear = linear_equation_of(self.base_layer)
         if self.projection_registry is None:
             first = next(iter(self.adapter_vectors.values())).config
@@ -520,7 +232,7 @@ class PVeRADense(AsWrappedLayer, keras.layers.Layer):
         Raises:
             ValueError: If the name exists, or the layer is merged.
         """
-        _check_adapter_name(adapter_name)
+        check_adapter_name(adapter_name)
         if adapter_name in self.adapter_vectors:
             raise ValueError(
                 f"Layer {self.name!r} already has an adapter named "
@@ -555,146 +267,25 @@ class PVeRADense(AsWrappedLayer, keras.layers.Layer):
             if variable is not None:
                 keras_internals.untrack_variable(self, variable)
         del self.adapter_vectors[adapter_name]
-        self.active_names = tuple(n for n in self.active_names if n != adapter_name)
+        self._forget(adapter_name)
 
     def set_active_adapter(self, adapter_name):
-        """Makes `adapter_name` the adapter (or adapters) that run and train.
+        """As `AdapterLayer.set_active_adapter`; the input dropout then runs
+        at the (first) active adapter's rate."""
+        super().set_active_adapter(adapter_name)
+        if self.active_names:
+            config = self.adapter_vectors[self.active_names[0]].config
+            self.dropout_layer.rate = config.dropout
 
-        Args:
-            adapter_name: A name, a list of names (their outputs add up), or
-                `None` (or names this layer does not hold) to run the base
-                layer alone.
+    def _adapters(self):
+        return self.adapter_vectors
 
-        Raises:
-            ValueError: If an adapter is merged into the kernel.
-        """
-        names = _as_names(adapter_name)
-        held = tuple(n for n in names if n in self.adapter_vectors)
-        if held != self.active_names:
-            self._check_not_merged("switch adapters")
-        self.active_names = held
-        if held:
-            self.dropout_layer.rate = self.adapter_vectors[held[0]].config.dropout
-        self._apply_trainability()
+    def _trainables_of(self, adapter_name):
+        return [w for w in self.adapter_vectors[adapter_name].weights if w is not None]
 
-    def join_fused_group(self, adapter_name, out_offset, first=None):
-        """Makes adapter `adapter_name` one part of a fused linear map.
-
-        The layer then reads rows `[out_offset, out_offset + out)` of `B`,
-        and, unless it is the group's first layer, uses `first`'s `lambda_d`
-        variable (its own is dropped). With the group's layers reading the
-        same input and drawing the same noise (same `noise_seed`), the
-        group computes one latent sample, as the fused map's adapter does.
-        Called by the adapter registry for `PVeRAConfig.fused_groups`.
-
-        Args:
-            adapter_name: One of `adapter_names`.
-            out_offset: This layer's first row in the fused map.
-            first: The group's first `PVeRADense` (`None` for that layer).
-
-        Raises:
-            ValueError: If `first` draws other noise (another
-                `noise_seed`), or its `lambda_d` has another shape.
-        """
-        vectors = self._vectors_named(adapter_name)
-        vectors.out_offset = int(out_offset)
-        if first is None:
-            return
-        if first.noise_seed != self.noise_seed:
-            raise ValueError(
-                f"Layers {first.name!r} and {self.name!r} of a fused group "
-                "must draw the same noise, but were wrapped with noise seeds "
-                f"{first.noise_seed} and {self.noise_seed} (by an earlier "
-                "adapter that did not group them). Adapt the base model again "
-                "with the group in the first adapter."
-            )
-        shared = first.adapter_vectors[adapter_name].lambda_d
-        if tuple(shared.shape) != tuple(vectors.lambda_d.shape):
-            raise ValueError(
-                f"Layer {first.name!r}'s lambda_d has shape "
-                f"{tuple(shared.shape)}; layer {self.name!r} needs "
-                f"{tuple(vectors.lambda_d.shape)}."
-            )
-        if not vectors.shared_lambda_d:
-            keras_internals.untrack_variable(self, vectors.lambda_d)
-        vectors.lambda_d = shared
-        vectors.shared_lambda_d = True
-
-    @property
-    def active_adapters(self):
-        """The names of the adapters that run and train, a list."""
-        return list(self.active_names)
-
-    @property
-    def active_adapter(self):
-        """The active adapter's name; `None` if none, a list if several."""
-        if len(self.active_names) > 1:
-            return list(self.active_names)
-        return self.active_names[0] if self.active_names else None
-
-    @property
-    def adapter_enabled(self):
-        """Whether the active adapters run (PEFT's `enable_adapters`).
-
-        Set it to `False` to compute the base layer's output; the adapters'
-        vectors then do not train either.
-        """
-        return self.enabled
-
-    @adapter_enabled.setter
-    def adapter_enabled(self, value):
-        self.enabled = bool(value)
-        self._apply_trainability()
-
-    @property
-    def merged_adapters(self):
-        """The names of the adapters merged into the kernel, in merge order."""
-        return list(self.merged_names)
-
-    @property
-    def merged_adapter(self):
-        """The merged adapter's name; `None` if none, a list if several."""
-        if len(self.merged_names) > 1:
-            return list(self.merged_names)
-        return self.merged_names[0] if self.merged_names else None
-
-    def merge(self, adapter_names=None):
-        """Folds adapters' mean into the kernel (PEFT's layer `merge`).
-
-        Args:
-            adapter_names: Names to merge; `None` for the active adapters.
-                Names already merged, or that this layer does not hold, are
-                skipped.
-
-        Returns:
-            The list of names merged by this call.
-        """
-        names = self.active_names if adapter_names is None else adapter_names
-        todo = [
-            n
-            for n in _as_names(names)
-            if n in self.adapter_vectors and n not in self.merged_names
-        ]
-        kernel = keras_internals.kernel_variable(self.base_layer)
-        for name in todo:
-            delta = ops.cast(self.delta_kernel(name), kernel.dtype)
-            kernel.assign(ops.add(kernel, delta))
-            self.merged_names = (*self.merged_names, name)
-        return todo
-
-    def unmerge(self):
-        """Takes every merged adapter back out of the kernel, last first."""
-        kernel = keras_internals.kernel_variable(self.base_layer)
-        while self.merged_names:
-            *rest, name = self.merged_names
-            self.merged_names = tuple(rest)
-            delta = ops.cast(self.delta_kernel(name), kernel.dtype)
-            kernel.assign(ops.subtract(kernel, delta))
-
-    @property
-    def adapter_names(self):
-        """The names of this layer's adapters, in the order they were added."""
-        return list(self.adapter_vectors)
+    def _always_frozen(self):
+        registry = self.projection_registry
+        return [self.base_layer] + ([] if registry is None else [registry])
 
     def _vectors_named(self, adapter_name):
         if adapter_name not in self.adapter_vectors:
@@ -704,10 +295,6 @@ class PVeRADense(AsWrappedLayer, keras.layers.Layer):
             )
         return self.adapter_vectors[adapter_name]
 
-    def _active_vectors_name(self):
-        self._active_vectors()
-        return self.active_names[0]
-
     def _active_vectors(self):
         # With several active adapters, the first one's.
         if not self.active_names:
@@ -716,14 +303,6 @@ class PVeRADense(AsWrappedLayer, keras.layers.Layer):
                 f"{list(self.adapter_vectors)}"
             )
         return self.adapter_vectors[self.active_names[0]]
-
-    def _check_not_merged(self, action):
-        if self.merged_names:
-            raise ValueError(
-                f"Cannot {action} while adapters {list(self.merged_names)} are "
-                f"merged into the kernel of layer {self.name!r}. Call "
-                "`model.unmerge_adapter()` first."
-            )
 
     @property
     def config(self):
@@ -777,39 +356,6 @@ class PVeRADense(AsWrappedLayer, keras.layers.Layer):
             vectors.config = vectors.config.replace(sample_at_inference=bool(value))
 
     @property
-    def trainable(self):
-        """Whether the active adapter's vectors train (the base never does)."""
-        return keras.layers.Layer.trainable.fget(self)
-
-    @trainable.setter
-    def trainable(self, value):
-        # Keras' setter sets every sublayer and variable: set them back, so
-        # that toggling `trainable` never thaws the base layer.
-        keras.layers.Layer.trainable.fset(self, value)
-        self._apply_trainability()
-
-    def _apply_trainability(self):
-        self.base_layer.trainable = False
-        if self.projection_registry is not None:
-            self.projection_registry.trainable = False
-        for name, vectors in self.adapter_vectors.items():
-            for variable in vectors.weights:
-                if variable is not None:
-                    variable.trainable = (
-                        self.trainable and self.enabled and name in self.active_names
-                    )
-
-    def _check_quantization_mode(self):
-        base = self.base_layer
-        if base.quantization_mode not in ADAPTABLE_QUANTIZATION_MODES:
-            raise ValueError(
-                f"Layer {base.name!r} is quantized with "
-                f"mode={base.quantization_mode!r}, which PVeRA does not "
-                "adapt. It adapts float layers and layers quantized with "
-                f"modes {list(ADAPTABLE_QUANTIZATION_MODES[1:])}."
-            )
-
-    @property
     def in_dim(self):
         """Size of the adapted layer's input (product of contracted dims)."""
         return self.linear.in_dim
@@ -830,47 +376,6 @@ class PVeRADense(AsWrappedLayer, keras.layers.Layer):
         if adapter is None:
             return self._active_vectors()
         return self._vectors_named(adapter)
-
-    def _scaled_b(self, b, vectors):
-        # (out, r) * (alpha * lambda_b) per row -> (r, out)
-        scale = ops.multiply(vectors.config.alpha, vectors.lambda_b)
-        return ops.transpose(ops.multiply(b, ops.expand_dims(scale, 1)))
-
-    def mean_factors(self, adapter=None):
-        """An adapter's mean as two rank-`r` factors: a LoRA.
-
-        `down @ up` is the `(in, out)` matrix that the mean adapter adds to
-        the layer's map: `down = A[:r, :in].T @ diag(lambda_d[:r])` and
-        `up = B[:out, :].T @ diag(alpha * lambda_b)` (`B`'s rows from the
-        adapter's `out_offset` in a fused group). In PyTorch's layout these
-        are LoRA's `lora_A.weight = down.T` and `lora_B.weight = up.T`.
-
-        Args:
-            adapter: The adapter's name; `None` for the active one (the
-                first, if several).
-
-        Returns:
-            A tuple `(down, up)` of tensors of shapes `(in, r)` and
-            `(r, out)`.
-        """
-        vectors = self._vectors(adapter)
-        a, b = self._projections(vectors)
-        r = vectors.config.rank
-        a_mean = ops.multiply(a[:r], ops.expand_dims(vectors.lambda_d[:r], 1))
-        return ops.transpose(a_mean), self._scaled_b(b, vectors)
-
-    def delta_kernel(self, adapter=None):
-        """An adapter's mean as a kernel: what merging adds to it.
-
-        Args:
-            adapter: The adapter's name; `None` for the active one (the
-                first, if several).
-
-        Returns:
-            A tensor of the base layer's kernel shape.
-        """
-        down, up = self.mean_factors(adapter)
-        return self.linear.kernel(ops.matmul(down, up))
 
     def latent(self, inputs, training=False, adapter=None):
         """The latent mean and log-variance for `inputs`.
@@ -901,11 +406,6 @@ class PVeRADense(AsWrappedLayer, keras.layers.Layer):
 
     def _projected(self, inputs, dropout, training):
         """`x @ A.T` (before `lambda_d`), `x` after dropout at rate `dropout`."""
-        if getattr(self.linear, "reads_ids", False):
-            # Token ids: `A`'s columns, dropped token by token as a dropped
-            # one-hot input would drop them.
-            h = self.projection_registry.project(inputs, self.linear)
-            return self._dropout(h, dropout, training, per_position=True)
         # The input as the base layer sees it (rounded to a half-precision
         # compute dtype), then the adapter's dtype (float32 over such a base).
         x = ops.cast(inputs, self.compute_dtype)
@@ -988,8 +488,7 @@ class PVeRADense(AsWrappedLayer, keras.layers.Layer):
     def _latent_path(self, y, inputs, training, name=None):
         """Adds one adapter (`None`: the active one) token by token
         (training, sampling, quantized or low-precision bases)."""
-        name = self._active_vectors_name() if name is None else name
-        vectors = self.adapter_vectors[name]
+        vectors = self._vectors(name)
         config = vectors.config
         mu, logvar = self.latent(inputs, training=training, adapter=name)
         # A fused group has one latent: its first layer adds its KL term.
@@ -1014,161 +513,6 @@ class PVeRADense(AsWrappedLayer, keras.layers.Layer):
         if self.adapter_dtype == self.compute_dtype:
             return ops.add(y, adapter)
         return ops.cast(ops.add(ops.cast(y, self.adapter_dtype), adapter), y.dtype)
-
-    def _per_row_path(self, inputs, rows, training):
-        """Each row's own adapter (`row_adapters`): the base output plus the
-        adapter of each row, from its own vectors gathered row by row.
-
-        Every adapter of a model shares `A`, `B` and the rank, so one
-        `x @ A.T` and one latent-to-output product serve the whole batch;
-        rows of `"__base__"` (or of an adapter this layer does not hold)
-        get zero vectors. One noise draw serves every row, so a row gets
-        what its adapter alone would give it.
-        """
-        if training:
-            raise ValueError(
-                "Adapters picked per example (`adapter_names`) are for "
-                "inference; to train an adapter, make it active with "
-                "`model.set_adapter(name)`."
-            )
-        self._check_not_merged("pick adapters per example")
-        batch, expected = inputs.shape[0], rows.indices.shape[0]
-        if None not in (batch, expected) and batch != expected:
-            raise ValueError(
-                f"Layer {self.name!r} received {batch} rows but `adapter_names` "
-                f"gives {expected}: one name per example is needed (a beam "
-                "search, which multiplies rows, cannot pick adapters per row)."
-            )
-        y = self.base_layer(inputs)
-        held = [self.adapter_vectors.get(name) for name in rows.names]
-        first = next((v for v in held if v is not None), None)
-        if first is None:
-            return y
-        order = getattr(self.linear, "output_scale_order", None)
-        if (
-            len({v.out_offset for v in held if v is not None}) > 1
-            or order is None
-            or order != sorted(order)
-        ):
-            return self._per_adapter_rows(y, inputs, rows)
-        h = self._projected(inputs, 0.0, False)
-        lambda_d, scale, sampling = self._row_vectors(held, rows, h)
-        h = ops.cast(ops.multiply(h, lambda_d), "float32")
-        z, logvar = ops.split(h, 2, axis=-1)
-        logvar = self._bound_rows(held, rows, logvar)
-        if sampling is not None:
-            z = ops.add(z, ops.multiply(self._noise(logvar), sampling))
-        z = ops.cast(z, self.adapter_dtype)
-        _, b = self._projections(first)
-        adapter = ops.multiply(self.linear.expand(z, ops.transpose(b)), scale)
-        return self._add(y, adapter)
-
-    def row_tables(self, names):
-        """The vectors of adapters `names`, stacked: one row per name.
-
-        What `_per_row_path` gathers each row's vectors from; a model that
-        runs eagerly stacks them once per call, a compiled one inside its
-        trace (`PVeRAModel.adapters_by_row`).
-
-        Args:
-            names: Adapter names; those this layer does not hold
-                (`"__base__"` among them) get zero vectors.
-
-        Returns:
-            `None` when the layer holds none of `names`; else a tuple
-            `(lambda_d, scale)` in the adapter dtype: `(len(names), 2r)`
-            and `(len(names), out)`, `scale` being `alpha * lambda_b`.
-        """
-        held = [self.adapter_vectors.get(name) for name in names]
-        first = next((v for v in held if v is not None), None)
-        if first is None:
-            return None
-        zeros_d = ops.zeros(first.lambda_d.shape, first.lambda_d.dtype)
-        zeros_b = ops.zeros((self.out_dim,), first.lambda_b.dtype)
-        alphas = [[0.0 if v is None else v.config.alpha] for v in held]
-        dtype = self.adapter_dtype
-        lambda_d = ops.stack([zeros_d if v is None else v.lambda_d.value for v in held])
-        lambda_b = ops.stack([zeros_b if v is None else v.lambda_b.value for v in held])
-        scale = ops.multiply(ops.convert_to_tensor(alphas, dtype), lambda_b)
-        return ops.cast(lambda_d, dtype), ops.cast(scale, dtype)
-
-    def _row_vectors(self, held, rows, h):
-        """Row by row: `lambda_d` laid out to scale `h`, `alpha * lambda_b`
-        laid out to scale the output, and the 0/1 sampling switch laid out
-        to scale the noise (`None` when no row samples)."""
-        table_d, table_b = rows.tables.get(id(self)) or self.row_tables(rows.names)
-        indices = rows.indices
-        leading = (-1,) + (1,) * (len(h.shape) - 2)
-        lambda_d = ops.reshape(
-            ops.take(table_d, indices, axis=0), leading + (h.shape[-1],)
-        )
-        scale = ops.reshape(
-            ops.take(table_b, indices, axis=0), leading + tuple(self.linear.out_dims)
-        )
-        flags = [v is not None and v.config.sample_at_inference for v in held]
-        if not any(flags):
-            return lambda_d, scale, None
-        table_s = ops.convert_to_tensor(flags, "float32")
-        sampling = ops.reshape(ops.take(table_s, indices, axis=0), leading + (1,))
-        return lambda_d, scale, sampling
-
-    def _bound_rows(self, held, rows, logvar):
-        """`logvar` clipped row by row at each row's adapter's
-        `max_log_variance` (an adapter without one: unchanged)."""
-        bounds = [None if v is None else v.config.max_log_variance for v in held]
-        if all(bound is None for bound in bounds):
-            return logvar
-        table = [math.inf if bound is None else bound for bound in bounds]
-        bound = ops.take(ops.convert_to_tensor(table, "float32"), rows.indices)
-        leading = (-1,) + (1,) * (len(logvar.shape) - 2)
-        return ops.minimum(logvar, ops.reshape(bound, leading + (1,)))
-
-    def _per_adapter_rows(self, y, inputs, rows):
-        """As `_per_row_path`, adapter by adapter, each kept on its rows by a
-        0/1 mask: for adapters reading different rows of `B` (fused groups
-        of one adapter only), and outputs whose dims do not end with the
-        kernel's output dims in order (a per-row scale cannot lay out)."""
-        eps = None
-        for name in rows.names:
-            vectors = self.adapter_vectors.get(name)
-            if vectors is None:
-                continue
-            z, logvar = self.latent(inputs, adapter=name)
-            if vectors.config.sample_at_inference:
-                eps = self._standard_normal(logvar) if eps is None else eps
-                z = ops.add(z, self._noise(logvar, eps))
-            adapter = self._adapter_output(z, vectors)
-            mask = rows.mask(name, len(adapter.shape), adapter.dtype)
-            y = self._add(y, ops.multiply(adapter, mask))
-        return y
-
-    def _folded_path(self, inputs, names=None):
-        """Mean-mode inference: the adapters (`None`: the active ones)
-        folded into the kernel, once a call."""
-        names = self.active_names if names is None else names
-        return self._with_kernel(inputs, names, ops.add)
-
-    def _with_kernel(self, inputs, names, combine):
-        """Mean-mode inference with the adapters `names` added to (or taken
-        from) the kernel, once a call."""
-        base = self.base_layer
-        kernel = self.base_kernel
-        for name in names:
-            kernel = combine(kernel, self.delta_kernel(name))
-        y = self.linear(inputs, kernel)
-        bias = getattr(base, "bias", None)
-        if bias is not None:
-            y = self.linear.add_bias(y, bias)
-        return y
-
-    @property
-    def base_kernel(self):
-        """The base layer's kernel (an Embedding's matrix) as it computes
-        with it, Keras' LoRA included."""
-        base = self.base_layer
-        if isinstance(base, keras.layers.Embedding):
-            return base.embeddings
-        return base.kernel
 
     def compute_output_shape(self, input_shape):
         return self.base_layer.compute_output_shape(input_shape)
@@ -1225,20 +569,3 @@ class PVeRADense(AsWrappedLayer, keras.layers.Layer):
         layer.set_active_adapter(active)
         layer.adapter_enabled = enabled
         return layer
-
-
-def _as_names(adapter_name):
-    """`None`, a name or a list of names, as a tuple of names."""
-    if adapter_name is None:
-        return ()
-    if isinstance(adapter_name, str):
-        return (adapter_name,)
-    return tuple(adapter_name)
-
-
-def _check_adapter_name(adapter_name):
-    if not isinstance(adapter_name, str) or not adapter_name or "/" in adapter_name:
-        raise ValueError(
-            "An adapter name must be a non-empty string without '/'. "
-            f"Received: adapter_name={adapter_name!r}"
-        )

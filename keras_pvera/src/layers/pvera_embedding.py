@@ -56,9 +56,7 @@ class PVeRAEmbedding(PVeRADense):
     (1, 3, 8)
     """
 
-    wraps_embeddings = True
-
-    def __init__(self, base_layer, **kwargs):
+    def _check_base_layer(self, base_layer):
         if not isinstance(base_layer, keras.layers.Embedding):
             raise TypeError(
                 "PVeRAEmbedding wraps a keras.layers.Embedding; use "
@@ -66,7 +64,17 @@ class PVeRAEmbedding(PVeRADense):
                 f"Received: base_layer={base_layer!r} of type "
                 f"{type(base_layer).__name__}"
             )
-        super().__init__(base_layer, **kwargs)
+
+    @property
+    def base_kernel(self):
+        """The embedding matrix, as the base layer computes with it."""
+        return self.base_layer.embeddings
+
+    def _projected(self, inputs, dropout, training):
+        """`A`'s columns for each token id (before `lambda_d`), dropped token
+        by token as a dropped one-hot input would drop them."""
+        h = self.projection_registry.project(inputs, self.linear)
+        return self._dropout(h, dropout, training, per_position=True)
 
     def call(self, inputs, reverse=False, training=None):
         if reverse:
@@ -97,13 +105,10 @@ class PVeRAEmbedding(PVeRADense):
         finally:
             base.logit_soft_cap = cap
         h = ops.cast(inputs, self.adapter_dtype)
-        deltas = [self._reverse_delta(h, name) for name in names]
         if rows is not None:
-            deltas = [
-                ops.multiply(delta, rows.mask(name, len(delta.shape), delta.dtype))
-                for name, delta in zip(names, deltas, strict=True)
-            ]
-        delta = sum(deltas)
+            delta = self._reverse_rows(h, rows)
+        else:
+            delta = sum(self._reverse_delta(h, name) for name in names)
         logits = ops.cast(
             ops.add(ops.cast(logits, self.adapter_dtype), ops.multiply(sign, delta)),
             logits.dtype,
@@ -119,6 +124,22 @@ class PVeRAEmbedding(PVeRADense):
         rank = vectors.config.rank
         scaled = ops.multiply(h, ops.multiply(vectors.config.alpha, vectors.lambda_b))
         latent = ops.multiply(ops.matmul(scaled, b), vectors.lambda_d[:rank])
+        return ops.matmul(latent, a[:rank])
+
+    def _reverse_rows(self, h, rows):
+        """`h @ dE.T` row by row, each row with its adapter's vectors
+        (`row_tables`; zeros for rows of no adapter of this layer)."""
+        table_d, table_b = rows.tables.get(id(self)) or self.row_tables(rows.names)
+        held = [self.adapter_vectors.get(name) for name in rows.names]
+        first = next(v for v in held if v is not None)
+        a, b = self._projections(first)
+        rank = first.config.rank
+        scale = self.linear.row_scale(
+            ops.take(table_b, rows.indices, axis=0), len(h.shape)
+        )
+        lambda_d = ops.take(table_d, rows.indices, axis=0)[:, :rank]
+        lambda_d = ops.reshape(lambda_d, (-1, *(1,) * (len(h.shape) - 2), rank))
+        latent = ops.multiply(ops.matmul(ops.multiply(h, scale), b), lambda_d)
         return ops.matmul(latent, a[:rank])
 
     def compute_output_shape(self, input_shape, reverse=False):

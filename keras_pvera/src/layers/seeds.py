@@ -10,6 +10,8 @@ seed dtype holds (int32 on torch).
 
 import numpy as np
 
+from keras_pvera.src.utils import checks
+
 
 def derived_seeds(entropy, count):
     """`count` independent 31-bit seeds derived from `entropy`.
@@ -47,3 +49,22 @@ def seed_generator_states(entropy, count, dtype):
         A list of `(2,)` arrays.
     """
     return [np.array([seed, 0], dtype=dtype) for seed in derived_seeds(entropy, count)]
+
+
+def noise_seed_of(config, noise_seed=None):
+    """An adapted layer's noise seed: `noise_seed`, checked, or (`None`)
+    `config.generator_seed`, or `config.seed` when that is `None`.
+
+    Raises:
+        ValueError: If `noise_seed` is not a non-negative integer.
+    """
+    if noise_seed is None:
+        noise_seed = config.seed
+        if config.generator_seed is not None:
+            noise_seed = config.generator_seed
+    if not checks.is_integer(noise_seed) or noise_seed < 0:
+        raise ValueError(
+            "`noise_seed` must be a non-negative integer or None. "
+            f"Received: noise_seed={noise_seed!r}"
+        )
+    return int(noise_seed)

@@ -12,7 +12,7 @@ import keras
 from keras import ops
 
 from keras_pvera.src.layers import row_adapters
-from keras_pvera.src.layers.wrapped_layer import AsWrappedLayer
+from keras_pvera.src.layers.adapter_layer import AdapterLayer
 from keras_pvera.src.utils import keras_internals
 
 
@@ -62,7 +62,7 @@ _OWN_ATTRIBUTES = ("original_layer", "copies", "active_names", "enabled")
 
 
 @keras.saving.register_keras_serializable(package="keras_pvera")
-class TrainedCopies(AsWrappedLayer, keras.layers.Layer):
+class TrainedCopies(AdapterLayer):
     """A layer trained in full: the original plus one copy per adapter.
 
     The copy of the active adapter runs and trains; the original runs when
@@ -98,8 +98,6 @@ class TrainedCopies(AsWrappedLayer, keras.layers.Layer):
         super().__init__(**kwargs)
         self.original_layer = original_layer
         self.copies = {}
-        self.active_names = ()
-        self.enabled = True
         self._apply_trainability()
         self.built = True
 
@@ -119,27 +117,18 @@ class TrainedCopies(AsWrappedLayer, keras.layers.Layer):
         if adapter_name in self.copies:
             with keras_internals.unlocked(self):
                 self.copies.pop(adapter_name)
-        self.active_names = tuple(n for n in self.active_names if n != adapter_name)
+        self._forget(adapter_name)
 
-    @property
-    def adapter_names(self):
-        """The adapters holding a copy, in the order they were added."""
-        return list(self.copies)
+    def _adapters(self):
+        return self.copies
 
-    def set_active_adapter(self, adapter_name):
-        """Makes the copy of `adapter_name` (a name, a list or `None`) run.
+    def _trainables_of(self, adapter_name):
+        return [self.copies[adapter_name]]
 
-        Raises:
-            ValueError: If several of the names hold a copy: one layer
-                cannot run two trained copies (as in PEFT).
-        """
-        if adapter_name is None:
-            names = ()
-        elif isinstance(adapter_name, str):
-            names = (adapter_name,)
-        else:
-            names = tuple(adapter_name)
-        held = tuple(n for n in names if n in self.copies)
+    def _always_frozen(self):
+        return [self.original_layer]
+
+    def _check_can_activate(self, held, adapter_name):
         if len(held) > 1:
             raise ValueError(
                 f"Layer {self.name!r} is trained in full by adapters "
@@ -147,18 +136,6 @@ class TrainedCopies(AsWrappedLayer, keras.layers.Layer):
                 "be active at a time (as in PEFT's modules_to_save). "
                 f"Received: adapter_name={adapter_name!r}"
             )
-        self.active_names = held
-        self._apply_trainability()
-
-    @property
-    def adapter_enabled(self):
-        """Whether the active adapter's copy runs (else the original)."""
-        return self.enabled
-
-    @adapter_enabled.setter
-    def adapter_enabled(self, value):
-        self.enabled = bool(value)
-        self._apply_trainability()
 
     def wrapped_layer(self):
         """The original layer: inputs and masks are checked as it checks them."""
@@ -173,24 +150,6 @@ class TrainedCopies(AsWrappedLayer, keras.layers.Layer):
         if self.enabled and self.active_names:
             return self.copies[self.active_names[0]]
         return self.original_layer
-
-    @property
-    def trainable(self):
-        return keras.layers.Layer.trainable.fget(self)
-
-    @trainable.setter
-    def trainable(self, value):
-        keras.layers.Layer.trainable.fset(self, value)
-        self._apply_trainability()
-
-    def _apply_trainability(self):
-        if getattr(self, "copies", None) is None:
-            return
-        self.original_layer.trainable = False
-        for name, layer in self.copies.items():
-            layer.trainable = (
-                self.trainable and self.enabled and name in self.active_names
-            )
 
     def __getattr__(self, name):
         # Only reached for a missing attribute: as PEFT's wrapper does, read

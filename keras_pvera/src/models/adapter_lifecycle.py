@@ -16,8 +16,13 @@ import keras
 from keras import ops
 
 from keras_pvera.src.layers import row_adapters
+from keras_pvera.src.layers.adapter_layer import check_not_merged
+from keras_pvera.src.layers.adapter_layer import one_or_list
 from keras_pvera.src.layers.pvera_config import PVeRAConfig
 from keras_pvera.src.utils import keras_internals
+
+# Where a model's merged adapters are, in refusals.
+BASE_KERNELS = "the base kernels"
 
 
 class AdapterLifecycle:
@@ -58,10 +63,7 @@ class AdapterLifecycle:
     def active_adapter(self):
         """The name of the adapter that runs and trains; `None` if none, the
         list of names if several are active."""
-        active = self.adapter_registry.active
-        if len(active) > 1:
-            return list(active)
-        return active[0] if active else None
+        return one_or_list(self.adapter_registry.active)
 
     @property
     def pvera_config(self):
@@ -106,7 +108,7 @@ class AdapterLifecycle:
         """
         paths = settings.pop("adapted_paths", None)
         trainable = settings.pop("trainable_paths", None)
-        self._check_not_merged("add an adapter")
+        check_not_merged(self.merged_adapters, "add an adapter", BASE_KERNELS)
         config = PVeRAConfig.from_settings(config, **settings)
         self.adapter_registry.add(adapter_name, config, paths, trainable)
         self.adapter_registry.set_active(self.active_adapters)
@@ -211,10 +213,7 @@ class AdapterLifecycle:
         it was; a model whose layers were partly disabled before warns, as
         PEFT does.
         """
-        layers = [
-            *self.adapter_registry.wrappers.values(),
-            *self.adapter_registry.copies.values(),
-        ]
+        layers = self.adapter_registry.adapter_layers()
         before = [layer.adapter_enabled for layer in layers]
         if len(set(before)) > 1:
             warnings.warn(
@@ -241,7 +240,7 @@ class AdapterLifecycle:
         that a layer trained in full keeps the weights of the active
         adapter's copy, as PEFT's `unload` keeps it.
         """
-        self._check_not_merged("unload")
+        check_not_merged(self.merged_adapters, "unload", BASE_KERNELS)
         self.adapter_registry.unload()
         self._changed()
         return self.base_model
@@ -402,10 +401,7 @@ class AdapterLifecycle:
     def merged_adapter(self):
         """The name of the adapter merged into the kernels; `None` if none,
         the list of names if several."""
-        merged = self.merged_adapters
-        if len(merged) > 1:
-            return merged
-        return merged[0] if merged else None
+        return one_or_list(self.merged_adapters)
 
     def _check_adapter(self, adapter_name):
         if adapter_name not in self.adapter_registry.adapters:
@@ -413,12 +409,11 @@ class AdapterLifecycle:
                 f"No adapter named {adapter_name!r}. Adapters: {self.adapter_names}"
             )
 
-    def _check_not_merged(self, action):
-        if self.merged_adapters:
-            raise ValueError(
-                f"Cannot {action} while adapters {self.merged_adapters} are "
-                "merged into the base kernels. Call `model.unmerge_adapter()`."
-            )
+    def _track_kl(self, config):
+        """Makes the `kl_loss` metric once an adapter has a KL term."""
+        if config.kl_weight > 0 and getattr(self, "kl_tracker", None) is None:
+            with keras_internals.unlocked(self):
+                self.kl_tracker = keras.metrics.Mean(name="kl_loss")
 
     def _changed(self):
         self.allowed_ids = None
@@ -441,7 +436,7 @@ class AdapterLifecycle:
     @sample_at_inference.setter
     def sample_at_inference(self, value):
         if value:
-            self._check_not_merged("sample")
+            check_not_merged(self.merged_adapters, "sample", BASE_KERNELS)
         for layer in self.adapted_layers.values():
             layer.sample_at_inference = bool(value)
         self._changed()
@@ -498,12 +493,7 @@ def adapter_deltas(model, safe_merge, adapter_names=None):
     names = model.active_adapters if adapter_names is None else adapter_names
     deltas, bad = {}, []
     for path, layer in model.adapter_registry.layers_of(list(names)).items():
-        todo = [
-            n
-            for n in names
-            if n in layer.adapter_vectors and n not in layer.merged_names
-        ]
-        if not todo or id(layer) in deltas:
+        if id(layer) in deltas or not layer._unmerged(names):
             continue
         if layer.base_layer.quantization_mode is not None:
             raise ValueError(
@@ -517,10 +507,7 @@ def adapter_deltas(model, safe_merge, adapter_names=None):
                 "(`keras_pvera.load_adapter(float_base, path)`) and merge "
                 "that; quantize the merged model afterwards if you want."
             )
-        delta = layer.delta_kernel(todo[0])
-        for name in todo[1:]:
-            delta = ops.add(delta, layer.delta_kernel(name))
-        deltas[id(layer)] = delta
+        deltas[id(layer)] = delta = layer.merge_delta(names)
         if safe_merge:
             kernel = ops.add(layer.base_kernel, delta)
             if not bool(ops.convert_to_numpy(ops.all(ops.isfinite(kernel)))):

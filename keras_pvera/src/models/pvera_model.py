@@ -14,11 +14,13 @@ import keras
 from keras import ops
 
 from keras_pvera.src.layers import row_adapters
+from keras_pvera.src.layers.adapter_layer import check_not_merged
 from keras_pvera.src.layers.pvera_config import PVeRAConfig
 from keras_pvera.src.layers.pvera_config import split_settings
 from keras_pvera.src.models import model_export
 from keras_pvera.src.models import model_summary
 from keras_pvera.src.models import task_workflow
+from keras_pvera.src.models.adapter_lifecycle import BASE_KERNELS
 from keras_pvera.src.models.adapter_lifecycle import AdapterLifecycle
 from keras_pvera.src.surgery import adapter_registry as adapter_registry_lib
 from keras_pvera.src.surgery import layer_selection
@@ -163,11 +165,6 @@ class PVeRAModel(AdapterLifecycle, model_summary.ModelSummary, keras.Model):
         # wrapped (TensorFlow would keep running the base layers): drop it.
         self._changed()
 
-    def _track_kl(self, config):
-        if config.kl_weight > 0 and getattr(self, "kl_tracker", None) is None:
-            with keras_internals.unlocked(self):
-                self.kl_tracker = keras.metrics.Mean(name="kl_loss")
-
     @property
     def calibration(self):
         """The temperature scaling set by `keras_pvera.calibrate`, or `None`.
@@ -217,7 +214,7 @@ class PVeRAModel(AdapterLifecycle, model_summary.ModelSummary, keras.Model):
         return loss
 
     def fit(self, *args, **kwargs):
-        self._check_not_merged("train")
+        check_not_merged(self.merged_adapters, "train", BASE_KERNELS)
         self.adapter_registry.freeze()
         # A KerasHub task's raw inputs go through its preprocessor.
         args, kwargs = task_workflow.fit_arguments(self, args, kwargs)
@@ -390,8 +387,7 @@ class PVeRAModel(AdapterLifecycle, model_summary.ModelSummary, keras.Model):
             ],
             "active_adapter": self.active_adapters,
             "adapters_enabled": [
-                layer.adapter_enabled
-                for layer in [*registry.wrappers.values(), *registry.copies.values()]
+                layer.adapter_enabled for layer in registry.adapter_layers()
             ],
             "trained_in_place": registry.in_place,
             "calibration": self.calibration,
@@ -459,8 +455,7 @@ class PVeRAModel(AdapterLifecycle, model_summary.ModelSummary, keras.Model):
         if active != model.active_adapters:
             model.adapter_registry.set_active(active)
         if enabled is not None:
-            registry = model.adapter_registry
-            layers = [*registry.wrappers.values(), *registry.copies.values()]
+            layers = model.adapter_registry.adapter_layers()
             for layer, on in zip(layers, enabled, strict=True):
                 layer.adapter_enabled = on
         return model

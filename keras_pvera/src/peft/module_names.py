@@ -11,7 +11,7 @@ import re
 
 import numpy as np
 
-from keras_pvera.src.layers.pvera_dense import LinearEquation
+from keras_pvera.src.layers.linear_map import LinearEquation
 from keras_pvera.src.peft.architecture_spec import LAYOUTS
 from keras_pvera.src.peft.architectures import SPECS
 from keras_pvera.src.surgery import layer_walk

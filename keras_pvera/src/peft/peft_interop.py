@@ -30,7 +30,8 @@ import re
 import keras
 import numpy as np
 
-from keras_pvera.src.layers.pvera_dense import linear_equation_of
+from keras_pvera.src.layers.linear_map import LINEAR_LAYERS
+from keras_pvera.src.layers.linear_map import linear_equation_of
 from keras_pvera.src.models.pvera_model import PVeRAModel
 from keras_pvera.src.peft.module_names import find_spec
 from keras_pvera.src.peft.module_names import task_head
@@ -44,7 +45,6 @@ from keras_pvera.src.saving import safetensors_io
 from keras_pvera.src.saving.adapter_state import AdapterState
 from keras_pvera.src.saving.adapter_state import restore_adapter
 from keras_pvera.src.surgery import layer_walk
-from keras_pvera.src.surgery.layer_selection import LINEAR_LAYERS
 from keras_pvera.src.surgery.layer_selection import adaptable_layers
 
 _LAMBDA_KEY = re.compile(

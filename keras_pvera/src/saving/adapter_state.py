@@ -17,14 +17,14 @@ import dataclasses
 import keras
 import numpy as np
 
+from keras_pvera.src.layers.linear_map import LINEAR_LAYERS
+from keras_pvera.src.layers.linear_map import linear_equation_of
+from keras_pvera.src.layers.linear_map import unsupported_reason
 from keras_pvera.src.layers.projections import generate_projections
 from keras_pvera.src.layers.pvera_config import PVeRAConfig
 from keras_pvera.src.layers.pvera_config import projection_out_max
-from keras_pvera.src.layers.pvera_dense import linear_equation_of
-from keras_pvera.src.layers.pvera_dense import unsupported_reason
 from keras_pvera.src.models.pvera_model import PVeRAModel
 from keras_pvera.src.surgery import layer_walk
-from keras_pvera.src.surgery.layer_selection import LINEAR_LAYERS
 from keras_pvera.src.surgery.layer_selection import layer_addresses
 from keras_pvera.src.surgery.layer_selection import resolve_paths
 

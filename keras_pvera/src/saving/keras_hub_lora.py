@@ -29,7 +29,7 @@ import os
 import keras
 import numpy as np
 
-from keras_pvera.src.layers.pvera_dense import LinearEquation
+from keras_pvera.src.layers.linear_map import LinearEquation
 from keras_pvera.src.layers.wrapped_layer import AsWrappedLayer
 from keras_pvera.src.saving import safetensors_io
 from keras_pvera.src.saving.adapter_state import adapter_state_of

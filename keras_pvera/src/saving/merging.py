@@ -11,7 +11,8 @@ adaptation (so no keras_pvera class is inside and activations are the
 original ones), copies into it every weight of the adapted model and the
 assets of layers that keep state beside their weights (a KerasHub
 tokenizer's vocabulary, which `.keras` files store as assets too), and adds
-each active adapter's `delta_kernel()` to its layer's kernel; a layer trained
+each layer's delta of the active adapters (`PVeRADense.merge_delta`, the
+one place merging reads it) to its kernel; a layer trained
 in full gets the weights of the active adapter's copy. The result has the
 base model's architecture, so it runs as fast as the base model and saves
 and loads as `.keras` without keras_pvera.
@@ -28,6 +29,7 @@ import tempfile
 
 from keras import ops
 
+from keras_pvera.src.layers.adapter_layer import AdapterLayer
 from keras_pvera.src.layers.pvera_dense import PVeRADense
 from keras_pvera.src.layers.trained_copies import TrainedCopies
 from keras_pvera.src.models.adapter_lifecycle import adapter_deltas
@@ -145,7 +147,7 @@ def _paired_layers(adapted_root, plain_root):
 
     def visit(adapted, plain, path):
         yield path, adapted, plain
-        if isinstance(adapted, (PVeRADense, TrainedCopies)):
+        if isinstance(adapted, AdapterLayer):
             return
         adapted_children, plain_children = children(adapted), children(plain)
         if len(adapted_children) != len(plain_children):
@@ -157,13 +159,7 @@ def _paired_layers(adapted_root, plain_root):
             )
         for a, p in zip(adapted_children, plain_children, strict=False):
             seen.update((id(a), id(p)))
-            expected = (
-                a.base_layer
-                if isinstance(a, PVeRADense)
-                else a.original_layer
-                if isinstance(a, TrainedCopies)
-                else a
-            )
+            expected = a.wrapped_layer() if isinstance(a, AdapterLayer) else a
             if type(expected) is not type(p):
                 raise ValueError(
                     f"Sublayer {a.name!r} of {path or adapted.name!r} is a "

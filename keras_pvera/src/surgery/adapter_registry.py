@@ -3,8 +3,9 @@
 `AdapterRegistry` is the record of what PVeRA changed in one base model: which
 layers it wrapped in `PVeRADense` layers, the named adapters each wrapper
 holds, which layers each adapter trains in full (`trainable_layers`: each in
-a `TrainedCopies` holding the original and one copy per adapter), which
-adapters are active, and what it froze.
+a `TrainedCopies` holding the original and one copy per adapter), and what
+it froze. Which adapters are active, enabled or merged, the layers hold
+(`AdapterLayer`); the registry asks them.
 It wraps the layers `layer_selection` finds, swaps the wrappers in
 (`model_surgery`),
 freezes the rest, and undoes all of that on failure, on `delete`, and on
@@ -13,11 +14,14 @@ freezes the rest, and undoes all of that on failure, on `delete`, and on
 
 import keras
 
+from keras_pvera.src.layers.adapter_layer import AdapterLayer
+from keras_pvera.src.layers.adapter_layer import as_names
+from keras_pvera.src.layers.adapter_vectors import join_fused_group
+from keras_pvera.src.layers.linear_map import linear_equation_of
 from keras_pvera.src.layers.projections import ProjectionRegistry
 from keras_pvera.src.layers.pvera_config import fused_offsets
 from keras_pvera.src.layers.pvera_config import projection_out_max
 from keras_pvera.src.layers.pvera_dense import PVeRADense
-from keras_pvera.src.layers.pvera_dense import linear_equation_of
 from keras_pvera.src.layers.pvera_embedding import PVeRAEmbedding
 from keras_pvera.src.layers.seeds import derive_seed
 from keras_pvera.src.layers.trained_copies import TrainedCopies
@@ -117,7 +121,6 @@ class AdapterRegistry:
         # path -> TrainedCopies of the layers trained in full.
         self.copies = {}
         self.adapters = {}
-        self.active = []
         # id(base layer) -> its trainable flag before it was wrapped
         self.base_trainable = {}
         # (layer or variable, its trainable flag before PVeRA froze it)
@@ -220,15 +223,14 @@ class AdapterRegistry:
             replacements.update({trainable[p]: c for p, c in new_copies.items()})
             swap_back = model_surgery.replace_layers(self.model, replacements)
             undo.append(swap_back)
-            if first:
-                self.active = [name]
+            active = [name] if first else self.active
             for layer in [*new.values(), *new_copies.values()]:
                 # A new wrapper starts with `name` active: match the model.
-                layer.set_active_adapter(self.active)
+                layer.set_active_adapter(active)
             wrappers = {**self.wrappers, **new}
             for path, (offset, group) in fused.items():
                 first = None if path == group[0] else wrappers[group[0]]
-                wrappers[path].join_fused_group(name, offset, first)
+                join_fused_group(wrappers[path], name, offset, first)
             self.wrappers.update(new)
             self.copies.update(new_copies)
             self.registry = registry
@@ -244,8 +246,6 @@ class AdapterRegistry:
             for path in new_copies:
                 self.copies.pop(path, None)
             self.adapters.pop(name, None)
-            if first:
-                self.active = []
             for step in reversed(undo):
                 step()
             raise
@@ -328,7 +328,6 @@ class AdapterRegistry:
             if not holder.adapter_names:
                 emptied[path] = holder
         self._unwrap_copies(emptied, keep_trained=False)
-        self.active = [n for n in self.active if n != name]
 
     def set_active(self, names):
         """Makes `names` (a list; empty: none) the adapters that run and train.
@@ -337,7 +336,7 @@ class AdapterRegistry:
             ValueError: If two of them train one layer in full (each has its
                 own copy; one layer runs one), before anything changes.
         """
-        names = [] if names is None else [names] if isinstance(names, str) else names
+        names = as_names(names)
         for path, holder in self.copies.items():
             held = [n for n in names if n in holder.copies]
             if len(held) > 1:
@@ -347,16 +346,28 @@ class AdapterRegistry:
                     "in PEFT's modules_to_save). Received: "
                     f"adapter_name={names!r}"
                 )
-        for layer in [*self.wrappers.values(), *self.copies.values()]:
+        for layer in self.adapter_layers():
             layer.set_active_adapter(names)
-        self.active = list(names)
+
+    def adapter_layers(self):
+        """Every layer holding adapters: the wrappers, then the layers
+        trained in full (`AdapterLayer`s), in the order they were added."""
+        return [*self.wrappers.values(), *self.copies.values()]
+
+    @property
+    def active(self):
+        """The names of the active adapters, as the adapted layers hold them
+        (each layer those of them it holds)."""
+        names = [n for w in self.wrappers.values() for n in w.active_names]
+        return list(dict.fromkeys(names))
 
     def layers_of(self, name):
         """`{path: wrapper}` of the layers adapter `name` (a name or a list of
         names) adapts (`None` or none: {})."""
-        names = [] if name is None else [name] if isinstance(name, str) else name
         return {
-            path: self.wrappers[path] for n in names for path in self.adapters[n].paths
+            path: self.wrappers[path]
+            for n in as_names(name)
+            for path in self.adapters[n].paths
         }
 
     def trained_in_full(self, name):
@@ -414,7 +425,7 @@ class AdapterRegistry:
         )
         recorded = {id(item) for item, _ in self.frozen}
         for _, layer in layer_walk.iter_layers(self.model):
-            if isinstance(layer, (PVeRADense, TrainedCopies)):
+            if isinstance(layer, AdapterLayer):
                 layer.trainable = layer.trainable  # Freezes its base again.
             elif layer.trainable and not any(id(w) in keep for w in layer.weights):
                 self._set_untrainable(layer, recorded)
@@ -438,7 +449,6 @@ class AdapterRegistry:
             item.trainable = was_trainable
         self.frozen = []
         self.adapters = {}
-        self.active = []
 
     def _unwrap_copies(self, holders, keep_trained):
         if not holders:

@@ -12,15 +12,12 @@ original layer, at the same path.
 import re
 import warnings
 
-import keras
-
+from keras_pvera.src.layers.linear_map import LINEAR_LAYERS
+from keras_pvera.src.layers.linear_map import unsupported_reason
 from keras_pvera.src.layers.pvera_dense import PVeRADense
-from keras_pvera.src.layers.pvera_dense import unsupported_reason
 from keras_pvera.src.layers.trained_copies import TrainedCopies
 from keras_pvera.src.surgery import layer_walk
 from keras_pvera.src.utils import keras_hub_tasks
-
-LINEAR_LAYERS = (keras.layers.Dense, keras.layers.EinsumDense)
 
 # Layers keras_pvera puts in a model's place, each seen as the layer it holds.
 WRAPPERS = (PVeRADense, TrainedCopies)
@@ -138,7 +135,7 @@ def select_targets(model, target):
     Raises:
         ValueError: If nothing matches, or no matched layer is built.
         TypeError: If a matched layer is none of the kinds PVeRA adapts
-            (`pvera_dense.ADAPTED_LAYERS`; a convolution with groups=1).
+            (`linear_map.ADAPTED_LAYERS`; a convolution with groups=1).
     """
     layers = adaptable_layers(model)
     if target is None:
