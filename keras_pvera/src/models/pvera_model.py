@@ -30,6 +30,7 @@ from keras_pvera.src.uncertainty import output_kinds
 from keras_pvera.src.uncertainty import sampled_model as sampled_model_lib
 from keras_pvera.src.uncertainty import shared_prefix
 from keras_pvera.src.uncertainty import temperature_scaling as calibration_lib
+from keras_pvera.src.utils import array_inputs
 from keras_pvera.src.utils import keras_hub_tasks
 from keras_pvera.src.utils import keras_internals
 
@@ -246,7 +247,7 @@ class PVeRAModel(AdapterLifecycle, model_summary.ModelSummary, keras.Model):
             args, kwargs = task_workflow.predict_arguments(self, (x, *args), kwargs)
             return super().predict(*args, **kwargs)
         x = keras_hub_tasks.preprocessed_arrays(self, x)
-        num_examples = row_adapters.num_examples(x)
+        num_examples = array_inputs.num_examples(x)
         with self.adapters_by_row(adapter_names, num_examples) as (_, indices):
             return super().predict(row_adapters.pack(x, indices), *args, **kwargs)
 

@@ -18,6 +18,7 @@ from keras import ops
 
 from keras_pvera.src.layers import row_adapters
 from keras_pvera.src.layers.seeds import seed_generator_states
+from keras_pvera.src.utils import array_inputs
 from keras_pvera.src.utils import keras_hub_tasks
 from keras_pvera.src.utils import keras_internals
 
@@ -150,9 +151,9 @@ def generate(model, task, inputs, *args, adapter_names=None, **kwargs):
         stack.enter_context(model.projection_registry.sharing_products())
         if adapter_names is not None:
             if isinstance(inputs, (list, tuple)):
-                count = row_adapters.num_examples(np.asarray(inputs))
+                count = array_inputs.num_examples(np.asarray(inputs))
             else:
-                count = row_adapters.num_examples(inputs)
+                count = array_inputs.num_examples(inputs)
             _, indices = stack.enter_context(
                 model.adapters_by_row(adapter_names, count)
             )

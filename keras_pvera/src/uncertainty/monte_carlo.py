@@ -22,6 +22,7 @@ import numpy as np
 
 from keras_pvera.src.layers import row_adapters
 from keras_pvera.src.uncertainty import output_kinds
+from keras_pvera.src.uncertainty import sampling_state
 from keras_pvera.src.uncertainty import shared_prefix
 from keras_pvera.src.uncertainty.input_batches import InputBatches
 from keras_pvera.src.uncertainty.input_batches import num_rows
@@ -29,9 +30,9 @@ from keras_pvera.src.uncertainty.sampled_model import read_model
 from keras_pvera.src.uncertainty.sampling_state import sampling_at_inference
 from keras_pvera.src.uncertainty.statistics import UncertaintyResult
 from keras_pvera.src.uncertainty.statistics import check_level
+from keras_pvera.src.utils import array_inputs
 from keras_pvera.src.utils import checks
 from keras_pvera.src.utils import keras_hub_tasks
-from keras_pvera.src.utils import keras_internals
 
 # Most rows (examples times Monte Carlo copies) sent through the model in one
 # call, unless `batch_size` says otherwise; Keras' own default predict batch.
@@ -338,7 +339,7 @@ def _model_inputs(stack, parts, x, adapter_names, batch_size):
             f"{type(parts.model).__name__}."
         )
     x = keras_hub_tasks.task_arrays(parts.task, x)
-    count = row_adapters.num_examples(x)
+    count = array_inputs.num_examples(x)
     names, indices = stack.enter_context(
         parts.model.adapters_by_row(adapter_names, count)
     )
@@ -410,7 +411,7 @@ def _shared_prefix_predictor(model, sampling):
     def predict_copies(piece, copies):
         if copies != traced_copies[0]:
             # A compiled predict function holds the repetition it traced.
-            keras_internals.drop_compiled_functions(model)
+            sampling_state.drop_traces(model)
             traced_copies[0] = copies
         with shared_prefix.repeating(copies, holds_sampling, generators):
             return model.predict_on_batch(piece)

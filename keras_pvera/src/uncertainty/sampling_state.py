@@ -19,6 +19,12 @@ from keras_pvera.src.layers.seeds import seed_generator_states
 from keras_pvera.src.utils import keras_internals
 
 
+def drop_traces(model):
+    """Drops `model`'s compiled predict functions: JAX and TensorFlow bake
+    a sampling switch, a noise state and a repetition count into them."""
+    keras_internals.drop_compiled_functions(model)
+
+
 @contextlib.contextmanager
 def sampling_switched(adapters, flags, adapter_names=None):
     """Switches sampling at inference on or off (per layer: `flags`) for
@@ -72,12 +78,12 @@ def sampling_at_inference(parts, adapters, seed, flags, adapter_names=None):
             states = noise_states(parts.noise_streams, adapters, seed)
             for generator, state in zip(generators, states, strict=True):
                 generator.state.assign(state)
-            keras_internals.drop_compiled_functions(model)
+            drop_traces(model)
             yield
     finally:
         for generator, state in zip(generators, saved_states, strict=True):
             generator.state.assign(state)
-        keras_internals.drop_compiled_functions(model)
+        drop_traces(model)
 
 
 @contextlib.contextmanager
