@@ -57,7 +57,6 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import keras_pvera  # noqa: E402
-from keras_pvera.src.utils import keras_internals  # noqa: E402
 
 
 def minilm_dir():
@@ -245,7 +244,7 @@ def uncertainty_figures(model, ids, n, repeats, sampled_layers=None):
     x = keras_inputs(ids)
     for path, layer in model.adapted_layers.items():
         layer.sample_at_inference = sampled_layers is None or path in sampled_layers
-    keras_internals.drop_compiled_functions(model)
+    drop_compiled_functions(model)
     try:
         functions = {
             f"MC loop: {n} sampled passes": lambda: [
@@ -264,6 +263,12 @@ def uncertainty_figures(model, ids, n, repeats, sampled_layers=None):
     finally:
         model.sample_at_inference = False
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def drop_compiled_functions(model):
+    """Makes `model` trace its steps anew (JAX and TensorFlow bake whether
+    each layer samples into them)."""
+    model.train_function = model.predict_function = model.test_function = None
 
 
 def last_block_layers(model):
@@ -294,7 +299,7 @@ def time_rounds(contenders, rounds, warmup):
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def main(argv=None):
+def parse_arguments(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=128)
@@ -320,12 +325,10 @@ def main(argv=None):
     if args.quick:
         args.batch, args.seq, args.rank, args.rounds, args.warmup = 2, 16, 8, 1, 1
         args.mc_batch, args.mc_n = 2, 2
+    return args
 
-    ids, labels = make_inputs(args.batch, args.seq, vocab=30522)
-    keras_steps, model, lora = keras_contenders(ids, labels, args.rank, args.lora_rank)
-    peft_steps, peft = peft_contenders(ids, labels, args.rank)
-    peft_versions, peft_model = peft if peft else (None, None)
 
+def print_setting(args, model, peft_versions):
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} CPUs, "
         f"Python {platform.python_version()}, keras {keras.__version__} "
@@ -347,11 +350,10 @@ def main(argv=None):
     trainable, total = model.parameter_counts()
     print(f"trainable params: {trainable:,} of {total:,}")
 
-    forward = {k: v for k, v in keras_steps.items() if "forward" in k}
-    training = {k: v for k, v in keras_steps.items() if "forward" not in k}
-    times = time_rounds(forward, 3 * args.rounds, args.warmup)
-    times.update(time_rounds({**training, **peft_steps}, args.rounds, args.warmup))
 
+def print_step_ratios(times, peft_steps):
+    """Prints the step timings and their ratios; returns the adapter cost
+    per step of keras_pvera and of PEFT (`None` without PEFT)."""
     print(f"{'what':<34}{'seconds':>10}")
     for name, seconds in times.items():
         print(f"{name:<34}{seconds:>10.4f}")
@@ -359,57 +361,48 @@ def main(argv=None):
     print(f"inference / frozen forward: {ratio:.3f}  (target <= 1)")
     keras_cost = times["keras_pvera train step"] - times["frozen full-backward step"]
     print(f"keras_pvera adapter cost per step: {keras_cost:.4f} s")
-    if peft_steps:
-        ratio = times["keras_pvera train step"] / times["PEFT PVeRA train step"]
-        print(f"train step / PEFT's: {ratio:.3f}  (target <= 0.9)")
-        peft_cost = (
-            times["PEFT PVeRA train step"] - times["transformers full-backward step"]
-        )
-        print(
-            f"PEFT adapter cost per step: {peft_cost:.4f} s; "
-            f"keras_pvera's / PEFT's: {keras_cost / peft_cost:.3f}"
-        )
-
-    mc = uncertainty_figures(model, ids[: args.mc_batch], args.mc_n, args.rounds)
-    last_block = last_block_layers(model)
-    mc_last = uncertainty_figures(
-        model, ids[: args.mc_batch], args.mc_n, args.rounds, last_block
+    if not peft_steps:
+        return keras_cost, None
+    ratio = times["keras_pvera train step"] / times["PEFT PVeRA train step"]
+    print(f"train step / PEFT's: {ratio:.3f}  (target <= 0.9)")
+    peft_cost = (
+        times["PEFT PVeRA train step"] - times["transformers full-backward step"]
     )
-    sizes = adapter_sizes(model, args.rank, peft_model)
-    lora_trainable = trainable_count(lora)
-    lora_cost = times["Keras LoRA train step"] - times["frozen full-backward step"]
+    print(
+        f"PEFT adapter cost per step: {peft_cost:.4f} s; "
+        f"keras_pvera's / PEFT's: {keras_cost / peft_cost:.3f}"
+    )
+    return keras_cost, peft_cost
 
+
+def ratio_rows(times, costs, lora_cost):
+    """The table's ratios of keras_pvera's step to PEFT's and Keras LoRA's."""
+    keras_cost, peft_cost = costs
     step = times["keras_pvera train step"]
-    rows = [(name, f"{seconds:.3f} s") for name, seconds in times.items()]
-    rows.append(
-        (
-            "keras_pvera forward (mean) / frozen forward",
-            f"{times['keras_pvera forward (mean)'] / times['frozen forward']:.3f}",
-        )
-    )
-    if peft_steps:
-        rows.append(
-            (
-                "keras_pvera train step / PEFT's",
-                f"{step / times['PEFT PVeRA train step']:.3f}",
-            )
-        )
+    forward = times["keras_pvera forward (mean)"] / times["frozen forward"]
+    rows = [("keras_pvera forward (mean) / frozen forward", f"{forward:.3f}")]
+    if peft_cost is not None:
+        peft_step = step / times["PEFT PVeRA train step"]
+        rows.append(("keras_pvera train step / PEFT's", f"{peft_step:.3f}"))
         rows.append(
             ("keras_pvera adapter cost / PEFT's", f"{keras_cost / peft_cost:.3f}")
         )
-    rows.append(
-        (
-            "keras_pvera train step / Keras LoRA's",
-            f"{step / times['Keras LoRA train step']:.3f}",
-        )
-    )
+    lora_step = step / times["Keras LoRA train step"]
+    rows.append(("keras_pvera train step / Keras LoRA's", f"{lora_step:.3f}"))
     rows.append(
         ("keras_pvera adapter cost / Keras LoRA's", f"{keras_cost / lora_cost:.3f}")
     )
-    rows.append(("keras_pvera trainable params (incl. head)", f"{trainable:,}"))
-    rows.append(
-        (f"Keras LoRA rank {args.lora_rank} trainable params", f"{lora_trainable:,}")
-    )
+    return rows
+
+
+def memory_rows(args, model, lora, sizes):
+    """The table's parameter counts, memory and adapter file sizes."""
+    trainable, _ = model.parameter_counts()
+    lora_trainable = trainable_count(lora)
+    rows = [
+        ("keras_pvera trainable params (incl. head)", f"{trainable:,}"),
+        (f"Keras LoRA rank {args.lora_rank} trainable params", f"{lora_trainable:,}"),
+    ]
     for name, count in (("keras_pvera", trainable), ("Keras LoRA", lora_trainable)):
         rows.append(
             (f"{name} trainable weights + AdamW moments", f"{12 * count:,} bytes")
@@ -422,7 +415,13 @@ def main(argv=None):
     rows.append(("peak resident memory of this process", f"{peak_rss_mib():,.0f} MiB"))
     for name, size in sizes.items():
         rows.append((name, f"{size / 1024:,.1f} KiB"))
-    for sampling, figures in (("all", mc), ("the last block's", mc_last)):
+    return rows
+
+
+def monte_carlo_rows(args, figures_by_sampling):
+    """The table's Monte Carlo timings (printing each run's ratio)."""
+    rows = []
+    for sampling, figures in figures_by_sampling:
         fastest = min(list(figures.values())[:2])
         for name, seconds in figures.items():
             rows.append(
@@ -437,7 +436,10 @@ def main(argv=None):
             f"predict_with_uncertainty, sampling in {sampling} adapted layers / "
             f"faster of loop and repeated batch: {mc_ratio:.3f}  (target <= 0.9)"
         )
+    return rows
 
+
+def print_table(rows, peft_versions):
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
     print(
         f"\nAll figures, {stamp} UTC, {platform.machine()}, "
@@ -452,6 +454,35 @@ def main(argv=None):
     print(f"|{'-' * (width + 2)}|---|")
     for name, value in rows:
         print(f"| {name:<{width}} | {value} |")
+
+
+def main(argv=None):
+    args = parse_arguments(argv)
+    ids, labels = make_inputs(args.batch, args.seq, vocab=30522)
+    keras_steps, model, lora = keras_contenders(ids, labels, args.rank, args.lora_rank)
+    peft_steps, peft = peft_contenders(ids, labels, args.rank)
+    peft_versions, peft_model = peft if peft else (None, None)
+    print_setting(args, model, peft_versions)
+
+    forward = {k: v for k, v in keras_steps.items() if "forward" in k}
+    training = {k: v for k, v in keras_steps.items() if "forward" not in k}
+    times = time_rounds(forward, 3 * args.rounds, args.warmup)
+    times.update(time_rounds({**training, **peft_steps}, args.rounds, args.warmup))
+    costs = print_step_ratios(times, peft_steps)
+
+    mc = uncertainty_figures(model, ids[: args.mc_batch], args.mc_n, args.rounds)
+    last_block = last_block_layers(model)
+    mc_last = uncertainty_figures(
+        model, ids[: args.mc_batch], args.mc_n, args.rounds, last_block
+    )
+    sizes = adapter_sizes(model, args.rank, peft_model)
+    lora_cost = times["Keras LoRA train step"] - times["frozen full-backward step"]
+
+    rows = [(name, f"{seconds:.3f} s") for name, seconds in times.items()]
+    rows += ratio_rows(times, costs, lora_cost)
+    rows += memory_rows(args, model, lora, sizes)
+    rows += monte_carlo_rows(args, (("all", mc), ("the last block's", mc_last)))
+    print_table(rows, peft_versions)
     return times, mc, mc_last
 
 

@@ -138,7 +138,9 @@ def run_keras_pvera(args, x, figures):
     return params
 
 
-def run_peft(args, x, figures):
+def peft_gpt2(args):
+    """A random GPT-2 of the benchmark's size with PEFT's LoRA, and the
+    LoRA config that adds each further adapter."""
     import peft
     import torch
     import transformers
@@ -161,7 +163,44 @@ def run_peft(args, x, figures):
         init_lora_weights=False,  # Random A and B, as after training.
     )
     base = transformers.GPT2LMHeadModel(config).eval()
-    model = peft.get_peft_model(base, lora, adapter_name="default")
+    return peft.get_peft_model(base, lora, adapter_name="default"), lora
+
+
+def peft_rows_call(model, ids, per_row, args):
+    """Predicts every row with its own adapter (`adapter_names`)."""
+    import torch
+
+    def call():
+        outputs = []
+        with torch.no_grad():
+            for start in range(0, args.rows, args.batch):
+                stop = start + args.batch
+                logits = model(
+                    input_ids=ids[start:stop], adapter_names=per_row[start:stop]
+                ).logits
+                outputs.append(logits.numpy())
+        return np.concatenate(outputs)
+
+    return call
+
+
+def check_peft_rows(model, ids, per_row, mixed, names):
+    """Each of the first adapters' rows equal that adapter alone."""
+    import torch
+
+    for name in names[:3]:
+        rows = [i for i, n in enumerate(per_row) if n == name]
+        model.set_adapter(name)
+        with torch.no_grad():
+            alone = model(input_ids=ids[rows]).logits.numpy()
+        np.testing.assert_allclose(mixed[rows], alone, rtol=1e-3, atol=1e-3)
+    model.set_adapter("default")
+
+
+def run_peft(args, x, figures):
+    import torch
+
+    model, lora = peft_gpt2(args)
     ids = torch.as_tensor(x["token_ids"])
     per_adapter = None
     for count in args.adapters:
@@ -178,26 +217,8 @@ def run_peft(args, x, figures):
                 model.add_adapter(name, lora)
         model.eval()  # PEFT refuses `adapter_names` in training mode.
         per_row = [names[i % count] for i in range(args.rows)]
-
-        def call(per_row=per_row):
-            outputs = []
-            with torch.no_grad():
-                for start in range(0, args.rows, args.batch):
-                    stop = start + args.batch
-                    logits = model(
-                        input_ids=ids[start:stop], adapter_names=per_row[start:stop]
-                    ).logits
-                    outputs.append(logits.numpy())
-            return np.concatenate(outputs)
-
-        mixed = call()
-        for name in names[:3]:
-            rows = [i for i, n in enumerate(per_row) if n == name]
-            model.set_adapter(name)
-            with torch.no_grad():
-                alone = model(input_ids=ids[rows]).logits.numpy()
-            np.testing.assert_allclose(mixed[rows], alone, rtol=1e-3, atol=1e-3)
-        model.set_adapter("default")
+        call = peft_rows_call(model, ids, per_row, args)
+        check_peft_rows(model, ids, per_row, call(), names)
         seconds, rise = timed(call, args.repeats)
         lora_weights = [p for n, p in model.named_parameters() if "lora_" in n]
         mib = float32_mib(lora_weights)

@@ -24,14 +24,12 @@ rounds, after warm-up):
 import argparse
 import os
 import statistics
-import sys
 import time
 
 os.environ["KERAS_BACKEND"] = "torch"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import benchmark  # noqa: E402
+import benchmark  # noqa: E402  (this folder is on sys.path when run as a script)
 import keras  # noqa: E402
 import torch  # noqa: E402
 

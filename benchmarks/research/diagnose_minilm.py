@@ -7,25 +7,23 @@ diagnosis reads test sentences (unseen adjectives) against off-topic ones.
 Prints, per `d_initial`, the accuracy, the verdict, the AUROC by mutual
 information and by entropy, and the layers producing most of the spread.
 
-    KERAS_BACKEND=torch python benchmarks/diagnose_minilm.py
+    KERAS_BACKEND=torch python benchmarks/research/diagnose_minilm.py
 """
 
 import argparse
 import os
-import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-from benchmark_uncertainty_quality import ADJECTIVES  # noqa: E402
-from benchmark_uncertainty_quality import MOVIE_SUBJECTS  # noqa: E402
-from benchmark_uncertainty_quality import OFF_TOPIC_PREDICATES  # noqa: E402
-from benchmark_uncertainty_quality import OFF_TOPIC_SUBJECTS  # noqa: E402
-from benchmark_uncertainty_quality import OFF_TOPIC_TEMPLATES  # noqa: E402
-from benchmark_uncertainty_quality import sentences  # noqa: E402
+from sentences import ADJECTIVES  # noqa: E402
+from sentences import MOVIE_SUBJECTS  # noqa: E402
+from sentences import OFF_TOPIC_PREDICATES  # noqa: E402
+from sentences import OFF_TOPIC_SUBJECTS  # noqa: E402
+from sentences import OFF_TOPIC_TEMPLATES  # noqa: E402
+from sentences import sentences  # noqa: E402
 
 import keras_pvera  # noqa: E402
 

@@ -33,7 +33,7 @@ by mutual information (MI, only for methods that draw samples) and by
 predictive entropy ("H"). Each figure is the mean over seeds, with the
 standard deviation after "±".
 
-    python benchmarks/benchmark_uncertainty_quality.py
+    python benchmarks/research/benchmark_uncertainty_quality.py
         [--quick] [--seeds 3] [--tasks digits,minilm,shift] [--study]
         [--output-dir outputs]
 
@@ -57,6 +57,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import scipy.optimize  # noqa: E402
+from sentences import ADJECTIVES  # noqa: E402
+from sentences import FOOD_SUBJECTS  # noqa: E402
+from sentences import MOVIE_SUBJECTS  # noqa: E402
+from sentences import OFF_TOPIC_PREDICATES  # noqa: E402
+from sentences import OFF_TOPIC_SUBJECTS  # noqa: E402
+from sentences import OFF_TOPIC_TEMPLATES  # noqa: E402
+from sentences import sentences  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
 from sklearn.metrics import roc_auc_score  # noqa: E402
 from sklearn.model_selection import train_test_split  # noqa: E402
@@ -417,62 +424,8 @@ class DigitsTask(Task):
         )
 
 
-# MiniLM text task: templated sentences, made here.
-MOVIE_SUBJECTS = ["the film", "this movie", "the plot", "the acting", "the ending"]
-FOOD_SUBJECTS = [
-    "the soup",
-    "the service",
-    "this restaurant",
-    "the dessert",
-    "the waiter",
-]
-TEMPLATES = [
-    "{s} was {a}.",
-    "i thought {s} was {a}.",
-    "honestly, {s} felt {a}.",
-    "{s} is really {a}!",
-]
-ADJECTIVES = {
-    "adapt": {
-        1: ["great", "wonderful", "excellent", "lovely"],
-        0: ["awful", "terrible", "boring", "horrible"],
-    },
-    "val": {1: ["amazing", "enjoyable", "fine"], 0: ["bad", "poor", "weak"]},
-    "test": {
-        1: ["superb", "delightful", "fantastic", "brilliant", "charming"],
-        0: ["dreadful", "dull", "disappointing", "tedious", "mediocre"],
-    },
-}
-OFF_TOPIC_SUBJECTS = [
-    "the train to the airport",
-    "the meeting",
-    "the bus",
-    "the bakery",
-    "the router",
-    "the library",
-    "the recipe",
-    "the parking lot",
-]
-OFF_TOPIC_PREDICATES = [
-    "leaves at seven",
-    "has moved to the third floor",
-    "needs two cups of flour",
-    "restarts every night",
-    "opens on monday",
-    "is next to the station",
-]
-OFF_TOPIC_TEMPLATES = ["{s} {p}.", "i heard that {s} {p}."]
 SEQUENCE_LENGTH = 16
 FROZEN_LAYERS = 4  # of MiniLM's 6; the last 2 are adapted
-
-
-def sentences(subjects, words):
-    texts, labels = [], []
-    for label, adjectives in words.items():
-        for t, s, a in itertools.product(TEMPLATES, subjects, adjectives):
-            texts.append(t.format(s=s, a=a))
-            labels.append(label)
-    return texts, np.array(labels, dtype="int32")
 
 
 class MiniLMTask(Task):
@@ -858,85 +811,112 @@ def study(tasks, seeds, n, quick, only=None):
 # ------------------------------------------------------------------- main
 
 
+def shift_curve_points(task, method, predictions, curves):
+    """Appends the accuracy and ECE of each corruption and strength."""
+    for kind, strength in itertools.product(CORRUPTIONS, STRENGTHS):
+        key = "test" if strength == 0 else f"{kind} {strength}"
+        labels = task.labels[key]
+        p = predictions[key].p
+        curves.setdefault(method, {}).setdefault((kind, strength), []).append(
+            (
+                float(np.mean(np.argmax(p, -1) == labels)),
+                float(
+                    keras_pvera.expected_calibration_error(labels, p.astype("float32"))
+                ),
+            )
+        )
+
+
+def seed_zero_plots(task_name, task, methods, output_dir):
+    """The reliability and OOD-score figures of seed 0; returns their paths."""
+    recipe = methods["PVeRA MC, recipe"][0]
+    shown = {
+        k: methods[k][0]["test"]
+        for k in (
+            "PVeRA MC, recipe",
+            "PVeRA off, recipe",
+            "PVeRA MC, recipe + temperature",
+            f"Keras LoRA r{LORA_RANK}",
+            f"LoRA ensemble x{ENSEMBLE_SIZE}",
+        )
+    }
+    reliability = plot_reliability(
+        os.path.join(output_dir, f"quality_reliability_{task_name}.png"),
+        task.labels["test"],
+        shown,
+        f"{task_name}: reliability on test inputs (seed 0)",
+    )
+    sets = ["test", *task.ood_sets(recipe)]
+    if task_name == "shift":
+        sets = ["test", *(f"{k} {STRENGTHS[-1]}" for k in CORRUPTIONS)]
+    lora = methods[f"Keras LoRA r{LORA_RANK}"][0]
+    ood = plot_ood(
+        os.path.join(output_dir, f"quality_ood_{task_name}.png"),
+        {
+            "PVeRA MC (recipe): mutual information": {k: recipe[k].mi for k in sets},
+            "PVeRA MC (recipe): predictive entropy": {
+                k: entropy(recipe[k].p) for k in sets
+            },
+            "Keras LoRA: predictive entropy": {k: entropy(lora[k].p) for k in sets},
+        },
+        f"{task_name}: OOD scores (seed 0)",
+    )
+    return [reliability, ood]
+
+
+def shift_plot(curves, output_dir):
+    """The shift task's curves (mean over seeds) and their figure's path."""
+    means = {
+        method: {key: tuple(np.mean(v, axis=0)) for key, v in values.items()}
+        for method, values in curves.items()
+    }
+    keep = [
+        "PVeRA MC, recipe",
+        "PVeRA off, recipe",
+        "PVeRA MC, recipe + temperature",
+        f"Keras LoRA r{LORA_RANK}",
+        f"Keras LoRA r{LORA_RANK} + MC dropout",
+        f"LoRA ensemble x{ENSEMBLE_SIZE}",
+    ]
+    path = plot_shift(
+        os.path.join(output_dir, "quality_shift.png"), {k: means[k] for k in keep}
+    )
+    return means, path
+
+
+def compare_task(task_name, seeds, n, quick, output_dir):
+    """One task's rows over seeds; returns (rows, curves, mean MIs, paths)."""
+    rows, curves, mi_means, paths = {}, {}, [], []
+    for seed in range(seeds):
+        task = make_task(task_name, seed, quick)
+        methods = run_methods(task, seed, n)
+        for method, (predictions, params) in methods.items():
+            y, scored = task.scored_set(predictions)
+            row = {
+                "params": params,
+                **score(y, scored, task.ood_sets(predictions), predictions["test"]),
+            }
+            rows.setdefault(method, []).append(row)
+            if task_name == "shift":
+                shift_curve_points(task, method, predictions, curves)
+        recipe = methods["PVeRA MC, recipe"][0]
+        mi_means.append(
+            {k: float(np.mean(v.mi)) for k, v in recipe.items() if v.mi is not None}
+        )
+        if seed == 0:
+            paths += seed_zero_plots(task_name, task, methods, output_dir)
+    return rows, curves, mi_means, paths
+
+
 def compare(tasks, seeds, n, quick, output_dir):
     """Runs the comparison; returns {task: summary} and writes the PNGs."""
     summaries, paths, extras = {}, [], {}
     for task_name in tasks:
         started = time.perf_counter()
-        rows, curves, mi_means = {}, {}, []
-        for seed in range(seeds):
-            task = make_task(task_name, seed, quick)
-            methods = run_methods(task, seed, n)
-            for method, (predictions, params) in methods.items():
-                y, scored = task.scored_set(predictions)
-                row = {
-                    "params": params,
-                    **score(y, scored, task.ood_sets(predictions), predictions["test"]),
-                }
-                rows.setdefault(method, []).append(row)
-                if task_name == "shift":
-                    for kind, strength in itertools.product(CORRUPTIONS, STRENGTHS):
-                        key = "test" if strength == 0 else f"{kind} {strength}"
-                        labels = task.labels[key]
-                        p = predictions[key].p
-                        curves.setdefault(method, {}).setdefault(
-                            (kind, strength), []
-                        ).append(
-                            (
-                                float(np.mean(np.argmax(p, -1) == labels)),
-                                float(
-                                    keras_pvera.expected_calibration_error(
-                                        labels, p.astype("float32")
-                                    )
-                                ),
-                            )
-                        )
-            recipe = methods["PVeRA MC, recipe"][0]
-            mi_means.append(
-                {k: float(np.mean(v.mi)) for k, v in recipe.items() if v.mi is not None}
-            )
-            if seed == 0:
-                shown = {
-                    k: methods[k][0]["test"]
-                    for k in (
-                        "PVeRA MC, recipe",
-                        "PVeRA off, recipe",
-                        "PVeRA MC, recipe + temperature",
-                        f"Keras LoRA r{LORA_RANK}",
-                        f"LoRA ensemble x{ENSEMBLE_SIZE}",
-                    )
-                }
-                paths.append(
-                    plot_reliability(
-                        os.path.join(
-                            output_dir, f"quality_reliability_{task_name}.png"
-                        ),
-                        task.labels["test"],
-                        shown,
-                        f"{task_name}: reliability on test inputs (seed 0)",
-                    )
-                )
-                sets = ["test", *task.ood_sets(recipe)]
-                if task_name == "shift":
-                    sets = ["test", *(f"{k} {STRENGTHS[-1]}" for k in CORRUPTIONS)]
-                lora = methods[f"Keras LoRA r{LORA_RANK}"][0]
-                paths.append(
-                    plot_ood(
-                        os.path.join(output_dir, f"quality_ood_{task_name}.png"),
-                        {
-                            "PVeRA MC (recipe): mutual information": {
-                                k: recipe[k].mi for k in sets
-                            },
-                            "PVeRA MC (recipe): predictive entropy": {
-                                k: entropy(recipe[k].p) for k in sets
-                            },
-                            "Keras LoRA: predictive entropy": {
-                                k: entropy(lora[k].p) for k in sets
-                            },
-                        },
-                        f"{task_name}: OOD scores (seed 0)",
-                    )
-                )
+        rows, curves, mi_means, task_paths = compare_task(
+            task_name, seeds, n, quick, output_dir
+        )
+        paths += task_paths
         summaries[task_name] = summarize(rows)
         extras[task_name] = {
             "mean MI (recipe)": {
@@ -945,25 +925,8 @@ def compare(tasks, seeds, n, quick, output_dir):
             "seconds": time.perf_counter() - started,
         }
         if task_name == "shift":
-            means = {
-                method: {key: tuple(np.mean(v, axis=0)) for key, v in values.items()}
-                for method, values in curves.items()
-            }
-            keep = [
-                "PVeRA MC, recipe",
-                "PVeRA off, recipe",
-                "PVeRA MC, recipe + temperature",
-                f"Keras LoRA r{LORA_RANK}",
-                f"Keras LoRA r{LORA_RANK} + MC dropout",
-                f"LoRA ensemble x{ENSEMBLE_SIZE}",
-            ]
-            paths.append(
-                plot_shift(
-                    os.path.join(output_dir, "quality_shift.png"),
-                    {k: means[k] for k in keep},
-                )
-            )
-            extras[task_name]["curves"] = means
+            extras[task_name]["curves"], path = shift_plot(curves, output_dir)
+            paths.append(path)
         print(
             f"\n### {task_name} ({seeds} seeds, {extras[task_name]['seconds']:.0f} s)\n"
         )
