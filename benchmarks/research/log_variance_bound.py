@@ -1,6 +1,6 @@
 """What `PVeRAConfig(max_log_variance=...)` changes, in and out of distribution.
 
-The tabular task of the held-out study (`benchmarks/uncertainty_heldout.py`):
+The tabular task of the held-out study (`benchmarks/research/uncertainty_heldout.py`):
 an MLP (2 hidden layers of 64) on scikit-learn `make_classification` data
 (20 features, 8 classes), pretrained on classes 0-3, then adapted to 0-5
 from 15 rows a class with PVeRA's recipe (`d_initial=3`, rank 16, both
