@@ -24,6 +24,7 @@ from layer_battery import numpy_kl
 import keras_pvera
 from keras_pvera import PVeRADense
 from keras_pvera import PVeRAEmbedding
+from keras_pvera import kl_divergence
 
 ALPHA, KL_WEIGHT, TOLERANCE = 2.0, 0.5, 1e-4
 
@@ -108,6 +109,7 @@ def test_the_layer_computes_the_formula_samples_adds_kl_and_merges(kind):
     expected, (mu, logvar), kernel = formula(layer, kind, x)
     assert np.abs(expected - to_numpy(layer.base_layer(x))).max() > 1e-2
     assert_close(layer(x), expected)
+    assert layer.losses == []  # no KL term at inference
     got_mu, got_logvar = layer.latent(x)
     assert_close(got_mu, mu)
     assert_close(got_logvar, logvar)
@@ -119,7 +121,9 @@ def test_the_layer_computes_the_formula_samples_adds_kl_and_merges(kind):
     assert_close(sampled, formula(layer, kind, x, eps=eps)[0])
     assert not np.allclose(sampled, expected, atol=1e-3)
     assert len(layer.losses) == 1
-    assert_close(layer.losses[0], KL_WEIGHT * numpy_kl(mu, logvar))
+    kl = numpy_kl(mu, logvar)
+    assert_close(kl_divergence(got_mu, got_logvar), kl)
+    assert_close(layer.losses[0], KL_WEIGHT * kl)
     # The merged delta, in the kernel's own layout, is the formula's.
     delta = numpy_delta(layer)
     assert_close(to_numpy(layer.delta_kernel()).reshape(kernel.shape), delta)

@@ -12,7 +12,6 @@ from conftest import saved_file
 from keras import ops
 
 from keras_pvera import PVeRADense
-from keras_pvera import kl_divergence
 
 
 def adapter_arrays(layer):
@@ -50,21 +49,6 @@ def test_dense_mean_mode_equals_the_formula(alpha):
     )
     np.testing.assert_allclose(
         to_numpy(layer(x)), np.tanh(expected), rtol=1e-5, atol=1e-5
-    )
-
-
-def test_mean_mode_equals_a_plain_dense_layer_with_the_merged_kernel():
-    base = keras.layers.Dense(6)
-    layer = PVeRADense(base, rank=4)
-    x = np.random.default_rng(2).normal(size=(8, 5)).astype("float32")
-    layer.build(x.shape)
-    randomize_vectors(layer)
-    plain = keras.layers.Dense(6)
-    plain.build(x.shape)
-    plain.kernel.assign(to_numpy(base.kernel) + to_numpy(layer.delta_kernel()))
-    plain.bias.assign(to_numpy(base.bias))
-    np.testing.assert_allclose(
-        to_numpy(layer(x)), to_numpy(plain(x)), rtol=1e-5, atol=1e-5
     )
 
 
@@ -246,24 +230,6 @@ def test_inference_uses_the_mean_unless_sampling_is_on():
     np.testing.assert_array_equal(to_numpy(layer(x)), to_numpy(layer(x)))
     layer.sample_at_inference = True
     assert not np.allclose(to_numpy(layer(x)), to_numpy(layer(x)))
-
-
-def test_kl_term_equals_the_formula_and_is_added_while_training():
-    layer = PVeRADense(keras.layers.Dense(3), rank=4, kl_weight=0.5)
-    x = np.random.default_rng(7).normal(size=(2, 3, 5)).astype("float32")
-    layer.build(x.shape)
-    randomize_vectors(layer)
-    a, b, ld, lb = adapter_arrays(layer)
-    _, (mu, logvar) = numpy_pvera(
-        x, to_numpy(layer.base_layer.kernel), None, a, b, ld, lb, 1.0
-    )
-    expected = np.mean(-0.5 * (1 + logvar - mu**2 - np.exp(logvar)))
-    np.testing.assert_allclose(float(kl_divergence(mu, logvar)), expected, rtol=1e-5)
-    layer(x)
-    assert layer.losses == []
-    layer(x, training=True)
-    assert len(layer.losses) == 1
-    np.testing.assert_allclose(to_numpy(layer.losses[0]), 0.5 * expected, rtol=1e-4)
 
 
 def test_dropout_applies_to_the_adapter_input_only():
