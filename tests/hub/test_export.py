@@ -22,7 +22,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 # The tiny builders and in-memory tokenizers of the architecture matrix.
-import test_keras_hub_architectures as architectures  # noqa: E402
+import hub_architectures as architectures  # noqa: E402
 
 models = keras_hub.models
 pytestmark = [pytest.mark.slow, pytest.mark.architecture_matrix]

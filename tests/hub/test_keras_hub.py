@@ -17,36 +17,13 @@ from keras_pvera.src.surgery.layer_selection import adaptable_layers
 
 keras_hub = pytest.importorskip("keras_hub")
 
+from builders import adapter_vectors  # noqa: E402
+from builders import bert_inputs  # noqa: E402
+from builders import randomize_vectors  # noqa: E402
+from builders import tiny_bert  # noqa: E402
+from builders import tiny_bert_classifier  # noqa: E402
 from hub_models import sam  # noqa: E402
 from pretrained_models import minilm_classifier  # noqa: E402
-
-
-def tiny_bert(name=None):
-    keras.utils.set_random_seed(0)
-    return keras_hub.models.BertBackbone(
-        vocabulary_size=50,
-        num_layers=2,
-        num_heads=2,
-        hidden_dim=8,
-        intermediate_dim=16,
-        max_sequence_length=10,
-        name=name,
-    )
-
-
-def tiny_bert_classifier(name=None):
-    return keras_hub.models.BertTextClassifier(
-        backbone=tiny_bert(), num_classes=2, preprocessor=None, name=name
-    )
-
-
-def bert_inputs(n=8, seed=0):
-    rng = np.random.default_rng(seed)
-    return {
-        "token_ids": rng.integers(0, 50, (n, 10)).astype("int32"),
-        "segment_ids": np.zeros((n, 10), "int32"),
-        "padding_mask": np.ones((n, 10), "int32"),
-    }
 
 
 def trainable_paths(model):
@@ -127,15 +104,6 @@ def tiny_dinov2(name=None, hidden_dim=16):
 IMAGES = np.random.default_rng(1).uniform(size=(2, 28, 28, 3)).astype("float32")
 
 
-def randomize_vectors(model, seed=0):
-    """Gives every adapter vector random values, as training would."""
-    rng = np.random.default_rng(seed)
-    for layer in model.adapted_layers.values():
-        for weight in (layer.lambda_d, layer.lambda_b):
-            weight.assign(rng.normal(size=weight.shape).astype("float32"))
-    return model
-
-
 def numpy_outputs(outputs):
     if isinstance(outputs, dict):
         return {k: keras.ops.convert_to_numpy(v) for k, v in outputs.items()}
@@ -151,7 +119,7 @@ def assert_same_outputs(first, second, atol=1e-6):
 
 def test_adapter_file_loads_onto_a_second_task_built_in_the_same_process(tmp_path):
     first = tiny_bert_classifier()
-    model = randomize_vectors(keras_pvera.apply(first, rank=4))
+    model = randomize_vectors(keras_pvera.apply(first, rank=4), scale=1.0)
     head = first.get_layer("logits")
     head.kernel.assign(np.ones(head.kernel.shape, "float32"))
     path = tmp_path / "adapter.safetensors"
@@ -167,7 +135,7 @@ def test_adapter_file_loads_onto_a_second_task_built_in_the_same_process(tmp_pat
 
 
 def test_adapter_file_loads_onto_a_base_built_with_another_name(tmp_path):
-    model = randomize_vectors(keras_pvera.apply(tiny_dinov2(), rank=4))
+    model = randomize_vectors(keras_pvera.apply(tiny_dinov2(), rank=4), scale=1.0)
     assert "encoder/layers_0/attention/attention/query" in model.adapted_layers
     path = tmp_path / "adapter.safetensors"
     keras_pvera.save_adapter(model, path)
@@ -189,7 +157,7 @@ def test_an_adapter_file_of_another_architecture_is_refused(tmp_path):
 
 
 def test_keras_file_of_a_model_built_without_a_name_loads(tmp_path):
-    model = randomize_vectors(keras_pvera.apply(tiny_dinov2(), rank=4))
+    model = randomize_vectors(keras_pvera.apply(tiny_dinov2(), rank=4), scale=1.0)
     expected = model.predict(IMAGES, verbose=0)
     path = str(tmp_path / "dinov2.keras")
     model.save(path)
@@ -201,16 +169,6 @@ def test_keras_file_of_a_model_built_without_a_name_loads(tmp_path):
     assert_same_outputs(loaded.predict(IMAGES, verbose=0), expected)
 
 
-def vectors_of(model):
-    return np.concatenate(
-        [
-            keras.ops.convert_to_numpy(w)
-            for layer in model.adapted_layers.values()
-            for w in (layer.lambda_d, layer.lambda_b)
-        ]
-    )
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("same_backend", [True, False])
 def test_keras_file_loads_in_a_fresh_process(tmp_path, same_backend):
@@ -220,25 +178,25 @@ def test_keras_file_loads_in_a_fresh_process(tmp_path, same_backend):
     base model's outputs differ by about 0.015 between torch and jax), so
     there the vectors are compared instead of the outputs.
     """
-    model = randomize_vectors(keras_pvera.apply(tiny_dinov2(), rank=4))
+    model = randomize_vectors(keras_pvera.apply(tiny_dinov2(), rank=4), scale=1.0)
     path = str(tmp_path / "dinov2.keras")
     model.save(path)
     np.save(tmp_path / "images.npy", IMAGES)
     np.save(tmp_path / "expected.npy", model.predict(IMAGES, verbose=0))
-    np.save(tmp_path / "vectors.npy", vectors_of(model))
+    np.save(tmp_path / "vectors.npy", adapter_vectors(model))
     backend = keras.backend.backend()
     if not same_backend:
         backend = "jax" if backend == "torch" else "torch"
     script = f"""
 import numpy as np, keras, keras_pvera
-from test_keras_hub import vectors_of
+from builders import adapter_vectors
 model = keras.models.load_model({path!r})
 images = np.load({str(tmp_path / "images.npy")!r})
 expected = np.load({str(tmp_path / "expected.npy")!r})
 print("path", sorted(model.adapted_layers)[0])
 print("outputs", np.abs(model.predict(images, verbose=0) - expected).max())
 saved = np.load({str(tmp_path / "vectors.npy")!r})
-print("vectors", np.abs(vectors_of(model) - saved).max())
+print("vectors", np.abs(adapter_vectors(model) - saved).max())
 """
     result = subprocess.run(
         [sys.executable, "-c", script],
@@ -440,7 +398,7 @@ def test_minilm_classifier_logits_are_read_as_logits_without_from_logits():
     # TextClassifier's `activation` defaults to linear: it outputs logits.
     classifier = minilm_classifier()
     model = keras_pvera.apply(classifier, rank=8)
-    randomize_vectors(model, seed=0)  # Passes differ, as after training.
+    randomize_vectors(model, seed=0, scale=1.0)  # Passes differ, as after training.
     texts = ["a wonderful film", "a dreadful film", "the train leaves at seven"]
     result = keras_pvera.predict_with_uncertainty(model, texts, n=8, seed=0, verbose=0)
     assert result.from_logits is True
@@ -545,7 +503,7 @@ def test_generate_of_a_causal_lm_is_reachable_and_uses_the_adapters():
     np.testing.assert_array_equal(generated["token_ids"], expected["token_ids"])
     # The cached generate loop runs the adapted layers: a forward pass on
     # what it generated agrees token for token.
-    randomize_vectors(model, seed=3)
+    randomize_vectors(model, seed=3, scale=1.0)
     generated = model.generate(prompt, stop_token_ids=None)
     logits = model.predict(
         {"token_ids": generated["token_ids"], "padding_mask": np.ones((1, 8), bool)},
@@ -558,11 +516,11 @@ def test_generate_of_a_causal_lm_is_reachable_and_uses_the_adapters():
 
 def test_hotswap_reuses_the_compiled_generate_loop(tmp_path):
     causal_lm, prompt = tiny_gpt2_causal_lm(rows=1)
-    served = randomize_vectors(keras_pvera.apply(causal_lm, rank=2), seed=3)
+    served = randomize_vectors(keras_pvera.apply(causal_lm, rank=2), seed=3, scale=1.0)
     before = served.generate(prompt, stop_token_ids=None)["token_ids"]
     compiled = served.generate_function
     other = randomize_vectors(
-        keras_pvera.apply(tiny_gpt2_causal_lm(rows=1)[0], rank=2), seed=4
+        keras_pvera.apply(tiny_gpt2_causal_lm(rows=1)[0], rank=2), seed=4, scale=1.0
     )
     path = tmp_path / "other.safetensors"
     keras_pvera.save_adapter(other, path)
@@ -599,7 +557,7 @@ def test_sampled_generate_draws_fresh_noise_on_every_backend():
 def test_a_single_string_is_refused_naming_the_list_it_should_be():
     """Raw task inputs are a batch: one string gives a ValueError naming it
     (a plain task gives Keras' "must have a batch dimension" ValueError)."""
-    from test_keras_hub_architectures import bert
+    from hub_architectures import bert
 
     model = keras_pvera.apply(bert(preprocessor=True), rank=2)
     with pytest.raises(
@@ -615,9 +573,9 @@ def test_evaluate_uncertainty_scores_a_text_classifier_on_raw_text():
     """A BERT classifier with its preprocessor, on raw strings: the Monte
     Carlo figures are those of `predict_with_uncertainty` on the same text
     and seed, and the mean predictor is `predict` with sampling off."""
-    from test_keras_hub_architectures import TEXTS
-    from test_keras_hub_architectures import bert
-    from test_keras_hub_architectures import randomize
+    from hub_architectures import TEXTS
+    from hub_architectures import bert
+    from hub_architectures import randomize
 
     from keras_pvera.src.uncertainty import metrics
 
@@ -642,8 +600,8 @@ def test_evaluate_uncertainty_scores_a_text_classifier_on_raw_text():
 
 def test_each_prompt_is_continued_by_its_own_adapter_in_one_batch():
     # A GPT-2 causal LM with its tokenizer and preprocessor, on raw strings.
-    from test_keras_hub_architectures import TEXTS
-    from test_keras_hub_architectures import gpt2
+    from hub_architectures import TEXTS
+    from hub_architectures import gpt2
 
     causal_lm = gpt2(preprocessor=True)
     causal_lm.compile(sampler="greedy")

@@ -1,7 +1,7 @@
 """save_lora_weights: an adapter's mean as KerasHub's own `.lora.h5` file.
 
 KerasHub's `backbone.load_lora_weights(path)` on a fresh build of the same
-model (the builders of test_keras_hub_architectures.py give the same weights
+model (the builders of hub_architectures.py give the same weights
 every call) must give the adapted model's mean outputs.
 """
 
@@ -10,12 +10,12 @@ import warnings
 import keras
 import numpy as np
 import pytest
-from test_keras_hub_architectures import CASES
-from test_keras_hub_architectures import TEXTS
-from test_keras_hub_architectures import bert
-from test_keras_hub_architectures import gpt2
-from test_keras_hub_architectures import numpy_outputs
-from test_keras_hub_architectures import randomize
+from hub_architectures import CASES
+from hub_architectures import TEXTS
+from hub_architectures import bert
+from hub_architectures import gpt2
+from hub_architectures import numpy_outputs
+from hub_architectures import randomize
 
 import keras_pvera
 

@@ -1,7 +1,9 @@
 """PVeRA on embeddings: the adapter of `onehot(token) @ E`, as a gather.
 
-Checked against the Dense formula on one-hot rows built in NumPy, and, for a
-tied `ReversibleEmbedding`, in the reverse (logits) direction too.
+The Dense formula on one-hot rows, sampling, merging and the files are
+checked for Embedding and a tied `ReversibleEmbedding` by the battery of
+every adapted layer kind (tests/layers/test_adapted_layer_kinds.py); here,
+masks, dropout and the reverse (logits) direction.
 """
 
 import warnings
@@ -9,8 +11,8 @@ import warnings
 import keras
 import numpy as np
 import pytest
-from conftest import numpy_pvera
-from keras import ops
+from builders import randomize_vectors
+from builders import to_numpy
 
 import keras_pvera
 from keras_pvera import PVeRAEmbedding
@@ -18,34 +20,8 @@ from keras_pvera import PVeRAEmbedding
 VOCABULARY, DIM = 20, 6
 
 
-def to_numpy(x):
-    return ops.convert_to_numpy(x)
-
-
-def randomize(layer, seed=0):
-    rng = np.random.default_rng(seed)
-    layer.lambda_d.assign(rng.normal(0.0, 0.5, layer.lambda_d.shape))
-    layer.lambda_b.assign(rng.normal(0.0, 0.5, layer.lambda_b.shape))
-
-
 def token_ids(seed=0, shape=(3, 5)):
     return np.random.default_rng(seed).integers(1, VOCABULARY, size=shape)
-
-
-def numpy_embedding_pvera(layer, ids, eps=None):
-    """The layer's output by the Dense formula on one-hot rows."""
-    a, b = layer.projection_registry.projections(layer.in_dim, layer.out_dim)
-    return numpy_pvera(
-        np.eye(VOCABULARY)[ids],
-        to_numpy(layer.base_layer.embeddings),
-        None,
-        to_numpy(a),
-        to_numpy(b),
-        to_numpy(layer.lambda_d),
-        to_numpy(layer.lambda_b),
-        layer.config.alpha,
-        eps=eps,
-    )
 
 
 def numpy_delta(layer):
@@ -55,31 +31,6 @@ def numpy_delta(layer):
     a, b = to_numpy(a), to_numpy(b)
     ld, lb = to_numpy(layer.lambda_d), to_numpy(layer.lambda_b)
     return a[:r].T @ np.diag(ld[:r]) @ b.T @ np.diag(layer.config.alpha * lb)
-
-
-def test_embedding_adapter_equals_the_one_hot_formula():
-    layer = PVeRAEmbedding(keras.layers.Embedding(VOCABULARY, DIM), rank=3, alpha=2.0)
-    ids = token_ids()
-    layer.build(ids.shape)
-    randomize(layer)
-    assert (layer.in_dim, layer.out_dim) == (VOCABULARY, DIM)
-    expected, (mu, logvar) = numpy_embedding_pvera(layer, ids)
-    assert np.abs(expected - to_numpy(layer.base_layer(ids))).max() > 1e-2
-    np.testing.assert_allclose(to_numpy(layer(ids)), expected, rtol=1e-5, atol=1e-5)
-    got_mu, got_logvar = layer.latent(ids)
-    np.testing.assert_allclose(to_numpy(got_mu), mu, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(to_numpy(got_logvar), logvar, rtol=1e-5, atol=1e-5)
-    # Sampling (training), with the noise the layer draws.
-    state = to_numpy(layer.seed_generator.state)
-    sampled = to_numpy(layer(ids, training=True))
-    layer.seed_generator.state.assign(state)
-    eps = to_numpy(keras.random.normal(mu.shape, seed=layer.seed_generator))
-    expected_sample, _ = numpy_embedding_pvera(layer, ids, eps=eps)
-    np.testing.assert_allclose(sampled, expected_sample, rtol=1e-5, atol=1e-5)
-    # The merged delta is the formula's `(vocab, dim)` matrix.
-    np.testing.assert_allclose(
-        to_numpy(layer.delta_kernel()), numpy_delta(layer), rtol=1e-5, atol=1e-6
-    )
 
 
 def test_dropout_keeps_or_drops_each_token_whole():
@@ -143,27 +94,6 @@ def test_adapted_layers_carry_the_mask_as_the_layers_they_wrap():
     assert np.abs(unmasked - expected).max() > 1e-3
 
 
-def test_a_merged_embedding_equals_the_unmerged_mean_and_round_trips(tmp_path):
-    model = keras_pvera.apply(tiny_text_model(), rank=4, target=["emb", "head"])
-    for layer in model.adapted_layers.values():
-        randomize(layer)
-    # One projection registry: `in_max` is the vocabulary size.
-    registry = model.adapted_layers["emb"].projection_registry
-    assert (registry.in_max, registry.out_max) == (VOCABULARY, DIM)
-    ids = token_ids()
-    adapted = to_numpy(model(ids))
-    assert np.abs(adapted - to_numpy(tiny_text_model()(ids))).max() > 1e-2
-    merged = keras_pvera.merge(model)
-    np.testing.assert_allclose(to_numpy(merged(ids)), adapted, rtol=1e-5, atol=1e-5)
-    keras_pvera.save_adapter(model, str(tmp_path / "adapter"))
-    loaded = keras_pvera.load_adapter(tiny_text_model(), str(tmp_path / "adapter"))
-    np.testing.assert_allclose(to_numpy(loaded(ids)), adapted, rtol=1e-6, atol=1e-6)
-    model.save(tmp_path / "model.keras")
-    restored = keras.saving.load_model(tmp_path / "model.keras")
-    assert isinstance(restored.adapted_layers["emb"], PVeRAEmbedding)
-    np.testing.assert_allclose(to_numpy(restored(ids)), adapted, rtol=1e-6, atol=1e-6)
-
-
 def reversible_embedding(**kwargs):
     keras_hub = pytest.importorskip("keras_hub")
     keras.utils.set_random_seed(0)
@@ -175,7 +105,7 @@ def test_a_tied_reversible_embedding_is_adapted_in_both_directions(soft_cap):
     layer = PVeRAEmbedding(reversible_embedding(logit_soft_cap=soft_cap), rank=3)
     ids = token_ids()
     layer.build(ids.shape)
-    randomize(layer)
+    randomize_vectors(layer)
     hidden = np.random.default_rng(1).normal(size=(3, 5, DIM)).astype("float32")
     adapted_matrix = to_numpy(layer.base_layer.embeddings) + numpy_delta(layer)
     logits = hidden @ adapted_matrix.T
@@ -212,72 +142,9 @@ def test_a_tied_reversible_embedding_is_adapted_in_both_directions(soft_cap):
 def test_an_untied_reversible_embedding_keeps_its_reverse_matrix():
     layer = PVeRAEmbedding(reversible_embedding(tie_weights=False), rank=3)
     layer.build((3, 5))
-    randomize(layer)
+    randomize_vectors(layer)
     hidden = np.random.default_rng(1).normal(size=(3, DIM)).astype("float32")
     np.testing.assert_array_equal(
         to_numpy(layer(hidden, reverse=True)),
         to_numpy(layer.base_layer(hidden, reverse=True)),
     )
-
-
-TEXTS = ["the cat sat", "a dog ran on the mat"]
-
-
-def tiny_gpt2_causal_lm():
-    """A GPT-2 causal LM with its preprocessor, over an in-memory byte-pair
-    tokenizer of `TEXTS`' words."""
-    keras_hub = pytest.importorskip("keras_hub")
-    words = sorted({word for text in TEXTS for word in text.split()})
-    vocabulary = {"<|endoftext|>": 0}
-    merges = []
-    for start in ("Ġ", ""):
-        for word in words:
-            token = start
-            for character in word:
-                vocabulary.setdefault(character, len(vocabulary))
-                if token and f"{token} {character}" not in merges:
-                    merges.append(f"{token} {character}")
-                token += character
-                vocabulary.setdefault(token, len(vocabulary))
-    vocabulary.setdefault("Ġ", len(vocabulary))
-    keras.utils.set_random_seed(0)
-    backbone = keras_hub.models.GPT2Backbone(
-        vocabulary_size=len(vocabulary),
-        num_layers=1,
-        num_heads=2,
-        hidden_dim=8,
-        intermediate_dim=16,
-        max_sequence_length=16,
-    )
-    tokenizer = keras_hub.models.GPT2Tokenizer(vocabulary=vocabulary, merges=merges)
-    preprocessor = keras_hub.models.GPT2CausalLMPreprocessor(
-        tokenizer=tokenizer, sequence_length=8
-    )
-    return keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=preprocessor)
-
-
-def test_a_causal_lm_with_an_adapted_token_embedding_merges_exactly():
-    """The tied token embedding is adapted where it embeds tokens and where
-    it computes the logits; merging gives the same logits."""
-    model = keras_pvera.apply(
-        tiny_gpt2_causal_lm(), rank=4, target=["token_embedding", "query"]
-    )
-    (embedding,) = [
-        layer
-        for path, layer in model.adapted_layers.items()
-        if path.endswith("token_embedding")
-    ]
-    assert isinstance(embedding, PVeRAEmbedding)
-    for i, layer in enumerate(model.adapted_layers.values()):
-        randomize(layer, seed=i)
-    # The network on what the task's preprocessor makes of raw strings.
-    x, _, _ = model.preprocessor(TEXTS)
-    logits = to_numpy(model(x))
-    base_logits = to_numpy(tiny_gpt2_causal_lm()(x))
-    assert np.abs(logits - base_logits).max() > 1e-2
-    # The logits read the adapted matrix: h @ (E + dE).T.
-    hidden = to_numpy(model.backbone(x))
-    adapted_matrix = to_numpy(embedding.base_layer.embeddings) + numpy_delta(embedding)
-    np.testing.assert_allclose(logits, hidden @ adapted_matrix.T, rtol=1e-4, atol=1e-4)
-    merged = keras_pvera.merge(model)
-    np.testing.assert_allclose(to_numpy(merged(x)), logits, rtol=1e-4, atol=1e-4)

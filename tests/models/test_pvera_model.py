@@ -6,28 +6,20 @@ import warnings
 import keras
 import numpy as np
 import pytest
+from builders import bert_inputs
+from builders import randomize_vectors
+from builders import tiny_bert
+from builders import to_numpy
 from conftest import SAVED_FILE_SETS
 from conftest import needs_keras_3_15
 from conftest import saved_file
-from keras import ops
 
 import keras_pvera
 from keras_pvera import PVeRADense
 
 
-def to_numpy(x):
-    return ops.convert_to_numpy(x)
-
-
 def weights_by_path(model):
     return {w.path: to_numpy(w).copy() for w in model.weights}
-
-
-def randomize_lambdas(model, seed=0):
-    rng = np.random.default_rng(seed)
-    for layer in model.adapted_layers.values():
-        layer.lambda_d.assign(rng.normal(0.0, 0.5, layer.lambda_d.shape))
-        layer.lambda_b.assign(rng.normal(0.0, 0.5, layer.lambda_b.shape))
 
 
 def mlp():
@@ -192,29 +184,8 @@ def test_default_target_and_the_all_target_skip_output_layers():
     assert list(model.adapted_layers) == ["head"]
 
 
-def small_bert():
-    keras_hub = pytest.importorskip("keras_hub")
-    return keras_hub.models.BertBackbone(
-        vocabulary_size=50,
-        num_layers=2,
-        num_heads=2,
-        hidden_dim=8,
-        intermediate_dim=16,
-        max_sequence_length=10,
-    )
-
-
-def bert_inputs(n=8, seed=0):
-    rng = np.random.default_rng(seed)
-    return {
-        "token_ids": rng.integers(0, 50, (n, 10)).astype("int32"),
-        "segment_ids": np.zeros((n, 10), "int32"),
-        "padding_mask": np.ones((n, 10), "int32"),
-    }
-
-
 def bert_classifier():
-    backbone = small_bert()
+    backbone = tiny_bert(seed=None)
     inputs = {
         name: keras.Input((None,), dtype="int32", name=name)
         for name in ("token_ids", "segment_ids", "padding_mask")
@@ -226,7 +197,7 @@ def bert_classifier():
 
 @pytest.mark.slow
 def test_keras_hub_backbone_adapts_query_and_value_einsum_dense():
-    base = small_bert()
+    base = tiny_bert(seed=None)
     x = bert_inputs()
     expected = base.predict(x, verbose=0)
     model = keras_pvera.apply(base, rank=4)
@@ -242,7 +213,7 @@ def test_keras_hub_backbone_adapts_query_and_value_einsum_dense():
     outputs = model.predict(x, verbose=0)
     for key in expected:
         np.testing.assert_array_equal(outputs[key], expected[key])
-    randomize_lambdas(model)
+    randomize_vectors(model)
     assert not np.allclose(
         model.predict(x, verbose=0)["sequence_output"], expected["sequence_output"]
     )
@@ -336,7 +307,7 @@ def test_save_projection_false_writes_a_smaller_file_with_equal_predictions(tmp_
         model = keras_pvera.apply(
             base, rank=64, seed=3, save_projection=save_projection
         )
-        randomize_lambdas(model)
+        randomize_vectors(model)
         path = str(tmp_path / f"{save_projection}.keras")
         model.save(path)
         sizes[save_projection] = os.path.getsize(path)
@@ -354,7 +325,7 @@ def test_save_projection_false_writes_a_smaller_file_with_equal_predictions(tmp_
 
 def test_sampling_at_inference_can_be_switched_on_and_off():
     model = keras_pvera.apply(mlp(), rank=4)
-    randomize_lambdas(model)
+    randomize_vectors(model)
     x, _ = data(4)
     mean = model.predict(x, verbose=0)
     model.sample_at_inference = True
@@ -512,19 +483,10 @@ def test_a_failure_during_surgery_is_rolled_back(monkeypatch):
 
 @pytest.mark.slow
 def test_query_and_value_share_one_projection_per_attention_layer():
-    keras_hub = pytest.importorskip("keras_hub")
-    base = keras_hub.models.BertBackbone(
-        vocabulary_size=50,
-        num_layers=2,
-        num_heads=2,
-        hidden_dim=8,
-        intermediate_dim=16,
-        max_sequence_length=10,
-        dropout=0.0,
-    )
+    base = tiny_bert(seed=None, dropout=0.0)
     x = bert_inputs(4)
     model = keras_pvera.apply(base, rank=4)
-    randomize_lambdas(model)
+    randomize_vectors(model)
     registry = model.projection_registry
     products = []
     project = registry.project

@@ -13,22 +13,14 @@ import keras
 import numpy as np
 import pytest
 import safetensors.numpy
-from test_peft_interop import keras_bert
+from builders import peft_bert as keras_bert
+from builders import randomize_vectors
 
 import keras_pvera
 from keras_pvera.src.peft.architectures import BERT
 from keras_pvera.src.peft.module_names import kernel_matrix
 
 keras_hub = pytest.importorskip("keras_hub")
-
-
-def randomized(model, seed=0):
-    """`model` with random vectors in every adapted layer of its adapter."""
-    rng = np.random.default_rng(seed)
-    for layer in model.adapted_layers.values():
-        for vector in (layer.lambda_d, layer.lambda_b):
-            vector.assign(rng.normal(size=vector.shape).astype("float32"))
-    return model
 
 
 def read_folder(folder):
@@ -47,7 +39,9 @@ def mean_delta(layer):
 
 
 def test_lora_factors_multiply_to_each_layer_mean_delta(tmp_path):
-    model = randomized(keras_pvera.apply(keras_bert(), rank=4, alpha=3.0, target="all"))
+    model = randomize_vectors(
+        keras_pvera.apply(keras_bert(), rank=4, alpha=3.0, target="all"), scale=1.0
+    )
     keras_pvera.save_lora_adapter(model, tmp_path)
     config, tensors = read_folder(tmp_path)
 
@@ -67,10 +61,12 @@ def test_lora_factors_multiply_to_each_layer_mean_delta(tmp_path):
 
 
 def test_an_adapter_is_picked_by_name_the_active_one_by_default(tmp_path):
-    model = randomized(keras_pvera.apply(keras_bert(), rank=4, target=["query"]))
+    model = randomize_vectors(
+        keras_pvera.apply(keras_bert(), rank=4, target=["query"]), scale=1.0
+    )
     model.add_adapter("other", rank=4, target=["query"])
     model.set_adapter("other")
-    randomized(model, seed=1)
+    randomize_vectors(model, seed=1, scale=1.0)
     key = "base_model.model.encoder.layer.0.attention.self.query.lora_B.weight"
     written = {}
     for name in ("default", "other"):
@@ -84,7 +80,9 @@ def test_an_adapter_is_picked_by_name_the_active_one_by_default(tmp_path):
 
 
 def test_sampling_at_inference_writes_the_mean(tmp_path):
-    model = randomized(keras_pvera.apply(keras_bert(), rank=4, target=["value"]))
+    model = randomize_vectors(
+        keras_pvera.apply(keras_bert(), rank=4, target=["value"]), scale=1.0
+    )
     keras_pvera.save_lora_adapter(model, tmp_path / "mean")
     model.sample_at_inference = True
     keras_pvera.save_lora_adapter(model, tmp_path / "sampling")

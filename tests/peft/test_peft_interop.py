@@ -16,6 +16,7 @@ import keras
 import numpy as np
 import pytest
 import safetensors.numpy
+from builders import peft_bert as keras_bert
 
 import keras_pvera
 from keras_pvera.src.layers.pvera_dense import PVeRADense
@@ -37,17 +38,6 @@ keras_hub = pytest.importorskip("keras_hub")
 
 TOLERANCE = 1e-4
 HIDDEN, HEADS, LAYERS, INTERMEDIATE = 32, 4, 2, 64
-
-
-def keras_bert():
-    return keras_hub.models.BertBackbone(
-        vocabulary_size=100,
-        num_layers=LAYERS,
-        num_heads=HEADS,
-        hidden_dim=HIDDEN,
-        intermediate_dim=INTERMEDIATE,
-        max_sequence_length=64,
-    )
 
 
 def write_peft_folder(folder, tensors, **config):

@@ -7,6 +7,8 @@ import keras
 import numpy as np
 import pytest
 import safetensors.numpy
+from builders import randomize_vectors
+from builders import tiny_bert
 from conftest import SAVED_FILE_SETS
 from conftest import needs_keras_3_15
 from conftest import saved_file
@@ -38,15 +40,6 @@ def make_base(hidden=16, name="hidden"):
     return keras.Model(inputs, outputs, name="base")
 
 
-def train_a_little(model, seed=0):
-    """Gives every adapter non-zero, distinct vectors (as training would)."""
-    rng = np.random.default_rng(seed)
-    for layer in model.adapted_layers.values():
-        layer.lambda_d.assign(rng.normal(size=layer.lambda_d.shape).astype("float32"))
-        layer.lambda_b.assign(rng.normal(size=layer.lambda_b.shape).astype("float32"))
-    return model
-
-
 def numpy_weights(model):
     return [keras.ops.convert_to_numpy(w).copy() for w in model.weights]
 
@@ -68,7 +61,7 @@ X = np.random.default_rng(42).normal(size=(5, 8)).astype("float32")
 @pytest.fixture
 def trained(tmp_path):
     """An adapted model with trained vectors, saved to an adapter file."""
-    model = train_a_little(keras_pvera.apply(make_base(), rank=4, seed=7))
+    model = randomize_vectors(keras_pvera.apply(make_base(), rank=4, seed=7), scale=1.0)
     path = tmp_path / "task.safetensors"
     keras_pvera.save_adapter(model, path)
     return model, path
@@ -126,21 +119,15 @@ def test_load_onto_adapted_model_sets_the_vectors(trained):
 
 @pytest.mark.slow
 def test_without_projections_the_file_is_the_vectors_plus_16_kib(tmp_path):
-    keras_hub = pytest.importorskip("keras_hub")
-
     def bert(save_projection):
-        base = keras_hub.models.BertBackbone(
-            vocabulary_size=50,
-            num_layers=2,
-            num_heads=2,
-            hidden_dim=16,
-            intermediate_dim=32,
-            max_sequence_length=16,
+        base = tiny_bert(
+            seed=None, hidden_dim=16, intermediate_dim=32, max_sequence_length=16
         )
-        return train_a_little(
+        return randomize_vectors(
             keras_pvera.apply(
                 base, rank=64, target="all", save_projection=save_projection
-            )
+            ),
+            scale=1.0,
         )
 
     model = bert(save_projection=False)
@@ -166,8 +153,9 @@ def test_without_projections_the_file_is_the_vectors_plus_16_kib(tmp_path):
 
 
 def test_without_projections_they_are_regenerated_from_the_seed(tmp_path):
-    model = train_a_little(
-        keras_pvera.apply(make_base(), rank=4, seed=11, save_projection=False)
+    model = randomize_vectors(
+        keras_pvera.apply(make_base(), rank=4, seed=11, save_projection=False),
+        scale=1.0,
     )
     path = tmp_path / "no_projection.safetensors"
     keras_pvera.save_adapter(model, path)
@@ -184,7 +172,7 @@ def test_layers_trained_in_full_travel_with_the_adapter(tmp_path):
     model = keras_pvera.apply(
         make_base(), rank=4, target=["hidden"], trainable_layers=["head"]
     )
-    train_a_little(model)
+    randomize_vectors(model, scale=1.0)
     head = model.base_model.get_layer("head")
     head.kernel.assign(np.full(head.kernel.shape, 0.5, "float32"))
     path = tmp_path / "with_head.safetensors"
@@ -367,8 +355,8 @@ def test_model_holding_pvera_layers_but_not_the_pvera_model(trained):
 
 
 def test_projections_must_match_when_the_file_has_none(tmp_path):
-    model = train_a_little(
-        keras_pvera.apply(make_base(), rank=4, seed=7, save_projection=False)
+    model = randomize_vectors(
+        keras_pvera.apply(make_base(), rank=4, seed=7, save_projection=False), scale=1.0
     )
     path = tmp_path / "no_projection.safetensors"
     keras_pvera.save_adapter(model, path)
@@ -402,7 +390,7 @@ def test_save_needs_an_adapted_model(tmp_path):
 def test_interrupted_save_leaves_the_previous_file(trained, monkeypatch):
     model, path = trained
     previous = path.read_bytes()
-    train_a_little(model, seed=1)
+    randomize_vectors(model, seed=1, scale=1.0)
 
     def write_half_then_fail(tensors, filename, metadata=None):
         with open(filename, "wb") as f:
@@ -424,7 +412,7 @@ def test_interrupted_save_leaves_the_previous_file(trained, monkeypatch):
 
 def test_save_replaces_an_existing_file(trained):
     model, path = trained
-    train_a_little(model, seed=1)
+    randomize_vectors(model, seed=1, scale=1.0)
     keras_pvera.save_adapter(model, path)
     tensors = safetensors.numpy.load_file(str(path))
     np.testing.assert_array_equal(
@@ -464,7 +452,7 @@ def trained_with_head(values, target=None, trainable_layers=("head",), **setting
         trainable_layers=list(trainable_layers) or None,
         **settings,
     )
-    train_a_little(model, seed=values)
+    randomize_vectors(model, seed=values, scale=1.0)
     for path in trainable_layers:
         kernel = model.base_model.get_layer(path).kernel
         rng = np.random.default_rng(values)

@@ -10,6 +10,8 @@ import zipfile
 import keras
 import numpy as np
 import pytest
+from builders import randomize_vectors
+from builders import tiny_bert
 
 import keras_pvera
 from keras_pvera.src.layers.pvera_dense import PVeRADense
@@ -22,14 +24,6 @@ def make_base():
     x = keras.layers.Dense(12, activation="tanh", name="middle")(x)
     outputs = keras.layers.Dense(3, name="head")(x)
     return keras.Model(inputs, outputs, name="base")
-
-
-def train_a_little(model, seed=0):
-    rng = np.random.default_rng(seed)
-    for layer in model.adapted_layers.values():
-        layer.lambda_d.assign(rng.normal(size=layer.lambda_d.shape).astype("float32"))
-        layer.lambda_b.assign(rng.normal(size=layer.lambda_b.shape).astype("float32"))
-    return model
 
 
 def relative_error(actual, expected):
@@ -50,7 +44,9 @@ X = np.random.default_rng(1).normal(size=(6, 8)).astype("float32")
 def test_merged_model_predicts_the_adapted_mean():
     base = make_base()
     base_predictions = base.predict(X, verbose=0)
-    adapted = train_a_little(keras_pvera.apply(base, rank=4, target="all", alpha=2.0))
+    adapted = randomize_vectors(
+        keras_pvera.apply(base, rank=4, target="all", alpha=2.0), scale=1.0
+    )
     expected = adapted.predict(X, verbose=0)
     assert relative_error(expected, base_predictions) > 1e-2
 
@@ -63,7 +59,9 @@ def test_merged_model_predicts_the_adapted_mean():
 
 
 def test_merged_model_has_the_base_architecture():
-    adapted = train_a_little(keras_pvera.apply(make_base(), rank=4, target="all"))
+    adapted = randomize_vectors(
+        keras_pvera.apply(make_base(), rank=4, target="all"), scale=1.0
+    )
     merged = keras_pvera.merge(adapted)
     fresh = make_base()
     assert [type(layer) for layer in merged.layers] == [
@@ -76,8 +74,8 @@ def test_merged_model_has_the_base_architecture():
 
 
 def test_merge_folds_the_mean_even_while_sampling():
-    adapted = train_a_little(
-        keras_pvera.apply(make_base(), rank=4, sample_at_inference=True)
+    adapted = randomize_vectors(
+        keras_pvera.apply(make_base(), rank=4, sample_at_inference=True), scale=1.0
     )
     first = adapted.predict(X, verbose=0)
     assert np.abs(first - adapted.predict(X, verbose=0)).max() > 0  # sampling
@@ -91,7 +89,9 @@ def test_merge_folds_the_mean_even_while_sampling():
 
 
 def test_adapted_model_is_left_intact():
-    adapted = train_a_little(keras_pvera.apply(make_base(), rank=4, target="all"))
+    adapted = randomize_vectors(
+        keras_pvera.apply(make_base(), rank=4, target="all"), scale=1.0
+    )
     before = adapted.predict(X, verbose=0)
     vectors = {
         path: keras.ops.convert_to_numpy(layer.lambda_b).copy()
@@ -114,20 +114,15 @@ def test_adapted_model_is_left_intact():
 
 @pytest.mark.slow
 def test_kerashub_bert_with_einsum_dense_layers():
-    keras_hub = pytest.importorskip("keras_hub")
-
     def bert():
-        return keras_hub.models.BertBackbone(
-            vocabulary_size=50,
-            num_layers=2,
-            num_heads=2,
-            hidden_dim=16,
-            intermediate_dim=32,
-            max_sequence_length=16,
+        return tiny_bert(
+            seed=None, hidden_dim=16, intermediate_dim=32, max_sequence_length=16
         )
 
     base = bert()
-    adapted = train_a_little(keras_pvera.apply(base, rank=8, target="all"))
+    adapted = randomize_vectors(
+        keras_pvera.apply(base, rank=8, target="all"), scale=1.0
+    )
     rng = np.random.default_rng(0)
     inputs = {
         "token_ids": rng.integers(0, 50, (2, 8)),
@@ -165,7 +160,9 @@ class Tower(keras.Model):
 def test_subclassed_model_with_generated_layer_names():
     base = Tower()
     base(X[:1])
-    adapted = train_a_little(keras_pvera.apply(base, rank=4, target="all"))
+    adapted = randomize_vectors(
+        keras_pvera.apply(base, rank=4, target="all"), scale=1.0
+    )
     expected = adapted.predict(X, verbose=0)
 
     merged = keras_pvera.merge(adapted)
@@ -207,7 +204,9 @@ class Pipeline(keras.Model):
 def test_a_weightless_sublayer_made_on_first_use_is_not_paired():
     base = Pipeline()
     base(X[:1])
-    adapted = train_a_little(keras_pvera.apply(base, rank=4, target="all"))
+    adapted = randomize_vectors(
+        keras_pvera.apply(base, rank=4, target="all"), scale=1.0
+    )
     x = keras.ops.convert_to_numpy(adapted.base_model.scaler(X))  # makes `step`
     expected = adapted.predict(x, verbose=0)
 
@@ -241,7 +240,9 @@ def test_merge_needs_a_serializable_base_model():
 
 @pytest.mark.slow
 def test_merged_model_loads_without_keras_pvera(tmp_path):
-    adapted = train_a_little(keras_pvera.apply(make_base(), rank=4, target="all"))
+    adapted = randomize_vectors(
+        keras_pvera.apply(make_base(), rank=4, target="all"), scale=1.0
+    )
     merged = keras_pvera.merge(adapted)
     path = tmp_path / "merged.keras"
     merged.save(path)

@@ -2,7 +2,7 @@
 KerasHub causal LM, their agreement and the uncertainty of their tokens.
 
 A tiny GPT-2 `CausalLM` with its preprocessor over an in-memory byte-pair
-tokenizer (the builder of tests/hub/test_keras_hub_architectures.py), a
+tokenizer (the builder of tests/hub/hub_architectures.py), a
 greedy sampler so that only the adapters' noise varies, and a few tokens.
 """
 
@@ -16,7 +16,7 @@ import keras_pvera
 
 keras_hub = pytest.importorskip("keras_hub")
 
-from test_keras_hub_architectures import gpt2  # noqa: E402
+from hub_architectures import gpt2  # noqa: E402
 
 PROMPTS = ["a dog ran", "a cat"]
 MAX_LENGTH = 7  # Prompts of 3 and 4 tokens (the start token included).
