@@ -423,7 +423,7 @@ TEXT_TASKS = [case for case in CASES if case.text]
 # just as a first `fit` or `predict` does.
 RAW_TEXT_WORKFLOW = {"bert", "gemma", "t5"}  # a classifier, a causal LM, a seq2seq LM
 # The text tasks whose default targets PEFT's module-name tables map
-# (`keras_pvera.peft_module_names.SPECS`), so their adapters save as PEFT
+# (`keras_pvera.src.peft.architectures.SPECS`), so their adapters save as PEFT
 # files. GPT-2 has a table, but its `query` and `value` come out of one
 # fused torch module, `c_attn`.
 PEFT_FILES = set(
