@@ -40,6 +40,18 @@ def adapter_vectors(model):
     )
 
 
+def small_mlp():
+    """6 inputs, a `hidden` Dense of 8 (relu), a `head` of 3; seed 0."""
+    keras.utils.set_random_seed(0)
+    return keras.Sequential(
+        [
+            keras.Input((6,)),
+            keras.layers.Dense(8, activation="relu", name="hidden"),
+            keras.layers.Dense(3, name="head"),
+        ]
+    )
+
+
 # Sizes of the tiny BERT most tests use: 2 layers of width 8, 10 tokens.
 TINY_BERT = dict(
     vocabulary_size=50,

@@ -54,7 +54,8 @@ def pytest_collection_modifyitems(config, items):
 
 
 def numpy_pvera(x, kernel, bias, a, b, lambda_d, lambda_b, alpha, eps=None):
-    """PVeRA's formula (see ../shared/PVERA.md and keras_pvera/src/layers/pvera_dense.py) in NumPy, for a Dense map.
+    """PVeRA's formula (keras_pvera/src/layers/pvera_dense.py) in NumPy, for
+    a Dense map.
 
     `x` is (..., in), `kernel` is (in, out); `eps` (..., r) turns sampling on.
     Returns the pre-activation output and `(mu, logvar)`.

@@ -7,6 +7,8 @@ import warnings
 import keras
 import numpy as np
 import pytest
+from builders import small_mlp as mlp
+from builders import tiny_bert
 from conftest import SAVED_FILE_SETS
 from conftest import needs_keras_3_15
 from conftest import saved_file
@@ -17,17 +19,6 @@ from keras_pvera import PVeRADense
 from keras_pvera import kl_divergence
 
 BOUND = 10.0
-
-
-def mlp():
-    keras.utils.set_random_seed(0)
-    return keras.Sequential(
-        [
-            keras.Input((6,)),
-            keras.layers.Dense(8, activation="relu", name="hidden"),
-            keras.layers.Dense(3, name="head"),
-        ]
-    )
 
 
 def recipe_model(seed, target=("hidden", "head"), **settings):
@@ -181,15 +172,7 @@ def test_the_bound_survives_every_config_and_file(tmp_path):
 # The check reads the config before any tensor: one backend is enough.
 @pytest.mark.default_backend_only
 def test_peft_folders_refuse_an_adapter_with_a_bound(tmp_path):
-    keras_hub = pytest.importorskip("keras_hub")
-    bert = keras_hub.models.BertBackbone(
-        vocabulary_size=50,
-        num_layers=1,
-        num_heads=2,
-        hidden_dim=8,
-        intermediate_dim=16,
-        max_sequence_length=8,
-    )
+    bert = tiny_bert(num_layers=1)
     model = keras_pvera.apply(bert, rank=4, max_log_variance=BOUND)
     with pytest.raises(ValueError, match="max_log_variance=10.0.*PEFT's PVeRA"):
         keras_pvera.save_peft_adapter(model, tmp_path / "peft")

@@ -2,25 +2,14 @@
 
 import json
 
-import keras
 import numpy as np
 import pytest
+from builders import small_mlp as mlp
 
 import keras_pvera
 from keras_pvera import PVeRAConfig
 from keras_pvera.src.layers.pvera_config import ADAPTER_SETTING_NAMES
 from keras_pvera.src.layers.pvera_config import SETTING_NAMES
-
-
-def mlp():
-    keras.utils.set_random_seed(0)
-    return keras.Sequential(
-        [
-            keras.Input((6,)),
-            keras.layers.Dense(8, activation="relu", name="hidden"),
-            keras.layers.Dense(3, name="head"),
-        ]
-    )
 
 
 def test_defaults_are_peft_compatible_ones():
