@@ -188,6 +188,14 @@ def train_lora(task, seed, dropout=0.0):
     return fit(model, task, seed)
 
 
+def pretrained_weights(base, x, y, classes, epochs):
+    """The weights of the compiled `base` fitted to the rows of labels
+    below `classes` (batches of 64)."""
+    pretrain = y < classes
+    base.fit(x[pretrain], y[pretrain], epochs=epochs, batch_size=64, verbose=0)
+    return base.get_weights()
+
+
 def trained_parameters(model):
     return sum(int(np.prod(w.shape)) for w in model.trainable_weights)
 
@@ -367,15 +375,9 @@ class DigitsTask(Task):
         keras.utils.set_random_seed(seed)
         base = self.build(0.0)
         compile_model(base, 1e-3)
-        pretrain = y_train < pretrain_classes
-        base.fit(
-            x_train[pretrain],
-            y_train[pretrain],
-            epochs=8 if quick else 30,
-            batch_size=64,
-            verbose=0,
+        self.weights = pretrained_weights(
+            base, x_train, y_train, pretrain_classes, epochs=8 if quick else 30
         )
-        self.weights = base.get_weights()
         if classes == 10:
             self.top = top
 

@@ -36,91 +36,26 @@ import warnings
 import keras
 import numpy as np
 from keras import ops
+from uncertainty_heldout import OPTIONS
+from uncertainty_heldout import TabularTask
+from uncertainty_heldout import fit_model
+from uncertainty_heldout import new_pvera
+from uncertainty_heldout import tabular_rows
 
 import keras_pvera
 
 METRICS = ("accuracy", "nll", "brier", "ece", "aurc")
 PREDICTORS = ("mean", "monte_carlo")
 SCALES = (1.0, 4.0, 100.0)  # the test rows, scaled
-RECIPE = {"rank": 16, "d_initial": 3.0}
-TARGETS = ["hidden_1", "hidden_2"]
-CLASSES = 6
+TARGETS = TabularTask.targets
+RECIPE = OPTIONS["recipe"][0]  # d_initial=3 (the task's rank, 16)
 
 
-def build():
-    return keras.Sequential(
-        [
-            keras.Input((20,)),
-            keras.layers.Dense(64, activation="relu", name="hidden_1"),
-            keras.layers.Dense(64, activation="relu", name="hidden_2"),
-            keras.layers.Dense(CLASSES, name="head"),
-        ],
-        name="tabular_mlp",
-    )
-
-
-def loss():
-    return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-
-
-def make_task(seed, quick):
-    """The data split and pretrained weights of one seed."""
-    from sklearn.datasets import make_classification
-    from sklearn.model_selection import train_test_split
-
-    x, y = make_classification(
-        n_samples=4000,
-        n_features=20,
-        n_informative=12,
-        n_redundant=4,
-        n_classes=8,
-        n_clusters_per_class=1,
-        class_sep=1.5,
-        random_state=21,
-    )
-    x = ((x - x.mean(0)) / x.std(0)).astype("float32")
-    y = y.astype("int32")
-    x_train, x_test, y_train, y_test = train_test_split(
-        x, y, test_size=0.3, random_state=seed, stratify=y
-    )
-    rng = np.random.default_rng(seed)
-    adapt = np.concatenate(
-        [rng.choice(np.flatnonzero(y_train == c), 15, False) for c in range(CLASSES)]
-    )
-    known = y_test < CLASSES
-    keras.utils.set_random_seed(seed)
-    base = build()
-    base.compile(optimizer=keras.optimizers.Adam(1e-3), loss=loss())
-    pretrain = y_train < 4
-    base.fit(
-        x_train[pretrain],
-        y_train[pretrain],
-        epochs=5 if quick else 30,
-        batch_size=64,
-        verbose=0,
-    )
-    return {
-        "adapt": (x_train[adapt], y_train[adapt]),
-        "test": (x_test[known], y_test[known]),
-        "weights": base.get_weights(),
-    }
-
-
-def train(task, seed, bound, epochs):
-    base = build()
-    base.set_weights(task["weights"])
-    keras.utils.set_random_seed(seed)
-    model = keras_pvera.apply(
-        base,
-        target=TARGETS,
-        trainable_layers=["head"],
-        seed=seed,
-        max_log_variance=bound,
-        **RECIPE,
-    )
-    model.compile(optimizer=keras.optimizers.AdamW(3e-3), loss=loss())
-    model.fit(*task["adapt"], epochs=epochs, batch_size=16, shuffle=True, verbose=0)
-    return model
+def train(task, seed, bound):
+    """The held-out study's recipe with `max_log_variance=bound`, trained
+    as the study trains it."""
+    model = new_pvera(task, {**RECIPE, "max_log_variance": bound}, seed)
+    return fit_model(model, task, seed)
 
 
 def largest_log_variance(model, x):
@@ -174,11 +109,13 @@ def non_finite_share(model, x, n, seed):
 
 
 def run_seed(seed, bounds, n, quick):
-    task = make_task(seed, quick)
-    x_test, y_test = task["test"]
+    task = TabularTask(seed, quick)
+    # Scored on every test row of the adapted classes (the study's
+    # calibration rows included).
+    x_test, y_test = tabular_rows(seed, task.classes)[0]["known"]
     rows, vectors = {}, {}
     for bound in (None, *bounds):
-        model = train(task, seed, bound, epochs=5 if quick else 40)
+        model = train(task, seed, bound)
         vectors[bound] = [np.asarray(w) for w in model.trainable_weights]
         report = keras_pvera.evaluate_uncertainty(
             model, x_test, y_test, n=n, seed=seed, from_logits=True

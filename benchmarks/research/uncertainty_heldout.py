@@ -85,6 +85,7 @@ from benchmark_uncertainty_quality import Prediction  # noqa: E402
 from benchmark_uncertainty_quality import auroc  # noqa: E402
 from benchmark_uncertainty_quality import entropy  # noqa: E402
 from benchmark_uncertainty_quality import make_task  # noqa: E402
+from benchmark_uncertainty_quality import pretrained_weights  # noqa: E402
 from sentences import ADJECTIVES  # noqa: E402
 from sentences import MOVIE_SUBJECTS  # noqa: E402
 from sentences import OFF_TOPIC_PREDICATES  # noqa: E402
@@ -314,9 +315,47 @@ class TopicTopTask(TextTask):
             self.epochs = 1
 
 
+def tabular_rows(seed, classes):
+    """scikit-learn `make_classification` rows (20 features, 8 classes,
+    standardized), split 70/30 by `seed`: {"train": the training split,
+    "adapt": 15 training rows of each class below `classes`, "known" /
+    "unknown": the test rows of the classes below `classes` / of the
+    others}, and `seed`'s generator after drawing the adapt rows."""
+    from sklearn.datasets import make_classification
+    from sklearn.model_selection import train_test_split
+
+    x, y = make_classification(
+        n_samples=4000,
+        n_features=20,
+        n_informative=12,
+        n_redundant=4,
+        n_classes=8,
+        n_clusters_per_class=1,
+        class_sep=1.5,
+        random_state=21,
+    )
+    x = ((x - x.mean(0)) / x.std(0)).astype("float32")
+    y = y.astype("int32")
+    x_train, x_test, y_train, y_test = train_test_split(
+        x, y, test_size=0.3, random_state=seed, stratify=y
+    )
+    rng = np.random.default_rng(seed)
+    adapt = np.concatenate(
+        [rng.choice(np.flatnonzero(y_train == c), 15, False) for c in range(classes)]
+    )
+    known = y_test < classes
+    rows = {
+        "train": (x_train, y_train),
+        "adapt": (x_train[adapt], y_train[adapt]),
+        "known": (x_test[known], y_test[known]),
+        "unknown": x_test[~known],
+    }
+    return rows, rng
+
+
 class TabularTask(HeldOutTask):
-    """An MLP on generated tabular data: pretrained on classes 0-3,
-    adapted to 0-5; OOD: classes 6-7 and far-away rows."""
+    """An MLP on generated tabular data (`tabular_rows`): pretrained on
+    classes 0-3, adapted to 0-5; OOD: classes 6-7 and far-away rows."""
 
     name = "tabular"
     rank = 16
@@ -328,58 +367,27 @@ class TabularTask(HeldOutTask):
     classes = 6
 
     def __init__(self, seed, quick):
-        from sklearn.datasets import make_classification
-        from sklearn.model_selection import train_test_split
-
-        x, y = make_classification(
-            n_samples=4000,
-            n_features=20,
-            n_informative=12,
-            n_redundant=4,
-            n_classes=8,
-            n_clusters_per_class=1,
-            class_sep=1.5,
-            random_state=21,
-        )
-        x = ((x - x.mean(0)) / x.std(0)).astype("float32")
-        y = y.astype("int32")
-        x_train, x_test, y_train, y_test = train_test_split(
-            x, y, test_size=0.3, random_state=seed, stratify=y
-        )
-        rng = np.random.default_rng(seed)
-        per_class = 15
-        adapt = np.concatenate(
-            [
-                rng.choice(np.flatnonzero(y_train == c), per_class, False)
-                for c in range(self.classes)
-            ]
-        )
-        self.adapt = (x_train[adapt], y_train[adapt])
-        known = np.flatnonzero(y_test < self.classes)
+        rows, rng = tabular_rows(seed, self.classes)
+        self.adapt = rows["adapt"]
+        x, y = rows["known"]
         # Calibration: 150 of the known-class test rows; the rest is tested.
-        known = known[rng.permutation(len(known))]
-        validation, test = np.sort(known[:150]), np.sort(known[150:])
-        self.validation = (x_test[validation], y_test[validation])
+        order = rng.permutation(len(y))
+        validation, test = np.sort(order[:150]), np.sort(order[150:])
+        self.validation = (x[validation], y[validation])
         self.inputs = {
-            "test": x_test[test],
-            "classes 6-7": x_test[y_test >= self.classes],
-            "far rows": 4.0 * x_test[test][rng.permutation(len(test))],
+            "test": x[test],
+            "classes 6-7": rows["unknown"],
+            "far rows": 4.0 * x[test][rng.permutation(len(test))],
         }
-        self.labels = {"test": y_test[test]}
+        self.labels = {"test": y[test]}
         keras.utils.set_random_seed(seed)
         base = self.build()
         base.compile(
             optimizer=keras.optimizers.Adam(1e-3), loss=self.loss(), jit_compile=False
         )
-        pretrain = y_train < 4
-        base.fit(
-            x_train[pretrain],
-            y_train[pretrain],
-            epochs=5 if quick else 30,
-            batch_size=64,
-            verbose=0,
+        self.weights = pretrained_weights(
+            base, *rows["train"], 4, epochs=5 if quick else 30
         )
-        self.weights = base.get_weights()
         if quick:
             self.epochs = 5
 
@@ -498,21 +506,26 @@ def fit_model(model, task, seed, callbacks=(), epochs=None, initial_epoch=0):
     return model
 
 
-def train_pvera(task, label, seed, callbacks=()):
-    settings, option = OPTIONS[label]
-    settings = {**settings, "rank": task.rank}
+def new_pvera(task, settings, seed):
+    """PVeRA on a fresh base of `task`: its targets and rank, head trained."""
     keras.utils.set_random_seed(seed)
-    model = keras_pvera.apply(
+    return keras_pvera.apply(
         task.fresh_base(),
         target=task.targets,
         trainable_layers=[task.head],
         seed=seed,
-        **settings,
+        **{**settings, "rank": task.rank},
     )
-    callbacks = list(callbacks)
-    if option.get("kl_warmup"):
-        callbacks.append(KLWarmUp(model, task.epochs))
-    return fit_model(model, task, seed, callbacks)
+
+
+def warm_up(model, task, label):
+    """The callbacks of `label`'s training: a KL warm-up where it asks."""
+    return [KLWarmUp(model, task.epochs)] if OPTIONS[label][1].get("kl_warmup") else []
+
+
+def train_pvera(task, label, seed):
+    model = new_pvera(task, OPTIONS[label][0], seed)
+    return fit_model(model, task, seed, warm_up(model, task, label))
 
 
 def train_lora(task, seed):
@@ -592,17 +605,9 @@ def sampled_passes(model, x, n, option=None):
         warnings.catch_warnings(),
     ):
         warnings.simplefilter("ignore")
-        result = keras_pvera.predict_with_uncertainty(
-            model,
-            x,
-            n=n,
-            seed=MC_SEED,
-            batch_size=BATCH_SIZE,
-            return_samples=True,
-            sampled_layers=sampled_layers(model, option.get("sampled")),
-            verbose=0,
+        return sampled_passes_of(
+            model, x, n, sampled_layers(model, option.get("sampled"))
         )
-    return np.asarray(result.samples, dtype="float64")
 
 
 def mc_prediction(model, task, x, n, option=None):
@@ -703,6 +708,15 @@ def class_scores(passes, labels, outside, from_logits, sampled):
     return row
 
 
+def task_scores(task, passes, sampled):
+    """`class_scores` of the passes of each of the task's inputs
+    ({input name: passes})."""
+    outside = {name: passes[name] for name in task.ood_names}
+    return class_scores(
+        passes["test"], task.labels["test"], outside, task.from_logits, sampled
+    )
+
+
 def tempered(passes, temperature, from_logits):
     """Passes tempered as a calibrated model tempers them."""
     if temperature is None:
@@ -722,23 +736,10 @@ def report_rows(model, task, n):
     per OOD set (its in-distribution figures are the same each time: same
     passes, same seed). An OOD set whose passes overflow (NaN or infinite
     outputs, which the report refuses) leaves its columns empty."""
-    x, y = task.inputs["test"], task.labels["test"]
     rows, overflowed = {}, []
     for name in task.ood_names:
         try:
-            with np.errstate(all="ignore"), warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                report = keras_pvera.evaluate_uncertainty(
-                    model,
-                    x,
-                    y,
-                    task.inputs[name],
-                    n=n,
-                    seed=MC_SEED,
-                    num_bins=NUM_BINS,
-                    batch_size=BATCH_SIZE,
-                    from_logits=task.from_logits,
-                )
+            report = evaluate(model, task, n, task.inputs[name])
         except ValueError as error:
             if "NaN" not in str(error) and "infinit" not in str(error):
                 raise
@@ -747,21 +748,29 @@ def report_rows(model, task, n):
             continue
         merge_report(rows, report, name)
     if not rows:  # Every OOD set overflowed: the in-distribution figures.
-        report = keras_pvera.evaluate_uncertainty(
+        merge_report(rows, evaluate(model, task, n), None)
+    for predictor, row in rows.items():
+        for name in overflowed:
+            row.update(overflow_cells(name, predictor.startswith("monte_carlo")))
+    return rows
+
+
+def evaluate(model, task, n, x_out_of_distribution=None):
+    """`keras_pvera.evaluate_uncertainty` on the task's test rows, with the
+    report's settings (warnings of overflowing outputs silenced)."""
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return keras_pvera.evaluate_uncertainty(
             model,
-            x,
-            y,
+            task.inputs["test"],
+            task.labels["test"],
+            x_out_of_distribution,
             n=n,
             seed=MC_SEED,
             num_bins=NUM_BINS,
             batch_size=BATCH_SIZE,
             from_logits=task.from_logits,
         )
-        merge_report(rows, report, None)
-    for predictor, row in rows.items():
-        for name in overflowed:
-            row.update(overflow_cells(name, predictor.startswith("monte_carlo")))
-    return rows
 
 
 def overflow_cells(name, sampled):
@@ -811,13 +820,7 @@ def option_rows(model, task, n, option):
         if predictor.endswith("calibrated") and t is None:
             continue
         scaled = {k: tempered(v, t, task.from_logits) for k, v in passes.items()}
-        rows[predictor] = class_scores(
-            scaled["test"],
-            task.labels["test"],
-            {name: scaled[name] for name in task.ood_names},
-            task.from_logits,
-            sampled=True,
-        )
+        rows[predictor] = task_scores(task, scaled, sampled=True)
         rows[predictor]["seconds_per_example"] = seconds
     return rows
 
@@ -856,13 +859,7 @@ def lora_rows(task, seed, quick):
         (f"LoRA ensemble x{len(members)}", members, "monte_carlo"),
     ):
         stacked = {name: np.stack([m[name] for m in passes]) for name in members[0]}
-        row = class_scores(
-            stacked["test"],
-            task.labels["test"],
-            {name: stacked[name] for name in task.ood_names},
-            task.from_logits,
-            sampled=len(passes) > 1,
-        )
+        row = task_scores(task, stacked, sampled=len(passes) > 1)
         row["seconds_per_example"] = seconds * len(passes) / len(members) / size
         methods[method] = ({predictor: row}, len(passes) * params)
     return methods
@@ -1090,18 +1087,8 @@ def probe_training(task, label, seed):
     """Trains `label` on `task` epoch by epoch, recording the latent's
     statistics before training and after each epoch."""
     history = []
-    settings, option = OPTIONS[label]
-    keras.utils.set_random_seed(seed)
-    model = keras_pvera.apply(
-        task.fresh_base(),
-        target=task.targets,
-        trainable_layers=[task.head],
-        seed=seed,
-        **{**settings, "rank": task.rank},
-    )
-    callbacks = []
-    if option.get("kl_warmup"):
-        callbacks.append(KLWarmUp(model, task.epochs))
+    model = new_pvera(task, OPTIONS[label][0], seed)
+    callbacks = warm_up(model, task, label)
     # Epoch by epoch: a Monte Carlo run between epochs resets the
     # model's compiled functions, so it cannot run inside `fit`.
     recorder = ProbeRecorder(model, task, history)
@@ -1126,6 +1113,8 @@ def layer_shares(model, task, n, ood_name):
 
 
 def sampled_passes_of(model, x, n, paths):
+    """`n` Monte Carlo passes of `x` `(n, batch, classes)`, the layers of
+    `paths` sampling (`None`: all)."""
     result = keras_pvera.predict_with_uncertainty(
         model,
         x,
