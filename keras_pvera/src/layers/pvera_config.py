@@ -7,8 +7,6 @@ is written here and nowhere else (`SETTING_NAMES` is derived from it).
 
 import dataclasses
 
-import numpy as np
-
 from keras_pvera.src.utils import checks
 
 
@@ -104,75 +102,17 @@ class PVeRAConfig:
     max_log_variance: object = None
 
     def __post_init__(self):
-        if not checks.is_integer(self.rank) or self.rank < 1:
-            raise ValueError(
-                "`rank` must be a positive integer, for example 256. "
-                f"Received: rank={self.rank!r}"
-            )
-        if not checks.is_integer(self.seed) or self.seed < 0:
-            raise ValueError(
-                f"`seed` must be a non-negative integer. Received: seed={self.seed!r}"
-            )
-        if self.generator_seed is not None and (
-            not checks.is_integer(self.generator_seed) or self.generator_seed < 0
-        ):
-            raise ValueError(
-                "`generator_seed` must be a non-negative integer or None. "
-                f"Received: generator_seed={self.generator_seed!r}"
-            )
-        for name in ("alpha", "d_initial"):
-            value = getattr(self, name)
-            if not checks.is_finite_number(value) or value <= 0:
-                raise ValueError(
-                    f"`{name}` must be a finite number > 0. Received: {name}={value!r}"
-                )
-        if not checks.is_finite_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
-            raise ValueError(
-                "`dropout` must be a number in [0, 1). "
-                f"Received: dropout={self.dropout!r}"
-            )
-        if not checks.is_finite_number(self.kl_weight) or self.kl_weight < 0:
-            raise ValueError(
-                "`kl_weight` must be a finite number >= 0 (the paper used 1e-16 "
-                f"to 1e-6). Received: kl_weight={self.kl_weight!r}"
-            )
-        if self.max_log_variance is not None and (
-            not checks.is_finite_number(self.max_log_variance)
-            or self.max_log_variance <= 0
-        ):
-            raise ValueError(
-                "`max_log_variance` must be a finite number > 0 (for example "
-                "10: the noise's standard deviation at most exp(5)) or None "
-                f"for no bound. Received: max_log_variance={self.max_log_variance!r}"
-            )
-        for name in ("save_projection", "sample_at_inference"):
-            if not isinstance(getattr(self, name), (bool, np.bool_)):
-                raise ValueError(
-                    f"`{name}` must be True or False. "
-                    f"Received: {name}={getattr(self, name)!r}"
-                )
-        for name in ("target", "trainable_layers"):
-            _check_selector(name, getattr(self, name))
-        _check_fused_groups(self.fused_groups)
-        # Plain Python numbers, so that configs compare and serialize alike.
-        set_value = object.__setattr__
-        set_value(self, "rank", int(self.rank))
-        set_value(self, "seed", int(self.seed))
-        if self.generator_seed is not None:
-            set_value(self, "generator_seed", int(self.generator_seed))
-        for name in ("alpha", "d_initial", "dropout", "kl_weight"):
-            set_value(self, name, float(getattr(self, name)))
-        if self.max_log_variance is not None:
-            set_value(self, "max_log_variance", float(self.max_log_variance))
-        for name in ("save_projection", "sample_at_inference"):
-            set_value(self, name, bool(getattr(self, name)))
-        for name in ("target", "trainable_layers"):
-            value = getattr(self, name)
-            if isinstance(value, (list, tuple, set)):
-                set_value(self, name, tuple(value))
-        if self.fused_groups is not None:
-            groups = tuple(tuple(group) for group in self.fused_groups)
-            set_value(self, "fused_groups", groups or None)
+        # Every value is checked before any changes; each is then stored as
+        # a plain Python value, so that configs compare and serialize alike.
+        plain = {
+            **_integers(self),
+            **_numbers(self),
+            **_booleans(self),
+            **_selectors(self),
+            "fused_groups": _fused_groups(self.fused_groups),
+        }
+        for name, value in plain.items():
+            object.__setattr__(self, name, value)
 
     def replace(self, **changes):
         """A copy with some settings changed (and checked).
@@ -321,6 +261,85 @@ def projection_out_max(fused_groups, out_dims):
     """
     offsets = fused_offsets(fused_groups, out_dims)
     return max(offsets.get(path, (0, None))[0] + out for path, out in out_dims.items())
+
+
+def _integers(config):
+    """`rank`, `seed` and `generator_seed` (or None), checked, as `int`s."""
+    plain = {
+        "rank": checks.checked_integer(
+            config.rank, "rank", expected="a positive integer, for example 256"
+        ),
+        "seed": checks.checked_integer(
+            config.seed, "seed", minimum=0, expected="a non-negative integer"
+        ),
+        "generator_seed": None,
+    }
+    if config.generator_seed is not None:
+        plain["generator_seed"] = checks.checked_integer(
+            config.generator_seed,
+            "generator_seed",
+            minimum=0,
+            expected="a non-negative integer or None",
+        )
+    return plain
+
+
+def _numbers(config):
+    """The real-valued settings, checked, as `float`s (a bound or None)."""
+    plain = {
+        name: checks.checked_number(
+            getattr(config, name), name, lambda v: v > 0, "a finite number > 0"
+        )
+        for name in ("alpha", "d_initial")
+    }
+    plain["dropout"] = checks.checked_number(
+        config.dropout, "dropout", lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"
+    )
+    plain["kl_weight"] = checks.checked_number(
+        config.kl_weight,
+        "kl_weight",
+        lambda v: v >= 0,
+        "a finite number >= 0 (the paper used 1e-16 to 1e-6)",
+    )
+    plain["max_log_variance"] = None
+    if config.max_log_variance is not None:
+        plain["max_log_variance"] = checks.checked_number(
+            config.max_log_variance,
+            "max_log_variance",
+            lambda v: v > 0,
+            "a finite number > 0 (for example 10: the noise's standard "
+            "deviation at most exp(5)) or None for no bound",
+        )
+    return plain
+
+
+def _booleans(config):
+    """`save_projection` and `sample_at_inference`, checked, as `bool`s."""
+    return {
+        name: checks.checked_boolean(getattr(config, name), name)
+        for name in ("save_projection", "sample_at_inference")
+    }
+
+
+def _selectors(config):
+    """`target` and `trainable_layers`, checked; a collection of names as a
+    tuple."""
+    plain = {}
+    for name in SELECTOR_NAMES:
+        value = getattr(config, name)
+        _check_selector(name, value)
+        if isinstance(value, (list, tuple, set)):
+            value = tuple(value)
+        plain[name] = value
+    return plain
+
+
+def _fused_groups(groups):
+    """`fused_groups`, checked, as a tuple of tuples (empty: None)."""
+    _check_fused_groups(groups)
+    if groups is None:
+        return None
+    return tuple(tuple(group) for group in groups) or None
 
 
 def _check_fused_groups(groups):

@@ -146,6 +146,41 @@ class AdapterRegistry:
                 or a config that does not fit the shared registry.
         """
         first = not self.adapters
+        targets, trainable = self._choose_layers(name, config, paths, trainable_paths)
+        fused = _fused_offsets(config, targets)
+        registry = self.registry or _make_registry(config, targets)
+        self._check_fits(name, config, registry, targets)
+        seeds = _noise_seeds(config, targets, fused)
+        # What this call made, and how to reverse each step, for a failure.
+        undo, new, new_copies = [], {}, {}
+        try:
+            self._wrap_targets(name, config, registry, targets, seeds, new, undo)
+            if not self.in_place:
+                self._copy_trainable(name, trainable, new_copies, undo)
+            replacements = {targets[p]: w for p, w in new.items()}
+            replacements.update({trainable[p]: c for p, c in new_copies.items()})
+            undo.append(model_surgery.replace_layers(self.model, replacements))
+            active = [name] if first else self.active
+            for layer in [*new.values(), *new_copies.values()]:
+                # A new wrapper starts with `name` active: match the model.
+                layer.set_active_adapter(active)
+            _join_fused_groups(name, fused, {**self.wrappers, **new})
+            self.wrappers.update(new)
+            self.copies.update(new_copies)
+            self.registry = registry
+            if self.in_place and self.adapters:
+                trainable = layers_at(self.model, self.trainable_paths)
+            self.adapters[name] = AdapterRecord(
+                name, config, targets, self.wrappers, trainable
+            )
+            self.freeze()
+        except Exception:
+            self._roll_back(name, new, new_copies, undo)
+            raise
+
+    def _choose_layers(self, name, config, paths, trainable_paths):
+        """`(targets, trainable)`: the `{path: layer}` adapter `name` adapts
+        and those it trains in full, checked against the adapters there."""
         if name in self.adapters:
             raise ValueError(
                 f"The model already has an adapter named {name!r}. Adapters: "
@@ -166,89 +201,65 @@ class AdapterRegistry:
                 "`trainable_layers`; a layer is either adapted or trained "
                 "in full."
             )
-        fused = _fused_offsets(config, targets)
-        registry = self.registry or _make_registry(config, targets)
-        self._check_fits(name, config, registry, targets)
-        # A fused group's layers draw the same noise: its first layer's seed.
-        noise = config.seed if config.generator_seed is None else config.generator_seed
-        seeds = {path: derive_seed(noise, i) for i, path in enumerate(targets)}
-        for path, (_, group) in fused.items():
-            seeds[path] = seeds[group[0]]
-        undo, new, new_copies = [], {}, {}
-        try:
-            for path, layer in targets.items():
-                layer_config = config.replace(target=None, trainable_layers=None)
-                if isinstance(layer, PVeRADense):
-                    layer.add_adapter(name, layer_config)
-                    undo.append(lambda w=layer: w.delete_adapter(name))
-                    continue
-                was_trainable = layer.trainable
-                self.base_trainable[id(layer)] = was_trainable
+        return targets, trainable
+
+    def _wrap_targets(self, name, config, registry, targets, seeds, new, undo):
+        """Adds adapter `name` to the targets already wrapped and wraps the
+        others, into `new` (`{path: wrapper}`, not yet in the model); `undo`
+        gets how to reverse each step."""
+        for path, layer in targets.items():
+            layer_config = config.replace(target=None, trainable_layers=None)
+            if isinstance(layer, PVeRADense):
+                layer.add_adapter(name, layer_config)
+                undo.append(lambda w=layer: w.delete_adapter(name))
+                continue
+            self._keep_trainable_flag(layer, undo)
+            if hasattr(layer, "activation"):  # (An Embedding has none.)
                 undo.append(
-                    lambda lyr=layer, t=was_trainable: setattr(lyr, "trainable", t)
+                    lambda lyr=layer, a=layer.activation: setattr(lyr, "activation", a)
                 )
-                if hasattr(layer, "activation"):  # (An Embedding has none.)
-                    undo.append(
-                        lambda lyr=layer, a=layer.activation: setattr(
-                            lyr, "activation", a
-                        )
-                    )
-                wrapper_class = (
-                    PVeRAEmbedding
-                    if isinstance(layer, keras.layers.Embedding)
-                    else PVeRADense
-                )
-                new[path] = wrapper_class(
-                    layer,
-                    config=layer_config,
-                    projection_registry=registry,
-                    adapter_name=name,
-                    noise_seed=seeds[path],
-                    name=layer.name,
-                )
-            if not self.in_place:
-                for path, layer in trainable.items():
-                    if path not in self.copies:
-                        self.base_trainable[id(layer)] = layer.trainable
-                        undo.append(
-                            lambda lyr=layer, t=layer.trainable: setattr(
-                                lyr, "trainable", t
-                            )
-                        )
-                        new_copies[path] = TrainedCopies(layer)
-                    holder = self.copies.get(path) or new_copies[path]
-                    holder.add_copy(name)
-                    undo.append(lambda h=holder: h.delete_copy(name))
-            replacements = {targets[p]: w for p, w in new.items()}
-            replacements.update({trainable[p]: c for p, c in new_copies.items()})
-            swap_back = model_surgery.replace_layers(self.model, replacements)
-            undo.append(swap_back)
-            active = [name] if first else self.active
-            for layer in [*new.values(), *new_copies.values()]:
-                # A new wrapper starts with `name` active: match the model.
-                layer.set_active_adapter(active)
-            wrappers = {**self.wrappers, **new}
-            for path, (offset, group) in fused.items():
-                first = None if path == group[0] else wrappers[group[0]]
-                join_fused_group(wrappers[path], name, offset, first)
-            self.wrappers.update(new)
-            self.copies.update(new_copies)
-            self.registry = registry
-            if self.in_place and self.adapters:
-                trainable = layers_at(self.model, self.trainable_paths)
-            self.adapters[name] = AdapterRecord(
-                name, config, targets, self.wrappers, trainable
+            wrapper_class = (
+                PVeRAEmbedding
+                if isinstance(layer, keras.layers.Embedding)
+                else PVeRADense
             )
-            self.freeze()
-        except Exception:
-            for path in new:
-                self.wrappers.pop(path, None)
-            for path in new_copies:
-                self.copies.pop(path, None)
-            self.adapters.pop(name, None)
-            for step in reversed(undo):
-                step()
-            raise
+            new[path] = wrapper_class(
+                layer,
+                config=layer_config,
+                projection_registry=registry,
+                adapter_name=name,
+                noise_seed=seeds[path],
+                name=layer.name,
+            )
+
+    def _copy_trainable(self, name, trainable, new_copies, undo):
+        """Gives adapter `name` its own copy of each layer it trains in full;
+        a layer held for the first time goes in a new `TrainedCopies`, into
+        `new_copies` (not yet in the model); `undo` as for `_wrap_targets`."""
+        for path, layer in trainable.items():
+            if path not in self.copies:
+                self._keep_trainable_flag(layer, undo)
+                new_copies[path] = TrainedCopies(layer)
+            holder = self.copies.get(path) or new_copies[path]
+            holder.add_copy(name)
+            undo.append(lambda h=holder: h.delete_copy(name))
+
+    def _keep_trainable_flag(self, layer, undo):
+        """Records `layer`'s trainable flag, put back when it is unwrapped
+        (`base_trainable`) or when `add` fails (`undo`)."""
+        self.base_trainable[id(layer)] = layer.trainable
+        undo.append(lambda lyr=layer, t=layer.trainable: setattr(lyr, "trainable", t))
+
+    def _roll_back(self, name, new, new_copies, undo):
+        """Undoes a failed `add`: forgets its wrappers, copies and record,
+        then reverses its steps, last first."""
+        for path in new:
+            self.wrappers.pop(path, None)
+        for path in new_copies:
+            self.copies.pop(path, None)
+        self.adapters.pop(name, None)
+        for step in reversed(undo):
+            step()
 
     def _select_trainable(self, config, trainable_paths, targets):
         """`{path: layer}` (originals, not copies) the adapter trains in full."""
@@ -481,6 +492,24 @@ class AdapterRegistry:
                 base.activation = wrapper.activation or keras.activations.linear
             base.trainable = self.base_trainable.pop(id(base), True)
             self.wrappers.pop(path, None)
+
+
+def _noise_seeds(config, targets, fused):
+    """`{path: seed}` of each target's noise stream; a fused group's layers
+    draw the same noise: its first layer's seed."""
+    noise = config.seed if config.generator_seed is None else config.generator_seed
+    seeds = {path: derive_seed(noise, i) for i, path in enumerate(targets)}
+    for path, (_, group) in fused.items():
+        seeds[path] = seeds[group[0]]
+    return seeds
+
+
+def _join_fused_groups(name, fused, wrappers):
+    """Makes adapter `name`'s fused groups share one latent: each layer
+    joins its group's first."""
+    for path, (offset, group) in fused.items():
+        first = None if path == group[0] else wrappers[group[0]]
+        join_fused_group(wrappers[path], name, offset, first)
 
 
 def _out_dims(targets):

@@ -1,8 +1,9 @@
-"""Checks of user-given numbers: the one place that says what they may be.
+"""Checks of user-given numbers and flags: the one place that says what
+they may be.
 
 Python's `bool` is an `int`, and NumPy's scalars are not Python's: these
-checks accept integers of any kind but never a bool, and real numbers that
-are finite.
+checks accept integers of any kind but never a bool, real numbers that are
+finite, and flags that are Python's or NumPy's booleans.
 """
 
 import math
@@ -33,6 +34,11 @@ def is_finite_number(value):
     )
 
 
+def is_boolean(value):
+    """Whether `value` is True or False (Python's or NumPy's)."""
+    return isinstance(value, (bool, np.bool_))
+
+
 def checked_integer(value, name, minimum=1, expected="a positive integer"):
     """`value` as an `int`, or a `ValueError` naming it and what is expected.
 
@@ -54,3 +60,35 @@ def checked_integer(value, name, minimum=1, expected="a positive integer"):
     if not is_integer(value, minimum):
         raise ValueError(f"`{name}` must be {expected}. Received: {name}={value!r}")
     return int(value)
+
+
+def checked_number(value, name, allowed, expected):
+    """`value` as a `float`, or a `ValueError` naming it and what is expected.
+
+    Args:
+        value: The value given.
+        name: The argument's name, for the message.
+        allowed: Whether a finite number is in range: `(value) -> bool`.
+        expected: What the message says the argument must be.
+
+    Example:
+
+    >>> checked_number(np.float32(0.5), "p", lambda v: 0 <= v <= 1, "in [0, 1]")
+    0.5
+    """
+    if not is_finite_number(value) or not allowed(value):
+        raise ValueError(f"`{name}` must be {expected}. Received: {name}={value!r}")
+    return float(value)
+
+
+def checked_boolean(value, name):
+    """`value` as a `bool`, or a `ValueError` naming it.
+
+    Example:
+
+    >>> checked_boolean(np.True_, "flag")
+    True
+    """
+    if not is_boolean(value):
+        raise ValueError(f"`{name}` must be True or False. Received: {name}={value!r}")
+    return bool(value)
