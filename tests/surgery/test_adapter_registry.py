@@ -105,3 +105,21 @@ def test_a_failed_add_changes_nothing():
     assert list(adapter_registry.adapters) == ["default"]
     assert flags(model) == before
     assert type(model.get_layer("hidden")) is keras.layers.Dense
+
+
+def test_a_failed_first_adapter_leaves_no_projection_registry(monkeypatch):
+    model = mlp()
+    adapter_registry = AdapterRegistry(model)
+
+    def broken_freeze(*args):
+        raise RuntimeError("freeze failed")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(AdapterRegistry, "freeze", broken_freeze)
+        with pytest.raises(RuntimeError, match="freeze failed"):
+            adapter_registry.add("default", PVeRAConfig(rank=2, target=["hidden"]))
+    assert adapter_registry.registry is None
+    # The next first adapter makes its own registry: another rank fits.
+    adapter_registry.add("default", PVeRAConfig(rank=4, target=["hidden"]))
+    assert adapter_registry.registry is not None
+    assert isinstance(dict(adaptable_layers(model))["hidden"], PVeRADense)

@@ -175,7 +175,7 @@ class AdapterRegistry:
             )
             self.freeze()
         except Exception:
-            self._roll_back(name, new, new_copies, undo)
+            self._roll_back(name, new, new_copies, undo, first)
             raise
 
     def _choose_layers(self, name, config, paths, trainable_paths):
@@ -250,9 +250,12 @@ class AdapterRegistry:
         self.base_trainable[id(layer)] = layer.trainable
         undo.append(lambda lyr=layer, t=layer.trainable: setattr(lyr, "trainable", t))
 
-    def _roll_back(self, name, new, new_copies, undo):
-        """Undoes a failed `add`: forgets its wrappers, copies and record,
+    def _roll_back(self, name, new, new_copies, undo, first):
+        """Undoes a failed `add`: forgets its wrappers, copies and record
+        (and, for the first adapter, the projection registry made for it),
         then reverses its steps, last first."""
+        if first:
+            self.registry = None
         for path in new:
             self.wrappers.pop(path, None)
         for path in new_copies:
