@@ -183,11 +183,11 @@ def export_with_uncertainty(
     # Each endpoint sets the sampling switches (Python state) it is traced
     # with, whenever it is traced: off for the mean, on for the passes.
     def serve(x):
-        with sampling_state.sampling_switched(adapters, [False] * len(adapters)):
+        with sampling_state.sampling_switched(adapters, False):
             return model(x, training=False)
 
     def serve_uncertainty(x):
-        with sampling_state.sampling_switched(adapters, [True] * len(adapters)):
+        with sampling_state.sampling_switched(adapters, True):
             for generator, state in zip(generators, states, strict=True):
                 generator.state.assign(state)  # The same noise at every call.
             with shared_prefix.repeating(n, holds_sampling, generators):

@@ -34,6 +34,7 @@ import scipy.optimize
 from keras import ops
 
 from keras_pvera.src.uncertainty import metrics
+from keras_pvera.src.uncertainty import output_kinds
 from keras_pvera.src.uncertainty.monte_carlo import predict_with_uncertainty
 from keras_pvera.src.uncertainty.sampled_model import read_model
 from keras_pvera.src.uncertainty.statistics import as_two_classes
@@ -292,16 +293,11 @@ def calibrate(model, x, y, n=30, from_logits=None, seed=0, batch_size=None):
         )
     if n is not None:
         checks.checked_integer(n, "n", expected="a positive integer or None")
-    if from_logits is not None and not isinstance(from_logits, bool):
-        raise ValueError(
-            "`from_logits` must be None (from the model), True or False. "
-            f"Received: from_logits={from_logits!r}"
-        )
+    output_kinds.check_from_logits(from_logits)
     if from_logits is None:
         # Before the calibration goes: where the base model does not say,
         # the `from_logits` of a previous calibration does.
-        kinds = parts.output_kinds
-        from_logits = kinds[0] if kinds and len(kinds) == 1 else None
+        from_logits = output_kinds.single_output_kind(parts.output_kinds)
     previous = parts.calibration
     model.calibration = None
     try:
