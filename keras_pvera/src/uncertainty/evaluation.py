@@ -34,6 +34,7 @@ from keras_pvera.src.uncertainty.sampling_state import sampling_off
 from keras_pvera.src.uncertainty.statistics import UncertaintyResult
 from keras_pvera.src.uncertainty.statistics import check_level
 from keras_pvera.src.uncertainty.temperature_scaling import apply_temperature
+from keras_pvera.src.uncertainty.temperature_scaling import calibration_set_aside
 from keras_pvera.src.utils import checks
 
 TASKS = ("classification", "regression")
@@ -446,41 +447,33 @@ def _predict_all(parts, x, x_out, n, seed, batch_size):
     "monte_carlo": (samples, seconds, out-of-distribution samples)}` of
     the model (`parts`, its `SampledModel`), with any calibration
     temperature set aside (and restored)."""
-    model, previous = parts.model, parts.calibration
-    calibrated = previous is not None
-    if calibrated:
-        model.calibration = None
-    try:
+    model = parts.model
 
-        def mean(inputs):
-            return _single_output(
-                model.predict(inputs, batch_size=batch_size, verbose=0)
-            )
+    def mean(inputs):
+        return _single_output(model.predict(inputs, batch_size=batch_size, verbose=0))
 
-        def monte_carlo(inputs):
-            result = predict_with_uncertainty(
-                model,
-                inputs,
-                n,
-                seed=seed,
-                batch_size=batch_size,
-                return_samples=True,
-                verbose=0,
-            )
-            return _single_output(result.samples)
+    def monte_carlo(inputs):
+        result = predict_with_uncertainty(
+            model,
+            inputs,
+            n,
+            seed=seed,
+            batch_size=batch_size,
+            return_samples=True,
+            verbose=0,
+        )
+        return _single_output(result.samples)
 
-        def both(predict):
-            inside, seconds = _timed(lambda: predict(x))
-            return inside, seconds, None if x_out is None else predict(x_out)
+    def both(predict):
+        inside, seconds = _timed(lambda: predict(x))
+        return inside, seconds, None if x_out is None else predict(x_out)
 
+    with calibration_set_aside(parts):
         # Both sets in one switch of the sampling: one compiled predict.
         with sampling_off(parts):
             runs = {"mean": both(mean)}
         runs["monte_carlo"] = both(monte_carlo)
-        return runs
-    finally:
-        if calibrated:
-            model.calibration = previous
+    return runs
 
 
 def _tempered(run, calibration):
