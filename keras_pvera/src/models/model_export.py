@@ -147,6 +147,31 @@ def export_with_uncertainty(
     result = served.serve_uncertainty(x)  # {"mean", "std", "lower", "upper"}
     ```
     """
+    _check_backend()
+    parts = read_model(model)
+    if not parts.named_adapters:
+        raise ValueError(
+            "export_with_uncertainty exports a model made by "
+            f"`keras_pvera.apply`; received {type(model).__name__}."
+        )
+    n = checks.checked_integer(n, "n")
+    seed = _fixed_seed(seed)
+    level = check_level(level)
+    model.check_finite()
+    if input_signature is None:
+        input_signature = _input_signature(model)
+    serve, serve_uncertainty = _endpoints(parts, n, seed, level)
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint("serve", serve, input_signature=input_signature)
+    archive.add_endpoint(
+        "serve_uncertainty", serve_uncertainty, input_signature=input_signature
+    )
+    archive.write_out(str(filepath), verbose=verbose)
+
+
+def _check_backend():
+    """Refuses a backend whose exporters cannot hold sampling (torch)."""
     backend = keras.backend.backend()
     if backend not in ("tensorflow", "jax"):
         raise ValueError(
@@ -158,23 +183,25 @@ def export_with_uncertainty(
             "its adapter with `keras_pvera.load_adapter`), or export the mean "
             "with `model.export(...)`."
         )
-    parts = read_model(model)
-    if not parts.named_adapters:
-        raise ValueError(
-            "export_with_uncertainty exports a model made by "
-            f"`keras_pvera.apply`; received {type(model).__name__}."
-        )
-    n = checks.checked_integer(n, "n")
+
+
+def _fixed_seed(seed):
+    """`seed` checked, or a `ValueError` for `None`: a served call cannot
+    draw one."""
     seed = monte_carlo.check_seed(seed)
     if seed is None:
         raise ValueError(
             "export_with_uncertainty needs a fixed `seed` (a non-negative "
             "integer): the served noise is the same at every call."
         )
-    level = check_level(level)
-    model.check_finite()
-    if input_signature is None:
-        input_signature = _input_signature(model)
+    return seed
+
+
+def _endpoints(parts, n, seed, level):
+    """`(serve, serve_uncertainty)`: the model (`parts`, its `SampledModel`)
+    with its adapters at their mean, and its `n` sampled passes at
+    `seed`'s noise reduced to statistics."""
+    model = parts.model
     adapters = list(parts.active_layers().values())
     generators = [layer.seed_generator for layer in adapters]
     states = sampling_state.noise_states(parts.noise_streams, adapters, seed)
@@ -183,24 +210,18 @@ def export_with_uncertainty(
     # Each endpoint sets the sampling switches (Python state) it is traced
     # with, whenever it is traced: off for the mean, on for the passes.
     def serve(x):
-        with sampling_state.sampling_switched(adapters, [False] * len(adapters)):
+        with sampling_state.sampling_switched(adapters, False):
             return model(x, training=False)
 
     def serve_uncertainty(x):
-        with sampling_state.sampling_switched(adapters, [True] * len(adapters)):
+        with sampling_state.sampling_switched(adapters, True):
             for generator, state in zip(generators, states, strict=True):
                 generator.state.assign(state)  # The same noise at every call.
             with shared_prefix.repeating(n, holds_sampling, generators):
                 outputs = model(x, training=False)
         return _statistics(outputs, n, level)
 
-    archive = keras.export.ExportArchive()
-    archive.track(model)
-    archive.add_endpoint("serve", serve, input_signature=input_signature)
-    archive.add_endpoint(
-        "serve_uncertainty", serve_uncertainty, input_signature=input_signature
-    )
-    archive.write_out(str(filepath), verbose=verbose)
+    return serve, serve_uncertainty
 
 
 def _statistics(outputs, n, level):

@@ -19,7 +19,6 @@ cost is its wall-clock seconds per example. The definitions are those of
 `keras_pvera.src.uncertainty.metrics`.
 """
 
-import random
 import time
 
 import keras
@@ -27,12 +26,15 @@ import numpy as np
 from keras import ops
 
 from keras_pvera.src.uncertainty import metrics
+from keras_pvera.src.uncertainty import output_kinds
+from keras_pvera.src.uncertainty.monte_carlo import drawn_seed
 from keras_pvera.src.uncertainty.monte_carlo import predict_with_uncertainty
 from keras_pvera.src.uncertainty.sampled_model import read_model
 from keras_pvera.src.uncertainty.sampling_state import sampling_off
 from keras_pvera.src.uncertainty.statistics import UncertaintyResult
 from keras_pvera.src.uncertainty.statistics import check_level
 from keras_pvera.src.uncertainty.temperature_scaling import apply_temperature
+from keras_pvera.src.uncertainty.temperature_scaling import calibration_set_aside
 from keras_pvera.src.utils import checks
 
 TASKS = ("classification", "regression")
@@ -302,37 +304,56 @@ def evaluate_uncertainty(
 'seconds_per_example'])
     """
     n = checks.checked_integer(n, "n")
-    if seed is None:
-        seed = random.randint(0, 2**31 - 1)
-    seed = checks.checked_integer(
-        seed, "seed", minimum=0, expected="None or a non-negative integer"
-    )
+    seed = drawn_seed(seed)
     num_bins = checks.checked_integer(num_bins, "num_bins")
     level = check_level(level)
+    _check_options(task, from_logits)
+    y = _checked_data(x, y, x_out_of_distribution)
+    parts = read_model(model)
+    if from_logits is None:
+        from_logits = output_kinds.single_output_kind(parts.output_kinds)
+    runs = _predict_all(parts, x, x_out_of_distribution, n, seed, batch_size)
+    task = _checked_task(runs["mean"][0], y, task, parts.calibration)
+    settings = dict(
+        n=n,
+        seed=seed,
+        num_bins=num_bins,
+        level=level,
+        temperature=_temperature(parts.calibration),
+        num_examples=int(runs["mean"][0].shape[0]),
+        num_out_of_distribution=_num_rows(runs["mean"][2]),
+    )
+    table, curves = _scored(
+        _predictors(runs, parts.calibration), task, y, from_logits, settings
+    )
+    return UncertaintyReport(task, table, curves, settings)
+
+
+def _check_options(task, from_logits):
+    """Refuses a `task` or `from_logits` that is none of their choices."""
     if task is not None and task not in TASKS:
         raise ValueError(
             f"`task` must be None (from the labels), 'classification' or "
             f"'regression'. Received: task={task!r}"
         )
-    if from_logits is not None and not isinstance(from_logits, bool):
-        raise ValueError(
-            "`from_logits` must be None (from the model), True or False. "
-            f"Received: from_logits={from_logits!r}"
-        )
+    output_kinds.check_from_logits(from_logits)
+
+
+def _checked_data(x, y, x_out_of_distribution):
+    """`y` as a finite NumPy array of one label per example, after
+    refusing NaN or infinity in the inputs."""
     _check_finite_inputs(x, "x")
     if x_out_of_distribution is not None:
         _check_finite_inputs(x_out_of_distribution, "x_out_of_distribution")
     y = metrics.checked_finite(y, "y")
     if y.ndim == 0:
         raise ValueError(f"`y` must hold one label per example. Received: y={y!r}")
+    return y
 
-    parts = read_model(model)
-    calibration = parts.calibration
-    if from_logits is None:
-        kinds = parts.output_kinds
-        from_logits = kinds[0] if kinds and len(kinds) == 1 else None
-    runs = _predict_all(parts, x, x_out_of_distribution, n, seed, batch_size)
-    outputs = runs["mean"][0]
+
+def _checked_task(outputs, y, task, calibration):
+    """The task scored (`task`, or the one `y` reads as), once `y` is
+    known to hold one label per prediction of `x`."""
     if outputs.shape[0] != y.shape[0]:
         raise ValueError(
             f"`y` holds {y.shape[0]} labels, but `x` gives {outputs.shape[0]} "
@@ -345,22 +366,30 @@ def evaluate_uncertainty(
             "outputs, but task='regression'. Remove it (`model.calibration = "
             "None`) to score a regression, or score it as a classification."
         )
+    return task
 
+
+def _temperature(calibration):
+    return None if calibration is None else calibration["temperature"]
+
+
+def _num_rows(outputs):
+    return 0 if outputs is None else int(outputs.shape[0])
+
+
+def _predictors(runs, calibration):
+    """`{predictor: (outputs, seconds, out-of-distribution outputs)}`: the
+    mean and Monte Carlo runs, and both tempered by a calibration."""
     predictors = {"mean": runs["mean"], "monte_carlo": runs["monte_carlo"]}
     if calibration is not None:
         for name in ("mean", "monte_carlo"):
             predictors[f"{name}_calibrated"] = _tempered(runs[name], calibration)
-    settings = dict(
-        n=n,
-        seed=seed,
-        num_bins=num_bins,
-        level=level,
-        temperature=None if calibration is None else calibration["temperature"],
-        num_examples=int(outputs.shape[0]),
-        num_out_of_distribution=(
-            0 if runs["mean"][2] is None else int(runs["mean"][2].shape[0])
-        ),
-    )
+    return predictors
+
+
+def _scored(predictors, task, y, from_logits, settings):
+    """`(table, curves)` of the report: each predictor's metrics (with its
+    seconds per example) and, for a classification, its curves."""
     table, curves = {}, {}
     for name, (inside, seconds, outside) in predictors.items():
         sampled = name.startswith("monte_carlo")
@@ -369,13 +398,13 @@ def evaluate_uncertainty(
             outside = None if outside is None else outside[None]
         if task == "classification":
             row, curves[name] = _classification_row(
-                inside, outside, y, from_logits, num_bins, sampled
+                inside, outside, y, from_logits, settings["num_bins"], sampled
             )
         else:
-            row = _regression_row(inside, outside, y, level, sampled)
+            row = _regression_row(inside, outside, y, settings["level"], sampled)
         row["seconds_per_example"] = seconds / settings["num_examples"]
         table[name] = row
-    return UncertaintyReport(task, table, curves, settings)
+    return table, curves
 
 
 def _check_finite_inputs(x, name):
@@ -418,41 +447,33 @@ def _predict_all(parts, x, x_out, n, seed, batch_size):
     "monte_carlo": (samples, seconds, out-of-distribution samples)}` of
     the model (`parts`, its `SampledModel`), with any calibration
     temperature set aside (and restored)."""
-    model, previous = parts.model, parts.calibration
-    calibrated = previous is not None
-    if calibrated:
-        model.calibration = None
-    try:
+    model = parts.model
 
-        def mean(inputs):
-            return _single_output(
-                model.predict(inputs, batch_size=batch_size, verbose=0)
-            )
+    def mean(inputs):
+        return _single_output(model.predict(inputs, batch_size=batch_size, verbose=0))
 
-        def monte_carlo(inputs):
-            result = predict_with_uncertainty(
-                model,
-                inputs,
-                n,
-                seed=seed,
-                batch_size=batch_size,
-                return_samples=True,
-                verbose=0,
-            )
-            return _single_output(result.samples)
+    def monte_carlo(inputs):
+        result = predict_with_uncertainty(
+            model,
+            inputs,
+            n,
+            seed=seed,
+            batch_size=batch_size,
+            return_samples=True,
+            verbose=0,
+        )
+        return _single_output(result.samples)
 
-        def both(predict):
-            inside, seconds = _timed(lambda: predict(x))
-            return inside, seconds, None if x_out is None else predict(x_out)
+    def both(predict):
+        inside, seconds = _timed(lambda: predict(x))
+        return inside, seconds, None if x_out is None else predict(x_out)
 
+    with calibration_set_aside(parts):
         # Both sets in one switch of the sampling: one compiled predict.
         with sampling_off(parts):
             runs = {"mean": both(mean)}
         runs["monte_carlo"] = both(monte_carlo)
-        return runs
-    finally:
-        if calibrated:
-            model.calibration = previous
+    return runs
 
 
 def _tempered(run, calibration):

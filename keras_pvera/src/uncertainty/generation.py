@@ -211,8 +211,9 @@ def _without_preprocessor(task):
 
 
 def _generated(model, inputs, n, max_rows, names, generate_kwargs):
-    """`n` sampled generations of every prompt: `(token_ids, padding_mask)`,
-    each `(n, prompts, length)`."""
+    """`n` sampled generations of every prompt: `(token_ids, padding_mask,
+    generated)`, each `(prompts, n, length)`; `generated` marks the tokens
+    after the prompt."""
     rows = np.arange(len(inputs["token_ids"]))
 
     def generate_copies(piece, copies):
@@ -228,7 +229,11 @@ def _generated(model, inputs, n, max_rows, names, generate_kwargs):
     _, (padding_mask, token_ids) = draw_samples(
         generate_copies, {"x": inputs, "row": rows}, n, max_rows
     )
-    return token_ids, padding_mask.astype(bool)
+    # Prompts first: (prompts, n, length).
+    token_ids = np.swapaxes(token_ids, 0, 1)
+    padding_mask = np.swapaxes(padding_mask.astype(bool), 0, 1)
+    generated = padding_mask & ~inputs["padding_mask"][:, None, :].astype(bool)
+    return token_ids, padding_mask, generated
 
 
 def _scored(model, sequences, n, max_rows, indices):
@@ -350,30 +355,64 @@ def generate_with_uncertainty(
     seed, max_rows = seed_and_rows(seed, batch_size)
     preprocessor = task.preprocessor
     prompts = _prompt_inputs(preprocessor, inputs, max_length)
-    count = len(prompts["token_ids"])
+    names, adapted = _adapters_of_prompts(
+        parts, adapter_names, len(prompts["token_ids"])
+    )
+    _warn_if_one_generation(n)
+    model.check_finite()
+    generate_kwargs = dict(
+        kwargs, stop_token_ids=_stop_token_ids(preprocessor, stop_token_ids)
+    )
+    with _generating(parts, task, seed, list(adapted.values()), names):
+        token_ids, padding_mask, generated = _generated(
+            model, prompts, n, max_rows, names, generate_kwargs
+        )
+        statistics = _token_statistics(
+            model, prompts, token_ids, padding_mask, generated, n, max_rows, names
+        )
+    _warn_if_not_finite(statistics)
+    generations = _texts(
+        preprocessor, token_ids, generated if strip_prompt else padding_mask
+    )
+    return GenerationUncertainty(n, seed, generations, token_ids, generated, statistics)
+
+
+def _adapters_of_prompts(parts, adapter_names, count):
+    """`(names, adapted)`: one adapter name per prompt (`None`: the active
+    adapters), and `{path: PVeRADense}` of the layers those adapters adapt.
+
+    Raises:
+        ValueError: If the model has no adapted layers, or `adapter_names`
+            is not one loaded name per prompt.
+    """
     if adapter_names is None:
-        names, adapted = None, parts.active_layers()
-    else:
-        # Checks the names (loaded, one per prompt) before any work.
-        distinct, _ = row_adapters.index_rows(
-            adapter_names, model.adapter_names, count, model.merged_adapters
-        )
-        names = list(adapter_names)
-        adapted = parts.layers_of(
-            [name for name in distinct if name != row_adapters.BASE_MODEL]
-        )
+        return None, parts.active_layers()
+    model = parts.model
+    # Checks the names (loaded, one per prompt) before any work.
+    distinct, _ = row_adapters.index_rows(
+        adapter_names, model.adapter_names, count, model.merged_adapters
+    )
+    adapted = parts.layers_of(
+        [name for name in distinct if name != row_adapters.BASE_MODEL]
+    )
+    return list(adapter_names), adapted
+
+
+def _warn_if_one_generation(n):
     if n == 1:
         warnings.warn(
             "generate_with_uncertainty with n=1 makes one generation per "
             "prompt: agreement is 1 and mutual information 0, not a measure "
             "of uncertainty. Use n >= 2.",
-            stacklevel=2,
+            stacklevel=3,
         )
-    model.check_finite()
-    generate_kwargs = dict(
-        kwargs, stop_token_ids=_stop_token_ids(preprocessor, stop_token_ids)
-    )
-    adapters = list(adapted.values())
+
+
+@contextlib.contextmanager
+def _generating(parts, task, seed, adapters, names):
+    """The task takes token ids, its sampler draws from `seed`'s states and
+    the `adapters` sample at inference from `seed`'s noise (each prompt's
+    adapter of `names`, or the active ones), all restored after."""
     with contextlib.ExitStack() as stack:
         stack.enter_context(_without_preprocessor(task))
         stack.enter_context(_seeded_sampler(task.sampler, seed))
@@ -383,20 +422,14 @@ def generate_with_uncertainty(
                     parts,
                     adapters,
                     seed,
-                    [True] * len(adapters),
+                    True,
                     None if names is None else tuple(dict.fromkeys(names)),
                 )
             )
-        token_ids, padding_mask = _generated(
-            model, prompts, n, max_rows, names, generate_kwargs
-        )
-        # Prompts first: (prompts, n, length).
-        token_ids = np.swapaxes(token_ids, 0, 1)
-        padding_mask = np.swapaxes(padding_mask, 0, 1)
-        generated = padding_mask & ~prompts["padding_mask"][:, None, :].astype(bool)
-        statistics = _token_statistics(
-            model, prompts, token_ids, padding_mask, generated, n, max_rows, names
-        )
+        yield
+
+
+def _warn_if_not_finite(statistics):
     if not all(np.all(np.isfinite(values)) for values in statistics):
         warnings.warn(
             "Some generated tokens' entropies are NaN: the sampled logits "
@@ -404,19 +437,22 @@ def generate_with_uncertainty(
             "the log-variance, `lambda_d * (x @ A.T)`, is large (a large "
             "`d_initial`, or inputs far outside the training data's scale); "
             "`PVeRAConfig(max_log_variance=20)` bounds it.",
-            stacklevel=2,
+            stacklevel=3,
         )
+
+
+def _texts(preprocessor, token_ids, padding_mask):
+    """Per prompt, the texts of its generations `(prompts, n, length)`
+    (the tokens `padding_mask` keeps)."""
+    count, n, _ = token_ids.shape
     texts = preprocessor.generate_postprocess(
         {
             "token_ids": token_ids.reshape(count * n, -1),
-            "padding_mask": (generated if strip_prompt else padding_mask).reshape(
-                count * n, -1
-            ),
+            "padding_mask": padding_mask.reshape(count * n, -1),
         }
     )
     texts = [_as_text(text) for text in texts]
-    generations = [texts[i * n : (i + 1) * n] for i in range(count)]
-    return GenerationUncertainty(n, seed, generations, token_ids, generated, statistics)
+    return [texts[i * n : (i + 1) * n] for i in range(count)]
 
 
 def _as_text(text):

@@ -292,6 +292,21 @@ def reliability_diagram(y_true, y_prob, path, num_bins=15):
             "(or `pip install matplotlib`)."
         ) from e
     _check_probabilities(y_prob, "reliability_diagram")
+    accuracy, mean_confidence, filled, ece = _reliability(y_true, y_prob, num_bins)
+    figure = Figure(figsize=(4.5, 4.5))
+    axes = figure.add_subplot()
+    _draw_reliability(axes, accuracy, mean_confidence, filled)
+    axes.set_title(f"Reliability diagram (ECE = {ece:.4f})")
+    axes.legend(loc="upper left")
+    figure.tight_layout()
+    figure.savefig(path, format="png", dpi=100)
+    return path
+
+
+def _reliability(y_true, y_prob, num_bins):
+    """`(accuracy, mean_confidence, filled, ece)`: per equal-width bin, the
+    accuracy and mean confidence of its predictions (0 in an empty bin),
+    whether it holds any, and the expected calibration error."""
     sums = _bin_sums(y_true, y_prob, num_bins)
     weights, confidences, correct = (ops.convert_to_numpy(t) for t in sums)
     ece = float(ops.convert_to_numpy(_error_from_bins(*sums)))
@@ -300,11 +315,14 @@ def reliability_diagram(y_true, y_prob, path, num_bins=15):
     mean_confidence = np.divide(
         confidences, weights, out=np.zeros_like(confidences), where=filled
     )
-    width = 1.0 / num_bins
-    left_edges = np.arange(num_bins) * width
+    return accuracy, mean_confidence, filled, ece
 
-    figure = Figure(figsize=(4.5, 4.5))
-    axes = figure.add_subplot()
+
+def _draw_reliability(axes, accuracy, mean_confidence, filled):
+    """Draws the filled bins' accuracy as bars, their gap to the mean
+    confidence shaded, beside the diagonal of perfect calibration."""
+    width = 1.0 / len(accuracy)
+    left_edges = np.arange(len(accuracy)) * width
     axes.bar(
         left_edges[filled],
         accuracy[filled],
@@ -332,11 +350,6 @@ def reliability_diagram(y_true, y_prob, path, num_bins=15):
     axes.set_ylim(0, 1)
     axes.set_xlabel("confidence")
     axes.set_ylabel("accuracy")
-    axes.set_title(f"Reliability diagram (ECE = {ece:.4f})")
-    axes.legend(loc="upper left")
-    figure.tight_layout()
-    figure.savefig(path, format="png", dpi=100)
-    return path
 
 
 # Smallest probability read as a log-probability: the negative log-likelihood

@@ -53,6 +53,15 @@ def check_seed(seed):
     return checks.checked_integer(seed, "seed", minimum=0, expected=expected)
 
 
+def drawn_seed(seed):
+    """`seed` checked (`check_seed`), or a random one for `None`, which the
+    run reports so that it can be repeated."""
+    seed = check_seed(seed)
+    if seed is None:
+        seed = random.randint(0, 2**31 - 1)
+    return seed
+
+
 def seed_and_rows(seed, batch_size):
     """A sampled run's `(seed, max_rows)`: `seed` checked (a random one for
     `None`) and the rows per model call (`DEFAULT_MAX_ROWS` for `None`)."""
@@ -61,10 +70,7 @@ def seed_and_rows(seed, batch_size):
         if batch_size is None
         else checks.checked_integer(batch_size, "batch_size")
     )
-    seed = check_seed(seed)
-    if seed is None:
-        seed = random.randint(0, 2**31 - 1)
-    return seed, max_rows
+    return drawn_seed(seed), max_rows
 
 
 def _check_verbose(verbose):

@@ -126,6 +126,22 @@ def calibrated_kinds(kinds, calibration):
     return [calibration["from_logits"] if k is None else k for k in kinds or [None]]
 
 
+def check_from_logits(from_logits):
+    """Refuses a `from_logits` that is not `None` (from the model), `True`
+    or `False`."""
+    if from_logits is not None and not isinstance(from_logits, bool):
+        raise ValueError(
+            "`from_logits` must be None (from the model), True or False. "
+            f"Received: from_logits={from_logits!r}"
+        )
+
+
+def single_output_kind(kinds):
+    """The kind of a model's one output: `True`, `False` or `None` (unknown,
+    or not one output), from its `kinds`."""
+    return kinds[0] if kinds and len(kinds) == 1 else None
+
+
 def from_logits_like(kinds, outputs):
     """Whether each of `outputs` is logits, from the model's `kinds`.
 
@@ -139,5 +155,5 @@ def from_logits_like(kinds, outputs):
     """
     leaves = keras.tree.flatten(outputs)
     if kinds is None or len(kinds) != len(leaves):
-        kinds = [kinds[0] if kinds and len(kinds) == 1 else None] * len(leaves)
+        kinds = [single_output_kind(kinds)] * len(leaves)
     return keras.tree.pack_sequence_as(outputs, kinds)

@@ -30,7 +30,10 @@ def sampling_switched(adapters, flags, adapter_names=None):
     """Switches sampling at inference on or off (per layer: `flags`) for
     the adapters that run (`adapter_names`, or each layer's active ones),
     and restores the layers' switches after. Python state only: a function
-    traced within it samples where its flag is on."""
+    traced within it samples where its flag is on. `flags`: one bool per
+    layer, or one bool for all of them."""
+    if isinstance(flags, bool):
+        flags = [flags] * len(adapters)
     layer_flags = [layer.sampling_flags() for layer in adapters]
     try:
         for layer, flag in zip(adapters, flags, strict=True):
@@ -97,5 +100,5 @@ def sampling_off(parts):
         ValueError: If the model has no PVeRA layers.
     """
     adapters = list(parts.active_layers().values())
-    with sampling_at_inference(parts, adapters, 0, [False] * len(adapters)):
+    with sampling_at_inference(parts, adapters, 0, False):
         yield

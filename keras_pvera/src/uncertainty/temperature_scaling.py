@@ -26,6 +26,7 @@ Example:
 True
 """
 
+import contextlib
 import math
 import numbers
 
@@ -34,6 +35,7 @@ import scipy.optimize
 from keras import ops
 
 from keras_pvera.src.uncertainty import metrics
+from keras_pvera.src.uncertainty import output_kinds
 from keras_pvera.src.uncertainty.monte_carlo import predict_with_uncertainty
 from keras_pvera.src.uncertainty.sampled_model import read_model
 from keras_pvera.src.uncertainty.statistics import as_two_classes
@@ -292,50 +294,74 @@ def calibrate(model, x, y, n=30, from_logits=None, seed=0, batch_size=None):
         )
     if n is not None:
         checks.checked_integer(n, "n", expected="a positive integer or None")
-    if from_logits is not None and not isinstance(from_logits, bool):
-        raise ValueError(
-            "`from_logits` must be None (from the model), True or False. "
-            f"Received: from_logits={from_logits!r}"
-        )
+    output_kinds.check_from_logits(from_logits)
     if from_logits is None:
         # Before the calibration goes: where the base model does not say,
         # the `from_logits` of a previous calibration does.
-        kinds = parts.output_kinds
-        from_logits = kinds[0] if kinds and len(kinds) == 1 else None
-    previous = parts.calibration
-    model.calibration = None
-    try:
-        if n is None:
-            samples = model.predict(x, batch_size=batch_size, verbose=0)
-            samples = None if isinstance(samples, (list, dict)) else samples[None]
-        else:
-            result = predict_with_uncertainty(
-                model,
-                x,
-                n=n,
-                seed=seed,
-                batch_size=batch_size,
-                return_samples=True,
-                verbose=0,
-            )
-            samples = result.samples
-        if not isinstance(samples, np.ndarray) or samples.ndim != 3:
-            shape = samples.shape[1:] if isinstance(samples, np.ndarray) else "several"
-            raise ValueError(
-                "`calibrate` needs a model with one output of shape (batch, "
-                f"classes). Received outputs of shape {shape}"
-            )
-        if not from_logits:
-            problem = probability_problem(samples)
-            if problem is not None:
-                raise not_probabilities_error(
-                    "`calibrate` reads the model's output", problem, from_logits
-                )
-            from_logits = False
+        from_logits = output_kinds.single_output_kind(parts.output_kinds)
+    with calibration_set_aside(parts):
+        samples = _uncalibrated_samples(model, x, n, seed, batch_size)
+        from_logits = _read_as_logits(samples, from_logits)
         labels = _labels_for(y, samples.shape[1], samples.shape[2])
-    except Exception:
-        model.calibration = previous
-        raise
     temperature = fit_temperature(_log_probabilities(samples, from_logits), labels)
     model.calibration = {"temperature": temperature, "from_logits": from_logits}
     return temperature
+
+
+@contextlib.contextmanager
+def calibration_set_aside(parts):
+    """The model (`parts`, its `SampledModel`) runs without its calibration
+    temperature for the duration (if it has one), which comes back after."""
+    model, previous = parts.model, parts.calibration
+    if previous is None:
+        yield
+        return
+    model.calibration = None
+    try:
+        yield
+    finally:
+        model.calibration = previous
+
+
+def _uncalibrated_samples(model, x, n, seed, batch_size):
+    """`(passes, batch, classes)` outputs of `x`: `n` sampled passes, or
+    one pass with sampling off for `n=None`.
+
+    Raises:
+        ValueError: If the model has not one output of shape `(batch,
+            classes)`.
+    """
+    if n is None:
+        samples = model.predict(x, batch_size=batch_size, verbose=0)
+        samples = None if isinstance(samples, (list, dict)) else samples[None]
+    else:
+        result = predict_with_uncertainty(
+            model,
+            x,
+            n=n,
+            seed=seed,
+            batch_size=batch_size,
+            return_samples=True,
+            verbose=0,
+        )
+        samples = result.samples
+    if not isinstance(samples, np.ndarray) or samples.ndim != 3:
+        shape = samples.shape[1:] if isinstance(samples, np.ndarray) else "several"
+        raise ValueError(
+            "`calibrate` needs a model with one output of shape (batch, "
+            f"classes). Received outputs of shape {shape}"
+        )
+    return samples
+
+
+def _read_as_logits(samples, from_logits):
+    """Whether `calibrate` reads `samples` as logits: `from_logits` if
+    True, else probabilities, once they are known to be."""
+    if from_logits:
+        return from_logits
+    problem = probability_problem(samples)
+    if problem is not None:
+        raise not_probabilities_error(
+            "`calibrate` reads the model's output", problem, from_logits
+        )
+    return False
