@@ -67,6 +67,7 @@ def select_layers(model, selector, what="target"):
 
     Example:
 
+    >>> import keras
     >>> inputs = keras.Input((4,))
     >>> x = keras.layers.Dense(8, name="hidden")(inputs)
     >>> model = keras.Model(inputs, keras.layers.Dense(2, name="head")(x))
@@ -368,6 +369,7 @@ def layer_addresses(model, paths):
 
     Example:
 
+    >>> import keras
     >>> inputs = keras.Input((4,))
     >>> x = keras.layers.Dense(8, name="hidden")(inputs)
     >>> model = keras.Model(inputs, keras.layers.Dense(2, name="head")(x))
