@@ -7,6 +7,7 @@ import warnings
 import keras
 import numpy as np
 import pytest
+import safetensors
 from builders import small_mlp as mlp
 from builders import tiny_bert
 from conftest import SAVED_FILE_SETS
@@ -167,6 +168,23 @@ def test_the_bound_survives_every_config_and_file(tmp_path):
     from_file = keras_pvera.load_adapter(mlp(), tmp_path / "adapter.safetensors")
     assert from_file.pvera_config.max_log_variance == BOUND
     np.testing.assert_array_equal(samples(from_file, far, 0), expected)
+
+
+def format_version(path):
+    with safetensors.safe_open(str(path), framework="numpy") as f:
+        return json.loads(f.metadata()["keras_pvera"])["format_version"]
+
+
+def test_only_files_with_a_bound_need_a_reader_that_knows_it(tmp_path):
+    # Version-1 readers refuse version 2 instead of dropping the bound;
+    # files without a bound stay readable by them.
+    for bound, version in ((BOUND, 2), (None, 1)):
+        model = recipe_model(0, max_log_variance=bound)
+        path = tmp_path / f"adapter_{version}.safetensors"
+        keras_pvera.save_adapter(model, path)
+        assert format_version(path) == version
+        loaded = keras_pvera.load_adapter(mlp(), path)
+        assert loaded.pvera_config.max_log_variance == bound
 
 
 # The check reads the config before any tensor: one backend is enough.

@@ -41,7 +41,10 @@ from keras_pvera.src.saving.adapter_state import restore_adapter
 from keras_pvera.src.utils import checks
 
 FORMAT = "keras_pvera.adapter"
-FORMAT_VERSION = 1
+# Version 2 marks a file holding a setting that version-1 readers would drop
+# without a word (`max_log_variance`): they refuse it instead. Files without
+# one stay version 1, readable by every keras_pvera.
+FORMAT_VERSION = 2
 
 
 def save_adapter(model, path, adapter=None):
@@ -225,7 +228,7 @@ def encode_adapter(state):
     """
     paths = list(state.layers)
     header = {
-        "format_version": FORMAT_VERSION,
+        "format_version": 1 if state.config.max_log_variance is None else 2,
         "settings": {
             name: getattr(state.config, name) for name in ADAPTER_SETTING_NAMES
         },
