@@ -40,7 +40,7 @@ def adapter_vectors(model):
     )
 
 
-def small_mlp():
+def small_mlp(name=None):
     """6 inputs, a `hidden` Dense of 8 (relu), a `head` of 3; seed 0."""
     keras.utils.set_random_seed(0)
     return keras.Sequential(
@@ -48,7 +48,8 @@ def small_mlp():
             keras.Input((6,)),
             keras.layers.Dense(8, activation="relu", name="hidden"),
             keras.layers.Dense(3, name="head"),
-        ]
+        ],
+        name=name,
     )
 
 

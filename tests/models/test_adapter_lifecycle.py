@@ -9,6 +9,7 @@ import warnings
 import keras
 import numpy as np
 import pytest
+from builders import small_mlp
 from custom_layers import Block
 
 import keras_pvera
@@ -439,15 +440,7 @@ def test_disable_adapter_on_a_merged_model_gives_the_base_outputs():
 
 
 def head_model():
-    keras.utils.set_random_seed(0)
-    return keras.Sequential(
-        [
-            keras.Input((6,)),
-            keras.layers.Dense(8, activation="relu", name="hidden"),
-            keras.layers.Dense(3, name="head"),
-        ],
-        name="classifier",
-    )
+    return small_mlp(name="classifier")
 
 
 def test_each_adapter_trains_its_own_copy_of_a_layer_trained_in_full(tmp_path):
