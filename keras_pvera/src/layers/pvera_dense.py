@@ -36,6 +36,7 @@ from keras_pvera.src.layers.adapter_dtype import float_policy
 from keras_pvera.src.layers.adapter_layer import AdapterLayer
 from keras_pvera.src.layers.adapter_layer import check_adapter_name
 from keras_pvera.src.layers.adapter_vectors import AdapterVectors
+from keras_pvera.src.layers.divergence import bound_log_variance
 from keras_pvera.src.layers.divergence import kl_divergence
 from keras_pvera.src.layers.kernel_delta import KernelDelta
 from keras_pvera.src.layers.linear_map import check_quantization_mode
@@ -47,25 +48,6 @@ from keras_pvera.src.layers.pvera_config import split_settings
 from keras_pvera.src.layers.seeds import derive_seed
 from keras_pvera.src.layers.seeds import noise_seed_of
 from keras_pvera.src.utils import keras_internals
-
-
-def bound_log_variance(logvar, max_log_variance):
-    """`logvar` clipped from above at `max_log_variance` (`None`: unchanged).
-
-    A hard clip, so values below the bound are exactly the unbounded ones
-    (a smooth bound such as `max * tanh(logvar / max)` would change every
-    value); above it the gradient is zero.
-
-    Example:
-
-    >>> import numpy as np
-    >>> np.asarray(bound_log_variance(np.array([1.0, 50.0]), 10.0)).tolist()
-    [1.0, 10.0]
-    """
-    if max_log_variance is None:
-        return logvar
-    logvar = ops.convert_to_tensor(logvar)
-    return ops.minimum(logvar, ops.cast(max_log_variance, logvar.dtype))
 
 
 @keras.saving.register_keras_serializable(package="keras_pvera")

@@ -39,6 +39,8 @@ import threading
 import numpy as np
 from keras import ops
 
+from keras_pvera.src.layers.divergence import bound_log_variance
+
 BASE_MODEL = "__base__"
 
 # The keys of packed inputs: the model's own inputs, and the row indices.
@@ -282,7 +284,7 @@ class RowPath:
         table = [math.inf if bound is None else bound for bound in bounds]
         bound = ops.take(ops.convert_to_tensor(table, "float32"), rows.indices)
         leading = (-1,) + (1,) * (len(logvar.shape) - 2)
-        return ops.minimum(logvar, ops.reshape(bound, leading + (1,)))
+        return bound_log_variance(logvar, ops.reshape(bound, leading + (1,)))
 
     def _row_switch(self, flags, rows, ndim, dtype):
         """1 on the rows whose name has a true flag (one per `rows.names`),
