@@ -34,16 +34,20 @@ def runs_here(kind):
         pytest.skip("TensorFlow's CPU convolutions only run channels_last")
 
 
-def adapted(kind):
-    """`kind`'s model adapted (the layer and the head) with trained vectors."""
-    model = keras_pvera.apply(
+def new_adapted(kind):
+    """`kind`'s model adapted (the layer and the head), vectors as created."""
+    return keras_pvera.apply(
         kind.model(),
         rank=3,
         alpha=ALPHA,
         kl_weight=KL_WEIGHT,
         target=["adapted", "head"],
     )
-    return randomize_vectors(model)
+
+
+def adapted(kind):
+    """`kind`'s model adapted (the layer and the head) with trained vectors."""
+    return randomize_vectors(new_adapted(kind))
 
 
 def numpy_delta(layer):
@@ -83,13 +87,7 @@ def test_the_layer_computes_the_formula_samples_adds_kl_and_merges(kind):
     runs_here(kind)
     x = kind.inputs()
     expected_base = to_numpy(kind.model()(x))
-    model = keras_pvera.apply(
-        kind.model(),
-        rank=3,
-        alpha=ALPHA,
-        kl_weight=KL_WEIGHT,
-        target=["adapted", "head"],
-    )
+    model = new_adapted(kind)
     # A new adapter (lambda_b = 0) computes the base model.
     np.testing.assert_array_equal(to_numpy(model(x)), expected_base)
     layer, head = model.adapted_layers["adapted"], model.adapted_layers["head"]
